@@ -1,0 +1,3 @@
+from trt_gemma.cli import main
+
+main()

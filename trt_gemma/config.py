@@ -1,0 +1,163 @@
+"""Gemma 2 model configuration, read from a Hugging Face config.json in either dialect.
+
+Two dialects exist (../shared/DESIGN.md "Hard facts"):
+- the Hub's 2024 files: `rope_theta`, `torch_dtype`, `hidden_act` and/or `hidden_activation`, no `layer_types`
+  (even layers use the sliding window: transformers' `is_sliding = not bool(layer_idx % 2)`);
+- files written by transformers >= 5: `rope_parameters: {rope_theta, rope_type}`, `dtype`, `layer_types`.
+Field names follow HF. Unknown keys are ignored; a missing required key raises ConfigError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attn_logit_softcapping: float | None = 50.0
+    final_logit_softcapping: float | None = 30.0
+    sliding_window: int | None = 4096
+    layer_types: tuple[str, ...] = ()
+    hidden_activation: str = "gelu_pytorch_tanh"
+    tie_word_embeddings: bool = True
+    dtype: str = "bfloat16"
+    architecture: str = "Gemma2ForCausalLM"
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+
+    REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        archs = d.get("architectures") or ([d["architecture"]] if "architecture" in d else [])
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{source}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                fix="trt_gemma converts Gemma 2 models only: gemma-2-2b/9b/27b (and -it), shieldgemma-2b",
+            )
+        for key in cls.REQUIRED:
+            if key not in d or d[key] is None:
+                raise ConfigError(f"{source}: required field {key!r} is missing", fix=f"add {key!r} to {source}")
+        n_layers = int(d["num_hidden_layers"])
+        rope = d.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        layer_types = tuple(d.get("layer_types") or ())
+        if not layer_types:
+            layer_types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(n_layers))
+        if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
+            raise ConfigError(f"{source}: layer_types must list {n_layers} entries of {SLIDING!r}/{FULL!r}",
+                              fix="fix layer_types or delete it (even layers then slide, as in the Hub's files)")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        eos = d.get("eos_token_id", 1)
+        cfg = cls(
+            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]), num_hidden_layers=n_layers,
+            num_attention_heads=int(d["num_attention_heads"]), num_key_value_heads=int(d["num_key_value_heads"]),
+            head_dim=int(d["head_dim"]),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or d["head_dim"]),
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
+            attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping")),
+            final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")),
+            sliding_window=_opt_int(d.get("sliding_window")), layer_types=layer_types,
+            hidden_activation=act, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"), architecture=arch,
+            bos_token_id=int(d.get("bos_token_id", 2)),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+            pad_token_id=int(d.get("pad_token_id", 0) or 0),
+        )
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise InputError(f"{path} not found", fix="point at a Hugging Face model dir containing config.json") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path} is not valid JSON: {e}", fix="re-download config.json") from e
+        if not isinstance(d, dict):
+            raise InputError(f"{path} is not a JSON object", fix="re-download config.json")
+        return cls.from_dict(d, source=str(path))
+
+    def validate(self, source: str = "config.json") -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}", fix="check the model's config.json")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+            raise ConfigError(f"{source}: hidden_activation {self.hidden_activation!r} is not Gemma 2's GeGLU",
+                              fix="Gemma 2 uses gelu_pytorch_tanh")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` uses the sliding window (transformers: layer_types[i] == 'sliding_attention')."""
+        return self.sliding_window is not None and self.layer_types[layer] == SLIDING
+
+    def to_hf_dict(self) -> dict:
+        """A transformers-loadable config.json (Hub 2024 dialect plus layer_types, read by both generations)."""
+        d = dataclasses.asdict(self)
+        d.pop("architecture")
+        d["architectures"] = [self.architecture]
+        d["model_type"] = "gemma2"
+        d["torch_dtype"] = d["dtype"]
+        d["hidden_act"] = d["hidden_activation"]
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    # parameter counts (used by the planner)
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def _opt_float(v):
+    return None if v is None else float(v)
+
+
+def _opt_int(v):
+    return None if v is None else int(v)
+
+
+# Real HF config values of the Gemma 2 family (../shared/reference/trtllm-checkpoint.md §1; 9b/27b recalled HF values).
+_COMMON = dict(vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+               attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+               hidden_activation="gelu_pytorch_tanh", torch_dtype="bfloat16", architectures=["Gemma2ForCausalLM"])
+PRESETS: dict[str, dict] = {
+    "gemma-2-2b": dict(_COMMON, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "gemma-2-9b": dict(_COMMON, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "gemma-2-27b": dict(_COMMON, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+                        num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144),
+}
+PRESETS["shieldgemma-2b"] = dict(PRESETS["gemma-2-2b"])
+
+
+def preset_config(name: str) -> ModelConfig:
+    return ModelConfig.from_dict(PRESETS[name], source=f"preset {name}")
