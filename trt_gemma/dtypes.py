@@ -63,7 +63,7 @@ def f32_to_fp8_e4m3(x: np.ndarray) -> np.ndarray:
     d_lo, d_hi = a - _FP8_POS[lo], _FP8_POS[hi] - a
     pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
     code = np.where(pick_hi, hi, lo).astype(np.uint8)
-    code = np.where(np.signbit(x) & (code != 0), code | np.uint8(0x80), code)
+    code = np.where(np.signbit(x), code | np.uint8(0x80), code)
     return np.where(np.isnan(x), np.uint8(0x7F), code).astype(np.uint8)
 
 
