@@ -1,0 +1,9 @@
+"""numpy reference runtime: runs a TensorRT-LLM Gemma 2 checkpoint on the CPU in float32 (the oracle for eval and
+the backend that serves the small embedded model)."""
+from trt_gemma.reference.checkpoint import LINEAR_FORMATS, CheckpointConfig, Linear, LinearFormat
+from trt_gemma.reference.generate import GenerationResult, StepEvent, generate, generate_stream
+from trt_gemma.reference.model import KVCache, ReferenceModel
+from trt_gemma.reference.sampling import Sampler, SamplingParams
+
+__all__ = ["CheckpointConfig", "GenerationResult", "KVCache", "LINEAR_FORMATS", "Linear", "LinearFormat",
+           "ReferenceModel", "Sampler", "SamplingParams", "StepEvent", "generate", "generate_stream"]
