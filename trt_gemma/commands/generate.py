@@ -1,0 +1,64 @@
+"""`trt-gemma generate CHECKPOINT --prompt TEXT`: text from a TensorRT-LLM checkpoint on the numpy reference."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from trt_gemma.reference.sampling import SamplingParams
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+
+
+def resolve_checkpoint(spec: str | None) -> Path:
+    """The checkpoint dir to run. Seam: None will mean the embedded default model (converted on first use);
+    for now a checkpoint dir is required."""
+    from trt_gemma.errors import InputError
+
+    if spec is None:
+        raise InputError("no checkpoint given", fix="pass a dir made by `trt-gemma convert MODEL OUT`")
+    return Path(spec)
+
+
+@click.command("generate")
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.option("--prompt", required=True, help="Prompt text (with --chat: the user message).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in Gemma's chat template (instruction-tuned models).")
+@click.option("--max-tokens", type=int, default=_DEFAULTS["max_tokens"], show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=float, default=_DEFAULTS["temperature"], show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=_DEFAULTS["top_k"], show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=_DEFAULTS["top_p"], show_default=True, help="1.0 = off.")
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], help="Seed for sampling (reproducible output).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record at the end instead of streaming text.")
+def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, seed, as_json):
+    """Generate text from CHECKPOINT (a TensorRT-LLM checkpoint dir) with the numpy reference runtime."""
+    from trt_gemma.console import emit
+    from trt_gemma.reference import ReferenceModel, generate as run
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    ckpt = resolve_checkpoint(checkpoint)
+    model = ReferenceModel.load(ckpt)
+    tok = GemmaTokenizer.from_dir(ckpt)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            stop_token_ids=tok.stop_token_ids)
+    on_text = None if as_json else _stream
+    result = run(model, ids, params, tokenizer=tok, on_text=on_text)
+    record = dict(result.to_dict(), checkpoint=str(ckpt), chat=chat)
+    emit(record, as_json, _summary)
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _summary(r: dict) -> None:
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    click.echo(f"[{r['generated_tokens']} tokens, {r['finish_reason']}] {r['decode_tokens_per_s']:.1f} tok/s, "
+               f"time to first token {r['ttft_s'] * 1e3:.0f} ms, total {r['total_s']:.2f} s, "
+               f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, "
+               f"effective bandwidth {r['effective_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s", err=True)

@@ -1,0 +1,161 @@
+"""Gemma's tokenizer and chat template with the `tokenizers` package only (no transformers in the core install).
+
+The chat format is Gemma's own template (the `chat_template` in Google's tokenizer_config.json):
+    <bos><start_of_turn>user\n{content | trim}<end_of_turn>\n<start_of_turn>model\n{content | trim}<end_of_turn>\n
+    ... and, with add_generation_prompt, a final <start_of_turn>model\n
+"assistant" is written as "model"; roles must alternate starting with the user. Gemma's template rejects a system
+message; we fold it into the first user turn ("{system}\n\n{user}"), the usual convention for Gemma. The rendered
+text already starts with <bos>, so encode_chat encodes it without adding another (trtllm-checkpoint.md §6 "BOS").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trt_gemma.errors import InputError
+
+_ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
+
+
+class GemmaTokenizer:
+    def __init__(self, tokenizer, special: dict[str, str], source: str = "tokenizer.json"):
+        self._tok = tokenizer
+        self.source = source
+        self.bos_token = special.get("bos_token") or "<bos>"
+        self.eos_token = special.get("eos_token") or "<eos>"
+        self.bos_id = self._require_id(self.bos_token)
+        self.eos_id = self._require_id(self.eos_token)
+        self.end_of_turn_id = self._tok.token_to_id("<end_of_turn>")
+        self.start_of_turn_id = self._tok.token_to_id("<start_of_turn>")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "GemmaTokenizer":
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            hint = " (only tokenizer.model is present)" if (path / "tokenizer.model").exists() else ""
+            raise InputError(f"{tj} not found{hint}",
+                             fix="copy tokenizer.json from the Hugging Face model dir next to the checkpoint")
+        try:
+            tok = Tokenizer.from_file(str(tj))
+        except Exception as e:  # the tokenizers package raises plain Exception subclasses on a bad file
+            raise InputError(f"{tj} could not be read: {e}", fix="re-download tokenizer.json") from e
+        return cls(tok, _special_tokens(path), source=str(tj))
+
+    def _require_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise InputError(f"{self.source}: special token {token!r} is not in the vocabulary",
+                             fix="use the tokenizer files of the model the checkpoint was converted from")
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """<eos> and <end_of_turn>: instruction-tuned Gemma ends its turn with <end_of_turn> (checkpoint §6)."""
+        ids = [self.eos_id, self.end_of_turn_id]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else list(ids)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        turns = _fold_system(_check_messages(messages))
+        out = [self.bos_token]
+        for i, (role, content) in enumerate(turns):
+            if (role == "user") != (i % 2 == 0):
+                raise InputError(f"chat message {i} has role {role!r}: roles must alternate user/assistant/user/...",
+                                 fix="start with a user message (after an optional system one) and alternate")
+            out.append(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n")
+        if add_generation_prompt:
+            out.append("<start_of_turn>model\n")
+        return "".join(out)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+
+    def incremental_decoder(self) -> "IncrementalDecoder":
+        return IncrementalDecoder(self)
+
+
+def _special_tokens(path: Path) -> dict[str, str]:
+    """bos/eos token names from tokenizer_config.json (else special_tokens_map.json); entries may be dicts."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{f} is not valid JSON: {e}", fix=f"re-download {name}") from e
+            return {k: (v.get("content") if isinstance(v, dict) else v) for k, v in d.items()
+                    if k in ("bos_token", "eos_token") and v}
+    return {}
+
+
+def _check_messages(messages) -> list[tuple[str, str]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("chat messages must be a non-empty list of {role, content}", fix="pass at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in (*_ROLE_NAMES, "system") or not isinstance(content, str):
+            raise InputError(f"chat message {i} must be {{'role': user|assistant|system, 'content': str}}, got {m!r}",
+                             fix="use the roles user, assistant (or model) and system with text content")
+        if role == "system" and i != 0:
+            raise InputError(f"chat message {i}: a system message is only allowed first",
+                             fix="move the system message to the start")
+        out.append((role, content))
+    return out
+
+
+def _fold_system(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Gemma has no system role: prepend its text to the first user turn (alone, it becomes that user turn)."""
+    if turns[0][0] != "system":
+        return [(_ROLE_NAMES[r], c) for r, c in turns]
+    system, rest = turns[0][1], turns[1:]
+    if rest and rest[0][0] == "user":
+        rest = [("user", f"{system.strip()}\n\n{rest[0][1].strip()}")] + rest[1:]
+    else:
+        rest = [("user", system)] + rest
+    return [(_ROLE_NAMES[r], c) for r, c in rest]
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces. Decodes a short window of recent tokens and emits only text
+    that is complete: a piece ending in U+FFFD (a multi-byte character split across tokens) is held back until the
+    next token completes it. Decoding from an earlier offset keeps SentencePiece's leading-space handling right
+    (the approach of vLLM's detokenize_incrementally)."""
+
+    def __init__(self, tokenizer: GemmaTokenizer):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens before this index have been emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        new_text = self._tok.decode(self._ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character is emitted as U+FFFD)."""
+        prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
+        new_text = self._tok.decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return new_text[len(prefix_text):]
