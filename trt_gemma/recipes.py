@@ -1,0 +1,242 @@
+"""Build recipes: the per-target TOML files in build_configs/, loaded, overridden and validated.
+
+`Recipe` is the one place defaults live (CLI options read them from here). A recipe is layered: dataclass defaults <
+the target's build_configs/<target>.toml (or a user TOML) < single-field overrides (`--set key=value`). Validation
+names the field, where its value came from, and the fix. Limits and precision rules: trtllm-checkpoint.md §5 (max_seq_len
+<= 4096 for Gemma 2; gemm plugin off for FP8) and trt_gemma.targets.RULES (FP8 needs SM >= 8.9, INT4/INT8 rejected on
+SM 10.0-11.9, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from trt_gemma.errors import ConfigError, InputError, RecipeError
+from trt_gemma.targets import Target, get_target, sm_str, support_level
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (trtllm-checkpoint.md §5)
+QUANTS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8")
+DTYPES = ("bfloat16", "float16")
+KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "int8")
+GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")
+# TRT-LLM's groupwise weight-only GEMM (fpA_intB) takes group sizes 64 and 128; ModelOpt/Edge-LLM default to 128.
+GROUP_SIZES = (64, 128)
+CALIB_DEFAULT = "builtin"  # the embedded offline calibration text (trt_gemma.assets.calib_text_path())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    target: str
+    quant: str = "bfloat16"
+    dtype: str = "bfloat16"
+    group_size: int = 128
+    kv_cache_dtype: str = "auto"
+    max_batch_size: int = 8
+    max_input_len: int = 3072
+    max_seq_len: int = 4096
+    max_num_tokens: int = 8192
+    gemm_plugin: str = "auto"
+    kv_cache_free_gpu_memory_fraction: float = 0.9
+    kv_cache_max_tokens: int = 0  # 0 = no cap (TOML has no null)
+    share_embedding_table: bool = False
+    calib_dataset: str = CALIB_DEFAULT
+    calib_size: int = 512
+    calib_max_seq_length: int = 512
+    calib_seed: int = 1234
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV-cache dtype with "auto" resolved to the activation dtype."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+FIELD_TYPES: dict[str, type] = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+                                 for f in dataclasses.fields(Recipe)}
+DEFAULTS = Recipe(target="")
+
+
+def default(field_name: str):
+    """A field's default value (CLI options read their defaults here)."""
+    return getattr(DEFAULTS, field_name)
+
+
+def config_path(target: str) -> Path:
+    """The packaged build_configs/<target>.toml (shipped as package data trt_gemma.build_configs)."""
+    return Path(str(files("trt_gemma.build_configs").joinpath(f"{target}.toml")))
+
+
+def load_recipe(target: str | Target, config_file: str | Path | None = None,
+                overrides: Mapping[str, object] | Sequence[str] | None = None) -> Recipe:
+    """Defaults < TOML (the target's own unless `config_file`) < overrides; validated against the target."""
+    t = get_target(target)
+    path = Path(config_file) if config_file is not None else config_path(t.name)
+    values: dict = {}
+    origin: dict[str, str] = {}
+    for key, value in _read_toml(path).items():
+        values[key], origin[key] = value, str(path)
+    for key, value in parse_overrides(overrides).items():
+        values[key], origin[key] = value, f"--set {key}={_plain(value)}"
+    file_target = values.pop("target", t.name)
+    if file_target != t.name:
+        raise RecipeError(f"{origin['target']}: target = {file_target!r} but the recipe is loaded for {t.name!r}",
+                          fix=f"use --target {file_target}, or change `target` in {origin['target']}")
+    _check_keys_and_types(values, origin)
+    recipe = Recipe(target=t.name, **values)
+    validate(recipe, t, origin)
+    return recipe
+
+
+def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> dict:
+    """{"k": v} as is; ["k=v", ...] with v read as a TOML value (bare words stay strings: quant=int4_awq)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not key=value", fix="write e.g. --set max_seq_len=2048")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"recipe file {path} not found",
+                         fix="pass an existing TOML (see build_configs/ for examples) or drop --config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}", fix="fix the TOML syntax (see build_configs/)") from None
+
+
+def _check_keys_and_types(values: dict, origin: dict) -> None:
+    for key, value in values.items():
+        if key not in FIELD_TYPES or key == "target":
+            close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{origin[key]}: unknown recipe field {key!r}",
+                              fix=f"{hint}known fields: {', '.join(k for k in FIELD_TYPES if k != 'target')}")
+        want = FIELD_TYPES[key]
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key], ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{origin[key]}: field {key!r} must be {want.__name__}, got {value!r}",
+                              fix=f"set {key} to a value of type {want.__name__} (default: {_toml_repr(default(key))})")
+
+
+def _choice(recipe: Recipe, key: str, choices: tuple, origin: dict) -> None:
+    value = getattr(recipe, key)
+    if value not in choices:
+        raise ConfigError(f"{_where(origin, key)}: {key} = {value!r} is not one of {', '.join(map(str, choices))}",
+                          fix=f"use --set {key}=<{'|'.join(map(str, choices))}>")
+
+
+def validate(recipe: Recipe, target: Target, origin: dict | None = None) -> None:
+    """Raise ConfigError/RecipeError naming the field, its source and the fix."""
+    origin = origin or {}
+    for key, choices in (("quant", QUANTS), ("dtype", DTYPES), ("kv_cache_dtype", KV_DTYPES),
+                         ("gemm_plugin", GEMM_PLUGINS), ("group_size", GROUP_SIZES)):
+        _choice(recipe, key, choices, origin)
+    _check_limits(recipe, origin)
+    _check_precisions(recipe, target, origin)
+    _check_plugins_and_memory(recipe, target, origin)
+
+
+def _check_limits(r: Recipe, origin: dict) -> None:
+    for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "calib_size",
+                "calib_max_seq_length"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"{_where(origin, key)}: {key} = {getattr(r, key)} must be >= 1",
+                              fix=f"use --set {key}=<positive integer>")
+    if r.max_seq_len > GEMMA2_MAX_SEQ_LEN:
+        raise RecipeError(f"{_where(origin, 'max_seq_len')}: max_seq_len = {r.max_seq_len} exceeds TensorRT-LLM's "
+                          f"Gemma 2 limit of {GEMMA2_MAX_SEQ_LEN}", fix=f"use --set max_seq_len={GEMMA2_MAX_SEQ_LEN}")
+    if r.max_input_len > r.max_seq_len:
+        raise RecipeError(f"{_where(origin, 'max_input_len')}: max_input_len = {r.max_input_len} is larger than "
+                          f"max_seq_len = {r.max_seq_len} (a prompt must leave room for output)",
+                          fix=f"use --set max_input_len={max(1, r.max_seq_len // 2)} or raise max_seq_len")
+    if not 0.0 < r.kv_cache_free_gpu_memory_fraction <= 1.0:
+        raise ConfigError(f"{_where(origin, 'kv_cache_free_gpu_memory_fraction')}: kv_cache_free_gpu_memory_fraction "
+                          f"= {r.kv_cache_free_gpu_memory_fraction} must be in (0, 1]",
+                          fix="use --set kv_cache_free_gpu_memory_fraction=0.9 (dGPU) or 0.2 (Jetson)")
+    if r.kv_cache_max_tokens < 0:
+        raise ConfigError(f"{_where(origin, 'kv_cache_max_tokens')}: kv_cache_max_tokens must be >= 0 (0 = no cap)",
+                          fix="use --set kv_cache_max_tokens=0")
+
+
+def _check_precisions(r: Recipe, t: Target, origin: dict) -> None:
+    suggestion = _recommended_quant(t)
+    checks = (("quant", r.quant, r.quant, f"use --set quant={suggestion}"),
+              ("dtype", r.dtype, r.dtype, "use --set dtype=float16"),
+              ("kv_cache_dtype", "kv_" + r.kv_dtype if r.kv_dtype in ("fp8", "int8") else r.kv_dtype,
+               f"{r.kv_dtype} KV cache",
+               "use --set kv_cache_dtype=auto"))
+    for key, precision, shown, fix in checks:
+        level, reason = support_level(t, precision)
+        if level == "no":
+            raise RecipeError(f"{_where(origin, key)}: --target {t.name} cannot run {_label(shown)} "
+                              f"(SM {sm_str(t.sm)}): {reason.split(': ', 1)[1]}", fix=fix)
+
+
+def _check_plugins_and_memory(r: Recipe, t: Target, origin: dict) -> None:
+    if r.quant == "fp8" and r.gemm_plugin != "disable":
+        raise RecipeError(f"{_where(origin, 'gemm_plugin')}: gemm_plugin = {r.gemm_plugin!r} with FP8 weights "
+                          "(the gemm plugin is for non-quantized GEMMs; TRT-LLM's Gemma README builds FP8 without it)",
+                          fix="use --set gemm_plugin=disable")
+    if t.unified and r.kv_cache_max_tokens == 0:
+        raise RecipeError(f"{_where(origin, 'kv_cache_max_tokens')}: kv_cache_max_tokens = 0 (no cap) on {t.name}: "
+                          "on unified memory TRT-LLM's KV pool takes a fraction of FREE memory and starves the host "
+                          "(#2773)", fix=f"use --set kv_cache_max_tokens={r.max_batch_size * r.max_seq_len}")
+    if 0 < r.kv_cache_max_tokens < r.max_seq_len:
+        raise RecipeError(f"{_where(origin, 'kv_cache_max_tokens')}: kv_cache_max_tokens = {r.kv_cache_max_tokens} "
+                          f"cannot hold one max_seq_len = {r.max_seq_len} sequence",
+                          fix=f"use --set kv_cache_max_tokens={r.max_seq_len} (or more)")
+
+
+def _recommended_quant(t: Target) -> str:
+    try:
+        return str(_read_toml(config_path(t.name)).get("quant", "bfloat16"))
+    except (InputError, ConfigError):
+        return "bfloat16"
+
+
+def _label(precision: str) -> str:
+    return {"fp8": "FP8", "int4_awq": "INT4-AWQ", "int4_wo": "INT4 weight-only", "int8_wo": "INT8 weight-only",
+            "int8": "INT8 KV", "bfloat16": "bf16"}.get(precision, precision)
+
+
+def _where(origin: dict, key: str) -> str:
+    return origin.get(key, "recipe default")
+
+
+def _plain(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _toml_repr(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f'"{v}"' if isinstance(v, str) else str(v)
