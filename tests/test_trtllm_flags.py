@@ -152,3 +152,18 @@ def test_table_names_are_documented():
         assert lim.cli_flag in DOCUMENTED_CLI_FLAGS
     assert {p.name for p in trtllm_flags.PLUGINS} <= PLUGIN_NAMES
     assert trtllm_flags.GEMMA2_MAX_SEQ_LEN == GEMMA2_MAX_SEQ_LEN
+
+
+@pytest.mark.parametrize("path", BUILD_CONFIGS, ids=[p.stem for p in BUILD_CONFIGS])
+def test_every_build_config_maps_to_documented_names(path):
+    from trt_gemma.recipes import load_recipe
+
+    recipe = load_recipe(path.stem)
+    kwargs, flags = check_documented(recipe)
+    want_gemm = "disable" if recipe.quant == "fp8" else "auto"
+    assert flags["--gemm_plugin"] == want_gemm, f"{path.name}: quant={recipe.quant} gemm_plugin={flags['--gemm_plugin']}"
+    assert kwargs["max_seq_len"] == recipe.max_seq_len <= GEMMA2_MAX_SEQ_LEN
+
+
+def test_build_configs_exist():
+    assert len(BUILD_CONFIGS) >= 20, "build_configs/*.toml missing: the per-target recipes are the input of this table"
