@@ -1,0 +1,413 @@
+"""Hugging Face Gemma 2 -> TensorRT-LLM checkpoint (config.json + rank{r}.safetensors), streaming.
+
+The layout is /work/shared/reference/trtllm-checkpoint.md §2-4, itself read from TensorRT-LLM's
+tensorrt_llm/models/gemma/convert.py (`load_gemma_weights`) and models/gemma/config.py.
+
+How it stays within bounded memory (TensorRT-LLM's own converter loads the whole model as float32 numpy): every output
+tensor of every rank is described up front from config.json alone (name, dtype, shape), one `StreamingWriter` per rank
+writes the safetensors header from those specs, and then each tensor is produced as a sequence of *pieces*
+(source tensor, row range, column range) streamed in row blocks of at most BLOCK_BYTES (as float32). A TP split is
+just a different set of pieces: q, k and v each split on dim 0 and concatenated per rank, `dense`/`proj` split on
+dim 1, `fc`/`gate`/embedding/lm_head on dim 0. All transforms are elementwise (cast, Gemma's (1+w)), so row blocks
+are exact. Peak memory is a few blocks, whatever the model size.
+
+The mapping is one table (TABLE). Linear layers go through a *linear codec*: the float path is the identity codec
+(FloatCodec); a quantized source format (ModelOpt unified HF: weight_scale, pre_quant_scale, ...) plugs in its own
+codec that declares its source tensors, its target tensors and how one fused group is written.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from trt_gemma.config import ModelConfig
+from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
+from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.hf import HFModel, TensorExpect, resolve_model
+from trt_gemma.console import progress
+from trt_gemma.st_io import StreamingWriter
+
+BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
+PROVENANCE_FILE = "trt_gemma_provenance.json"
+WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}  # reference §2 QuantAlgo strings; weights stay float (§4)
+
+EMBEDDING, NORM, LINEAR, LM_HEAD = "embedding", "norm", "linear", "lm_head"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the mapping. `target`: TRT name (for LINEAR the module prefix; the codec adds `.weight`, scales...).
+    `sources`: HF names (LINEAR: module prefixes) with their shapes as ModelConfig attribute names; several sources
+    are concatenated on dim 0 (q, k, v). `split`: TP axis of each source (None: replicated). `tied_to`: HF tensor
+    copied instead of `sources` when config.json ties the embeddings (Gemma 2 always does)."""
+
+    kind: str
+    target: str
+    sources: tuple[tuple[str, tuple[str, ...]], ...]
+    split: int | None = None
+    tied_to: str | None = None
+
+
+_L, _ATT, _MLP = "model.layers.{n}", "model.layers.{n}.self_attn", "model.layers.{n}.mlp"
+_T = "transformer.layers.{n}"
+VH, H = ("vocab_size", "hidden_size"), ("hidden_size",)
+# Reference §3 (HfParser.rename_to_trt_llm + load_gemma_weights). Order = order in the rank files.
+TABLE: tuple[Entry, ...] = (
+    Entry(EMBEDDING, "transformer.vocab_embedding.weight", (("model.embed_tokens.weight", VH),), split=0),
+    Entry(NORM, f"{_T}.input_layernorm.weight", ((f"{_L}.input_layernorm.weight", H),)),
+    Entry(LINEAR, f"{_T}.attention.qkv", ((f"{_ATT}.q_proj", ("q_dim", "hidden_size")),
+                                          (f"{_ATT}.k_proj", ("kv_dim", "hidden_size")),
+                                          (f"{_ATT}.v_proj", ("kv_dim", "hidden_size"))), split=0),
+    Entry(LINEAR, f"{_T}.attention.dense", ((f"{_ATT}.o_proj", ("hidden_size", "q_dim")),), split=1),
+    Entry(NORM, f"{_T}.post_layernorm.weight", ((f"{_L}.post_attention_layernorm.weight", H),)),
+    Entry(NORM, f"{_T}.pre_feedforward_layernorm.weight", ((f"{_L}.pre_feedforward_layernorm.weight", H),)),
+    # GeGLU: TRT applies the activation to `fc`, so fc <- gate_proj and gate <- up_proj (reference §3 pitfall)
+    Entry(LINEAR, f"{_T}.mlp.fc", ((f"{_MLP}.gate_proj", ("intermediate_size", "hidden_size")),), split=0),
+    Entry(LINEAR, f"{_T}.mlp.gate", ((f"{_MLP}.up_proj", ("intermediate_size", "hidden_size")),), split=0),
+    Entry(LINEAR, f"{_T}.mlp.proj", ((f"{_MLP}.down_proj", ("hidden_size", "intermediate_size")),), split=1),
+    Entry(NORM, f"{_T}.post_feedforward_layernorm.weight", ((f"{_L}.post_feedforward_layernorm.weight", H),)),
+    Entry(NORM, "transformer.ln_f.weight", (("model.norm.weight", H),)),
+    # TRT splits lm_head on dim 0 for every tp > 1 (load_gemma_weights: split_matrix_tp(param, ..., dim=0))
+    Entry(LM_HEAD, "lm_head.weight", (("lm_head.weight", VH),), split=0, tied_to="model.embed_tokens.weight"),
+)
+
+
+# --- the Gemma 2 quirks applied to non-linear tensors (elementwise on storage arrays) ---------------------------
+
+def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Storage dtype `src` -> `dst`; same dtype is a plain pass-through of the bytes."""
+    return block if src == dst else from_f32(to_f32(block, src), dst)
+
+
+def gemma_norm(block: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """HF Gemma RMSNorm computes x*(1+w), TRT's RmsNorm x*w: store 1+w, added in float32 then cast
+    (TRT models/gemma/convert.py: `param = param + 1.0  # upcasted to float32 in case of bfloat16`)."""
+    return from_f32(to_f32(block, src) + np.float32(1.0), dst)
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray, str, str], np.ndarray]] = {EMBEDDING: cast, LM_HEAD: cast, NORM: gemma_norm}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One table entry instantiated for one layer: sources resolved to names and shapes."""
+
+    entry: Entry
+    target: str
+    sources: tuple[tuple[str, tuple[int, ...]], ...]
+    counted: bool = True  # False for the tied lm_head: a copy, not a use of the source
+
+    def rank_shape(self, tp: int) -> tuple[int, ...]:
+        """Per-rank shape: each source split on `split`, then concatenated on dim 0."""
+        shapes = [list(s) for _, s in self.sources]
+        if self.entry.split is not None:
+            for s in shapes:
+                s[self.entry.split] //= tp
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def pieces(self, tp: int, rank: int, suffix: str = "") -> list[tuple[str, slice, slice]]:
+        """(source tensor, rows, cols) whose row-wise concatenation is rank `rank`'s tensor."""
+        out = []
+        for name, shape in self.sources:
+            rows = cols = slice(None)
+            if self.entry.split is not None and tp > 1:
+                n = shape[self.entry.split] // tp
+                part = slice(rank * n, (rank + 1) * n)
+                rows, cols = (part, cols) if self.entry.split == 0 else (rows, part)
+            out.append((name + suffix, rows, cols))
+        return out
+
+
+def plan(config: ModelConfig) -> list[Job]:
+    """The table expanded over layers, in output order (per-layer entries interleaved layer by layer)."""
+    def job(e: Entry, n: int | None) -> Job:
+        srcs = tuple((s.format(n=n), tuple(getattr(config, d) for d in dims)) for s, dims in e.sources)
+        if e.tied_to and config.tie_word_embeddings:
+            return Job(e, e.target, ((e.tied_to, srcs[0][1]),), counted=False)
+        return Job(e, e.target.format(n=n), srcs)
+
+    first = next(i for i, e in enumerate(TABLE) if "{n}" in e.target)
+    head = [job(e, None) for e in TABLE[:first]]
+    layered = [e for e in TABLE if "{n}" in e.target]
+    tail = [job(e, None) for e in TABLE[first:] if "{n}" not in e.target]
+    return head + [job(e, n) for n in range(config.num_hidden_layers) for e in layered] + tail
+
+
+# --- linear codecs ------------------------------------------------------------------------------------------------
+
+class LinearCodec(Protocol):
+    """How a linear layer is stored in the source and in the checkpoint. One codec per source quant format."""
+
+    def source_tensors(self, module: str, shape: tuple[int, ...]) -> dict[str, TensorExpect]: ...
+
+    def target_specs(self, job: Job, tp: int, st_dtype: str) -> list[tuple[str, str, tuple[int, ...]]]: ...
+
+    def write(self, ctx: "_Ctx", job: Job, rank: int) -> None: ...
+
+
+class FloatCodec:
+    """Identity codec: `<module>.weight` [out, in] float -> `<target>.weight` in the model dtype (reference §4 'none';
+    also W8A16/W4A16, which TRT-LLM quantizes at build)."""
+
+    def source_tensors(self, module, shape):
+        return {f"{module}.weight": TensorExpect(tuple(shape))}
+
+    def target_specs(self, job, tp, st_dtype):
+        return [(f"{job.target}.weight", st_dtype, job.rank_shape(tp))]
+
+    def write(self, ctx, job, rank):
+        ctx.stream(job.pieces(ctx.tp, rank, ".weight"), rank, f"{job.target}.weight", cast)
+
+
+FLOAT_CODEC = FloatCodec()
+
+
+def codec_for(model: HFModel) -> LinearCodec:
+    """The codec for the source's linear layers. Quantized sources get theirs with the quantization work."""
+    qc = model.raw_config.get("quantization_config")
+    if qc or (model.path / "hf_quant_config.json").exists():
+        method = (qc or {}).get("quant_method", "modelopt")
+        raise UnsupportedModelError(f"{model.path}: the weights are already quantized ({method}); this converter "
+                                    "reads float checkpoints", fix="convert the unquantized model, or use "
+                                    "`trt-gemma quantize` for INT4-AWQ / FP8")
+    return FLOAT_CODEC
+
+
+def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
+    """Every source tensor the table reads, with shape and accepted dtypes (HFModel.open validates against it)."""
+    codec, exp = codec_for(model), {}
+    for job in plan(model.config):
+        if job.counted:
+            for name, shape in job.sources:
+                exp.update(codec.source_tensors(name, shape) if job.entry.kind == LINEAR
+                           else {name: TensorExpect(shape)})
+    return exp
+
+
+def target_specs(jobs: list[Job], codec: LinearCodec, tp: int, st_dtype: str) -> list[tuple[str, str, tuple]]:
+    """(name, dtype, shape) of every tensor of one rank file, in write order (the same for every rank)."""
+    specs = []
+    for job in jobs:
+        specs += (codec.target_specs(job, tp, st_dtype) if job.entry.kind == LINEAR
+                  else [(job.target, st_dtype, job.rank_shape(tp))])
+    return specs
+
+
+def check_complete(jobs: list[Job], codec: LinearCodec, available, tp: int = 1) -> None:
+    """Every available source tensor used exactly once, every used one available, every target written once."""
+    used = Counter()
+    for job in jobs:
+        if job.counted:
+            for name, shape in job.sources:
+                used.update(list(codec.source_tensors(name, shape)) if job.entry.kind == LINEAR else [name])
+    twice = sorted(n for n, c in used.items() if c > 1)
+    unmapped = sorted(set(available) - set(used))
+    missing = sorted(set(used) - set(available))
+    targets = Counter(name for name, _, _ in target_specs(jobs, codec, tp, "F32"))
+    dup_targets = sorted(n for n, c in targets.items() if c > 1)
+    for what, names in (("used more than once", twice), ("not mapped to any checkpoint tensor", unmapped),
+                        ("required by the mapping but missing", missing), ("produced twice", dup_targets)):
+        if names:
+            shown = ", ".join(names[:6]) + (f" ... and {len(names) - 6} more" if len(names) > 6 else "")
+            raise InputError(f"tensor(s) {what}: {shown}",
+                             fix="the weights do not match Gemma 2's layout in config.json; use the original files")
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+
+_EXP_BITS = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+
+
+def count_nonfinite(a: np.ndarray, st_dtype: str) -> int:
+    """NaN/Inf count from the exponent bits (all ones), on the storage array without decoding it."""
+    utype, mask = _EXP_BITS[st_dtype]
+    u = a.view(utype)
+    return int(np.count_nonzero((u & utype(mask)) == utype(mask)))
+
+
+@dataclass
+class _Ctx:
+    model: HFModel
+    writers: list
+    tp: int
+    st_dtype: str
+    allow_nonfinite: bool
+    nonfinite: dict = field(default_factory=dict)  # tensor -> count, when allowed
+    bytes_written: int = 0
+
+    def stream(self, pieces, rank: int, target: str, transform) -> None:
+        """Write `target` on rank `rank` from its pieces, in row blocks of at most BLOCK_BYTES as float32."""
+        for src, rows, cols in pieces:
+            info = self.model.info(src)
+            start, stop, _ = rows.indices(info.shape[0])
+            row_elems = int(np.prod(info.shape[1:], dtype=np.int64))
+            step = max(1, BLOCK_BYTES // (4 * row_elems))
+            for b in range(start, stop, step):
+                block = self.model.read(src, slice(b, min(b + step, stop)))
+                if cols != slice(None):
+                    block = block[:, cols]
+                out = transform(block, info.dtype, self.st_dtype)
+                self._check_finite(out, block, src, info.dtype)
+                self.writers[rank].write(target, out)
+                self.bytes_written += out.nbytes
+
+    def _check_finite(self, out, block, src, src_dtype) -> None:
+        bad = count_nonfinite(out, self.st_dtype)
+        if not bad:
+            return
+        if self.allow_nonfinite:
+            self.nonfinite[src] = self.nonfinite.get(src, 0) + bad
+            return
+        file = self.model.tensors[src][0]
+        if count_nonfinite(block, src_dtype):
+            raise InputError(f"{file}: tensor {src} contains NaN/Inf values",
+                             fix="use an intact checkpoint, or pass --allow-nonfinite to convert anyway")
+        raise InputError(f"tensor {src} overflows {self.st_dtype} ({bad} values become Inf when cast)",
+                         fix="use --dtype bfloat16 (same range as float32)")
+
+
+# --- TRT-LLM config.json --------------------------------------------------------------------------------------
+
+def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None) -> dict:
+    """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus our extra keys
+    `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime applies it)."""
+    qpas = cfg.query_pre_attn_scalar
+    return {
+        "architecture": cfg.architecture, "dtype": dtype, "logits_dtype": "float32",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_size": cfg.head_dim, "hidden_act": cfg.hidden_activation, "intermediate_size": cfg.intermediate_size,
+        "norm_epsilon": cfg.rms_norm_eps, "position_embedding_type": "rope_gpt_neox",
+        "max_position_embeddings": cfg.max_position_embeddings, "rotary_base": cfg.rope_theta,
+        "rotary_scaling": None,
+        # TRT forces use_parallel_embedding = tp_size > 1 (passed value ignored); sharding dim 0
+        "use_parallel_embedding": tp > 1, "embedding_sharding_dim": 0,
+        "attn_bias": False, "mlp_bias": False, "inter_layernorms": True,
+        "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
+        "final_logit_softcapping": cfg.final_logit_softcapping, "attn_logit_softcapping": cfg.attn_logit_softcapping,
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1, "cp_size": 1, "gpus_per_node": 8},
+        "quantization": {
+            "quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": 128, "has_zero_point": False,
+            "pre_quant_scale": False, "exclude_modules": ["lm_head"] if quant_algo else None,
+            "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False,
+        },
+        "sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
+    }
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; reference §3)."""
+    dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+    if tp < 1:
+        raise ConfigError(f"--tp {tp}: must be at least 1", fix="use --tp 1 (one GPU) or more")
+    for name, v in dims.items():
+        if v % tp:
+            ok = [t for t in range(1, max(dims.values()) + 1) if all(d % t == 0 for d in dims.values())][:8]
+            raise ConfigError(f"--tp {tp}: {name} = {v} does not divide by {tp}",
+                              fix=f"use --tp in {ok}")
+
+
+def _check_options(dtype: str | None, weight_only: str | None) -> None:
+    if dtype is not None and dtype not in NAME_TO_ST:
+        raise ConfigError(f"--dtype {dtype!r} is not supported", fix=f"use one of {', '.join(NAME_TO_ST)}")
+    if weight_only is not None and weight_only not in WEIGHT_ONLY_ALGOS:
+        raise ConfigError(f"--weight-only {weight_only!r} is not supported",
+                          fix=f"use one of {', '.join(WEIGHT_ONLY_ALGOS)}")
+
+
+def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str | None = "bfloat16", tp: int = 1,
+                       weight_only: str | None = None, force: bool = False, allow_nonfinite: bool = False,
+                       show_progress: bool = True) -> Path:
+    """Convert an HF Gemma 2 (dir, hub id, None = embedded default, or an opened HFModel) into a TensorRT-LLM
+    checkpoint at `out`. dtype None keeps the source dtype. Everything is validated before `out` is touched;
+    on any error `out` is left as it was."""
+    t0 = time.time()
+    _check_options(dtype, weight_only)
+    out = Path(out)
+    check_output_target(out, force)
+    source = str(model.path) if isinstance(model, HFModel) else model
+    hf = model if isinstance(model, HFModel) else HFModel.open(resolve_model(None if model is None else str(model)))
+    dtype = dtype or hf.source_dtype
+    if weight_only and dtype == "float32":
+        raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
+                          fix="add --dtype bfloat16 (or float16)")
+    check_tp(hf.config, tp)
+    codec, jobs = codec_for(hf), plan(hf.config)
+    check_complete(jobs, codec, hf.tensors, tp)
+    st = NAME_TO_ST[dtype]
+    specs = target_specs(jobs, codec, tp, st)
+    quant_algo = WEIGHT_ONLY_ALGOS.get(weight_only) if weight_only else None
+    with atomic_output_dir(out, force) as tmp:
+        ctx = _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress)
+        (tmp / "config.json").write_text(json.dumps(trtllm_config(hf.config, dtype, tp, quant_algo), indent=2))
+        for f in hf.tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+        options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)
+        _write_provenance(tmp, hf, source, options, ctx, len(specs), t0)
+    return out
+
+
+def _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress) -> _Ctx:
+    with ExitStack() as stack:
+        writers = [stack.enter_context(StreamingWriter(tmp / f"rank{r}.safetensors", specs,
+                                                       {"format": "pt", "producer": "trt_gemma"}))
+                   for r in range(tp)]
+        ctx = _Ctx(hf, writers, tp, st, allow_nonfinite)
+        with progress(disable=not show_progress) as bar:
+            task = bar.add_task("converting", total=len(jobs))
+            for job in jobs:
+                bar.update(task, description=job.target)
+                for rank in range(tp):
+                    if job.entry.kind == LINEAR:
+                        codec.write(ctx, job, rank)
+                    else:
+                        ctx.stream(job.pieces(tp, rank), rank, job.target, TRANSFORMS[job.entry.kind])
+                bar.advance(task)
+            bar.update(task, description="converted")
+    return ctx
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("trt-gemma", "numpy", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write_provenance(tmp: Path, hf: HFModel, source, options: dict, ctx: _Ctx, n_tensors: int, t0: float) -> None:
+    inputs = [{"file": str(f.relative_to(hf.path)), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+              for f in hf.input_files()]
+    record = {
+        "tool": "trt_gemma convert",
+        "source": str(source) if source is not None else "default",
+        "source_path": str(hf.path.resolve()),
+        "inputs": inputs,
+        "options": options,
+        "versions": _versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t0, 3),
+        "tensors_per_rank": n_tensors,
+        "bytes_written": ctx.bytes_written,
+        "nonfinite_values": ctx.nonfinite,
+        "outputs": sorted(p.name for p in tmp.iterdir()) + [PROVENANCE_FILE],
+    }
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2))
