@@ -1,0 +1,98 @@
+"""`trt-gemma doctor`: Python and package versions, which extras import, NVML/Jetson state, what this host can do.
+
+Nothing heavy is imported: packages are found with importlib.util.find_spec (top-level names only, which does not
+import them) and versions read with importlib.metadata. TensorRT-LLM is never imported (it segfaults or fails without
+a GPU, trtllm-checkpoint.md §0); gpu_probe asks NVML instead.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import platform
+import sys
+
+import click
+
+CORE = {"numpy": "numpy", "safetensors": "safetensors", "click": "click", "rich": "rich", "tokenizers": "tokenizers",
+        "nvidia-ml-py": "pynvml", "huggingface_hub": "huggingface_hub", "psutil": "psutil"}
+# extra -> {distribution: import name}, as in pyproject.toml
+EXTRAS = {
+    "quantize": {"nvidia-modelopt": "modelopt", "torch": "torch", "transformers": "transformers",
+                 "requests": "requests", "accelerate": "accelerate"},
+    "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "ml_dtypes": "ml_dtypes"},
+    "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"},
+    "gpu": {"tensorrt-llm": "tensorrt_llm"},
+}
+# what each capability needs: extras that must import fully, plus whether a GPU is required
+CAPABILITIES = {
+    "plan": ((), False), "convert": ((), False), "quantize": (("quantize",), False),
+    "onnx export": (("onnx",), False), "build engines": (("gpu",), True), "serve": (("serve",), False),
+}
+
+
+def _package(dist: str, module: str) -> dict:
+    try:
+        version = md.version(dist)
+    except md.PackageNotFoundError:
+        version = None
+    found = importlib.util.find_spec(module) is not None
+    return {"distribution": dist, "module": module, "version": version, "importable": found}
+
+
+def stale_pynvml() -> dict | None:
+    """The deprecated `pynvml` distribution ships its own pynvml module that can shadow nvidia-ml-py's."""
+    try:
+        version = md.version("pynvml")
+    except md.PackageNotFoundError:
+        return None
+    return {"version": version, "message": f"the deprecated `pynvml` distribution {version} is installed and can "
+            "shadow nvidia-ml-py's pynvml module",
+            "fix": "pip uninstall -y pynvml && pip install --force-reinstall nvidia-ml-py"}
+
+
+def report() -> dict:
+    from trt_gemma import __version__
+    from trt_gemma.detect import detect
+    from trt_gemma.gpu_probe import nvml_device_count
+
+    extras = {name: {d: _package(d, m) for d, m in pkgs.items()} for name, pkgs in EXTRAS.items()}
+    extra_ok = {name: all(p["importable"] for p in pkgs.values()) for name, pkgs in extras.items()}
+    gpu_count, no_gpu = nvml_device_count()
+    can = {}
+    for cap, (needs, gpu) in CAPABILITIES.items():
+        missing = [e for e in needs if not extra_ok[e]]
+        reasons = [f"install the extra: pip install 'trt-gemma[{','.join(missing)}]'"] if missing else []
+        if gpu and gpu_count == 0:
+            reasons.append(no_gpu or "no NVIDIA GPU found by NVML")
+        can[cap] = {"ok": not reasons, "why": "; ".join(reasons) or None}
+    return {"trt_gemma": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "core": {d: _package(d, m) for d, m in CORE.items()}, "extras": extras, "extras_ok": extra_ok,
+            "stale_pynvml": stale_pynvml(), "device": detect().to_dict(), "can": can}
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json):
+    """Versions, extras and what this host can do (plan, convert, quantize, build engines, serve)."""
+    from trt_gemma.console import emit
+
+    emit(report(), as_json, _render)
+
+
+def _render(r: dict) -> None:
+    from rich.markup import escape
+
+    from trt_gemma.console import console
+
+    console.print(f"trt_gemma {r['trt_gemma']} on Python {r['python']} ({r['platform']})")
+    for title, pkgs in [("core", r["core"])] + [(f"extra [{k}]", v) for k, v in r["extras"].items()]:
+        parts = [f"{d} {p['version'] or '-'}" + ("" if p["importable"] else " [red](missing)[/]")
+                 for d, p in pkgs.items()]
+        console.print(f"{escape(title)}: " + ", ".join(parts))
+    if r["stale_pynvml"]:
+        console.print(f"[yellow]warning:[/] {escape(r['stale_pynvml']['message'])}\n"
+                      f"  fix: {escape(r['stale_pynvml']['fix'])}")
+    console.print(f"device: {escape(r['device']['message'])}")
+    for cap, v in r["can"].items():
+        mark = "[green]yes[/]" if v["ok"] else "[red]no[/]"
+        console.print(f"  {cap:14s} {mark}" + ("" if v["ok"] else f"  - {escape(v['why'])}"))

@@ -1,0 +1,104 @@
+"""`trt-gemma plan`: will a Gemma 2 model fit a target? Exits 3 (FitError) when it does not, after printing the plan."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from trt_gemma.config import PRESETS
+
+DEFAULT_TARGET = "jetson-orin-nano-8gb"  # planned for when --target auto finds no NVIDIA device
+
+
+@click.command("plan")
+@click.option("--model", default="gemma-2-2b", show_default=True,
+              help=f"A local HF model dir or a preset: {', '.join(PRESETS)}.")
+@click.option("--target", default="auto", show_default=True,
+              help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
+@click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
+@click.option("--kv-dtype", default=None, help="Override the KV-cache dtype (recipe field `kv_cache_dtype`).")
+@click.option("--max-seq-len", type=int, default=None, help="Override max_seq_len (<= 4096).")
+@click.option("--max-batch", type=int, default=None, help="Override max_batch_size.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Your own recipe TOML instead of build_configs/<target>.toml.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, sets, as_json):
+    """Memory by class, a fit verdict, the largest settings that fit and a decode roofline for MODEL on TARGET.
+
+    Recipe values come from build_configs/<target>.toml; the options above override single fields.
+    """
+    from trt_gemma.console import emit
+    from trt_gemma.plan import plan as run, require_fit
+    from trt_gemma.recipes import parse_overrides
+
+    target, source = resolve_target(target)
+    overrides = parse_overrides(list(sets))
+    for key, value in (("quant", quant), ("kv_cache_dtype", kv_dtype), ("max_seq_len", max_seq_len),
+                       ("max_batch_size", max_batch)):
+        if value is not None:
+            overrides[key] = value
+    p = run(model, target, overrides=overrides, config_file=config_file)
+    emit(dict(p.to_dict(), target_source=source), as_json, render_plan)
+    require_fit(p)
+
+
+def resolve_target(name: str) -> tuple[str, str]:
+    """(target, how it was chosen). `auto` -> the detected device, or DEFAULT_TARGET on a host without one."""
+    if name != "auto":
+        return name, "--target"
+    from trt_gemma.detect import detect
+
+    d = detect()
+    if d.target:
+        approx = " (approximate match)" if d.approximate else ""
+        click.echo(f"detected {d.name} -> target {d.target}{approx}", err=True)
+        return d.target, f"detected: {d.message}"
+    why = d.message if d.kind == "none" else f"{d.message}; no matching target"
+    click.echo(f"{why}\nplanning for the default target {DEFAULT_TARGET} (pass --target to choose)", err=True)
+    return DEFAULT_TARGET, f"default (nothing detected: {why})"
+
+
+def render_plan(d: dict) -> None:
+    from rich.table import Table
+
+    from trt_gemma.console import console
+
+    r = d["recipe"]
+    console.print(f"[bold]{d['model']}[/] on [bold]{d['target']}[/]  ({d['target_source']})")
+    console.print(f"recipe: weights {r['quant']}"
+                  + (f" g{r['group_size']}" if r["quant"] == "int4_awq" else "")
+                  + f", KV {d['kv_dtype']}, dtype {r['dtype']}, max_batch_size {r['max_batch_size']}, "
+                  f"max_seq_len {r['max_seq_len']}, max_num_tokens {r['max_num_tokens']}")
+    console.print(f"parameters: {d['parameters']:,}"
+                  + (f" (published {d['parameters_published']:,})" if d["parameters_published"] else ""))
+    console.print(f"  {d['parameters_note']}")
+    t = Table(show_header=True)
+    t.add_column("memory")
+    t.add_column("bytes", justify="right")
+    t.add_column("GiB", justify="right")
+    w = d["weights"]
+    rows = [("weights: embedding", w["embedding"]),
+            ("weights: lm_head" + (" (shared with embedding)" if not w["lm_head"] else ""), w["lm_head"]),
+            ("weights: linears + scales", w["linears"]), ("weights: norms", w["norms"]),
+            (f"KV cache: {d['kv_tokens']:,} tokens x {d['kv_bytes_per_token']:,} B", d["kv_bytes"]),
+            ("activations + logits + workspace (est.)", d["activation_bytes"])]
+    rows += [(f"runtime: {k.replace('_', ' ')} (est.)", v) for k, v in d["overhead"].items()]
+    for label, n in rows + [("total", d["total_bytes"]), ("usable on target", d["usable_bytes"])]:
+        t.add_row(label, f"{n:,}", f"{n / 1024**3:.2f}")
+    console.print(t)
+    kv = d["kv_bytes_per_token_by_dtype"]
+    console.print("KV bytes/token: " + ", ".join(f"{k} {v:,}" for k, v in kv.items()))
+    color = {"fits": "green", "tight": "yellow"}.get(d["verdict"], "red")
+    console.print(f"verdict: [{color}]{d['verdict']}[/] - {d['reason']}")
+    console.print(f"largest that fits (10% margin): max_seq_len {d['max_seq_len_fit'] or 'none'} at batch "
+                  f"{r['max_batch_size']}; max_batch_size {d['max_batch_fit'] or 'none'} at seq {r['max_seq_len']}")
+    console.print(f"decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
+                                                          for k, v in d["decode_tok_s"].items())
+                  + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
+    if d["suggestion"]:
+        console.print(f"[bold]would fit with:[/] {d['suggestion']['command']} "
+                      f"({d['suggestion']['total_bytes'] / 1024**3:.2f} GiB)")
+    for note in d["notes"]:
+        console.print(f"note: {note}")
+    sys.stdout.flush()

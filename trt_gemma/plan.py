@@ -1,0 +1,269 @@
+"""Will a Gemma 2 model fit a target? Memory by class, a verdict, the largest settings that fit, a decode roofline.
+
+Memory model (targets.md §5-6, trtllm-checkpoint.md §4-5; figures marked [INF] are estimates made here):
+- weights as the engine holds them: embedding (model dtype, never quantized), lm_head (tied in HF but a separate
+  tensor in the TRT-LLM checkpoint/engine, excluded from quantization) unless the recipe shares the embedding table,
+  per-layer linears with their scales from `trt_gemma.quant_formats.FORMATS`, norms in model dtype;
+- KV cache: 2 x layers x kv_heads x head_dim x bytes per token, for max_batch_size x max_seq_len tokens (TRT-LLM treats
+  every Gemma 2 layer as global, so the sliding window saves nothing there);
+- activations [INF]: per token of max_num_tokens the fused gate/fc output, the GeLU product and the residual stream
+  ((3 x intermediate + 2 x hidden) x activation bytes), plus float32 generation logits per sequence and a fixed workspace;
+- runtime overhead [INF]: CUDA context + TensorRT/TRT-LLM kernels; on Jetson also an OS reserve, because the GPU
+  shares MemTotal with the (headless) OS; on RTX cards the display takes some VRAM.
+Decode roofline at batch 1: tok/s <= bandwidth / (non-embedding weights + lm_head + context x KV per token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trt_gemma.config import PRESETS, ModelConfig, preset_config
+from trt_gemma.errors import FitError, InputError, TrtGemmaError
+from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
+from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, Recipe, load_recipe, validate
+from trt_gemma.targets import GiB, MiB, Target, get_target, supports
+
+MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
+
+# Runtime overhead per family, bytes [INF]. Jetson: CUDA context + TRT libraries with CUDA lazy loading, and a headless
+# JetPack OS reserve (the desktop takes ~0.25-0.8 GB more, jetson.md §5: jetson/setup.sh disables it).
+OVERHEAD = {
+    "jetson": {"cuda_context": 512 * MiB, "os_reserve": 512 * MiB},
+    "rtx": {"cuda_context": 1 * GiB, "display_reserve": 512 * MiB},
+    "datacenter": {"cuda_context": 1 * GiB},
+}
+WORKSPACE = 128 * MiB  # TRT/plugin workspaces [INF]
+
+# Published parameter counts (the paper pads the vocabulary to 256,128; HF tensors use 256,000).
+PUBLISHED_PARAMETERS = {
+    "gemma-2-2b": (2_614_636_800, "Gemma 2 tech report, arXiv 2408.00118 Tables 1-2 (vocab 256,128)", 256_128),
+}
+# Weight formats from best to worst expected accuracy (the order suggestions are tried in).
+QUALITY_ORDER = ("bfloat16", "float16", "fp8", "int8_wo", "int4_awq", "int4_wo")
+
+
+@dataclass
+class Plan:
+    model: str
+    target: str
+    recipe: Recipe
+    parameters: int
+    parameters_published: int | None
+    parameters_note: str
+    weights: dict
+    kv_bytes_per_token: int
+    kv_bytes_per_token_by_dtype: dict
+    kv_tokens: int
+    kv_bytes: int
+    activation_bytes: int
+    overhead: dict
+    total_bytes: int
+    usable_bytes: int
+    headroom_bytes: int
+    verdict: str  # "fits" | "tight" | "does not fit"
+    reason: str
+    max_seq_len_fit: int
+    max_batch_fit: int
+    read_bytes_per_token: int
+    decode_tok_s: dict
+    suggestion: dict | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict != "does not fit"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["recipe"] = self.recipe.to_dict()
+        d["kv_dtype"] = self.recipe.kv_dtype
+        return d
+
+
+def model_config(model: str | Path) -> tuple[ModelConfig, str]:
+    """A preset name (real HF values) or a local HF model dir (its config.json)."""
+    if str(model) in PRESETS:
+        return preset_config(str(model)), str(model)
+    path = Path(model)
+    if path.is_dir():
+        return ModelConfig.from_file(path / "config.json"), str(path)
+    raise InputError(f"--model {model!r} is neither a preset nor a local model dir",
+                     fix=f"use one of {', '.join(PRESETS)} or a directory containing config.json")
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters as the HF tensors hold them (tied lm_head counted once)."""
+    h, per_layer = cfg.hidden_size, 4 * cfg.hidden_size
+    per_layer += sum(o * i for o, i in _linear_shapes(cfg))
+    lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return cfg.vocab_size * h + cfg.num_hidden_layers * per_layer + h + lm_head
+
+
+def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (trtllm-checkpoint.md §3)."""
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
+
+
+def weight_bytes(cfg: ModelConfig, r: Recipe) -> dict:
+    fmt, act = FORMATS[r.quant], FLOAT_BYTES[r.dtype]
+    if r.quant in ("int4_awq",):
+        bad = [i for _, i in _linear_shapes(cfg) if i % r.group_size]
+        if bad:
+            raise InputError(f"in_features {bad[0]} is not a multiple of group_size {r.group_size}",
+                             fix="use --set group_size=64 or a weight-only/float recipe")
+    linears = cfg.num_hidden_layers * sum(fmt.engine_bytes(o, i, r.group_size) for o, i in _linear_shapes(cfg))
+    table = cfg.vocab_size * cfg.hidden_size * act
+    w = {"embedding": table, "lm_head": 0 if r.share_embedding_table else table, "linears": linears,
+         "norms": (4 * cfg.num_hidden_layers + 1) * cfg.hidden_size * act}
+    w["total"] = sum(w.values())
+    return w
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * KV_BYTES[kv_dtype]
+
+
+def activation_bytes(cfg: ModelConfig, r: Recipe) -> int:
+    per_token = (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * FLOAT_BYTES[r.dtype]
+    return r.max_num_tokens * per_token + r.max_batch_size * cfg.vocab_size * 4 + WORKSPACE
+
+
+def _memory(cfg: ModelConfig, t: Target, r: Recipe) -> dict:
+    w = weight_bytes(cfg, r)
+    kv_tok = kv_bytes_per_token(cfg, r.kv_dtype)
+    tokens = r.max_batch_size * r.max_seq_len
+    if r.kv_cache_max_tokens:
+        tokens = min(tokens, r.kv_cache_max_tokens)
+    overhead = dict(OVERHEAD[t.family])
+    fixed = w["total"] + activation_bytes(cfg, r) + sum(overhead.values())
+    return {"weights": w, "kv_tok": kv_tok, "kv_tokens": tokens, "overhead": overhead, "fixed": fixed,
+            "total": fixed + tokens * kv_tok}
+
+
+def _verdict(total: int, usable: int) -> str:
+    if total <= usable * (1 - MARGIN):
+        return "fits"
+    return "tight" if total <= usable else "does not fit"
+
+
+def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
+    return _verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
+
+
+def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
+    """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value)."""
+    t = get_target(target)
+    cfg, name = model_config(model)
+    r = load_recipe(t, config_file, overrides)
+    m = _memory(cfg, t, r)
+    budget = int(t.usable_bytes * (1 - MARGIN))
+    verdict = _verdict(m["total"], t.usable_bytes)
+    kv_tok, w = m["kv_tok"], m["weights"]
+    room = budget - (m["fixed"])
+    seq_fit = max(0, min(GEMMA2_MAX_SEQ_LEN, room // (kv_tok * r.max_batch_size) // 128 * 128)) if room > 0 else 0
+    batch_fit = max(0, room // (kv_tok * r.max_seq_len)) if room > 0 else 0
+    read = w["linears"] + w["norms"] + (w["lm_head"] or w["embedding"]) + cfg.hidden_size * FLOAT_BYTES[r.dtype]
+    params = parameter_count(cfg)
+    published, note = _published(name, cfg, params)
+    p = Plan(
+        model=name, target=t.name, recipe=r, parameters=params, parameters_published=published,
+        parameters_note=note, weights=w, kv_bytes_per_token=kv_tok,
+        kv_bytes_per_token_by_dtype={d: kv_bytes_per_token(cfg, d) for d in ("bfloat16", "float16", "fp8", "int8")},
+        kv_tokens=m["kv_tokens"], kv_bytes=m["kv_tokens"] * kv_tok,
+        activation_bytes=activation_bytes(cfg, r), overhead=m["overhead"], total_bytes=m["total"],
+        usable_bytes=t.usable_bytes, headroom_bytes=t.usable_bytes - m["total"], verdict=verdict,
+        reason=_reason(verdict, m["total"], t), max_seq_len_fit=int(seq_fit), max_batch_fit=int(batch_fit),
+        read_bytes_per_token=read,
+        decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
+                      f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
+        notes=_notes(t, r))
+    if verdict == "does not fit":
+        p.suggestion = suggest(cfg, t, r)
+    return p
+
+
+def _published(name: str, cfg: ModelConfig, params: int) -> tuple[int | None, str]:
+    if name not in PUBLISHED_PARAMETERS:
+        return None, "counted from the model's tensors"
+    count, source, vocab = PUBLISHED_PARAMETERS[name]
+    diff = count - params
+    return count, (f"counted from the HF tensors (vocab {cfg.vocab_size:,}); the published {count:,} ({source}) "
+                   f"includes {vocab - cfg.vocab_size} padding rows: {vocab - cfg.vocab_size} x {cfg.hidden_size} "
+                   f"= {diff:,} parameters")
+
+
+def _reason(verdict: str, total: int, t: Target) -> str:
+    pct = 100 * total / t.usable_bytes
+    what = "MemTotal shared with the OS" if t.unified else "device memory"
+    if verdict == "fits":
+        return f"needs {_gib(total)} of {_gib(t.usable_bytes)} {what} ({pct:.0f}%), keeping the 10% margin"
+    if verdict == "tight":
+        return f"needs {_gib(total)} of {_gib(t.usable_bytes)} {what} ({pct:.0f}%): fits without the 10% margin"
+    return f"needs {_gib(total)} but {t.name} has {_gib(t.usable_bytes)} {what} ({pct:.0f}%)"
+
+
+def _notes(t: Target, r: Recipe) -> list[str]:
+    notes = []
+    if r.share_embedding_table:
+        notes.append("assumes the engine shares the embedding table with lm_head (checkpoint without lm_head.weight);"
+                     " whether TRT-LLM keeps one copy is unconfirmed: measure the engine size")
+    if t.unified:
+        notes.append("unified memory: the OS reserve assumes a headless JetPack (jetson/setup.sh); a desktop "
+                     "session takes 0.25-0.8 GB more")
+    if t.name == "jetson-thor":
+        notes.append("TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today")
+    for field_name in sorted(t.unconfirmed):
+        notes.append(f"target figure {field_name} is unconfirmed")
+    return notes
+
+
+def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
+    """The best-quality recipe change that fits: current limits first, then weights by quality, FP8 KV, a shared
+    embedding table, and only then smaller batch / sequence limits."""
+    order = [q for q in QUALITY_ORDER if supports(t, q)[0]]
+    kv_options = [r.kv_cache_dtype] + (["fp8"] if supports(t, "kv_fp8")[0] else [])
+    limits = [(r.max_batch_size, r.max_seq_len)] + [(1, s) for s in (4096, 2048, 1024, 512)]
+    for batch, seq in limits:
+        for quant in order:
+            for kv in kv_options:
+                for share in (False, True):
+                    cand = _candidate(r, quant, kv, share, batch, seq, t)
+                    if cand is not None and fits(cfg, t, cand):
+                        changes = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
+                        return {"set": changes, "total_bytes": _memory(cfg, t, cand)["total"],
+                                "command": " ".join(f"--set {k}={_plain(v)}" for k, v in changes.items())}
+    return None
+
+
+def _candidate(r: Recipe, quant, kv, share, batch, seq, t: Target) -> Recipe | None:
+    cand = r.replace(quant=quant, kv_cache_dtype=kv, share_embedding_table=share, max_batch_size=batch,
+                     max_seq_len=min(seq, r.max_seq_len), max_input_len=min(r.max_input_len, seq),
+                     max_num_tokens=min(r.max_num_tokens, max(seq, 256)),
+                     gemm_plugin="disable" if quant == "fp8" else ("auto" if r.gemm_plugin == "disable"
+                                                                    else r.gemm_plugin))
+    if r.kv_cache_max_tokens:
+        cand = cand.replace(kv_cache_max_tokens=cand.max_batch_size * cand.max_seq_len)
+    try:
+        validate(cand, t)
+    except TrtGemmaError:
+        return None
+    return cand
+
+
+def _plain(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def require_fit(p: Plan) -> None:
+    """Raise FitError for a plan that does not fit (after the caller printed it)."""
+    if p.fits:
+        return
+    fix = (f"use {p.suggestion['command']}" if p.suggestion
+           else "no recipe fits this target: pick a smaller model or a larger target")
+    raise FitError(f"{p.model} does not fit {p.target}: {p.reason}", fix=fix)
