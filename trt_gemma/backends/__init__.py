@@ -84,5 +84,5 @@ def ensure_converted(hf_dir: Path, cache_dir: Path | None = None) -> Path:
     from trt_gemma.convert import convert_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert_checkpoint(hf_dir, out)
+    convert_checkpoint(hf_dir, out, dtype=None)  # keep the source dtype: serving must match the HF model
     return out

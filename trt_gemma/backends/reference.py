@@ -61,7 +61,7 @@ class ReferenceBackend(Backend):
             for ev in generate_stream(self.model, list(prompt_ids), sp, cancel=cancel):
                 with self._lock:
                     self._live[gid] += 1
-                text = "" if ev.finish_reason in ("stop", "cancelled") else decoder.push(ev.token_id)
+                text = "" if ev.finish_reason == "stop" else decoder.push(ev.token_id)  # a stop token is not text
                 if ev.finish_reason is not None:
                     text += decoder.flush()
                 yield Step(ev.token_id, text, ev.step_seconds, ev.is_prompt_step, ev.finish_reason)

@@ -68,6 +68,17 @@ def runtime_kv_settings(path: Path) -> dict:
     return out
 
 
+def tokenizer_dir(path: Path) -> Path:
+    """The engine dir when `trt-gemma build` copied the tokenizer there; after a raw `trtllm-build` into
+    BUNDLE/engine, the bundle's checkpoint beside it."""
+    path = Path(path)
+    for cand in (path, path.parent / "checkpoint"):
+        if (cand / "tokenizer.json").is_file():
+            return cand
+    raise InputError(f"no tokenizer.json in {path} or {path.parent / 'checkpoint'}",
+                     fix="copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the engine dir")
+
+
 def _kv_bytes_per_token(pretrained: dict) -> int:
     quant = pretrained.get("quantization") or {}
     kv = {"FP8": "fp8", "INT8": "int8"}.get(str(quant.get("kv_cache_quant_algo")), pretrained.get("dtype", "bfloat16"))
@@ -115,7 +126,7 @@ class TrtLlmBackend(Backend):
                          context_length=int(build["max_seq_len"]), vocab_size=int(pre["vocab_size"]),
                          dtype=str(pre.get("dtype", "bfloat16")), quant_algo=quant)
         weights = sum(p.stat().st_size for p in path.glob("rank*.engine"))
-        return cls(runner, GemmaTokenizer.from_dir(path), info, cfg, weights)
+        return cls(runner, GemmaTokenizer.from_dir(tokenizer_dir(path)), info, cfg, weights)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_bos=add_bos))
