@@ -1,0 +1,365 @@
+"""`trt-gemma build`: a target-tuned bundle anywhere, compiled to a TensorRT-LLM engine where a GPU and TRT-LLM exist.
+
+Quantization is portable, engines are not (tied to the GPU's SM and the TensorRT version), so the work splits in two:
+1. `build_bundle` (any host): target (detected or named) -> recipe -> plan (refuse what does not fit, naming the
+   largest setting that does) -> quantize (INT4-AWQ / FP8 through ModelOpt) or convert (float / weight-only) ->
+   quality table (the bundle's checkpoint vs the unquantized model on the shipped eval text) -> manifest. Written
+   atomically: a failed build leaves nothing behind.
+2. `compile_bundle` (GPU host): TensorRT-LLM >= 1.0, < 1.3 on its legacy TensorRT path, the only one with Gemma 2
+   (../shared/reference/trtllm-checkpoint.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
+   from trt_gemma.trtllm_flags. Before anything imports TensorRT, find_spec + NVML (trt_gemma.gpu_probe) must pass:
+   TensorRT runtimes crash, not raise, without a GPU. Without them `build` finishes the bundle, exits 0 and prints
+   what to run on the target.
+
+Bundle layout: checkpoint/ (TRT-LLM checkpoint + tokenizer), recipe.toml (resolved), plan.json, quality.json/.md,
+manifest.json, and engine/ once compiled (engine + tokenizer + manifest, servable on its own).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trt_gemma import manifest as mf
+from trt_gemma.errors import DependencyError, InputError, RecipeError
+from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.recipes import Recipe, _toml_repr, load_recipe, parse_overrides
+from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
+
+DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` builds for on a host without an NVIDIA GPU
+BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
+COPY_BLOCK_BYTES = 64 << 20  # row blocks when rewriting a rank file
+QUALITY_MAX_TOKENS = 512  # eval-text tokens scored for the quality table (keeps a CPU build quick)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+# Recipe weight format -> how the bundle's checkpoint is made: ModelOpt calibration or the streaming converter.
+QUANTIZED = frozenset({"int4_awq", "fp8"})
+WEIGHT_ONLY = {"int8_wo": "int8", "int4_wo": "int4"}  # converter --weight-only (TRT-LLM quantizes at build)
+
+
+@dataclass
+class EngineResult:
+    engine_dir: Path
+    gpu: str
+    sm: str
+    engine_bytes: int
+    build_seconds: float
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"engine_dir": str(self.engine_dir), "gpu": self.gpu, "sm": self.sm, "engine_bytes": self.engine_bytes,
+                "build_seconds": self.build_seconds, "warnings": self.warnings}
+
+
+@dataclass
+class BundleResult:
+    bundle_dir: Path
+    target: str
+    recipe: Recipe
+    manifest: dict
+    quality: dict | None
+    engine: EngineResult | None
+    not_compiled_reason: str | None
+    on_target: list  # commands to run on the target when not compiled here
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"bundle_dir": str(self.bundle_dir), "target": self.target, "recipe": self.recipe.to_dict(),
+                "compiled": self.engine is not None, "engine": self.engine.to_dict() if self.engine else None,
+                "not_compiled_reason": self.not_compiled_reason, "on_target": self.on_target,
+                "quality": self.quality, "notes": self.notes, "manifest": self.manifest}
+
+
+def _say(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def resolve_target(target: str | None, detection=None) -> tuple[str, str]:
+    """(target name, how it was chosen). "auto" uses detection; a GPU-less host gets DEFAULT_TARGET, said plainly."""
+    if target not in (None, "", "auto"):
+        from trt_gemma.targets import get_target
+
+        return get_target(target).name, "named with --target"
+    from trt_gemma.detect import detect
+
+    d = detection if detection is not None else detect()
+    if d.target:
+        return d.target, f"detected: {d.message}"
+    return DEFAULT_TARGET, f"{d.message}; building for the default target {DEFAULT_TARGET} (pass --target to choose)"
+
+
+def model_name(spec: str | None, model_dir: Path) -> str:
+    if spec is None:
+        from trt_gemma.assets import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return Path(str(spec).rstrip("/")).name or model_dir.name
+
+
+def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
+    """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
+    if recipe.max_seq_len <= max_positions:
+        return {}
+    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, max_positions)}
+
+
+def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
+    """The resolved recipe (file < --set < context clamp), the overrides that make it, and notes."""
+    over = parse_overrides(overrides)
+    recipe = load_recipe(target, config_file, over)
+    clamp = fit_to_model(recipe, max_positions)
+    notes = []
+    if clamp:
+        notes.append(f"max_seq_len {recipe.max_seq_len} -> {clamp['max_seq_len']}: the model's "
+                     f"max_position_embeddings is {max_positions}")
+        over = {**over, **clamp}
+        recipe = load_recipe(target, config_file, over)
+    if recipe.kv_dtype in ("fp8", "int8") and recipe.quant not in QUANTIZED:
+        raise RecipeError(f"kv_cache_dtype = {recipe.kv_cache_dtype!r} with quant = {recipe.quant!r}: the KV-cache "
+                          "scales come from ModelOpt calibration, which runs for int4_awq / fp8 recipes only",
+                          fix="use --set kv_cache_dtype=auto, or --set quant=fp8 / int4_awq")
+    if recipe.kv_dtype == "int8":
+        raise RecipeError("kv_cache_dtype = 'int8' is not produced by trt_gemma's quantizer (FP8 KV only)",
+                          fix="use --set kv_cache_dtype=fp8 (SM >= 8.9) or auto")
+    return recipe, over, notes
+
+
+def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool) -> Path:
+    """The bundle's TRT-LLM checkpoint: ModelOpt for INT4-AWQ / FP8, else the streaming converter."""
+    if recipe.quant in QUANTIZED:
+        from trt_gemma.quantize import quantize_checkpoint
+
+        calib = None if recipe.calib_dataset == "builtin" else recipe.calib_dataset
+        return quantize_checkpoint(model_dir, out, quant=recipe.quant, group_size=recipe.group_size,
+                                   kv_cache="fp8" if recipe.kv_dtype == "fp8" else None, calib_file=calib,
+                                   calib_samples=recipe.calib_size, calib_seq_len=recipe.calib_max_seq_length,
+                                   dtype=recipe.dtype, show_progress=show_progress)
+    from trt_gemma.convert import convert_checkpoint
+
+    dtype = recipe.quant if recipe.quant in ("bfloat16", "float16") else recipe.dtype
+    return convert_checkpoint(model_dir, out, dtype=dtype, weight_only=WEIGHT_ONLY.get(recipe.quant),
+                              show_progress=show_progress)
+
+
+def share_embedding_table(ckpt: Path) -> None:
+    """Drop lm_head.weight so the engine reuses the embedding table (saves vocab x hidden x 2 bytes).
+
+    TRT-LLM sets `share_embedding_table` when lm_head is absent and appends "lm_head" to exclude_modules for quantized
+    models (reference §2, ModelOpt export); `PretrainedModel.load` tolerates the missing tensor (§3). Streams tensor by
+    tensor, like the converter.
+    """
+    from trt_gemma.st_io import StreamingWriter, read_header, read_tensor
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for rank_file in sorted(ckpt.glob("rank*.safetensors")):
+        infos, meta = read_header(rank_file)
+        keep = [(n, i) for n, i in infos.items() if n != "lm_head.weight"]
+        tmp = rank_file.with_suffix(".tmp")
+        with StreamingWriter(tmp, [(n, i.dtype, tuple(i.shape)) for n, i in keep], meta) as w:
+            for name, info in keep:
+                if not info.shape:
+                    w.write(name, read_tensor(rank_file, info))
+                    continue
+                step = max(1, COPY_BLOCK_BYTES // max(1, info.nbytes // info.shape[0]))
+                for start in range(0, info.shape[0], step):
+                    w.write(name, read_tensor(rank_file, info, rows=slice(start, start + step)))
+        tmp.replace(rank_file)
+    cfg["share_embedding_table"] = True
+    quant = cfg.get("quantization") or {}
+    if quant.get("quant_algo"):
+        quant["exclude_modules"] = sorted(set(quant.get("exclude_modules") or []) | {"lm_head"})
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def quality_table(model_dir: Path, ckpt: Path, recipe: Recipe, work: Path, show_progress: bool) -> dict:
+    """eval of the bundle's checkpoint vs the unquantized model (source dtype) on the shipped eval text."""
+    from trt_gemma.assets import eval_text_path
+    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.eval import evaluate
+
+    baseline = convert_checkpoint(model_dir, work / "unquantized", dtype=None, show_progress=show_progress)
+    report = evaluate([ckpt], baseline=baseline, text_file=Path(eval_text_path()), max_tokens=QUALITY_MAX_TOKENS)
+    return {"report": report.to_dict(), "markdown": report.to_markdown()}
+
+
+def write_recipe_toml(path: Path, recipe: Recipe, header: str) -> None:
+    lines = [f"# {header}", "# Resolved recipe (target file < --set < model context); rebuild with --config this file."]
+    lines += [f"{k} = {_toml_repr(v)}" for k, v in recipe.to_dict().items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _input_hashes(ckpt: Path, model_dir: Path) -> dict:
+    """sha256 of the model's input files: from the converter/quantizer provenance when it has them, else hashed."""
+    prov = ckpt / "trt_gemma_provenance.json"
+    if prov.is_file():
+        inputs = json.loads(prov.read_text()).get("inputs") or []
+        if inputs and all("sha256" in i for i in inputs):
+            return {i["file"]: i["sha256"] for i in inputs}
+    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+def default_out(name: str, target: str, recipe: Recipe) -> Path:
+    return BUNDLES_DIR / f"{name}-{target}-{recipe.quant}"
+
+
+def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
+    """What to run on the target: our compile, the equivalent raw TRT-LLM command, then serving."""
+    raw = trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine")
+    return [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))}", shlex.join(raw),
+            f"trt-gemma serve {shlex.quote(str(bundle / 'engine'))}"]
+
+
+def build_bundle(model: str | None = None, target: str | None = "auto", config_file: str | Path | None = None,
+                 overrides=(), out: str | Path | None = None, force: bool = False, compile: bool = True,
+                 skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
+                 detection=None) -> BundleResult:
+    """Make the bundle for `target` and compile it when this host can; see the module docstring."""
+    from trt_gemma.config import ModelConfig
+    from trt_gemma.gpu_probe import gpu_unavailable_reason
+    from trt_gemma.hf import resolve_model
+    from trt_gemma.plan import plan, require_fit
+
+    t0 = time.time()
+    target, how = resolve_target(target, detection)
+    _say(log, f"target {target} ({how})")
+    model_dir = resolve_model(model)
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    recipe, over, notes = bundle_recipe(target, config_file, overrides, cfg.max_position_embeddings)
+    p = plan(model_dir, target, overrides=over, config_file=config_file)
+    require_fit(p)
+    _say(log, f"plan: {p.verdict} — {p.reason}")
+    name = model_name(model, model_dir)
+    out = Path(out) if out is not None else default_out(name, target, recipe)
+    check_output_target(out, force)
+    with atomic_output_dir(out, force) as tmp:
+        _say(log, f"{'quantizing' if recipe.quant in QUANTIZED else 'converting'} -> {recipe.quant}")
+        ckpt = make_checkpoint(model_dir, tmp / "checkpoint", recipe, show_progress)
+        if recipe.share_embedding_table:
+            share_embedding_table(ckpt)
+        quality = None
+        if not skip_quality:
+            _say(log, f"quality table: {recipe.quant} vs the unquantized model ({QUALITY_MAX_TOKENS} eval tokens)")
+            quality = quality_table(model_dir, ckpt, recipe, tmp / ".work", show_progress)
+            shutil.rmtree(tmp / ".work", ignore_errors=True)
+            (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
+            (tmp / "quality.md").write_text(quality["markdown"] + "\n")
+        write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {target}")
+        (tmp / "plan.json").write_text(json.dumps(p.to_dict(), indent=2, default=str) + "\n")
+        manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0)
+        mf.write_manifest(tmp, manifest)
+    _say(log, f"bundle written: {out}")
+    result = BundleResult(out, target, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
+    reason = gpu_unavailable_reason() if compile else "compile skipped (--no-compile)"
+    if reason is None:
+        result.engine = compile_bundle(out, log=log)
+        result.manifest = mf.read_manifest(out)
+    else:
+        result.not_compiled_reason, result.on_target = reason, on_target_commands(out, recipe)
+    return result
+
+
+def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
+                    seconds: float) -> dict:
+    from trt_gemma.targets import get_target
+
+    t = get_target(recipe.target)
+    ckpt_cfg = json.loads((ckpt / "config.json").read_text())
+    quant = ckpt_cfg.get("quantization") or {}
+    return {
+        "format": mf.FORMAT, "kind": "bundle", "created_utc": mf.now_utc(),
+        "model": {"id": spec if spec is not None else model_name(None, model_dir), "path": str(model_dir.resolve()),
+                  "inputs_sha256": _input_hashes(ckpt, model_dir)},
+        "target": {"name": t.name, "title": t.title, "sm": t.sm_str, "family": t.family, "chosen": how},
+        "recipe": recipe.to_dict(),
+        "quant_algo": {"weights": quant.get("quant_algo"), "kv_cache": quant.get("kv_cache_quant_algo")},
+        "checkpoint": {"dir": "checkpoint", "bytes": mf.dir_bytes(ckpt), "dtype": ckpt_cfg.get("dtype"),
+                       "files_sha256": {f.name: sha256_file(f) for f in sorted(ckpt.glob("rank*.safetensors"))}},
+        "plan": {"verdict": p.verdict, "total_bytes": p.total_bytes, "usable_bytes": p.usable_bytes},
+        "trtllm_build": trtllm_build_argv(recipe, "checkpoint", "engine"),
+        "tools": mf.tool_versions(),
+        "engine": mf.not_compiled("not compiled yet"),
+        "bundle_seconds": round(seconds, 2),
+        "notes": notes,
+    }
+
+
+def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_logits: bool = False,
+                   log: Callable[[str], None] | None = None, detection=None) -> EngineResult:
+    """Compile BUNDLE/checkpoint into BUNDLE/engine with TensorRT-LLM (GPU host only; typed error elsewhere)."""
+    from trt_gemma.gpu_probe import gpu_unavailable_reason
+
+    bundle = Path(bundle_dir)
+    manifest = mf.read_manifest(bundle)
+    if manifest.get("kind") != "bundle":
+        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
+    recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
+    reason = gpu_unavailable_reason()
+    if reason:
+        raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))
+        raise DependencyError(f"cannot compile {bundle} on this host: {reason}",
+                              fix=f"run `trt-gemma build --from-bundle {bundle}` on a host with TensorRT-LLM >=1.0,<1.3 "
+                                  f"and an NVIDIA GPU, or there: {raw}")
+    host, warnings = _check_host(recipe, detection)
+    kwargs = build_config_kwargs(recipe, gather_context_logits=gather_context_logits)
+    _say(log, f"compiling with TensorRT-LLM on {host.name} (SM {host.sm // 10}.{host.sm % 10})")
+    t0 = time.time()
+    with atomic_output_dir(bundle / "engine", force) as tmp:
+        _trtllm_compile(bundle / "checkpoint", tmp, kwargs)
+        seconds = time.time() - t0
+        for name in TOKENIZER_FILES:
+            if (bundle / "checkpoint" / name).is_file():
+                shutil.copy2(bundle / "checkpoint" / name, tmp / name)
+        engine_bytes = sum(f.stat().st_size for f in tmp.glob("rank*.engine"))
+        manifest["tools"] = mf.tool_versions()
+        manifest["engine"] = {"status": "compiled", "reason": None, "dir": "engine", "gpu": host.name,
+                              "sm": f"{host.sm // 10}.{host.sm % 10}", "sm_int": host.sm, "bytes": engine_bytes,
+                              "build_seconds": round(seconds, 2), "compiled_utc": mf.now_utc(), "warnings": warnings}
+        mf.write_manifest(tmp, {**manifest, "kind": "engine"})
+    mf.write_manifest(bundle, manifest)
+    return EngineResult(bundle / "engine", host.name, manifest["engine"]["sm"], engine_bytes, round(seconds, 2),
+                        warnings)
+
+
+def _check_host(recipe: Recipe, detection=None):
+    """The host GPU can run the recipe's precisions (typed error otherwise); a different target is a warning:
+    the engine then runs on this host's SM only."""
+    from trt_gemma.detect import detect
+    from trt_gemma.targets import get_target, supports
+
+    host = detection if detection is not None else detect()
+    for precision in (recipe.quant, "kv_fp8" if recipe.kv_dtype == "fp8" else None):
+        ok, why = supports(host.sm, precision) if precision else (True, "")
+        if not ok:
+            raise RecipeError(f"this host's {host.name} cannot build the bundle's {precision}: {why}",
+                              fix="compile on the target the bundle was made for, or rebuild the bundle for this GPU")
+    warnings = []
+    if get_target(recipe.target).sm != host.sm:
+        warnings.append(f"bundle made for {recipe.target}, compiled on {host.name} (SM {host.sm // 10}.{host.sm % 10}): "
+                        "the engine runs on this SM only")
+    return host, warnings
+
+
+def _trtllm_compile(checkpoint_dir: Path, engine_dir: Path, kwargs: dict) -> None:
+    """TRT-LLM 1.0-1.2 legacy TensorRT path, exactly per reference §5:
+    GemmaForCausalLM.from_checkpoint(ckpt, rank) -> build(model, BuildConfig(...)) -> engine.save(dir), per rank.
+    PluginConfig takes the CLI spellings: `from_dict` in the dataclass versions, the constructor (whose validators map
+    enable/disable) in the pydantic ones — the same mapping `trtllm-build` applies to its flags."""
+    assert importlib.util.find_spec("tensorrt_llm") is not None, "caller probes find_spec + NVML first"
+    from tensorrt_llm import BuildConfig, build
+    from tensorrt_llm.models import GemmaForCausalLM
+    from tensorrt_llm.plugin import PluginConfig
+
+    limits = {k: v for k, v in kwargs.items() if k != "plugin_config"}
+    world = int(json.loads((checkpoint_dir / "config.json").read_text())["mapping"]["world_size"])
+    for rank in range(world):
+        plugins = dict(kwargs["plugin_config"])
+        plugin_config = PluginConfig.from_dict(plugins) if hasattr(PluginConfig, "from_dict") else PluginConfig(**plugins)
+        model = GemmaForCausalLM.from_checkpoint(str(checkpoint_dir), rank=rank)
+        engine = build(model, BuildConfig(**limits, plugin_config=plugin_config))
+        engine.save(str(engine_dir))

@@ -1,0 +1,135 @@
+"""`trt-gemma build` (bundle -> engine where possible) and `trt-gemma inspect` (what a bundle/engine is, can it run here)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _out(text: str = "") -> None:
+    """Plain stdout: commands meant to be copied must never be wrapped or styled."""
+    sys.stdout.write(text + "\n")
+
+
+@click.command("build")
+@click.option("--model", default=None, help="HF dir or hub id (default: the embedded model).")
+@click.option("--target", default="auto", show_default=True,
+              help="Target name (`trt-gemma targets`); auto = detect, or the default target on a GPU-less host.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Recipe TOML instead of build_configs/<target>.toml.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe field (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Bundle dir (default: ./bundles/<model>-<target>-<quant>).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (or engine, with --from-bundle).")
+@click.option("--from-bundle", "from_bundle", type=click.Path(file_okay=False), default=None,
+              help="Compile a bundle made elsewhere into BUNDLE/engine (needs TensorRT-LLM and a GPU).")
+@click.option("--skip-quality", is_flag=True, help="Do not compute the quality table (large models on slow hosts).")
+@click.option("--no-compile", is_flag=True, help="Only make the bundle, even on a GPU host.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(model, target, config_file, overrides, out, force, from_bundle, skip_quality, no_compile, as_json):
+    """Build a target-tuned bundle (quantized TensorRT-LLM checkpoint, recipe, plan, quality table, manifest) and
+    compile it into a TensorRT-LLM engine when this host has TensorRT-LLM and a GPU; otherwise print what to run
+    on the target."""
+    from trt_gemma.build import build_bundle, compile_bundle
+    from trt_gemma.console import emit, err_console
+    from trt_gemma.errors import ConfigError
+
+    log = None if as_json else (lambda msg: err_console.print(f"[dim]build:[/] {msg}"))
+    if from_bundle:
+        given = [n for n, v in (("--model", model), ("--config", config_file), ("--set", overrides),
+                                ("--out", out)) if v] + (["--target"] if target != "auto" else [])
+        if given:
+            raise ConfigError(f"--from-bundle compiles the bundle as it is; {', '.join(given)} cannot change it",
+                              fix="drop those options, or rebuild the bundle with them (without --from-bundle)")
+        engine = compile_bundle(from_bundle, force=force, log=log)
+        emit(engine.to_dict(), as_json, _render_engine)
+        return
+    result = build_bundle(model, target, config_file, list(overrides), out, force, compile=not no_compile,
+                          skip_quality=skip_quality, show_progress=not as_json, log=log)
+    emit(result.to_dict(), as_json, _render_bundle)
+
+
+def _render_engine(e: dict) -> None:
+    _out(f"engine: {e['engine_dir']}  ({e['engine_bytes'] / 2**20:.1f} MiB, built on {e['gpu']} SM {e['sm']} "
+         f"in {e['build_seconds']:.1f} s)")
+    for w in e["warnings"]:
+        _out(f"warning: {w}")
+    _out(f"serve it:  trt-gemma serve {e['engine_dir']}")
+
+
+def _render_bundle(r: dict) -> None:
+    from trt_gemma.build import QUALITY_MAX_TOKENS
+
+    recipe, m = r["recipe"], r["manifest"]
+    _out(f"bundle: {r['bundle_dir']}")
+    _out(f"  model {m['model']['id']} -> {recipe['quant']} (KV {recipe['kv_cache_dtype']}) for {r['target']} "
+         f"(SM {m['target']['sm']}); checkpoint {m['checkpoint']['bytes'] / 2**20:.1f} MiB; plan: {m['plan']['verdict']}")
+    for note in r["notes"]:
+        _out(f"  note: {note}")
+    if r["quality"]:
+        _out(f"\nquality ({QUALITY_MAX_TOKENS} tokens of the shipped eval text, vs the unquantized model):")
+        _out(_quality_lines(r["quality"]))
+    if r["compiled"]:
+        _out("")
+        _render_engine(r["engine"])
+        return
+    _out(f"\nnot compiled here: {r['not_compiled_reason']}")
+    _out("On the target (TensorRT-LLM >=1.0,<1.3 and its NVIDIA GPU), copy this bundle there and run:")
+    _out(f"  {r['on_target'][0]}")
+    _out("or the same build with TensorRT-LLM's own CLI:")
+    _out(f"  {r['on_target'][1]}")
+    _out("then serve it:")
+    _out(f"  {r['on_target'][2]}")
+    if m["target"]["family"] == "jetson":
+        _out("Jetson: see docs/build.md (TensorRT-LLM for SM 8.7, swap, nvpmodel); the checkpoint also runs here on "
+             f"the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
+
+
+def _quality_lines(q: dict) -> str:
+    rows = q.get("rows") or []
+    cols = ("name", "quant_algo", "kv_cache_quant_algo", "perplexity", "top1_agreement", "mean_kl")
+    lines = ["  " + "  ".join(f"{c:>14}" for c in cols)]
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append(f"{v:>14.4f}" if isinstance(v, float) else f"{str(v):>14}")
+        lines.append("  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per path.")
+def inspect(paths, as_json):
+    """Describe bundles and engine dirs: contents, target, recipe, quality, and whether THIS host can run them."""
+    from trt_gemma.console import emit
+    from trt_gemma.detect import detect
+    from trt_gemma.manifest import inspect_path
+
+    detection = detect()  # once for all paths
+    items = [inspect_path(p, detection=detection) for p in paths]
+    emit(items, as_json, lambda xs: [_render_inspect(x) for x in xs])
+
+
+def _render_inspect(x: dict) -> None:
+    _out(f"{x['path']}: {x['kind']}")
+    if x.get("note"):
+        _out(f"  note: {x['note']}")
+    _out(f"  model {x['model']}  target {x['target']}  quant {x['quant']} (KV {x['kv_cache_dtype']})")
+    limits = ", ".join(f"{k}={v}" for k, v in x["limits"].items() if v is not None)
+    if limits:
+        _out(f"  limits: {limits}")
+    for c in x["contents"]:
+        _out(f"    {c['name']:<28} {c['bytes'] / 2**20:10.2f} MiB")
+    eng = x.get("engine") or {}
+    if eng:
+        where = f"on {eng.get('gpu')} (SM {eng.get('sm')})" if eng.get("status") == "compiled" else ""
+        _out(f"  engine: {eng.get('status')} {where}".rstrip())
+    if x.get("quality"):
+        _out(_quality_lines({"rows": x["quality"]}))
+    _out(f"  this host: {x['host']['device']}; tensorrt_llm {x['host']['tensorrt_llm']}")
+    for c in x["checks"]:
+        _out(f"    [{'ok' if c['ok'] else 'no'}] {c['name']}: {c['detail']}")
+    _out(f"  can run here: {'yes' if x['can_run_here'] else 'no'}")
+    _out(f"  next: {x['next']}")

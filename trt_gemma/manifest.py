@@ -1,0 +1,220 @@
+"""Bundle/engine manifests (what was built from what, with which tools, for which GPU) and `inspect`.
+
+A manifest is plain JSON beside the artifact. Tool versions are read from package metadata and NVML, never by
+importing tensorrt/tensorrt_llm (they crash or fail to import on a GPU-less host, DESIGN.md hard facts); anything
+absent is recorded as "unavailable" so a manifest written on a CPU host says so instead of guessing.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+from trt_gemma.errors import InputError
+
+MANIFEST = "manifest.json"
+FORMAT = "trt_gemma.bundle/1"
+UNAVAILABLE = "unavailable"
+NOT_COMPILED = "not compiled"
+# Python distributions whose versions go into a manifest (first installed name wins).
+TOOL_DISTRIBUTIONS = {"tensorrt_llm": ("tensorrt_llm", "tensorrt-llm"),
+                      "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_cu12_libs")}
+
+
+def _dist_version(names: tuple[str, ...]) -> str:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return UNAVAILABLE
+
+
+def _nvml_versions() -> dict[str, str]:
+    """Driver and the CUDA version the driver supports, through NVML (safe without a GPU: it raises, we record)."""
+    out = {"cuda": UNAVAILABLE, "driver": UNAVAILABLE}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError or NVMLError_LibraryNotFound/DriverNotLoaded: no NVIDIA stack here
+        return out
+    try:
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        out["driver"] = drv.decode() if isinstance(drv, bytes) else str(drv)
+        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        out["cuda"] = f"{cuda // 1000}.{(cuda % 1000) // 10}"
+    except pynvml.NVMLError:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+    return out
+
+
+def tool_versions() -> dict[str, str]:
+    from trt_gemma import __version__
+
+    tools = {"trt_gemma": __version__}
+    tools.update({key: _dist_version(names) for key, names in TOOL_DISTRIBUTIONS.items()})
+    tools.update(_nvml_versions())
+    return tools
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def read_manifest(path: Path) -> dict:
+    f = Path(path) / MANIFEST
+    try:
+        data = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} has no {MANIFEST}: not a trt_gemma bundle or engine",
+                         fix="make one with `trt-gemma build`") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{f} is not readable JSON ({e})", fix="rebuild the bundle with `trt-gemma build --force`") from e
+    if data.get("format") != FORMAT:
+        raise InputError(f"{f}: format {data.get('format')!r}, expected {FORMAT!r}",
+                         fix="rebuild the bundle with this trt_gemma version (`trt-gemma build --force`)")
+    return data
+
+
+def write_manifest(path: Path, data: dict) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
+    f = Path(path) / MANIFEST
+    tmp = f.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(f)
+
+
+def not_compiled(reason: str) -> dict:
+    return {"status": NOT_COMPILED, "reason": reason, "dir": None, "gpu": NOT_COMPILED, "sm": NOT_COMPILED,
+            "bytes": None, "build_seconds": None}
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- inspect ------------------------------------------------------------------------------------------------------
+
+def _kind(path: Path) -> str:
+    from trt_gemma.backends.trtllm import is_engine_dir
+
+    if is_engine_dir(path):
+        return "engine"
+    if (path / MANIFEST).is_file() and (path / "checkpoint").is_dir():
+        return "bundle"
+    raise InputError(f"{path} is neither a trt_gemma bundle (manifest.json + checkpoint/) nor a TensorRT-LLM engine dir "
+                     "(config.json + rank0.engine)", fix="point at a directory written by `trt-gemma build`")
+
+
+def _contents(path: Path) -> list[dict]:
+    rows = []
+    for p in sorted(path.iterdir()):
+        if p.name.startswith("."):
+            continue
+        rows.append({"name": p.name + ("/" if p.is_dir() else ""), "bytes": dir_bytes(p) if p.is_dir() else
+                     p.stat().st_size})
+    return rows
+
+
+def host_facts(detection=None) -> dict:
+    """What this host has: the detected GPU (or none), tensorrt_llm, the reason a compile/serve cannot run here."""
+    from trt_gemma.detect import detect
+    from trt_gemma.gpu_probe import gpu_unavailable_reason
+
+    d = detection if detection is not None else detect()
+    return {"device": d.message, "kind": d.kind, "gpu": d.name, "sm": d.sm, "memory_bytes": d.memory_bytes,
+            "target": d.target, "tensorrt_llm": _dist_version(TOOL_DISTRIBUTIONS["tensorrt_llm"])
+            if importlib.util.find_spec("tensorrt_llm") else UNAVAILABLE,
+            "gpu_unavailable_reason": gpu_unavailable_reason()}
+
+
+def run_checks(manifest: dict, host: dict, engine: bool) -> list[dict]:
+    """Can THIS host run the artifact? Each check: name, ok, detail. Rules: precision support by SM from
+    trt_gemma.targets; memory from the plan; engines are tied to the GPU (SM) and TensorRT-LLM version they were
+    built with (reference §5: `preprocess_weights` is SM-specific); tensorrt_llm must be importable."""
+    from trt_gemma.targets import supports
+
+    checks = [{"name": "tensorrt_llm", "ok": host["tensorrt_llm"] != UNAVAILABLE,
+               "detail": f"tensorrt_llm {host['tensorrt_llm']}"}]
+    if host["sm"] is None:
+        checks.append({"name": "gpu", "ok": False, "detail": host["device"]})
+        return checks
+    recipe = manifest.get("recipe", {})
+    kv = recipe.get("kv_cache_dtype", "auto")
+    for precision in (recipe.get("quant", "bfloat16"), f"kv_{kv}" if kv in ("fp8", "int8") else None):
+        if precision:
+            ok, why = supports(int(host["sm"]), precision)
+            checks.append({"name": f"precision {precision}", "ok": ok, "detail": why})
+    need = (manifest.get("plan") or {}).get("total_bytes")
+    if need and host["memory_bytes"]:
+        checks.append({"name": "memory", "ok": need <= host["memory_bytes"],
+                       "detail": f"plan needs {need / 2**30:.2f} GiB, host has {host['memory_bytes'] / 2**30:.2f} GiB"})
+    eng = manifest.get("engine") or {}
+    if engine or eng.get("status") == "compiled":
+        built_sm = eng.get("sm_int")
+        checks.append({"name": "engine SM", "ok": built_sm == host["sm"],
+                       "detail": f"engine built on {eng.get('gpu')} (SM {eng.get('sm')}); engines only run on the SM "
+                                 "they were built for"})
+        built_trt = (manifest.get("tools") or {}).get("tensorrt_llm")
+        checks.append({"name": "engine tensorrt_llm", "ok": built_trt == host["tensorrt_llm"],
+                       "detail": f"built with tensorrt_llm {built_trt}, host has {host['tensorrt_llm']}"})
+    return checks
+
+
+def inspect_path(path: str | Path, detection=None) -> dict:
+    """Describe a bundle or an engine dir and whether this host can compile/run it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path} is not a directory", fix="pass a bundle or engine dir written by `trt-gemma build`")
+    kind = _kind(path)
+    if kind == "engine":
+        manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
+    else:
+        manifest = read_manifest(path)
+    host = host_facts(detection)
+    checks = run_checks(manifest, host, engine=kind == "engine")
+    can_run = all(c["ok"] for c in checks)
+    out = {"path": str(path), "kind": kind, "model": (manifest.get("model") or {}).get("id"),
+           "target": (manifest.get("target") or {}).get("name"), "quant": (manifest.get("recipe") or {}).get("quant"),
+           "kv_cache_dtype": (manifest.get("recipe") or {}).get("kv_cache_dtype"),
+           "quant_algo": manifest.get("quant_algo"), "limits": _limits(manifest.get("recipe") or {}),
+           "contents": _contents(path), "engine": manifest.get("engine"), "quality": _quality_rows(path),
+           "host": host, "checks": checks, "can_run_here": can_run, "next": _next_step(path, kind, manifest, can_run)}
+    if kind == "engine" and not manifest:
+        out["note"] = "engine dir without a trt_gemma manifest: target and recipe unknown"
+    return out
+
+
+def _limits(recipe: dict) -> dict:
+    return {k: recipe.get(k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")}
+
+
+def _quality_rows(path: Path) -> list[dict] | None:
+    f = path / "quality.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get("rows")
+    except (OSError, ValueError):
+        return None
+
+
+def _next_step(path: Path, kind: str, manifest: dict, can_run: bool) -> str:
+    compiled = (manifest.get("engine") or {}).get("status") == "compiled"
+    if kind == "engine" or compiled:
+        engine = path if kind == "engine" else path / "engine"
+        return f"trt-gemma serve {engine}" if can_run else \
+            f"copy the bundle to a {(manifest.get('engine') or {}).get('gpu', 'matching')} host, or recompile there: " \
+            f"trt-gemma build --from-bundle {path if kind == 'bundle' else path.parent} --force"
+    if can_run:
+        return f"trt-gemma build --from-bundle {path}"
+    return (f"on the target (with tensorrt_llm and its GPU): trt-gemma build --from-bundle {path}; "
+            f"here the checkpoint runs on the reference backend: trt-gemma serve {path / 'checkpoint'}")
