@@ -1,0 +1,187 @@
+"""Planner acceptance (issue 2) and its numbers against independent references: the Gemma 2 paper's counts
+(targets.md §5), a real transformers-saved model's tensors, the checkpoint layouts of trtllm-checkpoint.md §4, and the
+roofline table of targets.md §6. CLI paths run through trt_gemma.cli.main (exit codes, no traceback)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trt_gemma.config import preset_config
+from trt_gemma.errors import FitError, InputError
+from trt_gemma.plan import model_config, parameter_count, plan, require_fit
+from trt_gemma.st_io import read_header
+from trt_gemma.targets import TARGETS
+
+
+def run_cli(argv, capsys):
+    from trt_gemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return e.value.code, out, err
+
+
+def test_acceptance_orin_nano_8gb_json(capsys):
+    code, out, err = run_cli(["plan", "--model", "gemma-2-2b", "--target", "jetson-orin-nano-8gb", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["parameters_published"] == 2_614_636_800  # the issue's figure (paper, padded vocab 256,128)
+    assert d["parameters"] == 2_614_341_888  # the HF tensors (vocab 256,000)
+    assert "294,912" in d["parameters_note"]
+    assert d["kv_bytes_per_token"] == 106_496 == 26 * 2 * 4 * 256 * 2
+    assert d["kv_bytes_per_token_by_dtype"]["fp8"] == 53_248
+    assert d["recipe"]["quant"] == "int4_awq" and d["recipe"]["group_size"] == 128
+    assert d["verdict"] == "fits" and d["suggestion"] is None
+    assert d["target_source"] == "--target"
+
+
+def test_acceptance_bf16_refused_on_orin_nano_4gb(capsys):
+    code, out, err = run_cli(["plan", "--model", "gemma-2-2b", "--target", "jetson-orin-nano-4gb",
+                              "--quant", "bfloat16", "--json"], capsys)
+    assert code == FitError.exit_code == 3
+    d = json.loads(out)  # the plan is printed before the error
+    assert d["verdict"] == "does not fit" and "jetson-orin-nano-4gb" in d["reason"]
+    assert d["suggestion"]["set"] == {"quant": "int4_awq"}  # the 4gb recipe already shares the embedding table
+    assert "error: gemma-2-2b does not fit jetson-orin-nano-4gb" in err and "fix: use --set quant=int4_awq" in err
+    fixed = plan("gemma-2-2b", "jetson-orin-nano-4gb", overrides=d["suggestion"]["set"])
+    assert fixed.verdict == "fits"
+
+
+def test_parameter_counts_match_the_paper():
+    cfg = preset_config("gemma-2-2b")
+    # targets.md §5: non-embedding 2,024,517,888; embedding 256,000 x 2304 with the HF vocab
+    assert parameter_count(cfg) - 256_000 * 2304 == 2_024_517_888
+    assert parameter_count(preset_config("shieldgemma-2b")) == parameter_count(cfg)
+    # 9b / 27b from the reference's [INF] figures: 9.24 B and 27.23 B
+    assert round(parameter_count(preset_config("gemma-2-9b")) / 1e9, 2) == 9.24
+    assert round(parameter_count(preset_config("gemma-2-27b")) / 1e9, 2) == 27.23
+
+
+def test_parameter_count_matches_real_tensors(tiny_model_dir):
+    """A transformers-saved model's safetensors hold exactly the counted parameters."""
+    cfg, _ = model_config(tiny_model_dir)
+    total = 0
+    for f in sorted(tiny_model_dir.glob("*.safetensors")):
+        infos, _ = read_header(f)
+        for info in infos.values():
+            n = 1
+            for s in info.shape:
+                n *= s
+            total += n
+    assert parameter_count(cfg) == total
+
+
+def test_weight_bytes_against_checkpoint_layouts():
+    """Hand-computed from trtllm-checkpoint.md §4 shapes: AWQ int8 [out/2, in] + wsf [out, in/128] + pqs [in]."""
+    p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
+    h, f, q, kv = 2304, 9216, 2048, 1024
+    shapes = [(q + 2 * kv, h), (h, q), (f, h), (f, h), (h, f)]
+    awq = sum(o // 2 * i + o * (i // 128) * 2 + i * 2 for o, i in shapes)
+    assert p.weights["linears"] == 26 * awq
+    assert p.weights["embedding"] == p.weights["lm_head"] == 256_000 * 2304 * 2
+    assert p.weights["norms"] == (4 * 26 + 1) * 2304 * 2
+    # targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
+    assert round(p.weights["total"] / 1e9, 2) == 3.40
+    bf16 = plan("gemma-2-2b", "h100", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
+                                                  "gemm_plugin": "auto"})
+    assert bf16.weights["linears"] == 26 * sum(o * i * 2 for o, i in shapes)
+
+
+@pytest.mark.parametrize("target,overrides,expected", [
+    # targets.md §6 roofline table (batch 1, context 0)
+    ("jetson-orin-nano-8gb", {}, 31), ("jetson-orin-nano-super", {}, 46), ("jetson-agx-orin-64gb", {}, 93),
+    ("h100", {}, 1047), ("t4", {}, 100), ("a100-80gb", {}, 382), ("rtx-3090", {}, 422),
+    ("l4", {"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"}, 135),
+])
+def test_decode_roofline_matches_reference_table(target, overrides, expected):
+    p = plan("gemma-2-2b", target, overrides=overrides)
+    got = p.decode_tok_s["context_0"]
+    assert abs(got - expected) / expected < 0.02, f"{target}: {got} vs {expected}"
+
+
+def test_largest_fit_is_the_boundary():
+    p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
+    b = p.max_batch_fit
+    assert b >= p.recipe.max_batch_size
+    cap = lambda n: {"max_batch_size": n, "kv_cache_max_tokens": n * 4096}  # noqa: E731
+    assert plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides=cap(b)).verdict == "fits"
+    assert plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides=cap(b + 1)).verdict != "fits"
+    small = plan("gemma-2-2b", "jetson-orin-nano-4gb")
+    seq = small.max_seq_len_fit
+    assert 1024 <= seq < 4096
+    over = {"max_seq_len": seq + 128, "kv_cache_max_tokens": seq + 128}
+    assert plan("gemma-2-2b", "jetson-orin-nano-4gb", overrides=over).verdict != "fits"
+
+
+def test_h100_and_kv_dtypes():
+    p = plan("gemma-2-2b", "h100")
+    assert p.recipe.kv_dtype == "fp8" and p.kv_bytes_per_token == 53_248
+    assert p.kv_tokens == p.recipe.max_batch_size * p.recipe.max_seq_len and p.verdict == "fits"
+    assert p.kv_bytes == p.kv_tokens * 53_248
+
+
+def test_27b_bf16_on_small_gpu_refused_with_suggestion():
+    p = plan("gemma-2-27b", "rtx-4090", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
+                                                    "gemm_plugin": "auto"})
+    assert p.verdict == "does not fit" and p.suggestion is not None
+    with pytest.raises(FitError) as e:
+        require_fit(p)
+    assert p.suggestion["command"] in e.value.fix
+
+
+def test_local_model_dir_and_bad_model(tiny_model_dir, capsys):
+    p = plan(tiny_model_dir, "rtx-3090")
+    assert p.kv_bytes_per_token == 2 * 3 * 2 * 32 * 2 and p.verdict == "fits"
+    with pytest.raises(InputError, match="neither a preset nor a local model dir"):
+        plan("gemma-3-1b", "h100")
+    code, _, err = run_cli(["plan", "--model", "gemma-3-1b", "--target", "h100"], capsys)
+    assert code == 2 and "error:" in err and "fix:" in err
+
+
+def test_cli_bad_recipe_exit_code(capsys):
+    code, out, err = run_cli(["plan", "--target", "jetson-orin-nano-8gb", "--quant", "fp8"], capsys)
+    assert code == 2 and out == ""
+    assert "cannot run FP8 (SM 8.7)" in err and "--set quant=int4_awq" in err
+
+
+def test_cli_text_output_explains_counts(capsys):
+    code, out, _ = run_cli(["plan", "--target", "jetson-orin-nano-8gb", "--set", "max_batch_size=1"], capsys)
+    assert code == 0
+    assert "2,614,341,888" in out and "published 2,614,636,800" in out and "294,912" in out
+    assert "verdict: fits" in out and "decode roofline" in out
+
+
+def test_cli_auto_target_on_gpu_less_host(capsys):
+    from trt_gemma.detect import detect
+
+    if detect().kind != "none":
+        pytest.skip("this host has an NVIDIA device")
+    code, out, err = run_cli(["plan", "--json"], capsys)
+    assert code == 0
+    assert "planning for the default target jetson-orin-nano-8gb" in err
+    d = json.loads(out)
+    assert d["target"] == "jetson-orin-nano-8gb" and d["target_source"].startswith("default")
+
+
+def test_other_commands_json(capsys):
+    code, out, _ = run_cli(["targets", "--json"], capsys)
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == len(TARGETS) and rows[0]["recipe"]["quant"]
+    code, out, _ = run_cli(["doctor", "--json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["can"]["plan"]["ok"] and set(d["can"]) >= {"plan", "convert", "quantize", "serve",
+                                                                         "build engines"}
+    if d["device"]["kind"] == "none":
+        assert not d["can"]["build engines"]["ok"] and d["can"]["build engines"]["why"]
+
+
+def test_console_script_subprocess_no_traceback():
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--target", "jetson-orin-nano-4gb",
+                        "--quant", "bfloat16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "Traceback" not in r.stdout + r.stderr
+    assert "would fit with" in r.stdout and "fix:" in r.stderr
