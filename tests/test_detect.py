@@ -168,3 +168,16 @@ def test_detect_cli_on_gpu_less_host(capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 0 and "Traceback" not in out + err
     assert json.loads(out)["kind"] in ("none", "jetson")
+
+
+def test_doctor_flags_a_stale_pynvml_distribution(tmp_path, monkeypatch):
+    """A real dist-info on sys.path, found through importlib.metadata as pip would leave it."""
+    from trt_gemma.commands.doctor import stale_pynvml
+
+    assert stale_pynvml() is None or "pynvml" in stale_pynvml()["message"]
+    info = tmp_path / "pynvml-11.5.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pynvml\nVersion: 11.5.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = stale_pynvml()
+    assert s["version"] == "11.5.0" and "deprecated" in s["message"] and "pip uninstall -y pynvml" in s["fix"]

@@ -176,7 +176,8 @@ def _check_limits(r: Recipe, origin: dict) -> None:
                           f"Gemma 2 limit of {GEMMA2_MAX_SEQ_LEN}", fix=f"use --set max_seq_len={GEMMA2_MAX_SEQ_LEN}")
     if r.max_input_len > r.max_seq_len:
         raise RecipeError(f"{_where(origin, 'max_input_len')}: max_input_len = {r.max_input_len} is larger than "
-                          f"max_seq_len = {r.max_seq_len} (a prompt must leave room for output)",
+                          f"max_seq_len = {r.max_seq_len} (from {_where(origin, 'max_seq_len')}; a prompt must "
+                          "leave room for output)",
                           fix=f"use --set max_input_len={max(1, r.max_seq_len // 2)} or raise max_seq_len")
     if not 0.0 < r.kv_cache_free_gpu_memory_fraction <= 1.0:
         raise ConfigError(f"{_where(origin, 'kv_cache_free_gpu_memory_fraction')}: kv_cache_free_gpu_memory_fraction "
