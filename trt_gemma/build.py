@@ -106,7 +106,9 @@ def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
     """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
     if recipe.max_seq_len <= max_positions:
         return {}
-    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, max_positions)}
+    # keep the recipe's prompt/total ratio so a full-length prompt still leaves room to generate
+    scaled_input = max(1, recipe.max_input_len * max_positions // recipe.max_seq_len)
+    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, scaled_input)}
 
 
 def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:

@@ -50,7 +50,7 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
 
 
 def _render_engine(e: dict) -> None:
-    _out(f"engine: {e['engine_dir']}  ({e['engine_bytes'] / 2**20:.1f} MiB, built on {e['gpu']} SM {e['sm']} "
+    _out(f"engine: {e['engine_dir']}  ({_size(e['engine_bytes'])}, built on {e['gpu']} SM {e['sm']} "
          f"in {e['build_seconds']:.1f} s)")
     for w in e["warnings"]:
         _out(f"warning: {w}")
@@ -63,7 +63,7 @@ def _render_bundle(r: dict) -> None:
     recipe, m = r["recipe"], r["manifest"]
     _out(f"bundle: {r['bundle_dir']}")
     _out(f"  model {m['model']['id']} -> {recipe['quant']} (KV {recipe['kv_cache_dtype']}) for {r['target']} "
-         f"(SM {m['target']['sm']}); checkpoint {m['checkpoint']['bytes'] / 2**20:.1f} MiB; plan: {m['plan']['verdict']}")
+         f"(SM {m['target']['sm']}); checkpoint {_size(m['checkpoint']['bytes'])}; plan: {m['plan']['verdict']}")
     for note in r["notes"]:
         _out(f"  note: {note}")
     if r["quality"]:
@@ -83,6 +83,13 @@ def _render_bundle(r: dict) -> None:
     if m["target"]["family"] == "jetson":
         _out("Jetson: see docs/build.md (TensorRT-LLM for SM 8.7, swap, nvpmodel); the checkpoint also runs here on "
              f"the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _quality_lines(q: dict) -> str:
@@ -121,7 +128,7 @@ def _render_inspect(x: dict) -> None:
     if limits:
         _out(f"  limits: {limits}")
     for c in x["contents"]:
-        _out(f"    {c['name']:<28} {c['bytes'] / 2**20:10.2f} MiB")
+        _out(f"    {c['name']:<28} {_size(c['bytes']):>12}")
     eng = x.get("engine") or {}
     if eng:
         where = f"on {eng.get('gpu')} (SM {eng.get('sm')})" if eng.get("status") == "compiled" else ""
