@@ -86,14 +86,19 @@ TABLE: tuple[Entry, ...] = (
 # --- the Gemma 2 quirks applied to non-linear tensors (elementwise on storage arrays) ---------------------------
 
 def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Storage dtype `src` -> `dst`; same dtype is a plain pass-through of the bytes."""
-    return block if src == dst else from_f32(to_f32(block, src), dst)
+    """Storage dtype `src` -> `dst`; same dtype is a plain pass-through of the bytes. Overflow to Inf is reported
+    by the finiteness check that follows, with the tensor's name."""
+    if src == dst:
+        return block
+    with np.errstate(over="ignore"):
+        return from_f32(to_f32(block, src), dst)
 
 
 def gemma_norm(block: np.ndarray, src: str, dst: str) -> np.ndarray:
     """HF Gemma RMSNorm computes x*(1+w), TRT's RmsNorm x*w: store 1+w, added in float32 then cast
     (TRT models/gemma/convert.py: `param = param + 1.0  # upcasted to float32 in case of bfloat16`)."""
-    return from_f32(to_f32(block, src) + np.float32(1.0), dst)
+    with np.errstate(over="ignore"):
+        return from_f32(to_f32(block, src) + np.float32(1.0), dst)
 
 
 TRANSFORMS: dict[str, Callable[[np.ndarray, str, str], np.ndarray]] = {EMBEDDING: cast, LM_HEAD: cast, NORM: gemma_norm}
