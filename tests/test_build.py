@@ -223,3 +223,124 @@ def test_from_bundle_without_gpu_is_a_dependency_error(model_dir, tmp_path, pois
 def test_from_bundle_rejects_recipe_options(tmp_path, capsys):
     code, _, stderr = run_cli(["build", "--from-bundle", tmp_path, "--target", "h100"], capsys)
     assert code == ConfigError.exit_code and "--from-bundle compiles the bundle as it is" in stderr
+
+
+# --- engine dirs: inspect and serve guards -----------------------------------------------------------------------
+
+def _engine_dir_fixture(bundle: Path, gpu: str, sm: int) -> Path:
+    """An engine dir laid out as TRT-LLM writes one (§5: config.json {version, pretrained_config, build_config} +
+    rank0.engine) with our manifest, as compile_bundle leaves it. The engine bytes are a placeholder: inspect and the
+    serve guard read only the metadata (a real engine needs a GPU: see the gpu tests)."""
+    from trt_gemma.manifest import write_manifest
+    from trt_gemma.trtllm_flags import build_config_kwargs
+
+    engine = bundle / "engine"
+    engine.mkdir()
+    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    build_cfg = {k: v for k, v in build_config_kwargs(recipe).items() if k != "plugin_config"}
+    pretrained = json.loads((bundle / "checkpoint" / "config.json").read_text())
+    (engine / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": pretrained,
+                                                    "build_config": build_cfg}))
+    (engine / "rank0.engine").write_bytes(b"\0" * 4096)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (engine / f).write_bytes((bundle / "checkpoint" / f).read_bytes())
+    m = read_manifest(bundle)
+    m["tools"]["tensorrt_llm"] = "1.2.1"
+    m["engine"] = {"status": "compiled", "gpu": gpu, "sm": f"{sm // 10}.{sm % 10}", "sm_int": sm, "bytes": 4096,
+                   "build_seconds": 1.0, "dir": "engine"}
+    write_manifest(engine, {**m, "kind": "engine"})
+    write_manifest(bundle, m)
+    return engine
+
+
+def test_inspect_engine_checks_sm_and_serving_needs_a_gpu(model_dir, tmp_path, capsys):
+    from trt_gemma.backends import load_backend
+
+    bundle = B.build_bundle(str(model_dir), "rtx-a6000", out=tmp_path / "b", skip_quality=True,
+                            show_progress=False).bundle_dir
+    engine = _engine_dir_fixture(bundle, "NVIDIA RTX A6000", 86)
+    same = inspect_path(engine, detection=_host("NVIDIA RTX A6000", 86, 48))
+    checks = {c["name"]: c["ok"] for c in same["checks"]}
+    assert same["kind"] == "engine" and same["target"] == "rtx-a6000"
+    assert checks["engine SM"] and checks["precision bfloat16"] and checks["memory"]
+    assert not checks["tensorrt_llm"] and not same["can_run_here"]  # no tensorrt_llm on this host
+    other = inspect_path(engine, detection=_host("NVIDIA GeForce RTX 4090", 89, 24))
+    assert not {c["name"]: c["ok"] for c in other["checks"]}["engine SM"]
+    tiny_gpu = inspect_path(bundle, detection=_host("NVIDIA T1000", 75, 1))
+    assert not {c["name"]: c["ok"] for c in tiny_gpu["checks"]}["precision bfloat16"]  # Turing: no bf16
+    code, stdout, _ = run_cli(["inspect", engine, bundle], capsys)
+    assert code == 0 and f"{engine}: engine" in stdout and f"{bundle}: bundle" in stdout
+    code, stdout, _ = run_cli(["inspect", "--json", bundle], capsys)
+    assert code == 0 and json.loads(stdout)[0]["engine"]["status"] == "compiled"
+    with pytest.raises(DependencyError, match="cannot serve a TensorRT-LLM engine here") as e:
+        load_backend(engine)
+    assert "reference backend" in e.value.fix
+
+
+def test_inspect_rejects_other_dirs(tmp_path, capsys):
+    code, _, stderr = run_cli(["inspect", tmp_path], capsys)
+    assert code == 2 and "neither a trt_gemma bundle" in stderr
+
+
+# --- GPU host: a real engine (skipped here with the reason by conftest.py) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_engine(model_dir, tmp_path_factory):
+    """The embedded model as a bf16 bundle compiled for this GPU, with context logits gathered for comparison."""
+    out = tmp_path_factory.mktemp("gpu") / "bundle"
+    B.build_bundle(str(model_dir), "auto", overrides=["quant=bfloat16", "kv_cache_dtype=auto",
+                                                      "gemm_plugin=auto"], out=out, compile=False,
+                   skip_quality=True, show_progress=False)
+    B.compile_bundle(out, gather_context_logits=True)
+    return out
+
+
+@pytest.mark.gpu
+def test_gpu_engine_logits_match_reference(bf16_engine):
+    """TRT-LLM engine vs the numpy reference on the same bf16 checkpoint: softmax within 2e-2 (bf16 compute)."""
+    import torch
+    from tensorrt_llm.runtime import ModelRunnerCpp
+
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    m = read_manifest(bf16_engine)
+    assert m["engine"]["status"] == "compiled" and m["engine"]["bytes"] > 0 and m["tools"]["tensorrt_llm"] != UNAVAILABLE
+    tok = GemmaTokenizer.from_dir(bf16_engine / "engine")
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. The server streams tokens and reports memory.")
+    runner = ModelRunnerCpp.from_dir(engine_dir=str(bf16_engine / "engine"), rank=0)
+    out = runner.generate([torch.tensor(ids, dtype=torch.int32)], max_new_tokens=1, end_id=tok.eos_id,
+                          pad_id=tok.eos_id, return_dict=True)
+    ctx = out["context_logits"]
+    got = (ctx[0] if isinstance(ctx, (list, tuple)) else ctx[0]).float().cpu().numpy().reshape(len(ids), -1)
+    want = _ref_logits(bf16_engine / "checkpoint", ids)
+    V = want.shape[1]
+    got = got[:, :V]
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    d_logit = np.abs(got - want)
+    d_prob = np.abs(softmax(got) - softmax(want))
+    assert d_prob.max() <= 2e-2, (f"probabilities max diff {d_prob.max():.3g} mean {d_prob.mean():.3g}; "
+                                  f"logits max diff {d_logit.max():.3g} mean {d_logit.mean():.3g}")
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.gpu
+def test_gpu_backend_streams_and_reports_kv(bf16_engine):
+    from trt_gemma.backends import GenerationParams, load_backend
+
+    backend = load_backend(bf16_engine / "engine", slots=2)
+    try:
+        assert backend.name == "tensorrt_llm"
+        ids = backend.encode("The quick brown fox")
+        steps = list(backend.stream(ids, GenerationParams(max_tokens=8, temperature=0.0)))
+        assert steps and steps[-1].finish_reason in ("stop", "length") and len(steps) <= 8
+        assert all(s.finish_reason is None for s in steps[:-1])
+        want = int(_ref_logits(bf16_engine / "checkpoint", ids)[-1].argmax())
+        assert steps[0].token_id == want or steps[0].finish_reason == "stop"
+        kv = backend.kv_usage()
+        assert kv.capacity_tokens > 0 and kv.bytes_per_token > 0
+    finally:
+        backend.close()
