@@ -289,7 +289,7 @@ def bf16_engine(model_dir, tmp_path_factory):
     """The embedded model as a bf16 bundle compiled for this GPU, with context logits gathered for comparison."""
     out = tmp_path_factory.mktemp("gpu") / "bundle"
     B.build_bundle(str(model_dir), "auto", overrides=["quant=bfloat16", "kv_cache_dtype=auto",
-                                                      "gemm_plugin=auto"], out=out, compile=False,
+                                                      "gemm_plugin=auto"], out=out, compile_engine=False,
                    skip_quality=True, show_progress=False)
     B.compile_bundle(out, gather_context_logits=True)
     return out

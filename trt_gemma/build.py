@@ -28,7 +28,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
-from trt_gemma.recipes import Recipe, _toml_repr, load_recipe, parse_overrides
+from trt_gemma.recipes import Recipe, load_recipe, parse_overrides
 from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` builds for on a host without an NVIDIA GPU
@@ -192,7 +192,7 @@ def quality_table(model_dir: Path, ckpt: Path, recipe: Recipe, work: Path, show_
 
 def write_recipe_toml(path: Path, recipe: Recipe, header: str) -> None:
     lines = [f"# {header}", "# Resolved recipe (target file < --set < model context); rebuild with --config this file."]
-    lines += [f"{k} = {_toml_repr(v)}" for k, v in recipe.to_dict().items()]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in recipe.to_dict().items()]  # JSON scalars are valid TOML
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -218,7 +218,7 @@ def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
 
 
 def build_bundle(model: str | None = None, target: str | None = "auto", config_file: str | Path | None = None,
-                 overrides=(), out: str | Path | None = None, force: bool = False, compile: bool = True,
+                 overrides=(), out: str | Path | None = None, force: bool = False, compile_engine: bool = True,
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
                  detection=None) -> BundleResult:
     """Make the bundle for `target` and compile it when this host can; see the module docstring."""
@@ -257,7 +257,7 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
         mf.write_manifest(tmp, manifest)
     _say(log, f"bundle written: {out}")
     result = BundleResult(out, target, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
-    reason = gpu_unavailable_reason() if compile else "compile skipped (--no-compile)"
+    reason = gpu_unavailable_reason() if compile_engine else "compile skipped (--no-compile)"
     if reason is None:
         result.engine = compile_bundle(out, log=log)
         result.manifest = mf.read_manifest(out)

@@ -44,7 +44,7 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
         engine = compile_bundle(from_bundle, force=force, log=log)
         emit(engine.to_dict(), as_json, _render_engine)
         return
-    result = build_bundle(model, target, config_file, list(overrides), out, force, compile=not no_compile,
+    result = build_bundle(model, target, config_file, list(overrides), out, force, compile_engine=not no_compile,
                           skip_quality=skip_quality, show_progress=not as_json, log=log)
     emit(result.to_dict(), as_json, _render_bundle)
 
