@@ -25,7 +25,7 @@ SEQ = 40  # > 4 x the tiny sliding window (8): the window really cuts keys off
 def _convert(src, out, **kw):
     from trt_gemma.convert import convert_checkpoint
 
-    convert_checkpoint(src, out, **kw)
+    convert_checkpoint(src, out, show_progress=False, **kw)
     return out
 
 
