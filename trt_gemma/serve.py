@@ -150,7 +150,7 @@ class Server:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.backend is not None:
+        if self._loader is not None and self.backend is not None:  # close only what this app loaded
             self.backend.close()
 
     async def verify_backend(self, error: BaseException) -> None:

@@ -1,0 +1,317 @@
+"""The OpenAI-compatible server, for real: uvicorn on a loopback port, the official `openai` client for the happy
+paths, raw HTTP (httpx) for the error paths. The model is the tiny Gemma 2 converted by trt_gemma.convert and run by
+the reference backend; expected texts come from calling that backend directly (the server must add nothing)."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from live_server import LiveServer, make_backend, served_checkpoint  # noqa: F401 (fixture)
+from trt_gemma.backends.base import GenerationParams
+from trt_gemma.backends.reference import ReferenceBackend
+from trt_gemma.serve import create_app, run_server
+
+MODEL = "tiny-gemma2"
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Gemma run?"}]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def backend(served_checkpoint):
+    return make_backend(served_checkpoint, slots=2)
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    with LiveServer(create_app(backend, MODEL, max_queue=4, max_concurrency=2)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def direct(backend, ids, max_tokens, **kw):
+    """What the backend itself generates (the independent reference for every served text)."""
+    steps = list(backend.stream(ids, GenerationParams(max_tokens=max_tokens, **kw)))
+    return "".join(s.text for s in steps), len(steps), steps[-1].finish_reason
+
+
+def post(server, path, body, **kw):
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=raw, headers={"content-type": "application/json"}, timeout=60, **kw)
+
+
+def assert_openai_error(r, status, param=None, code=None):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == ERROR_KEYS, err
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# ---- happy paths through the official client ----------------------------------------------------------------------
+
+def test_models_lists_the_served_model(client, backend):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+
+
+def test_chat_matches_direct_generation_and_counts_usage(client, backend):
+    want, n, finish = direct(backend, backend.encode_chat(MESSAGES), 12, temperature=0.0)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(backend.encode_chat(MESSAGES))
+    assert r.usage.completion_tokens == n
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n
+
+
+def test_chat_stream_equals_non_stream_and_ends_with_usage(client):
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions_stream_and_not(client, backend):
+    prompt = "The quick brown fox"
+    want, n, _ = direct(backend, backend.encode(prompt), 24, temperature=0.0, ignore_eos=True)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 24 == n and r.usage.prompt_tokens == len(backend.encode(prompt))
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_ends_generation(client, backend):
+    prompt = "Gemma runs on NVIDIA Jetson"
+    full, _, _ = direct(backend, backend.encode(prompt), 40, temperature=0.0, ignore_eos=True)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), f"degenerate stop string from {full!r}"
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kw))
+            text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            r = client.completions.create(**kw)
+            text, finish = r.choices[0].text, r.choices[0].finish_reason
+        assert (text, finish) == (full[:full.find(stop)], "stop"), (stream, stop, full)
+
+
+def test_seeded_sampling_is_reproducible_and_sampling_params_are_used(client):
+    kw = dict(model=MODEL, prompt="Jetson", max_tokens=16, temperature=1.0, top_p=0.9, seed=7,
+              extra_body={"top_k": 40, "ignore_eos": True})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_raw_stream_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+# ---- error paths over raw HTTP ------------------------------------------------------------------------------------
+
+def test_malformed_json_is_400(server):
+    assert_openai_error(post(server, "/v1/chat/completions", b"{not json"), 400)
+    assert_openai_error(post(server, "/v1/completions", b"[1, 2]"), 400)
+
+
+def test_unknown_model_is_404(server):
+    assert_openai_error(post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}), 404,
+                        param="model", code="model_not_found")
+
+
+def test_prompt_longer_than_context_is_400(server, backend):
+    ctx = backend.info.context_length
+    assert_openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": [5] * (ctx + 10)}), 400,
+                        param="prompt", code="context_length_exceeded")
+    long_msg = [{"role": "user", "content": "fox " * (ctx + 10)}]
+    assert_openai_error(post(server, "/v1/chat/completions", {"model": MODEL, "messages": long_msg}), 400,
+                        param="messages", code="context_length_exceeded")
+
+
+def test_max_tokens_beyond_context_is_400(server, backend):
+    body = {"model": MODEL, "prompt": "fox", "max_tokens": backend.info.context_length}
+    assert_openai_error(post(server, "/v1/completions", body), 400, param="max_tokens")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", "hot"), ("max_tokens", 1.5), ("max_tokens", True),
+                                         ("stream", "yes"), ("messages", "hi"), ("top_p", 0), ("n", 3),
+                                         ("stop", [1, 2]), ("frobnicate", 1)])
+def test_wrong_types_and_values_are_400_naming_the_param(server, field, value):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, field: value}
+    assert_openai_error(post(server, "/v1/chat/completions", body), 400, param=field)
+
+
+def test_bad_chat_roles_are_400(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    assert_openai_error(post(server, "/v1/chat/completions", body), 400)
+    assert_openai_error(post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "x"}]}), 400)
+
+
+def test_api_key_required_on_v1_only(backend):
+    with LiveServer(create_app(backend, MODEL, api_key="s3cret")) as s:
+        assert_openai_error(httpx.get(s.url + "/v1/models"), 401, code="invalid_api_key")
+        r = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert_openai_error(r, 401)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices
+        assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
+        assert httpx.get(s.url + "/metrics").status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after(backend):
+    with LiveServer(create_app(backend, MODEL, max_queue=0, max_concurrency=1)) as s:
+        body = {"model": MODEL, "prompt": "fox", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()  # keep the iterator: dropping it closes the connection (= disconnect)
+            next(lines)  # generating now: the only slot is taken
+            r = post(s, "/v1/completions", {"model": MODEL, "prompt": "fox", "max_tokens": 2})
+            assert_openai_error(r, 429, code="rate_limit_exceeded")
+            assert int(r.headers["retry-after"]) >= 1
+        s.wait_for(lambda m: m[("num_requests_running", ())] == 0, what="the slot to be freed")
+        assert post(s, "/v1/completions", {"model": MODEL, "prompt": "fox", "max_tokens": 2}).status_code == 200
+
+
+# ---- health, failures, telemetry ----------------------------------------------------------------------------------
+
+def test_health_is_503_until_loaded(served_checkpoint):
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(30)
+        return make_backend(served_checkpoint, slots=1)
+
+    with LiveServer(create_app(loader, MODEL)) as s:
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["error"]["message"] == "Loading model"
+        assert_openai_error(post(s, "/v1/completions", {"model": MODEL, "prompt": "a"}), 503)
+        gate.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model never became ready"
+            time.sleep(0.05)
+        assert post(s, "/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+class FaultyBackend(ReferenceBackend):
+    """The real reference backend with an injected fault: a request containing "BOOM" raises mid-generation;
+    `broken` makes everything (including the health probe) fail."""
+
+    broken = False
+
+    def stream(self, prompt_ids, params, cancel=lambda: False):
+        if self.broken:
+            raise RuntimeError("device lost")
+        for i, step in enumerate(super().stream(prompt_ids, params, cancel)):
+            if i == 1 and self.decode(prompt_ids).endswith("BOOM"):
+                raise RuntimeError("kernel fault")
+            yield step
+
+
+def test_one_failing_request_does_not_take_the_server_down(served_checkpoint):
+    b = FaultyBackend.load(served_checkpoint, slots=1)
+    with LiveServer(create_app(b, MODEL)) as s:
+        assert_openai_error(post(s, "/v1/completions", {"model": MODEL, "prompt": "BOOM", "max_tokens": 5,
+                                                        "ignore_eos": True}), 500)
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "BOOM", "max_tokens": 5, "stream": True, "ignore_eos": True}) as r:
+            events = [e for e in r.read().decode().split("\n\n") if e]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+        time.sleep(0.5)  # let the health probe the failure triggered finish
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert post(s, "/v1/completions", {"model": MODEL, "prompt": "fine", "max_tokens": 3}).status_code == 200
+        b.broken = True
+        assert_openai_error(post(s, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 3}), 500)
+        deadline = time.monotonic() + 20
+        while httpx.get(s.url + "/health").status_code != 503:
+            assert time.monotonic() < deadline, "a broken backend must flip /health to 503"
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/metrics").status_code == 200  # still serving probes
+
+
+def test_metrics_and_telemetry_show_memory(server, backend):
+    m = server.metrics()
+    mem = {dict(k[1])["kind"]: v for k, v in m.items() if k[0] == "memory_bytes"}
+    assert mem["weights"] == backend.memory().weights_bytes > 0
+    assert mem["host_rss"] > mem["weights"]
+    assert "device_used" not in mem  # NVML is absent here: omitted, never a fake 0
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert (name, ()) in m, name
+    for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+                 "e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total"):
+        assert (name, ()) in m, name
+    snap = httpx.get(server.url + "/v1/telemetry").json()
+    assert snap["model"]["weights_bytes"] == backend.memory().weights_bytes
+    assert snap["model"]["kv_cache"]["capacity_tokens"] == 2 * backend.info.context_length
+    assert snap["nvml"]["available"] is False
+    again = httpx.get(server.url + "/v1/telemetry").json()  # reading drains nothing
+    assert again["model"] == snap["model"]
+
+
+def test_binds_loopback_by_default():
+    assert inspect.signature(run_server).parameters["host"].default == "127.0.0.1"
+
+
+def test_cli_serve_answers_the_openai_client(served_checkpoint, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", str(port),
+                             "--max-concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy in 60 s"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=served_checkpoint.name, messages=MESSAGES, max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        metrics = httpx.get(url + "/metrics").text
+        assert any(l.startswith("memory_bytes{") and 'kind="weights"' in l for l in metrics.splitlines())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
