@@ -4,8 +4,13 @@ Facts from ../shared/reference/trtllm-checkpoint.md §6: `ModelRunnerCpp.from_di
 kv_cache_free_gpu_memory_fraction=, max_tokens_in_paged_kv_cache=, ...)`; `generate(batch_input_ids: List[Tensor],
 max_new_tokens=, end_id=, pad_id=, streaming=True, return_dict=True, output_sequence_lengths=True, top_k=, top_p=,
 temperature=, random_seed=)` yields dicts whose `output_ids` [batch, beams, seq] hold prompt + tokens so far; KV stats
-come from `runner.session.get_latest_iteration_stats()` (`kv_cache_stats.max_num_blocks/used_num_blocks/
-tokens_per_block`). Gemma IT models end turns with <end_of_turn> while the tokenizer's eos is <eos>: both are looked
+come from the executor's `get_latest_iteration_stats()` (`kv_cache_stats.max_num_blocks/used_num_blocks/
+tokens_per_block`). The executor is `runner.session` in the reference's sources and `runner.executor` in
+TRT runtime/model_runner_cpp.py@0383291; both are looked up.
+
+One generation at a time: ModelRunnerCpp's streaming loop calls `executor.await_responses()` for ALL requests
+(model_runner_cpp.py `_stream`), so two concurrent `generate` calls would steal each other's tokens. The server's
+admission queue holds the others; in-flight batching across requests would need the LLM API instead. Gemma IT models end turns with <end_of_turn> while the tokenizer's eos is <eos>: both are looked
 up by name in the tokenizer, <end_of_turn> goes to the engine as `end_id`, <eos> is checked here per step.
 
 Imports are guarded: tensorrt_llm is imported only after gpu_probe says a GPU and the package are present
@@ -14,6 +19,7 @@ Only `@pytest.mark.gpu` tests run this module.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -105,7 +111,8 @@ class TrtLlmBackend(Backend):
         self._bytes_per_token = _kv_bytes_per_token(self._pretrained)
         self._weights_bytes = weights_bytes
         self._kv = KVUsage(0, 0, self._bytes_per_token)  # last iteration stats seen (the call drains them)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _kv
+        self._generate_lock = threading.Lock()  # one ModelRunnerCpp.generate at a time (see module docstring)
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1) -> "TrtLlmBackend":
@@ -148,18 +155,32 @@ class TrtLlmBackend(Backend):
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams,
                cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:
-        import torch
-
         prompt = list(prompt_ids)
         if len(prompt) + params.max_tokens > self.info.context_length:
             raise InputError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
                              f"max_seq_len {self.info.context_length}", fix="shorten the prompt or lower max_tokens")
+        with self._generate_lock:
+            yield from self._stream_locked(prompt, params, cancel)
+
+    def _stream_locked(self, prompt: list[int], params: GenerationParams, cancel: Callable[[], bool]) -> Iterator[Step]:
+        import torch
+
         stops = () if params.ignore_eos else tuple(self.tokenizer.stop_token_ids)
         # ignore_eos: an end_id outside the vocabulary never matches, so the engine runs to max_tokens.
         end_id = self.info.vocab_size if params.ignore_eos else self.tokenizer.end_of_turn_id
         outputs = self.runner.generate([torch.tensor(prompt, dtype=torch.int32)], max_new_tokens=params.max_tokens,
                                        end_id=end_id, pad_id=self.tokenizer.eos_id, streaming=True, return_dict=True,
                                        output_sequence_lengths=True, **self._sampling_kwargs(params))
+        try:
+            yield from self._steps(outputs, prompt, params, stops, end_id, cancel)
+        finally:
+            # A request left running would hand its responses to the next generate() (await_responses takes
+            # all of them): drain it to its end, bounded by max_tokens, before releasing the lock.
+            with contextlib.suppress(Exception):
+                for _ in outputs:
+                    pass
+
+    def _steps(self, outputs, prompt, params, stops, end_id, cancel) -> Iterator[Step]:
         decoder = self.tokenizer.incremental_decoder()
         seen, produced, t_last = len(prompt), 0, time.perf_counter()
         for out in outputs:
@@ -173,10 +194,10 @@ class TrtLlmBackend(Backend):
                 if tok in stops:
                     yield Step(tok, decoder.flush(), step, produced == 1, "stop")
                     return
-                text = decoder.push(tok)
-                if cancel():
-                    yield Step(tok, text + decoder.flush(), step, produced == 1, "cancelled")
+                if cancel():  # like the reference backend: the cancelled step carries no new text
+                    yield Step(tok, decoder.flush(), step, produced == 1, "cancelled")
                     return
+                text = decoder.push(tok)
                 if produced >= params.max_tokens:
                     yield Step(tok, text + decoder.flush(), step, produced == 1, "length")
                     return
@@ -184,12 +205,17 @@ class TrtLlmBackend(Backend):
         # The engine stopped at end_id before max_tokens: it does not return the end token itself.
         yield Step(end_id, decoder.flush(), time.perf_counter() - t_last, produced == 0, "stop")
 
+    def _executor(self):
+        if self.runner is None:
+            return None
+        return getattr(self.runner, "executor", None) or getattr(self.runner, "session", None)
+
     def _poll_kv(self) -> None:
         """Fold the executor's latest iteration stats into the cached KV usage (telemetry reads the cache)."""
-        session = getattr(self.runner, "session", None)
-        if session is None:
+        executor = self._executor()
+        if executor is None:
             return
-        stats = session.get_latest_iteration_stats()
+        stats = executor.get_latest_iteration_stats()
         if not stats:
             return
         kv = stats[-1].kv_cache_stats
@@ -209,6 +235,7 @@ class TrtLlmBackend(Backend):
                                kv_capacity_bytes=kv.capacity_bytes)
 
     def close(self) -> None:
-        runner, self.runner = self.runner, None
-        if runner is not None and hasattr(runner, "session"):
-            runner.session.shutdown()
+        executor = self._executor()
+        self.runner = None
+        if executor is not None:
+            executor.shutdown()
