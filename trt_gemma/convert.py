@@ -17,9 +17,11 @@ codec that declares its source tensors, its target tensors and how one fused gro
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
+import threading
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -33,7 +35,7 @@ import numpy as np
 from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.fsutil import atomic_output_dir, check_output_target
 from trt_gemma.hf import HFModel, TensorExpect, resolve_model
 from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
@@ -231,14 +233,19 @@ def check_complete(jobs: list[Job], codec: LinearCodec, available, tp: int = 1) 
 
 # --- streaming ----------------------------------------------------------------------------------------------------
 
-_EXP_BITS = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000)}
+# storage dtype -> (unsigned view, exponent mask, sign-less mask)
+_EXP_BITS = {"BF16": (np.uint16, 0x7F80, 0x7FFF), "F16": (np.uint16, 0x7C00, 0x7FFF),
+             "F32": (np.uint32, 0x7F800000, 0x7FFFFFFF)}
 
 
 def count_nonfinite(a: np.ndarray, st_dtype: str) -> int:
-    """NaN/Inf count from the exponent bits (all ones), on the storage array without decoding it."""
-    utype, mask = _EXP_BITS[st_dtype]
+    """NaN/Inf count from the exponent bits (all ones), on the storage array without decoding it.
+    Fast path: |bits| < exponent mask for every value means all finite (one temporary and one max)."""
+    utype, exp, absmask = _EXP_BITS[st_dtype]
     u = a.view(utype)
-    return int(np.count_nonzero((u & utype(mask)) == utype(mask)))
+    if u.size == 0 or (u & utype(absmask)).max() < utype(exp):
+        return 0
+    return int(np.count_nonzero((u & utype(exp)) == utype(exp)))
 
 
 @dataclass
@@ -356,13 +363,17 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     st = NAME_TO_ST[dtype]
     specs = target_specs(jobs, codec, tp, st)
     quant_algo = WEIGHT_ONLY_ALGOS.get(weight_only) if weight_only else None
-    with atomic_output_dir(out, force) as tmp:
-        ctx = _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress)
-        (tmp / "config.json").write_text(json.dumps(trtllm_config(hf.config, dtype, tp, quant_algo), indent=2))
-        for f in hf.tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
-        options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)
-        _write_provenance(tmp, hf, source, options, ctx, len(specs), t0)
+    hasher = _InputHasher(hf.input_files())
+    try:
+        with atomic_output_dir(out, force) as tmp:
+            ctx = _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress)
+            (tmp / "config.json").write_text(json.dumps(trtllm_config(hf.config, dtype, tp, quant_algo), indent=2))
+            for f in hf.tokenizer_files:
+                shutil.copy2(f, tmp / f.name)
+            options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)
+            _write_provenance(tmp, hf, source, options, ctx, hasher.result(), len(specs), t0)
+    finally:
+        hasher.cancel()
     return out
 
 
@@ -398,8 +409,42 @@ def _versions() -> dict:
     return out
 
 
-def _write_provenance(tmp: Path, hf: HFModel, source, options: dict, ctx: _Ctx, n_tensors: int, t0: float) -> None:
-    inputs = [{"file": str(f.relative_to(hf.path)), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+class _InputHasher:
+    """sha256 of the input files on a background thread while the conversion runs (hashlib releases the GIL on
+    large buffers), so provenance costs no extra wall time on a multi-core host. Cancellable between chunks."""
+
+    def __init__(self, files: list[Path]):
+        self._stop, self._digests, self._error = threading.Event(), {}, None
+        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True, name="sha256-inputs")
+        self._thread.start()
+
+    def _run(self, files: list[Path]) -> None:
+        try:
+            for f in files:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        if self._stop.is_set():
+                            return
+                        h.update(chunk)
+                self._digests[f] = h.hexdigest()
+        except OSError as e:
+            self._error = InputError(f"cannot read {e.filename} to hash it: {e.strerror}",
+                                     fix="the input changed during conversion; rerun")
+
+    def result(self) -> dict[Path, str]:
+        self._thread.join()
+        if self._error:
+            raise self._error
+        return self._digests
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+def _write_provenance(tmp: Path, hf: HFModel, source, options: dict, ctx: _Ctx, digests: dict, n_tensors: int,
+                      t0: float) -> None:
+    inputs = [{"file": str(f.relative_to(hf.path)), "bytes": f.stat().st_size, "sha256": digests[f]}
               for f in hf.input_files()]
     record = {
         "tool": "trt_gemma convert",

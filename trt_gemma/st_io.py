@@ -131,7 +131,7 @@ class StreamingWriter:
         assert name == cur, f"tensors must be written in declared order: expected {cur!r}, got {name!r}"
         expected_dtype = ST_DTYPES[self._dtypes[name]]
         assert data.dtype == expected_dtype, f"{name}: dtype {data.dtype} != declared {expected_dtype}"
-        buf = np.ascontiguousarray(data).tobytes()
+        buf = memoryview(np.ascontiguousarray(data)).cast("B")  # no extra copy of the block
         assert self._written_in_current + len(buf) <= nbytes, f"{name}: more bytes than its declared shape"
         try:
             self._f.write(buf)
