@@ -138,6 +138,8 @@ class ReferenceModel:
                  lm_head: Linear, weight_bytes: int):
         self.config, self.embedding, self.blocks, self.ln_f, self.lm_head = config, embedding, blocks, ln_f, lm_head
         self.weight_bytes = weight_bytes
+        for a in (embedding, ln_f, *(w for b in blocks for w in b.norms.values())):
+            a.flags.writeable = False  # generating threads share these
         c = config
         self.kv_bytes_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * 4
         self._inv_freq = rope_inv_freq(c.head_size, c.rotary_base)
@@ -163,9 +165,10 @@ class ReferenceModel:
         head_fmt = LINEAR_FORMATS[None] if is_excluded("lm_head", cfg) else fmt
         if shards.has("lm_head.weight"):
             lm_head = head_fmt.load(shards, "lm_head")
-            lm_head = Linear(lm_head.weight[:V], lm_head.act)
+            if lm_head.weight.shape[0] > V:  # TP pads the vocab to a multiple of tp_size
+                lm_head = Linear.from_weight(lm_head.weight[:V], lm_head.act)
         else:  # TRT-LLM tolerates a missing lm_head when the embedding exists (tied, checkpoint §3)
-            lm_head = Linear(embedding)
+            lm_head = Linear.from_weight(embedding)
         check_all_used(shards)
         _check_shapes(cfg, embedding, blocks, lm_head, ckpt_dir)
         return cls(cfg, embedding, blocks, ln_f, lm_head, shards.nbytes)
