@@ -182,13 +182,9 @@ FLOAT_CODEC = FloatCodec()
 
 def codec_for(model: HFModel) -> LinearCodec:
     """The codec for the source's linear layers. Quantized sources get theirs with the quantization work."""
-    qc = model.raw_config.get("quantization_config")
-    if qc or (model.path / "hf_quant_config.json").exists():
-        method = (qc or {}).get("quant_method", "modelopt")
-        raise UnsupportedModelError(f"{model.path}: the weights are already quantized ({method}); this converter "
-                                    "reads float checkpoints", fix="convert the unquantized model, or use "
-                                    "`trt-gemma quantize` for INT4-AWQ / FP8")
-    return FLOAT_CODEC
+    from trt_gemma.quant_codecs import codec_for_quantized  # ModelOpt unified-HF INT4-AWQ / FP8 sources
+
+    return codec_for_quantized(model) or FLOAT_CODEC
 
 
 def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
@@ -359,6 +355,9 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
                           fix="add --dtype bfloat16 (or float16)")
     check_tp(hf.config, tp)
     codec, jobs = codec_for(hf), plan(hf.config)
+    if weight_only and codec is not FLOAT_CODEC:
+        raise ConfigError(f"--weight-only {weight_only}: {hf.path} is already quantized",
+                          fix="drop --weight-only (the checkpoint keeps its own quantization)")
     check_complete(jobs, codec, hf.tensors, tp)
     st = NAME_TO_ST[dtype]
     specs = target_specs(jobs, codec, tp, st)
@@ -367,7 +366,9 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     try:
         with atomic_output_dir(out, force) as tmp:
             ctx = _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress)
-            (tmp / "config.json").write_text(json.dumps(trtllm_config(hf.config, dtype, tp, quant_algo), indent=2))
+            config = trtllm_config(hf.config, dtype, tp, quant_algo)
+            config["quantization"].update(getattr(codec, "quantization", {}))  # a quantized source's own block
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
             for f in hf.tokenizer_files:
                 shutil.copy2(f, tmp / f.name)
             options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)

@@ -80,7 +80,7 @@ def load_awq(shards: ShardSet, prefix: str) -> Linear:
         if not np.all(np.isfinite(arr)):
             raise InputError(f"{shards.files[0]}: {prefix}.{name} has NaN/Inf values", fix=FIX)
     weight = Int4AWQFormat.dequantize(packed, wsf)
-    return Linear(np.ascontiguousarray(weight), PreQuantScale(pqs))
+    return Linear.from_weight(weight, PreQuantScale(pqs))
 
 
 def load_fp8(shards: ShardSet, prefix: str) -> Linear:
@@ -93,7 +93,7 @@ def load_fp8(shards: ShardSet, prefix: str) -> Linear:
     wsf = _scalar(shards, f"{prefix}.weights_scaling_factor")
     asf = _scalar(shards, f"{prefix}.activation_scaling_factor")
     weight = fp8_e4m3_to_f32(codes) * np.float32(wsf)
-    return Linear(np.ascontiguousarray(weight), FP8Quant.from_scaling_factor(asf))
+    return Linear.from_weight(weight, FP8Quant.from_scaling_factor(asf))
 
 
 def rtn_weight_only(w: np.ndarray, bits: int, scale_dtype: str) -> np.ndarray:
@@ -112,7 +112,7 @@ def _weight_only(bits: int) -> Callable[[ShardSet, str], Linear]:
         from trt_gemma.dtypes import NAME_TO_ST
 
         w = shards.get_f32(f"{prefix}.weight")
-        return Linear(rtn_weight_only(w, bits, NAME_TO_ST.get(shards.cfg.dtype, "F16")))
+        return Linear.from_weight(rtn_weight_only(w, bits, NAME_TO_ST.get(shards.cfg.dtype, "F16")))
     return load
 
 
