@@ -51,8 +51,11 @@ def resolve_model(spec: str | None) -> Path:
     huggingface_hub.snapshot_download, which honours the HF cache and HF_HUB_OFFLINE.
     """
     if spec is None or (spec == "default" and not Path(spec).is_dir()):
-        from trt_gemma.assets import default_model_dir
-
+        try:
+            from trt_gemma.assets import default_model_dir
+        except ImportError as e:
+            raise InputError("the embedded default model is not part of this installation",
+                             fix="pass a Hugging Face model dir or hub id (e.g. google/gemma-2-2b-it)") from e
         return Path(default_model_dir())
     p = Path(spec).expanduser()
     if p.exists():
