@@ -35,7 +35,8 @@ def resolve_checkpoint(spec: str | None) -> Path:
 def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, seed, as_json):
     """Generate text from CHECKPOINT (a TensorRT-LLM checkpoint dir) with the numpy reference runtime."""
     from trt_gemma.console import emit
-    from trt_gemma.reference import ReferenceModel, generate as run
+    from trt_gemma.reference import ReferenceModel
+    from trt_gemma.reference.generate import generate as run
     from trt_gemma.tokenizer import GemmaTokenizer
 
     ckpt = resolve_checkpoint(checkpoint)
