@@ -309,3 +309,10 @@ def check_all_used(shards: ShardSet) -> None:
     if extra:
         raise InputError(f"{shards.files[0]}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}",
                          fix="this checkpoint layout (quantized?) is not supported by the reference runtime yet")
+
+
+# Quantized layouts (W4A16_AWQ, FP8, weight-only RTN as TRT-LLM builds it) and the FP8 KV cache live in quantized.py.
+from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS  # noqa: E402
+
+LINEAR_FORMATS.update(QUANT_LINEAR_FORMATS)
+KV_CACHE_FORMATS = KV_CACHE_FORMATS + tuple(KV_CACHE_QUANT)

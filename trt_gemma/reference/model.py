@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from trt_gemma.dtypes import NAME_TO_ST, round_to
 from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.reference.quantized import kv_cache_quantizer
 from trt_gemma.reference.checkpoint import (NORMS, CheckpointConfig, Linear, LinearFormat, ShardSet,
                                             check_all_used, is_excluded, linear_format, LINEAR_FORMATS)
 
@@ -128,6 +130,7 @@ class Block:
     proj: Linear
     norms: dict  # NORMS name -> float32 [H] holding (1 + w)
     window: int | None
+    kv_quant: Callable[[np.ndarray], np.ndarray] | None = None  # FP8 KV cache fake-quant (reference/quantized.py)
 
 
 class ReferenceModel:
@@ -225,6 +228,8 @@ class ReferenceModel:
         q = apply_rope(qkv[:, :nq * d].reshape(T, nq, d), positions, self._inv_freq)
         k = apply_rope(qkv[:, nq * d:(nq + nkv) * d].reshape(T, nkv, d), positions, self._inv_freq)
         v = qkv[:, (nq + nkv) * d:].reshape(T, nkv, d)
+        if b.kv_quant is not None:  # a quantized KV cache stores what the quantizer returns (K after RoPE)
+            k, v = b.kv_quant(k), b.kv_quant(v)
         s0 = positions[0]
         cache.k[layer, :, s0:s0 + T] = k.transpose(1, 0, 2)
         cache.v[layer, :, s0:s0 + T] = v.transpose(1, 0, 2)
@@ -261,7 +266,8 @@ def _load_block(shards: ShardSet, cfg: CheckpointConfig, fmt: LinearFormat, i: i
 
     norms = {n: shards.get_f32(f"{p}{n}.weight") for n in NORMS}
     return Block(qkv=lin("attention.qkv"), dense=lin("attention.dense"), fc=lin("mlp.fc"), gate=lin("mlp.gate"),
-                 proj=lin("mlp.proj"), norms=norms, window=cfg.sliding_window if cfg.is_sliding(i) else None)
+                 proj=lin("mlp.proj"), norms=norms, window=cfg.sliding_window if cfg.is_sliding(i) else None,
+                 kv_quant=kv_cache_quantizer(shards, i))
 
 
 def _check_shapes(cfg: CheckpointConfig, embedding, blocks: list[Block], lm_head: Linear, where: Path) -> None:
