@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from trt_gemma.console import console, emit
-from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE
+from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
 
 
 @click.command()
@@ -21,7 +21,9 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE
 @click.option("--max-concurrency", default=DEFAULT_MAX_CONCURRENCY, show_default=True, type=click.IntRange(1),
               help="Generations running at once (worker threads; also sizes the KV budget).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
-def serve(model, host, port, api_key, max_queue, max_concurrency, model_name):
+@click.option("--stream-interval", default=DEFAULT_STREAM_INTERVAL_S, show_default=True, type=click.FloatRange(0),
+              help="Minimum seconds between SSE chunks of a stream; tokens in between share a chunk (0: per token).")
+def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
@@ -29,7 +31,7 @@ def serve(model, host, port, api_key, max_queue, max_concurrency, model_name):
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
     run_server(path, model_name=name, host=host, port=port, api_key=api_key, max_queue=max_queue,
-               max_concurrency=max_concurrency)
+               max_concurrency=max_concurrency, stream_interval_s=stream_interval)
 
 
 @click.command()

@@ -1,0 +1,170 @@
+"""Serving overhead: decode tokens/s of the reference backend called directly vs through `trt-gemma serve` with one
+streaming `openai` client, same prompt, same run, repetitions interleaved. Goal: <= 5% overhead.
+
+The server runs as its own process (as in production: `python -m trt_gemma serve CKPT`), the direct calls in this
+one; both use the same checkpoint, prompt token ids, greedy sampling and `ignore_eos` so each run makes exactly
+--tokens tokens. Reported per path: the median over --reps of tokens / (time from request to the last token), the median of the
+per-repetition ratios (adjacent runs share the machine's load, so on a busy host the paired ratio is the steadier
+figure), and CPU-seconds per token (direct: this process; served: the server process, psutil), which other
+processes' load disturbs far less than wall time.
+
+  python benchmarks/serve_overhead.py [--model DIR] [--tokens 128] [--reps 5] [--json]
+With no --model: the embedded default model when it is installed, else the tiny test model from tests/tiny.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trt_gemma.errors import TrtGemmaError
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "The server streams tokens and reports memory. Gemma runs on NVIDIA Jetson and RTX GPUs."
+
+
+def default_model(tmp: Path) -> Path:
+    try:
+        from trt_gemma.assets import default_model_dir
+
+        path = default_model_dir()
+        if (path / "config.json").is_file():
+            return path
+    except (ImportError, AttributeError, OSError, TrtGemmaError):  # not built yet: use the tiny test model
+        pass
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import make_tiny_hf_model
+
+    return make_tiny_hf_model(tmp / "tiny_hf", max_position_embeddings=2048)
+
+
+def as_checkpoint(model: Path, tmp: Path) -> Path:
+    from trt_gemma.backends import detect_kind, ensure_converted
+
+    return ensure_converted(model, tmp / "cache") if detect_kind(model) == "hf" else model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(ckpt), "--port", str(port),
+                             "--max-concurrency", "1", "--model-name", "bench"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("server did not become healthy in 300 s")
+
+
+def run_direct(backend, ids: list[int], tokens: int) -> tuple[float, float]:
+    """(tokens/s, CPU-seconds per token)."""
+    from trt_gemma.backends import GenerationParams
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = sum(1 for _ in backend.stream(ids, GenerationParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)))
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
+
+
+def run_served(client, server, ids: list[int], tokens: int) -> tuple[float, float]:
+    """(tokens/s seen by the client, server CPU-seconds per token)."""
+    c0 = sum(server.cpu_times()[:2])
+    t0 = time.perf_counter()
+    stream = client.completions.create(model="bench", prompt=ids, max_tokens=tokens, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    n = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            n = chunk.usage.completion_tokens
+    wall = time.perf_counter() - t0
+    return n / wall, (sum(server.cpu_times()[:2]) - c0) / n
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import openai
+    import psutil
+
+    from trt_gemma.backends.reference import ReferenceBackend
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        model = args.model or default_model(tmp)
+        ckpt = as_checkpoint(model, tmp)
+        backend = ReferenceBackend.load(ckpt, slots=1)
+        ids = backend.encode(PROMPT)
+        port = free_port()
+        proc = start_server(ckpt, port)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
+            server = psutil.Process(proc.pid)
+            run_direct(backend, ids, 8), run_served(client, server, ids, 8)  # warm-up both paths
+            direct, served = [], []
+            for rep in range(args.reps):  # interleave, alternating which path goes first
+                order = ["d", "s"] if rep % 2 == 0 else ["s", "d"]
+                for kind in order:
+                    if kind == "d":
+                        direct.append(run_direct(backend, ids, args.tokens))
+                    else:
+                        served.append(run_served(client, server, ids, args.tokens))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    result = summarize(direct, served, model, len(ids), args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        r = result
+        print(f"model {model} ({len(ids)} prompt tokens, {args.tokens} generated, {args.reps} reps interleaved, "
+              f"{os.cpu_count()} CPUs, load avg {r['load_avg_1m']:.1f})")
+        print(f"direct  {r['direct_median']:8.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in r['direct_tok_s'])})")
+        print(f"served  {r['served_median']:8.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in r['served_tok_s'])})")
+        print(f"ratio of medians {r['ratio_of_medians']:.3f}; median paired ratio {r['median_paired_ratio']:.3f} "
+              f"-> throughput overhead {r['overhead_pct']:.1f}% (goal <= 5%)")
+        print(f"CPU per token: direct {1e3 * r['direct_cpu_ms_per_token']:.2f} ms, server "
+              f"{1e3 * r['served_cpu_ms_per_token']:.2f} ms -> CPU overhead {r['cpu_overhead_pct']:.1f}%")
+    return result
+
+
+def summarize(direct, served, model, prompt_tokens, args) -> dict:
+    d_tps, d_cpu = [x[0] for x in direct], [x[1] for x in direct]
+    s_tps, s_cpu = [x[0] for x in served], [x[1] for x in served]
+    paired = statistics.median(s / d for s, d in zip(s_tps, d_tps))
+    dc, sc = statistics.median(d_cpu), statistics.median(s_cpu)
+    return {"model": str(model), "prompt_tokens": prompt_tokens, "tokens": args.tokens, "reps": args.reps,
+            "direct_tok_s": d_tps, "served_tok_s": s_tps, "direct_median": statistics.median(d_tps),
+            "served_median": statistics.median(s_tps),
+            "ratio_of_medians": statistics.median(s_tps) / statistics.median(d_tps),
+            "median_paired_ratio": paired, "overhead_pct": 100 * (1 - paired),
+            "direct_cpu_ms_per_token": dc, "served_cpu_ms_per_token": sc, "cpu_overhead_pct": 100 * (sc / dc - 1),
+            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
+if __name__ == "__main__":
+    main()
