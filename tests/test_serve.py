@@ -16,7 +16,9 @@ import openai
 import pytest
 
 from live_server import LiveServer, make_backend, served_checkpoint  # noqa: F401 (fixture)
+from trt_gemma.backends import detect_kind, load_backend
 from trt_gemma.backends.base import GenerationParams
+from trt_gemma.errors import DependencyError, InputError
 from trt_gemma.backends.reference import ReferenceBackend
 from trt_gemma.serve import create_app, run_server
 
@@ -280,6 +282,35 @@ def test_metrics_and_telemetry_show_memory(server, backend):
     assert snap["nvml"]["available"] is False
     again = httpx.get(server.url + "/v1/telemetry").json()  # reading drains nothing
     assert again["model"] == snap["model"]
+
+
+def test_stream_options_without_stream_is_400(server):
+    body = {"model": MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}}
+    assert_openai_error(post(server, "/v1/chat/completions", body), 400, param="stream_options")
+
+
+# ---- backend selection ----------------------------------------------------------------------------------------------
+
+def test_load_backend_converts_an_hf_dir_once_into_the_cache(tiny_model_dir, tmp_path):
+    b = load_backend(tiny_model_dir, slots=3, cache_dir=tmp_path)
+    assert isinstance(b, ReferenceBackend) and b.info.name == tiny_model_dir.name
+    assert b.kv_usage().capacity_tokens == 3 * b.info.context_length
+    (entry,) = list(tmp_path.iterdir())
+    stamp = (entry / "config.json").stat().st_mtime_ns
+    again = load_backend(tiny_model_dir, slots=1, cache_dir=tmp_path)  # reused, not converted again
+    assert (entry / "config.json").stat().st_mtime_ns == stamp and again.info.path == str(entry)
+    assert detect_kind(entry) == "trtllm_checkpoint"
+
+
+def test_load_backend_refuses_what_it_cannot_serve(tmp_path):
+    with pytest.raises(InputError, match="config.json"):
+        load_backend(tmp_path)
+    (tmp_path / "config.json").write_text('{"build_config": {}, "pretrained_config": {}}')
+    (tmp_path / "rank0.engine").write_bytes(b"x")
+    assert detect_kind(tmp_path) == "trtllm_engine"
+    with pytest.raises((DependencyError, InputError)) as e:  # no GPU / tensorrt_llm on this host
+        load_backend(tmp_path)
+    assert e.value.fix
 
 
 def test_binds_loopback_by_default():

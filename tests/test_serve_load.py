@@ -90,7 +90,9 @@ def test_disconnect_mid_stream_cancels_generation_and_frees_the_slot(backend):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert all(line.startswith("data: ") or not line for line in got)
-        assert s.metrics()[("num_requests_running", ())] == 1
+        m = s.metrics()
+        assert m[("num_requests_running", ())] == 1
+        assert 0 < m[("kv_cache_usage_perc", ())] <= 1 and m[("memory_bytes", (("kind", "kv_cache"),))] > 0
         cm.__exit__(None, None, None)  # the client goes away mid-stream
         client.close()
         m = s.wait_for(lambda m: m[("num_requests_running", ())] == 0, what="the cancelled generation's slot")
@@ -116,3 +118,13 @@ def test_disconnect_while_queued_gives_the_queue_place_back(backend):
         cm1.__exit__(None, None, None)
         c1.close()
         s.wait_for(lambda m: m[("num_requests_running", ())] == 0, what="the first request's slot")
+
+
+def test_non_streaming_client_that_gives_up_cancels_its_generation(backend):
+    with LiveServer(create_app(backend, MODEL, max_queue=0, max_concurrency=1)) as s:
+        body = {"model": MODEL, "prompt": "fox", "max_tokens": 2000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+        m = s.wait_for(lambda m: m[("num_requests_running", ())] == 0, what="the abandoned request's slot")
+        assert m[("request_success_total", (("finished_reason", "cancelled"),))] == 1
+        assert m[("generation_tokens_total", ())] < 2000

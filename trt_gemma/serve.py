@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -37,7 +38,8 @@ log = logging.getLogger("trt_gemma.serve")
 DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.02  # at most 50 SSE chunks/s per stream; tokens in between are coalesced
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+DISCONNECT_POLL_S = 0.5  # OpenAI's legacy completions default; chat defaults to the rest of the context
 _END = object()
 
 
@@ -335,7 +337,21 @@ class Server:
             body = self.stream_sse(comp, gen, stops, include_usage)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(_close_stream, body, gen))
-        return JSONResponse(await self.complete(comp, gen, stops))
+        return JSONResponse(await self.complete_unless_gone(request, comp, gen, stops))
+
+    async def complete_unless_gone(self, request: Request, comp: Completion, gen: Generation,
+                                   stops: list[str]) -> dict:
+        """Non-streaming: poll for a client that hung up and cancel its generation (streams notice it themselves)."""
+        task = asyncio.ensure_future(self.complete(comp, gen, stops))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return {}  # nobody is listening
 
 
 async def _close_stream(body, gen: Generation) -> None:
@@ -377,16 +393,15 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        """--api-key guards /v1 only (as vLLM does): /health and /metrics stay open for probes and scrapers."""
-        if srv.api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {srv.api_key}":
-                srv.metrics.error(401)
-                return JSONResponse(APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer "
-                                                  "<key>'.", code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    async def auth(request: Request) -> None:
+        """--api-key guards /v1 only (as vLLM does): /health and /metrics stay open for probes and scrapers.
+        A dependency rather than an HTTP middleware, which would sit in the path of every streamed chunk."""
+        sent = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if srv.api_key and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 
     @app.get("/health")
     async def health():
@@ -395,17 +410,17 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         msg = "Loading model" if srv.state == "loading" else f"Backend failed: {srv.failure_reason}"
         return JSONResponse({"error": {"code": 503, "message": msg, "type": "unavailable_error"}}, status_code=503)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         ctx = srv.backend.info.context_length if srv.backend else None
         return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": 0,
                                             "owned_by": "trt_gemma", "max_model_len": ctx}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(request: Request):
         return await srv.handle(request, "chat")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         return await srv.handle(request, "completion")
 
@@ -414,10 +429,11 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         body = await asyncio.get_running_loop().run_in_executor(None, srv.metrics.render)
         return Response(body, media_type=CONTENT_TYPE)
 
-    @app.get("/v1/telemetry")
+    @v1.get("/telemetry")
     async def telemetry():
         return await asyncio.get_running_loop().run_in_executor(None, snapshot, srv.backend)
 
+    app.include_router(v1)
     return app
 
 

@@ -119,6 +119,8 @@ def validate(body: dict, kind: str) -> dict:
         if why:
             raise APIError(400, f"Invalid value for '{name}': {why}.", param=name, code="invalid_value")
         out[name] = f.default if v is None and f.default is not None else v
+    if out["stream_options"] is not None and not out["stream"]:
+        raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
     return out
 
 
