@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -393,6 +394,11 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
                             status_code=500)
 
+    _add_routes(app, srv)
+    return app
+
+
+def _add_routes(app: FastAPI, srv: Server) -> None:
     async def auth(request: Request) -> None:
         """--api-key guards /v1 only (as vLLM does): /health and /metrics stay open for probes and scrapers.
         A dependency rather than an HTTP middleware, which would sit in the path of every streamed chunk."""
@@ -408,7 +414,8 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         if srv.state == "ready":
             return {"status": "ok"}
         msg = "Loading model" if srv.state == "loading" else f"Backend failed: {srv.failure_reason}"
-        return JSONResponse({"error": {"code": 503, "message": msg, "type": "unavailable_error"}}, status_code=503)
+        err = APIError(503, msg, type="unavailable_error", code="service_unavailable")
+        return JSONResponse(err.body(), status_code=503)
 
     @v1.get("/models")
     async def models():
@@ -434,7 +441,6 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
         return await asyncio.get_running_loop().run_in_executor(None, snapshot, srv.backend)
 
     app.include_router(v1)
-    return app
 
 
 def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -445,7 +451,6 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     import uvicorn
 
     from trt_gemma.backends import detect_kind, load_backend
-    from pathlib import Path
 
     detect_kind(Path(model_path))  # a wrong path fails here, before the port opens
     name = model_name or Path(model_path).name
