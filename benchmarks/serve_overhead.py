@@ -57,11 +57,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, stream_interval: float | None) -> subprocess.Popen:
     import httpx
 
     proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(ckpt), "--port", str(port),
-                             "--max-concurrency", "1", "--model-name", "bench"],
+                             "--max-concurrency", "1", "--model-name", "bench"]
+                            + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -105,8 +106,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stream-interval", type=float, default=None, help="server's --stream-interval (default: its own)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="BLAS/OpenMP threads for both paths (1: no spinning BLAS helpers muddying CPU time)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)  # before numpy loads here; inherited by the server process
 
     import openai
     import psutil
@@ -120,7 +126,7 @@ def main(argv=None) -> dict:
         backend = ReferenceBackend.load(ckpt, slots=1)
         ids = backend.encode(PROMPT)
         port = free_port()
-        proc = start_server(ckpt, port)
+        proc = start_server(ckpt, port, args.stream_interval)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
             server = psutil.Process(proc.pid)
