@@ -50,7 +50,7 @@ class Quantized:
 
 
 def _quantize(src: Path, work: Path, quant: str, kv: str | None = None, group: int = 128, samples: int = 4,
-              seq: int = 32) -> Quantized:
+              seq: int = 32, calib: Path | None = None) -> Quantized:
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     from tiny import _TEXT
@@ -59,8 +59,9 @@ def _quantize(src: Path, work: Path, quant: str, kv: str | None = None, group: i
 
     torch.set_num_threads(2)
     work.mkdir(parents=True, exist_ok=True)
-    calib = work / "calib.txt"
-    calib.write_text(_TEXT * 3)
+    if calib is None:
+        calib = work / "calib.txt"
+        calib.write_text(_TEXT * 3)
     model = calibrate(load_model(src, "cpu"), quant, calibration_batches(src, calib, samples, seq), group, kv,
                       show_progress=False, log=lambda m: None)
     prepare_for_export(model)
@@ -72,14 +73,44 @@ def _quantize(src: Path, work: Path, quant: str, kv: str | None = None, group: i
     return Quantized(model, oracle, unified, ckpt)
 
 
+_MADE: dict = {}
+
+
+def _made(which: str, quant: str, kv, tiny_dir: Path, factory) -> Quantized:
+    """One calibration per (model, recipe) for the whole module: the tiny random model, or the embedded model
+    (trained weights, its own calibration text)."""
+    key = (which, quant, kv)
+    if key not in _MADE:
+        work = factory.mktemp(f"{which}-{quant}-{kv}")
+        samples = 2 if quant == "int4_awq" else 4  # awq_lite's alpha search costs ~11 forwards per sample
+        if which == "tiny":
+            _MADE[key] = _quantize(tiny_dir, work, quant, kv=kv, samples=samples)
+        else:
+            from trt_gemma.assets import calib_text_path, default_model_dir
+
+            _MADE[key] = _quantize(default_model_dir(), work, quant, kv=kv, samples=samples, seq=64,
+                                   calib=calib_text_path())
+    return _MADE[key]
+
+
 @pytest.fixture(scope="module")
 def awq(tiny_model_dir, tmp_path_factory):
-    return _quantize(tiny_model_dir, tmp_path_factory.mktemp("awq"), "int4_awq")
+    return _made("tiny", "int4_awq", None, tiny_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def fp8kv(tiny_model_dir, tmp_path_factory):
-    return _quantize(tiny_model_dir, tmp_path_factory.mktemp("fp8kv"), "fp8", kv="fp8")
+    return _made("tiny", "fp8", "fp8", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["tiny", "embedded"])
+def awq_any(request, tiny_model_dir, tmp_path_factory):
+    return _made(request.param, "int4_awq", None, tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["tiny", "embedded"])
+def fp8kv_any(request, tiny_model_dir, tmp_path_factory):
+    return _made(request.param, "fp8", "fp8", tiny_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +121,7 @@ def ids():
 
 def _oracle_logits(oracle, ids) -> np.ndarray:
     with torch.no_grad():
-        return oracle(torch.tensor([ids])).logits[0].float().numpy()
+        return oracle(torch.from_numpy(np.asarray([ids], np.int64))).logits[0].float().numpy()
 
 
 def _assert_close(got, want, tol, what):
@@ -101,17 +132,23 @@ def _assert_close(got, want, tol, what):
 
 # --- logits equivalence -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("group", [128, 64])
-def test_int4_awq_reproduces_modelopt(awq, tiny_model_dir, tmp_path, ids, group):
-    q = awq if group == 128 else _quantize(tiny_model_dir, tmp_path, "int4_awq", group=group)
+def _check_awq(q: Quantized, ids, what: str) -> None:
     ref = ReferenceModel.load(q.ckpt)
     want = _oracle_logits(q.oracle, ids)
-    _assert_close(ref.forward(ids), want, TOL, f"INT4-AWQ g{group} reference vs ModelOpt fake-quant")
+    _assert_close(ref.forward(ids), want, TOL, f"{what}: reference vs ModelOpt fake-quant")
     cache = ref.new_cache(len(ids))  # incremental decode through the same quantized layers
     steps = [ref.forward(ids[:30], cache)] + [ref.forward(ids[i:i + 1], cache) for i in range(30, len(ids))]
-    _assert_close(np.concatenate(steps), want, TOL, f"INT4-AWQ g{group} incremental decode vs ModelOpt")
+    _assert_close(np.concatenate(steps), want, TOL, f"{what}: incremental decode vs ModelOpt")
     # the resmoothing is real: without it (the calibrated model as is) the logits differ
     assert np.abs(_oracle_logits(q.model, ids) - want).max() > 10 * TOL
+
+
+def test_int4_awq_reproduces_modelopt(awq_any, ids):
+    _check_awq(awq_any, ids, "INT4-AWQ g128")
+
+
+def test_int4_awq_group_64(tiny_model_dir, tmp_path, ids):
+    _check_awq(_quantize(tiny_model_dir, tmp_path, "int4_awq", group=64, samples=1), ids, "INT4-AWQ g64")
 
 
 class _Forced:
@@ -154,9 +191,9 @@ def _record(oracle, ids):
     return rec, logits
 
 
-def test_fp8_with_fp8_kv_reproduces_modelopt(fp8kv, ids):
-    rec, want = _record(fp8kv.oracle, ids)
-    ref = ReferenceModel.load(fp8kv.ckpt)
+def test_fp8_with_fp8_kv_reproduces_modelopt(fp8kv_any, ids):
+    rec, want = _record(fp8kv_any.oracle, ids)
+    ref = ReferenceModel.load(fp8kv_any.ckpt)
     log = []
     for i, b in enumerate(ref.blocks):
         p = f"model.layers.{i}."
@@ -176,10 +213,10 @@ def test_fp8_with_fp8_kv_reproduces_modelopt(fp8kv, ids):
     _assert_close(got, want, TOL, "FP8 + FP8 KV reference (teacher-forced at e4m3 roundings) vs ModelOpt")
 
 
-def test_fp8_plain_forward_is_close(fp8kv, ids):
+def test_fp8_plain_forward_is_close(fp8kv_any, ids):
     """Without teacher forcing the only differences are rare e4m3 rounding flips: bounded, and few."""
-    got = ReferenceModel.load(fp8kv.ckpt).forward(ids)
-    want = _oracle_logits(fp8kv.oracle, ids)
+    got = ReferenceModel.load(fp8kv_any.ckpt).forward(ids)
+    want = _oracle_logits(fp8kv_any.oracle, ids)
     diff = np.abs(got - want)
     assert np.median(diff) < 1e-3 and diff.max() < 0.5, f"FP8 free-running: max {diff.max():.3g}"
 
