@@ -7,6 +7,8 @@ bottom compile and run a real engine and are skipped here with the reason.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shlex
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 
 from trt_gemma import build as B
 from trt_gemma.detect import Detection
-from trt_gemma.errors import ConfigError, DependencyError, FitError, OutputError
+from trt_gemma.errors import ConfigError, DependencyError, FitError, OutputError, TrtGemmaError
 from trt_gemma.fsutil import sha256_file
 from trt_gemma.manifest import MANIFEST, UNAVAILABLE, inspect_path, read_manifest
 from trt_gemma.recipes import load_recipe
@@ -40,7 +42,7 @@ def model_dir(tmp_path_factory):
         path = Path(default_model_dir())
         if (path / "config.json").is_file():
             return path
-    except (ImportError, AttributeError, FileNotFoundError):
+    except (ImportError, TrtGemmaError):  # not shipped in this checkout: the tiny random model stands in
         pass
     from tiny import make_tiny_hf_model
 
@@ -94,6 +96,87 @@ def _check_printed_commands(output: str, bundle: Path) -> None:
     recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
     assert shlex.split(raw[0]) == trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine")
     assert f"trt-gemma serve {bundle / 'engine'}" in lines
+
+
+# --- quantized bundles: the acceptance targets (ModelOpt on CPU) -------------------------------------------------
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def jetson_bundle(model_dir, tmp_path_factory):
+    """`trt-gemma build --target jetson-orin-nano-8gb` on this GPU-less host: (bundle dir, stdout, exit code)."""
+    from trt_gemma.cli import main
+
+    out = tmp_path_factory.mktemp("jetson") / "nano"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(model_dir), "--target", "jetson-orin-nano-8gb", "--out", str(out)]
+             + _sets(FAST_CALIB))
+    return out, buf.getvalue(), e.value.code
+
+
+@pytest.fixture(scope="module")
+def h100_bundle(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("h100") / "h100"
+    B.build_bundle(str(model_dir), "h100", overrides=FAST_CALIB, out=out, show_progress=False)
+    return out
+
+
+def test_jetson_int4_awq_bundle(jetson_bundle, model_dir):
+    out, stdout, code = jetson_bundle
+    assert code == 0, stdout
+    m = _check_layout(out)
+    _check_manifest(m, model_dir, "jetson-orin-nano-8gb", "int4_awq")
+    q = json.loads((out / "checkpoint" / "config.json").read_text())["quantization"]
+    assert q["quant_algo"] == "W4A16_AWQ" and q["group_size"] == 128 and q.get("kv_cache_quant_algo") is None
+    assert m["quant_algo"] == {"weights": "W4A16_AWQ", "kv_cache": None}
+    _check_printed_commands(stdout, out)
+    assert "--gemm_plugin auto" in stdout and "not compiled here" in stdout
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    awq = [r for r in rows if r.get("quant_algo") == "W4A16_AWQ"]
+    assert awq and np.isfinite(awq[0]["perplexity"]) and 0.0 < awq[0]["top1_agreement"] <= 1.0
+    assert (out / "quality.md").read_text().strip()
+
+
+def test_jetson_runtime_kv_settings_from_recipe(jetson_bundle):
+    """What the TRT-LLM backend passes to ModelRunnerCpp.from_dir on the Orin: the recipe's fraction and token cap."""
+    from trt_gemma.backends.trtllm import runtime_kv_settings
+
+    out = jetson_bundle[0]
+    recipe = read_manifest(out)["recipe"]
+    assert runtime_kv_settings(out) == {"kv_cache_free_gpu_memory_fraction": recipe["kv_cache_free_gpu_memory_fraction"],
+                                        "max_tokens_in_paged_kv_cache": recipe["kv_cache_max_tokens"]}
+    assert recipe["kv_cache_max_tokens"] > 0
+
+
+def test_h100_fp8_bundle(h100_bundle, model_dir):
+    m = _check_layout(h100_bundle)
+    _check_manifest(m, model_dir, "h100", "fp8")
+    q = json.loads((h100_bundle / "checkpoint" / "config.json").read_text())["quantization"]
+    assert q["quant_algo"] == "FP8" and q["kv_cache_quant_algo"] == "FP8"
+    argv = trtllm_build_argv(load_recipe("h100", h100_bundle / "recipe.toml"), "c", "e")
+    assert argv[argv.index("--gemm_plugin") + 1] == "disable"
+
+
+def test_inspect_describes_both(jetson_bundle, h100_bundle, capsys):
+    nano = jetson_bundle[0]
+    code, stdout, _ = run_cli(["inspect", "--json", nano, h100_bundle], capsys)
+    assert code == 0
+    by_target = {x["target"]: x for x in json.loads(stdout)}
+    assert by_target["jetson-orin-nano-8gb"]["quant"] == "int4_awq" and by_target["h100"]["quant"] == "fp8"
+    for x in by_target.values():
+        assert x["kind"] == "bundle" and x["engine"]["status"] == "not compiled" and not x["can_run_here"]
+        assert x["quality"] and {"checkpoint/", "manifest.json", "quality.json"} <= {c["name"] for c in x["contents"]}
+    orin = Detection("jetson", name="NVIDIA Jetson Orin Nano 8GB", sm=87, memory_bytes=7620 * 2**20,
+                     target="jetson-orin-nano-8gb", why="test host")
+    on_orin = {b.name: {c["name"]: c["ok"] for c in inspect_path(b, detection=orin)["checks"]}
+               for b in (nano, h100_bundle)}
+    assert on_orin[nano.name]["precision int4_awq"] is True
+    assert on_orin[h100_bundle.name]["precision fp8"] is False  # SM 8.7 < 8.9
+    code, stdout, _ = run_cli(["inspect", nano], capsys)
+    assert code == 0 and "can run here: no" in stdout and f"trt-gemma build --from-bundle {nano}" in stdout
 
 
 # --- float / weight-only bundles (the converter path) ------------------------------------------------------------
