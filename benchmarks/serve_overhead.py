@@ -3,8 +3,8 @@ streaming `openai` client, same prompt, same run, repetitions interleaved. Goal:
 
 The server runs as its own process (as in production: `python -m trt_gemma serve CKPT`), the direct calls in this
 one; both use the same checkpoint, prompt token ids, greedy sampling and `ignore_eos` so each run makes exactly
---tokens tokens. Reported per path: the median over --reps of tokens / (time from request to the last token), the median of the
-per-repetition ratios (adjacent runs share the machine's load, so on a busy host the paired ratio is the steadier
+--tokens tokens. Reported per path: the median over --reps of tokens / (time from request to the last token), the
+median of the per-repetition ratios (adjacent runs share the machine's load, so on a busy host the paired ratio is the steadier
 figure), and CPU-seconds per token (direct: this process; served: the server process, psutil), which other
 processes' load disturbs far less than wall time.
 
@@ -153,8 +153,8 @@ def main(argv=None) -> dict:
         print(f"served  {r['served_median']:8.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in r['served_tok_s'])})")
         print(f"ratio of medians {r['ratio_of_medians']:.3f}; median paired ratio {r['median_paired_ratio']:.3f} "
               f"-> throughput overhead {r['overhead_pct']:.1f}% (goal <= 5%)")
-        print(f"CPU per token: direct {1e3 * r['direct_cpu_ms_per_token']:.2f} ms, server "
-              f"{1e3 * r['served_cpu_ms_per_token']:.2f} ms -> CPU overhead {r['cpu_overhead_pct']:.1f}%")
+        print(f"CPU per token: direct {r['direct_cpu_ms_per_token']:.2f} ms, server "
+              f"{r['served_cpu_ms_per_token']:.2f} ms -> CPU overhead {r['cpu_overhead_pct']:.1f}%")
     return result
 
 
@@ -168,7 +168,8 @@ def summarize(direct, served, model, prompt_tokens, args) -> dict:
             "served_median": statistics.median(s_tps),
             "ratio_of_medians": statistics.median(s_tps) / statistics.median(d_tps),
             "median_paired_ratio": paired, "overhead_pct": 100 * (1 - paired),
-            "direct_cpu_ms_per_token": dc, "served_cpu_ms_per_token": sc, "cpu_overhead_pct": 100 * (sc / dc - 1),
+            "direct_cpu_ms_per_token": 1e3 * dc, "served_cpu_ms_per_token": 1e3 * sc,
+            "cpu_overhead_pct": 100 * (sc / dc - 1),
             "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
 
 

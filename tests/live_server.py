@@ -1,4 +1,4 @@
-"""A real uvicorn server on a free loopback port in a background thread, and the tiny served model, for the serve tests."""
+"""A real uvicorn server on a free loopback port in a background thread, and the tiny served model (serve tests)."""
 from __future__ import annotations
 
 import socket

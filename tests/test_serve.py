@@ -115,7 +115,8 @@ def test_stop_string_cuts_the_text_and_ends_generation(client, backend):
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), f"degenerate stop string from {full!r}"
     for stream in (False, True):
-        kw = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True})
         if stream:
             chunks = list(client.completions.create(stream=True, **kw))
             text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason

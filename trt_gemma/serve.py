@@ -77,11 +77,11 @@ class Admission:
 class Generation:
     """One request's generation on a worker thread, observed from the event loop as batches of Steps.
 
-    Hand-over is a locked list plus one loop wake-up per batch (not per token), and the loop flushes at most every
-    `stream_interval_s` (the first token and the last one go out at once, so TTFT and end-to-end latency are
-    untouched). Measured with benchmarks/serve_overhead.py on a busy 2-core host: one chunk per token cost 15-25% of
-    decode throughput (each chunk is a GIL hand-over between the loop and the generating thread, plus the client's
-    parsing); 50 ms intervals brought it within noise of the direct call."""
+    Hand-over is a locked list: the loop wakes once per flush (its interval timer), never per token, and flushes
+    at most every `stream_interval_s` (the first token and the last one go out at once, so TTFT and end-to-end
+    latency are untouched). Measured with benchmarks/serve_overhead.py on a busy 2-core host: one chunk per token
+    cost 15-25% of decode throughput (each chunk is a GIL hand-over between the loop and the generating thread,
+    plus the client's parsing); with 50 ms intervals it is a few percent, about the run-to-run noise there."""
 
     def __init__(self, server: "Server", prompt_ids: list[int], params: GenerationParams):
         self.server, self.prompt_ids, self.params = server, prompt_ids, params
@@ -90,16 +90,16 @@ class Generation:
         self.started = False  # batches() began: from then on it owns the admission bookkeeping
         self._lock = threading.Lock()
         self._items: list = []
-        self._signalled = False
-        self._ready = asyncio.Event()  # some items are waiting
+        self._loop_waiting = False  # the loop sleeps on _ready: the next push must wake it
+        self._ready = asyncio.Event()
         self._final = asyncio.Event()  # the last item is in: flush without waiting for the interval
 
     def _push(self, loop: asyncio.AbstractEventLoop, item, final: bool) -> None:
-        """Worker thread side."""
+        """Worker thread side: wake the loop only if it is idle-waiting for items (not during its interval)."""
         with self._lock:
             self._items.append(item)
-            signal, self._signalled = not self._signalled, True
-        if signal:
+            wake, self._loop_waiting = self._loop_waiting, False
+        if wake:
             loop.call_soon_threadsafe(self._ready.set)
         if final:
             loop.call_soon_threadsafe(self._final.set)
@@ -114,17 +114,21 @@ class Generation:
             self._push(loop, _END, True)
 
     async def _take(self, interval: float, last_flush: float) -> list:
-        await self._ready.wait()
+        """Sleep out the rest of the interval (the final item cuts it short), then take what came, or wait for it."""
         delay = last_flush + interval - asyncio.get_running_loop().time()
         if delay > 0 and not self._final.is_set():
             try:
                 await asyncio.wait_for(self._final.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-        with self._lock:
-            items, self._items, self._signalled = self._items, [], False
-            self._ready.clear()
-        return items
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    return items
+                self._loop_waiting = True
+                self._ready.clear()
+            await self._ready.wait()
 
     async def batches(self) -> AsyncIterator[list[Step]]:
         """Waits for a slot, starts the worker, yields the steps gathered at each flush."""

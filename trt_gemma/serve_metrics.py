@@ -36,7 +36,8 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         self.model_name = m = model_name
         lbl = ["model_name"]
-        Gauge("num_requests_running", "Number of requests generating now.", lbl, registry=r).labels(m).set_function(running)
+        Gauge("num_requests_running", "Number of requests generating now.", lbl,
+              registry=r).labels(m).set_function(running)
         Gauge("num_requests_waiting", "Number of admitted requests waiting for a generation slot.", lbl,
               registry=r).labels(m).set_function(waiting)
         Gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lbl,

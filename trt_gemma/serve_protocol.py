@@ -107,7 +107,8 @@ def validate(body: dict, kind: str) -> dict:
     for name, f in schema.items():
         if name not in body:
             if f.required:
-                raise APIError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+                raise APIError(400, f"Missing required parameter: '{name}'.", param=name,
+                               code="missing_required_parameter")
             out[name] = f.default
             continue
         v = body[name]

@@ -37,7 +37,8 @@ class GenerationParams:
 @dataclass(frozen=True)
 class Step:
     """One generated token. `text` is the new text it completes (may be "" mid multi-byte/BPE merge); a stop token
-    carries finish_reason "stop" and no text. The first step's `step_seconds` includes the prompt (time to first token)."""
+    carries finish_reason "stop" and no text. The first step's `step_seconds` includes the prompt (time to first
+    token)."""
 
     token_id: int
     text: str

@@ -1,4 +1,4 @@
-"""Jetson (integrated GPU, unified memory) telemetry from procfs/sysfs, without NVML (which reports almost nothing there).
+"""Jetson (integrated GPU, unified memory) telemetry from procfs/sysfs, without NVML (it reports almost nothing there).
 
 Sources, per serving-telemetry.md §4 (jetson_stats jtop/core/{memory,gpu,power}.py):
 - /proc/meminfo: MemTotal, MemAvailable (NOT MemFree: on unified memory MemFree counts page cache as used, which is the

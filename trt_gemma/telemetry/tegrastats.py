@@ -2,7 +2,8 @@
 
 Formats (serving-telemetry.md §4; jetson_stats jtop/core/tegra_parse.py):
 - optional leading timestamp `MM-DD-YYYY HH:MM:SS`;
-- `RAM used/totalMB (lfb NxSIZE)` with SIZE in MB or kB; `SWAP used/totalMB (cached NMB)`; `IRAM used/totalkB (lfb NkB)`;
+- `RAM used/totalMB (lfb NxSIZE)` with SIZE in MB or kB; `SWAP used/totalMB (cached NMB)`;
+  `IRAM used/totalkB (lfb NkB)`;
 - `CPU [X%@MHz,...]`, entries may be `off`;
 - engines: `NAME X%@MHz`, `NAME X%` (non-root), `NAME X%@[f1,f2]` (per-GPC, JP7 and some JP6), `NAME @[f...]` (Thor),
   `NAME off`, `NAME MHz` (APE, VIC_FREQ, NVJPG1);
