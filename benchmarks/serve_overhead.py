@@ -4,8 +4,8 @@ streaming `openai` client, same prompt, same run, repetitions interleaved. Goal:
 The server runs as its own process (as in production: `python -m trt_gemma serve CKPT`), the direct calls in this
 one; both use the same checkpoint, prompt token ids, greedy sampling and `ignore_eos` so each run makes exactly
 --tokens tokens. Reported per path: the median over --reps of tokens / (time from request to the last token), the
-median of the per-repetition ratios (adjacent runs share the machine's load, so on a busy host the paired ratio is the steadier
-figure), and CPU-seconds per token (direct: this process; served: the server process, psutil), which other
+median of the per-repetition ratios (adjacent runs share the machine's load, so on a busy host the paired ratio
+is the steadier figure), and CPU-seconds per token (direct: this process; served: the server process, psutil), which other
 processes' load disturbs far less than wall time.
 
   python benchmarks/serve_overhead.py [--model DIR] [--tokens 128] [--reps 5] [--json]
