@@ -48,6 +48,13 @@ def telemetry(watch, interval, as_json, root):
     if not watch:
         emit(snapshot(root=root), as_json, lambda s: console.print(render_table(s)))
         return
+    try:
+        _watch(snapshot, root, interval, as_json)
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends: not an error
+        pass
+
+
+def _watch(snapshot, root: Path, interval: float, as_json: bool) -> None:
     if as_json:
         import json
 
