@@ -168,7 +168,7 @@ def test_inspect_describes_both(jetson_bundle, h100_bundle, capsys):
     assert by_target["jetson-orin-nano-8gb"]["quant"] == "int4_awq" and by_target["h100"]["quant"] == "fp8"
     for x in by_target.values():
         assert x["kind"] == "bundle" and x["engine"]["status"] == "not compiled" and not x["can_run_here"]
-        assert x["quality"] and {"checkpoint/", "manifest.json", "quality.json"} <= {c["name"] for c in x["contents"]}
+        assert x["quality"]["rows"] and {"checkpoint/", "manifest.json", "quality.json"} <= {c["name"] for c in x["contents"]}
     orin = Detection("jetson", name="NVIDIA Jetson Orin Nano 8GB", sm=87, memory_bytes=7620 * 2**20,
                      target="jetson-orin-nano-8gb", why="test host")
     on_orin = {b.name: {c["name"]: c["ok"] for c in inspect_path(b, detection=orin)["checks"]}

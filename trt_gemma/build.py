@@ -179,14 +179,14 @@ def share_embedding_table(ckpt: Path) -> None:
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def quality_table(model_dir: Path, ckpt: Path, recipe: Recipe, work: Path, show_progress: bool) -> dict:
-    """eval of the bundle's checkpoint vs the unquantized model (source dtype) on the shipped eval text."""
-    from trt_gemma.assets import eval_text_path
+def quality_table(model_dir: Path, ckpt: Path, work: Path, show_progress: bool) -> dict:
+    """eval of the bundle's checkpoint vs the unquantized model (float32, as eval.py's own default baseline) on the
+    shipped held-out eval text, both run by the numpy reference."""
     from trt_gemma.convert import convert_checkpoint
     from trt_gemma.eval import evaluate
 
-    baseline = convert_checkpoint(model_dir, work / "unquantized", dtype=None, show_progress=show_progress)
-    report = evaluate([ckpt], baseline=baseline, text_file=Path(eval_text_path()), max_tokens=QUALITY_MAX_TOKENS)
+    baseline = convert_checkpoint(model_dir, work / "unquantized", dtype="float32", show_progress=False)
+    report = evaluate([ckpt], baseline=baseline, max_tokens=QUALITY_MAX_TOKENS, show_progress=show_progress)
     return {"report": report.to_dict(), "markdown": report.to_markdown()}
 
 
@@ -247,7 +247,7 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
         quality = None
         if not skip_quality:
             _say(log, f"quality table: {recipe.quant} vs the unquantized model ({QUALITY_MAX_TOKENS} eval tokens)")
-            quality = quality_table(model_dir, ckpt, recipe, tmp / ".work", show_progress)
+            quality = quality_table(model_dir, ckpt, tmp / ".work", show_progress)
             shutil.rmtree(tmp / ".work", ignore_errors=True)
             (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
             (tmp / "quality.md").write_text(quality["markdown"] + "\n")

@@ -186,7 +186,7 @@ def inspect_path(path: str | Path, detection=None) -> dict:
            "target": (manifest.get("target") or {}).get("name"), "quant": (manifest.get("recipe") or {}).get("quant"),
            "kv_cache_dtype": (manifest.get("recipe") or {}).get("kv_cache_dtype"),
            "quant_algo": manifest.get("quant_algo"), "limits": _limits(manifest.get("recipe") or {}),
-           "contents": _contents(path), "engine": manifest.get("engine"), "quality": _quality_rows(path),
+           "contents": _contents(path), "engine": manifest.get("engine"), "quality": _quality(path),
            "host": host, "checks": checks, "can_run_here": can_run, "next": _next_step(path, kind, manifest, can_run)}
     if kind == "engine" and not manifest:
         out["note"] = "engine dir without a trt_gemma manifest: target and recipe unknown"
@@ -197,14 +197,16 @@ def _limits(recipe: dict) -> dict:
     return {k: recipe.get(k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")}
 
 
-def _quality_rows(path: Path) -> list[dict] | None:
+def _quality(path: Path) -> dict | None:
+    """The bundle's quality report (baseline + rows), None when absent or unreadable."""
     f = path / "quality.json"
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text()).get("rows")
+        q = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
+    return {"baseline": q.get("baseline"), "tokens": q.get("tokens"), "rows": q.get("rows")}
 
 
 def _next_step(path: Path, kind: str, manifest: dict, can_run: bool) -> str:

@@ -93,15 +93,16 @@ def _size(n: int) -> str:
 
 
 def _quality_lines(q: dict) -> str:
-    rows = q.get("rows") or []
-    cols = ("name", "quant_algo", "kv_cache_quant_algo", "perplexity", "top1_agreement", "mean_kl")
-    lines = ["  " + "  ".join(f"{c:>14}" for c in cols)]
-    for row in rows:
-        cells = []
-        for c in cols:
-            v = row.get(c)
-            cells.append(f"{v:>14.4f}" if isinstance(v, float) else f"{str(v):>14}")
-        lines.append("  " + "  ".join(cells))
+    """The quality rows against the baseline's perplexity (quality.md has the same table in Markdown)."""
+    base = (q.get("baseline") or {}).get("perplexity")
+    lines = [f"  baseline (unquantized) perplexity {base:.4f}" if base else "  baseline: see quality.json",
+             f"  {'checkpoint':<12} {'weights':<10} {'KV':<6} {'perplexity':>11} {'vs base':>8} {'top-1':>8} "
+             f"{'mean KL':>9}"]
+    for r in q.get("rows") or []:
+        delta = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base else "-"
+        lines.append(f"  {r['name']:<12} {r.get('quant_algo') or r.get('dtype', '-'):<10} "
+                     f"{r.get('kv_cache_quant_algo') or '-':<6} {r['perplexity']:>11.4f} {delta:>8} "
+                     f"{100 * r['top1_agreement']:>7.2f}% {r['mean_kl']:>9.5f}")
     return "\n".join(lines)
 
 
@@ -134,7 +135,7 @@ def _render_inspect(x: dict) -> None:
         where = f"on {eng.get('gpu')} (SM {eng.get('sm')})" if eng.get("status") == "compiled" else ""
         _out(f"  engine: {eng.get('status')} {where}".rstrip())
     if x.get("quality"):
-        _out(_quality_lines({"rows": x["quality"]}))
+        _out(_quality_lines(x["quality"]))
     _out(f"  this host: {x['host']['device']}; tensorrt_llm {x['host']['tensorrt_llm']}")
     for c in x["checks"]:
         _out(f"    [{'ok' if c['ok'] else 'no'}] {c['name']}: {c['detail']}")
