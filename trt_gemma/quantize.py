@@ -149,7 +149,7 @@ def calibration_batches(tokenizer_dir: Path, text_file: Path, samples: int, seq_
         raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
                           fix="use e.g. --calib-samples 32 --calib-seq-len 256")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows are cut below
     step = seq_len - 1
     n = min(samples, len(ids) // step)
     if n < 1:
@@ -310,6 +310,11 @@ def _unquantized_source(model_dir: Path):
     from trt_gemma.quant_codecs import read_quant_spec
 
     raw = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    if "architecture" in raw and (model_dir / "rank0.safetensors").is_file():
+        algo = (raw.get("quantization") or {}).get("quant_algo")
+        raise InputError(f"{model_dir} is a TensorRT-LLM checkpoint ({algo or 'unquantized'}), not a Hugging Face "
+                         "model dir", fix="pass the Hugging Face model (or ModelOpt unified export) it came from; "
+                                          "the checkpoint itself is ready for `trt-gemma build`")
     return read_quant_spec(model_dir, raw)
 
 
