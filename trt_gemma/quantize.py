@@ -190,11 +190,12 @@ def load_model(model_dir: Path, device: str, dtype: str | None = None):
 def calibrate(model, quant: str, batches: list[list[int]], group_size: int = 128, kv_cache: str | None = None,
               show_progress: bool = True, log=print):
     """mtq.quantize with ModelOpt's recipe; a time estimate from one timed forward first."""
-    import modelopt.torch.quantization as mtq
     import torch
 
     from trt_gemma.console import progress
 
+    with _quiet():  # modelopt warns at import that it was not tested with this transformers version
+        import modelopt.torch.quantization as mtq
     device = next(model.parameters()).device
     tensors = [torch.tensor([b], device=device) for b in batches]
     with torch.no_grad():
@@ -330,7 +331,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     from trt_gemma.convert import PROVENANCE_FILE, convert_checkpoint
     from trt_gemma.hf import HFModel, resolve_model
 
-    log = log or (lambda msg: err_console.print(msg, highlight=False) if show_progress else None)
+    log = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))  # stderr, also with --json
     t0 = time.time()
     out = Path(out)
     check_output_target(out, force)
