@@ -303,13 +303,13 @@ prefixed with their qualified names, documents selected by a hash split.
 """
 
 
-def write_card(out: Path, facts: dict) -> None:
+def write_card(out: Path, name: str, facts: dict) -> None:
     f = facts
     curve = f["curve"]
     picks = [curve[0], *curve[len(curve) // 4::len(curve) // 4][:3], curve[-1]] if len(curve) >= 4 else curve
     curve_txt = ", ".join(f"{s}: {l:.3f}" for s, l in dict(picks).items())
-    samples = "\n".join(f"- prompt `{p!r}` -> `{c!r}`" for p, c in f["samples"])
-    text = f"""# {out.name}: a tiny Gemma 2 trained on Python's documentation
+    samples = "\n".join(f"  - prompt `{p!r}` -> `{c!r}`" for p, c in f["samples"])
+    text = f"""# {name}: a tiny Gemma 2 trained on Python's documentation
 
 The default model of trt_gemma: `trt_gemma.assets.default_model_dir()`. Architecture: transformers `Gemma2ForCausalLM`,
 trained from scratch on CPU. It exists so that conversion, quantization quality, generation and serving are exercised on
@@ -364,6 +364,13 @@ Exact numbers need the same Python version ({f["python"]}): the corpus is read f
 PROMPTS = ("Return a list of", "The with statement")
 
 
+def _make_readable(path: Path) -> None:
+    """mkdtemp makes the output dir 0700 (and some writers 0600 files): package data must be world-readable."""
+    path.chmod(0o755)
+    for f in path.iterdir():
+        f.chmod(0o644)
+
+
 def main(argv=None) -> None:
     import tokenizers
     import torch
@@ -411,7 +418,8 @@ def main(argv=None) -> None:
         (tmp / "calib.txt").write_text(calib_text)
         license_path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
         (tmp / "LICENSE-DATA.txt").write_text(PSF_NOTE.format(py=facts["python"], license_path=license_path))
-        write_card(tmp, facts)
+        write_card(tmp, ns.out.name, facts)
+        _make_readable(tmp)
     log(f"wrote {ns.out}")
 
 
