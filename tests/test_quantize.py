@@ -88,7 +88,7 @@ def _made(which: str, quant: str, kv, tiny_dir: Path, factory) -> Quantized:
         else:
             from trt_gemma.assets import calib_text_path, default_model_dir
 
-            _MADE[key] = _quantize(default_model_dir(), work, quant, kv=kv, samples=samples, seq=64,
+            _MADE[key] = _quantize(default_model_dir(), work, quant, kv=kv, samples=samples, seq=48,
                                    calib=calib_text_path())
     return _MADE[key]
 
