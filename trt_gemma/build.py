@@ -186,6 +186,10 @@ def quality_table(model_dir: Path, ckpt: Path, work: Path, show_progress: bool) 
     from trt_gemma.eval import evaluate
 
     baseline = convert_checkpoint(model_dir, work / "unquantized", dtype="float32", show_progress=False)
+    changed = {f for f, h in _input_hashes(baseline, model_dir).items() if _input_hashes(ckpt, model_dir).get(f) != h}
+    if changed:  # the table would compare two different models
+        raise InputError(f"{model_dir}: {', '.join(sorted(changed))} changed while the bundle was being built",
+                         fix="rerun `trt-gemma build` once the model files are final")
     report = evaluate([ckpt], baseline=baseline, max_tokens=QUALITY_MAX_TOKENS, show_progress=show_progress)
     return {"report": report.to_dict(), "markdown": report.to_markdown()}
 
