@@ -186,7 +186,8 @@ def quality_table(model_dir: Path, ckpt: Path, work: Path, show_progress: bool) 
     from trt_gemma.eval import evaluate
 
     baseline = convert_checkpoint(model_dir, work / "unquantized", dtype="float32", show_progress=False)
-    changed = {f for f, h in _input_hashes(baseline, model_dir).items() if _input_hashes(ckpt, model_dir).get(f) != h}
+    used = _input_hashes(ckpt, model_dir)
+    changed = {f for f, h in _input_hashes(baseline, model_dir).items() if used.get(f) != h}
     if changed:  # the table would compare two different models
         raise InputError(f"{model_dir}: {', '.join(sorted(changed))} changed while the bundle was being built",
                          fix="rerun `trt-gemma build` once the model files are final")
@@ -263,7 +264,7 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
     result = BundleResult(out, target, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
     reason = gpu_unavailable_reason() if compile_engine else "compile skipped (--no-compile)"
     if reason is None:
-        result.engine = compile_bundle(out, log=log)
+        result.engine = compile_bundle(out, log=log, detection=detection)
         result.manifest = mf.read_manifest(out)
     else:
         result.not_compiled_reason, result.on_target = reason, on_target_commands(out, recipe)
