@@ -427,3 +427,15 @@ def test_gpu_backend_streams_and_reports_kv(bf16_engine):
         assert kv.capacity_tokens > 0 and kv.bytes_per_token > 0
     finally:
         backend.close()
+
+
+def test_inspect_raw_trtllm_build_engine(model_dir, tmp_path):
+    """An engine dir from a raw `trtllm-build` (no manifest): precisions/limits from its config.json, SM unknown."""
+    bundle = B.build_bundle(str(model_dir), "rtx-a6000", out=tmp_path / "b", skip_quality=True,
+                            show_progress=False).bundle_dir
+    engine = _engine_dir_fixture(bundle, "NVIDIA RTX A6000", 86)
+    (engine / MANIFEST).unlink()
+    x = inspect_path(engine, detection=_host("NVIDIA RTX A6000", 86, 48))
+    checks = {c["name"]: c["ok"] for c in x["checks"]}
+    assert "note" in x and x["quant"] == "bfloat16" and x["limits"]["max_seq_len"] == read_manifest(bundle)["recipe"]["max_seq_len"]
+    assert checks["engine SM"] is None and checks["precision bfloat16"] is True and checks["tensorrt_llm"] is False

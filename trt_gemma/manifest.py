@@ -158,7 +158,7 @@ def run_checks(manifest: dict, host: dict, engine: bool) -> list[dict]:
         checks.append({"name": "memory", "ok": need <= host["memory_bytes"],
                        "detail": f"plan needs {need / 2**30:.2f} GiB, host has {host['memory_bytes'] / 2**30:.2f} GiB"})
     eng = manifest.get("engine") or {}
-    if engine or eng.get("status") == "compiled":
+    if eng.get("status") == "compiled":
         built_sm = eng.get("sm_int")
         checks.append({"name": "engine SM", "ok": built_sm == host["sm"],
                        "detail": f"engine built on {eng.get('gpu')} (SM {eng.get('sm')}); engines only run on the SM "
@@ -166,7 +166,27 @@ def run_checks(manifest: dict, host: dict, engine: bool) -> list[dict]:
         built_trt = (manifest.get("tools") or {}).get("tensorrt_llm")
         checks.append({"name": "engine tensorrt_llm", "ok": built_trt == host["tensorrt_llm"],
                        "detail": f"built with tensorrt_llm {built_trt}, host has {host['tensorrt_llm']}"})
+    elif engine:  # a raw `trtllm-build` output: who built it, for which SM, is not recorded anywhere we can read
+        checks.append({"name": "engine SM", "ok": None,
+                       "detail": "unknown (no trt_gemma manifest); engines only run on the SM they were built for"})
     return checks
+
+
+# TRT-LLM QuantAlgo (checkpoint/engine pretrained_config) -> our precision names (trt_gemma.targets.PRECISIONS)
+QUANT_ALGO_PRECISION = {"W4A16_AWQ": "int4_awq", "FP8": "fp8", "W8A16": "int8_wo", "W4A16": "int4_wo"}
+
+
+def engine_facts(path: Path) -> dict:
+    """A minimal manifest for an engine dir nobody recorded: precisions and limits from its config.json (§5)."""
+    cfg = json.loads((path / "config.json").read_text())
+    pre, build = cfg.get("pretrained_config") or {}, cfg.get("build_config") or {}
+    quant = pre.get("quantization") or {}
+    recipe = {"quant": QUANT_ALGO_PRECISION.get(quant.get("quant_algo"), pre.get("dtype", "bfloat16")),
+              "kv_cache_dtype": {"FP8": "fp8", "INT8": "int8"}.get(quant.get("kv_cache_quant_algo"), "auto")}
+    recipe.update({k: build.get(k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")})
+    return {"recipe": recipe, "quant_algo": {"weights": quant.get("quant_algo"),
+                                             "kv_cache": quant.get("kv_cache_quant_algo")},
+            "tools": {"tensorrt_llm": cfg.get("version")}}
 
 
 def inspect_path(path: str | Path, detection=None) -> dict:
@@ -175,21 +195,19 @@ def inspect_path(path: str | Path, detection=None) -> dict:
     if not path.is_dir():
         raise InputError(f"{path} is not a directory", fix="pass a bundle or engine dir written by `trt-gemma build`")
     kind = _kind(path)
-    if kind == "engine":
-        manifest = read_manifest(path) if (path / MANIFEST).is_file() else {}
-    else:
-        manifest = read_manifest(path)
+    recorded = kind == "bundle" or (path / MANIFEST).is_file()
+    manifest = read_manifest(path) if recorded else engine_facts(path)
     host = host_facts(detection)
     checks = run_checks(manifest, host, engine=kind == "engine")
-    can_run = all(c["ok"] for c in checks)
+    can_run = all(c["ok"] is not False for c in checks)  # None = unknown: said in the check, not blocking
     out = {"path": str(path), "kind": kind, "model": (manifest.get("model") or {}).get("id"),
            "target": (manifest.get("target") or {}).get("name"), "quant": (manifest.get("recipe") or {}).get("quant"),
            "kv_cache_dtype": (manifest.get("recipe") or {}).get("kv_cache_dtype"),
            "quant_algo": manifest.get("quant_algo"), "limits": _limits(manifest.get("recipe") or {}),
            "contents": _contents(path), "engine": manifest.get("engine"), "quality": _quality(path),
            "host": host, "checks": checks, "can_run_here": can_run, "next": _next_step(path, kind, manifest, can_run)}
-    if kind == "engine" and not manifest:
-        out["note"] = "engine dir without a trt_gemma manifest: target and recipe unknown"
+    if not recorded:
+        out["note"] = "engine dir without a trt_gemma manifest: precisions and limits read from its config.json"
     return out
 
 
@@ -210,13 +228,18 @@ def _quality(path: Path) -> dict | None:
 
 
 def _next_step(path: Path, kind: str, manifest: dict, can_run: bool) -> str:
-    compiled = (manifest.get("engine") or {}).get("status") == "compiled"
-    if kind == "engine" or compiled:
-        engine = path if kind == "engine" else path / "engine"
-        return f"trt-gemma serve {engine}" if can_run else \
-            f"copy the bundle to a {(manifest.get('engine') or {}).get('gpu', 'matching')} host, or recompile there: " \
-            f"trt-gemma build --from-bundle {path if kind == 'bundle' else path.parent} --force"
+    eng = manifest.get("engine") or {}
+    if kind == "bundle" and eng.get("status") != "compiled":
+        if can_run:
+            return f"trt-gemma build --from-bundle {path}"
+        return (f"on the target (with tensorrt_llm and its GPU): trt-gemma build --from-bundle {path}; "
+                f"here the checkpoint runs on the reference backend: trt-gemma serve {path / 'checkpoint'}")
+    engine = path if kind == "engine" else path / "engine"
     if can_run:
-        return f"trt-gemma build --from-bundle {path}"
-    return (f"on the target (with tensorrt_llm and its GPU): trt-gemma build --from-bundle {path}; "
-            f"here the checkpoint runs on the reference backend: trt-gemma serve {path / 'checkpoint'}")
+        return f"trt-gemma serve {engine}"
+    bundle = path if kind == "bundle" else path.parent
+    if (bundle / MANIFEST).is_file() and (bundle / "checkpoint").is_dir():
+        built_with = (manifest.get("tools") or {}).get("tensorrt_llm")
+        return (f"serve it on a {eng.get('gpu') or 'matching'} host with tensorrt_llm {built_with}, or recompile on "
+                f"this one: trt-gemma build --from-bundle {bundle} --force")
+    return f"serve it on the GPU it was built for: trt-gemma serve {engine}"

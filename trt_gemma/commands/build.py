@@ -138,6 +138,6 @@ def _render_inspect(x: dict) -> None:
         _out(_quality_lines(x["quality"]))
     _out(f"  this host: {x['host']['device']}; tensorrt_llm {x['host']['tensorrt_llm']}")
     for c in x["checks"]:
-        _out(f"    [{'ok' if c['ok'] else 'no'}] {c['name']}: {c['detail']}")
+        _out(f"    [{ {True: 'ok', False: 'no', None: '??'}[c['ok']]}] {c['name']}: {c['detail']}")
     _out(f"  can run here: {'yes' if x['can_run_here'] else 'no'}")
     _out(f"  next: {x['next']}")
