@@ -146,8 +146,9 @@ def test_jetson_runtime_kv_settings_from_recipe(jetson_bundle):
 
     out = jetson_bundle[0]
     recipe = read_manifest(out)["recipe"]
-    assert runtime_kv_settings(out) == {"kv_cache_free_gpu_memory_fraction": recipe["kv_cache_free_gpu_memory_fraction"],
-                                        "max_tokens_in_paged_kv_cache": recipe["kv_cache_max_tokens"]}
+    want = {"kv_cache_free_gpu_memory_fraction": recipe["kv_cache_free_gpu_memory_fraction"],
+            "max_tokens_in_paged_kv_cache": recipe["kv_cache_max_tokens"]}
+    assert runtime_kv_settings(out) == want
     assert recipe["kv_cache_max_tokens"] > 0
 
 
@@ -168,7 +169,8 @@ def test_inspect_describes_both(jetson_bundle, h100_bundle, capsys):
     assert by_target["jetson-orin-nano-8gb"]["quant"] == "int4_awq" and by_target["h100"]["quant"] == "fp8"
     for x in by_target.values():
         assert x["kind"] == "bundle" and x["engine"]["status"] == "not compiled" and not x["can_run_here"]
-        assert x["quality"]["rows"] and {"checkpoint/", "manifest.json", "quality.json"} <= {c["name"] for c in x["contents"]}
+        assert x["quality"]["rows"]
+        assert {"checkpoint/", "manifest.json", "quality.json"} <= {c["name"] for c in x["contents"]}
     orin = Detection("jetson", name="NVIDIA Jetson Orin Nano 8GB", sm=87, memory_bytes=7620 * 2**20,
                      target="jetson-orin-nano-8gb", why="test host")
     on_orin = {b.name: {c["name"]: c["ok"] for c in inspect_path(b, detection=orin)["checks"]}
@@ -387,7 +389,8 @@ def test_gpu_engine_logits_match_reference(bf16_engine):
     from trt_gemma.tokenizer import GemmaTokenizer
 
     m = read_manifest(bf16_engine)
-    assert m["engine"]["status"] == "compiled" and m["engine"]["bytes"] > 0 and m["tools"]["tensorrt_llm"] != UNAVAILABLE
+    assert m["engine"]["status"] == "compiled" and m["engine"]["bytes"] > 0
+    assert m["tools"]["tensorrt_llm"] != UNAVAILABLE
     tok = GemmaTokenizer.from_dir(bf16_engine / "engine")
     ids = tok.encode("The quick brown fox jumps over the lazy dog. The server streams tokens and reports memory.")
     runner = ModelRunnerCpp.from_dir(engine_dir=str(bf16_engine / "engine"), rank=0)
@@ -437,5 +440,6 @@ def test_inspect_raw_trtllm_build_engine(model_dir, tmp_path):
     (engine / MANIFEST).unlink()
     x = inspect_path(engine, detection=_host("NVIDIA RTX A6000", 86, 48))
     checks = {c["name"]: c["ok"] for c in x["checks"]}
-    assert "note" in x and x["quant"] == "bfloat16" and x["limits"]["max_seq_len"] == read_manifest(bundle)["recipe"]["max_seq_len"]
+    assert "note" in x and x["quant"] == "bfloat16"
+    assert x["limits"]["max_seq_len"] == read_manifest(bundle)["recipe"]["max_seq_len"]
     assert checks["engine SM"] is None and checks["precision bfloat16"] is True and checks["tensorrt_llm"] is False

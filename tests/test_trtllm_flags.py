@@ -161,7 +161,7 @@ def test_every_build_config_maps_to_documented_names(path):
     recipe = load_recipe(path.stem)
     kwargs, flags = check_documented(recipe)
     want_gemm = "disable" if recipe.quant == "fp8" else "auto"
-    assert flags["--gemm_plugin"] == want_gemm, f"{path.name}: quant={recipe.quant} gemm_plugin={flags['--gemm_plugin']}"
+    assert flags["--gemm_plugin"] == want_gemm, f"{path.name}: quant={recipe.quant} gemm={flags['--gemm_plugin']}"
     assert kwargs["max_seq_len"] == recipe.max_seq_len <= GEMMA2_MAX_SEQ_LEN
 
 

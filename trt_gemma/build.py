@@ -310,8 +310,8 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))
         raise DependencyError(f"cannot compile {bundle} on this host: {reason}",
-                              fix=f"run `trt-gemma build --from-bundle {bundle}` on a host with TensorRT-LLM >=1.0,<1.3 "
-                                  f"and an NVIDIA GPU, or there: {raw}")
+                              fix=f"run `trt-gemma build --from-bundle {bundle}` on a host with TensorRT-LLM "
+                                  f">=1.0,<1.3 and an NVIDIA GPU, or there: {raw}")
     host, warnings = _check_host(recipe, detection)
     kwargs = build_config_kwargs(recipe, gather_context_logits=gather_context_logits)
     _say(log, f"compiling with TensorRT-LLM on {host.name} (SM {host.sm // 10}.{host.sm % 10})")
@@ -347,8 +347,8 @@ def _check_host(recipe: Recipe, detection=None):
                               fix="compile on the target the bundle was made for, or rebuild the bundle for this GPU")
     warnings = []
     if get_target(recipe.target).sm != host.sm:
-        warnings.append(f"bundle made for {recipe.target}, compiled on {host.name} (SM {host.sm // 10}.{host.sm % 10}): "
-                        "the engine runs on this SM only")
+        warnings.append(f"bundle made for {recipe.target}, compiled on {host.name} "
+                        f"(SM {host.sm // 10}.{host.sm % 10}): the engine runs on this SM only")
     return host, warnings
 
 
@@ -366,7 +366,8 @@ def _trtllm_compile(checkpoint_dir: Path, engine_dir: Path, kwargs: dict) -> Non
     world = int(json.loads((checkpoint_dir / "config.json").read_text())["mapping"]["world_size"])
     for rank in range(world):
         plugins = dict(kwargs["plugin_config"])
-        plugin_config = PluginConfig.from_dict(plugins) if hasattr(PluginConfig, "from_dict") else PluginConfig(**plugins)
+        plugin_config = (PluginConfig.from_dict(plugins) if hasattr(PluginConfig, "from_dict")
+                         else PluginConfig(**plugins))
         model = GemmaForCausalLM.from_checkpoint(str(checkpoint_dir), rank=rank)
         engine = build(model, BuildConfig(**limits, plugin_config=plugin_config))
         engine.save(str(engine_dir))

@@ -77,7 +77,8 @@ def read_manifest(path: Path) -> dict:
         raise InputError(f"{path} has no {MANIFEST}: not a trt_gemma bundle or engine",
                          fix="make one with `trt-gemma build`") from None
     except (OSError, ValueError) as e:
-        raise InputError(f"{f} is not readable JSON ({e})", fix="rebuild the bundle with `trt-gemma build --force`") from e
+        raise InputError(f"{f} is not readable JSON ({e})",
+                         fix="rebuild the bundle with `trt-gemma build --force`") from e
     if data.get("format") != FORMAT:
         raise InputError(f"{f}: format {data.get('format')!r}, expected {FORMAT!r}",
                          fix="rebuild the bundle with this trt_gemma version (`trt-gemma build --force`)")
@@ -110,8 +111,8 @@ def _kind(path: Path) -> str:
         return "engine"
     if (path / MANIFEST).is_file() and (path / "checkpoint").is_dir():
         return "bundle"
-    raise InputError(f"{path} is neither a trt_gemma bundle (manifest.json + checkpoint/) nor a TensorRT-LLM engine dir "
-                     "(config.json + rank0.engine)", fix="point at a directory written by `trt-gemma build`")
+    raise InputError(f"{path} is neither a trt_gemma bundle (manifest.json + checkpoint/) nor a TensorRT-LLM engine "
+                     "dir (config.json + rank0.engine)", fix="point at a directory written by `trt-gemma build`")
 
 
 def _contents(path: Path) -> list[dict]:

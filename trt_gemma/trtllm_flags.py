@@ -18,7 +18,7 @@ from trt_gemma.errors import RecipeError
 
 GEMMA2_MAX_SEQ_LEN = 4096  # reference §5: TRT-LLM's Gemma 2 limit (the sliding window is not modelled by TRT)
 MAX_BEAM_WIDTH = 1  # greedy/sampling serving only; BuildConfig wants it set explicitly (from_dict pitfall, §5)
-KV_CACHE_TYPE = "paged"  # `--kv_cache_type paged`; BuildConfig's kv_cache_type=None means the same (§5: "unset -> paged")
+KV_CACHE_TYPE = "paged"  # `--kv_cache_type paged`; BuildConfig's kv_cache_type=None is the same (§5: unset -> paged)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ TRT runtime/model_runner_cpp.py@0383291; both are looked up.
 
 One generation at a time: ModelRunnerCpp's streaming loop calls `executor.await_responses()` for ALL requests
 (model_runner_cpp.py `_stream`), so two concurrent `generate` calls would steal each other's tokens. The server's
-admission queue holds the others; in-flight batching across requests would need the LLM API instead. Gemma IT models end turns with <end_of_turn> while the tokenizer's eos is <eos>: both are looked
-up by name in the tokenizer, <end_of_turn> goes to the engine as `end_id`, <eos> is checked here per step.
+admission queue holds the others; in-flight batching across requests would need the LLM API instead.
+
+Stop tokens: Gemma IT models end turns with <end_of_turn> while the tokenizer's eos is <eos> (§6). Both are looked up
+by name in the tokenizer; <end_of_turn> goes to the engine as `end_id`, <eos> is checked here per step.
 
 Imports are guarded: tensorrt_llm is imported only after gpu_probe says a GPU and the package are present
 (`import tensorrt_llm` fails without libcuda, TensorRT crashes without a GPU — DESIGN.md hard facts).

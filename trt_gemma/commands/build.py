@@ -1,4 +1,4 @@
-"""`trt-gemma build` (bundle -> engine where possible) and `trt-gemma inspect` (what a bundle/engine is, can it run here)."""
+"""`trt-gemma build` (bundle -> engine where possible) and `trt-gemma inspect` (what is it, can it run here)."""
 from __future__ import annotations
 
 import sys
