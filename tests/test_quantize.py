@@ -147,8 +147,20 @@ def test_int4_awq_reproduces_modelopt(awq_any, ids):
     _check_awq(awq_any, ids, "INT4-AWQ g128")
 
 
-def test_int4_awq_group_64(tiny_model_dir, tmp_path, ids):
-    _check_awq(_quantize(tiny_model_dir, tmp_path, "int4_awq", group=64, samples=1), ids, "INT4-AWQ g64")
+def test_int4_awq_group_64_and_tp2(tiny_model_dir, tmp_path, ids):
+    q = _quantize(tiny_model_dir, tmp_path, "int4_awq", group=64, samples=1)
+    _check_awq(q, ids, "INT4-AWQ g64")
+    # TP=2 (dense in_features 128 / 2 = 64: one group per rank): the reference merges the ranks back exactly
+    tp2 = convert_checkpoint(q.unified, tmp_path / "tp2", dtype="float32", tp=2, show_progress=False)
+    assert json.loads((tp2 / "config.json").read_text())["quantization"]["group_size"] == 64
+    _assert_close(ReferenceModel.load(tp2).forward(ids), ReferenceModel.load(q.ckpt).forward(ids), 1e-6,
+                  "INT4-AWQ g64 TP2 vs TP1")
+
+
+def test_fp8_tp2_merges_to_tp1(fp8kv, tmp_path, ids):
+    tp2 = convert_checkpoint(fp8kv.unified, tmp_path / "tp2", dtype="float32", tp=2, show_progress=False)
+    _assert_close(ReferenceModel.load(tp2).forward(ids), ReferenceModel.load(fp8kv.ckpt).forward(ids), 1e-6,
+                  "FP8 + FP8 KV TP2 vs TP1")
 
 
 class _Forced:

@@ -209,6 +209,11 @@ def merge_tp(name: str, parts: list[np.ndarray], cfg: CheckpointConfig) -> np.nd
     Splits are by proportion of dim 0, so packed layouts (AWQ's out/2 rows) merge the same way."""
     if len(parts) == 1:
         return parts[0]
+    from trt_gemma.reference.quantized import merge_quant_scales  # scales split unlike their weights
+
+    merged = merge_quant_scales(name, parts)
+    if merged is not None:
+        return merged
     if ".attention.qkv." in name:
         nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         pieces = []

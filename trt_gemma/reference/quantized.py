@@ -135,3 +135,24 @@ KV_CACHE_QUANT: dict[str, Callable[[ShardSet, int], Callable[[np.ndarray], np.nd
 def kv_cache_quantizer(shards: ShardSet, layer: int) -> Callable[[np.ndarray], np.ndarray] | None:
     algo = shards.cfg.kv_cache_quant_algo
     return None if algo is None else KV_CACHE_QUANT[algo](shards, layer)
+
+
+ROW_PARALLEL = (".attention.dense.", ".mlp.proj.")  # split on in_features (dim 1 of the weight)
+
+
+def merge_quant_scales(name: str, parts: list[np.ndarray]) -> np.ndarray | None:
+    """TP merge of quantization tensors whose split differs from the weight's (None: not one of them).
+    Per-tensor scales ([1]) are replicated on every rank; AWQ's prequant_scaling_factor [in] follows in_features
+    (split on row-parallel linears, replicated on column-parallel ones); AWQ's weights_scaling_factor [out, in/g] of a
+    row-parallel linear splits on dim 1 like its weight (column-parallel ones split on dim 0, the default rule)."""
+    row_parallel = any(k in name for k in ROW_PARALLEL)
+    if parts[0].size == 1 and name.endswith("_scaling_factor"):
+        if any(not np.array_equal(p, parts[0]) for p in parts[1:]):
+            raise InputError(f"{name} differs between TP ranks ({[float(p.reshape(-1)[0]) for p in parts]}); the "
+                             "reference merges ranks and needs one per-tensor scale", fix=FIX)
+        return parts[0]
+    if name.endswith(".prequant_scaling_factor"):
+        return np.concatenate(parts) if row_parallel else parts[0]
+    if name.endswith(".weights_scaling_factor") and row_parallel:
+        return np.concatenate(parts, axis=1)
+    return None
