@@ -61,3 +61,36 @@ def test_bad_input_is_a_message_not_a_traceback(ckpt, args):
     p = _run(*(a.format(ck=ckpt) for a in args))
     assert p.returncode != 0
     assert "error:" in p.stderr and "fix:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_default_is_the_embedded_model_converted_once(tmp_path, monkeypatch):
+    """No CHECKPOINT: the embedded default model, converted into $TRT_GEMMA_CACHE on first use and reused after."""
+    monkeypatch.setenv("TRT_GEMMA_CACHE", str(tmp_path / "cache"))
+    p = _run("--prompt", "Return the number of", "--max-tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    entries = list((tmp_path / "cache" / "checkpoints").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("gemma2-pydoc-tiny-")
+    first = json.loads(p.stdout)
+    again = json.loads(_run("--prompt", "Return the number of", "--max-tokens", "4", "--json").stdout)
+    assert again["token_ids"] == first["token_ids"] and len(list((tmp_path / "cache" / "checkpoints").iterdir())) == 1
+
+
+def test_bundle_dir_runs_its_checkpoint_and_engine_dirs_are_refused(ckpt, tmp_path):
+    import shutil
+
+    from trt_gemma.backends import reference_checkpoint
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ckpt, bundle / "checkpoint")
+    (bundle / "manifest.json").write_text("{}")
+    assert reference_checkpoint(bundle) == bundle / "checkpoint"
+    direct = json.loads(_run(ckpt, "--prompt", "fox", "--max-tokens", "5", "--json").stdout)
+    via_bundle = json.loads(_run(bundle, "--prompt", "fox", "--max-tokens", "5", "--json").stdout)
+    assert via_bundle["token_ids"] == direct["token_ids"]
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"version": "1.2.1", "build_config": {}, "pretrained_config": {}}))
+    (engine / "rank0.engine").write_bytes(b"\0")
+    p = _run(engine, "--prompt", "fox")
+    assert p.returncode != 0 and "TensorRT engine" in p.stderr and "Traceback" not in p.stderr

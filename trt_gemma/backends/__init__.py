@@ -1,5 +1,7 @@
 """Serving backends behind one interface (base.Backend), chosen by what a model directory holds.
 
+  build bundle             (manifest.json + checkpoint/)                      -> its engine/ on a GPU host with
+                                                                                TensorRT-LLM, else its checkpoint/
   TensorRT-LLM engine dir  (config.json with "build_config" + rank0.engine)   -> TensorRT-LLM backend (GPU host)
   TensorRT-LLM checkpoint  (config.json with "architecture" + rank0.safetensors) -> reference numpy runtime
   Hugging Face Gemma 2 dir (config.json with "model_type"/"architectures")   -> converted once into a cache
@@ -30,6 +32,8 @@ KINDS = (
 
 def detect_kind(path: Path) -> str:
     path = Path(path)
+    if (path / "manifest.json").is_file() and (path / "checkpoint" / "config.json").is_file():
+        return "bundle"
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{path} has no config.json: not a model dir",
@@ -50,6 +54,8 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
     path = Path(model_path)
     kind = detect_kind(path)
+    if kind == "bundle":
+        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir)
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.backends.trtllm import TrtLlmBackend
 
@@ -62,6 +68,31 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     if kind == "hf":  # name the model after what the user passed, not the cache entry
         backend.info = ModelInfo(**{**backend.info.__dict__, "name": Path(model_path).name})
     return backend
+
+
+def bundle_runnable(bundle: Path) -> Path:
+    """The engine of a compiled bundle where this host can run it (tensorrt_llm + a GPU), else its checkpoint."""
+    from trt_gemma.gpu_probe import gpu_unavailable_reason
+
+    engine = Path(bundle) / "engine"
+    if (engine / "rank0.engine").is_file() and gpu_unavailable_reason() is None:
+        return engine
+    return Path(bundle) / "checkpoint"
+
+
+def reference_checkpoint(model_path: str | Path, cache_dir: Path | None = None) -> Path:
+    """A TensorRT-LLM checkpoint dir the numpy reference runtime can run, from a checkpoint, a bundle (its
+    checkpoint/) or an HF dir (converted once into the cache). Engines are GPU-only."""
+    path = Path(model_path)
+    kind = detect_kind(path)
+    if kind == "bundle":
+        return path / "checkpoint"
+    if kind == "hf":
+        return ensure_converted(path, cache_dir)
+    if kind == "trtllm_engine":
+        raise InputError(f"{path} is a TensorRT engine: the reference runtime runs checkpoints",
+                         fix=f"use its bundle's checkpoint/ here, or `trt-gemma serve {path}` on a GPU host")
+    return path
 
 
 def converted_cache_dir(hf_dir: Path, cache_dir: Path | None = None) -> Path:

@@ -13,17 +13,16 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
 def resolve_checkpoint(spec: str | None) -> Path:
-    """The checkpoint dir to run. Seam: None will mean the embedded default model (converted on first use);
-    for now a checkpoint dir is required."""
-    from trt_gemma.errors import InputError
+    """The checkpoint dir to run: a checkpoint, a bundle, an HF dir or hub id (converted once into the cache), or
+    nothing for the embedded default model."""
+    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.hf import resolve_model
 
-    if spec is None:
-        raise InputError("no checkpoint given", fix="pass a dir made by `trt-gemma convert MODEL OUT`")
-    return Path(spec)
+    return reference_checkpoint(resolve_model(spec))
 
 
 @click.command("generate")
-@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.argument("checkpoint", required=False, type=click.Path(path_type=str))
 @click.option("--prompt", required=True, help="Prompt text (with --chat: the user message).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in Gemma's chat template (instruction-tuned models).")
 @click.option("--max-tokens", type=int, default=_DEFAULTS["max_tokens"], show_default=True, help="Tokens to generate.")
@@ -33,7 +32,10 @@ def resolve_checkpoint(spec: str | None) -> Path:
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], help="Seed for sampling (reproducible output).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record at the end instead of streaming text.")
 def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, seed, as_json):
-    """Generate text from CHECKPOINT (a TensorRT-LLM checkpoint dir) with the numpy reference runtime."""
+    """Generate text from CHECKPOINT with the numpy reference runtime.
+
+    CHECKPOINT: a TensorRT-LLM checkpoint, a `trt-gemma build` bundle, an HF Gemma 2 dir or hub id (converted once
+    into the cache); omitted: the embedded default model."""
     from trt_gemma.console import emit
     from trt_gemma.reference import ReferenceModel
     from trt_gemma.reference.generate import generate as run
