@@ -208,3 +208,19 @@ def test_completeness_check_names_tensors(tiny_model_dir):
         check_complete(jobs, FLOAT_CODEC, [n for n in m.tensors if n != "model.norm.weight"])
     with pytest.raises(InputError, match=r"more than once: model\.layers\.0\.mlp\.up_proj\.weight"):
         check_complete(jobs + [jobs[7]], FLOAT_CODEC, m.tensors)
+
+
+def test_cli_model_is_optional_and_at_most_two_paths(tmp_path, capsys):
+    """`convert OUT` converts the embedded default model; three paths is a usage error, not a traceback."""
+    import json
+
+    from trt_gemma.assets import default_model_dir
+
+    code, _ = run_cli(["convert", tmp_path / "ck", "--dtype", "float32"], capsys)
+    assert code == 0
+    prov = json.loads((tmp_path / "ck" / "trt_gemma_provenance.json").read_text())
+    hf_cfg = json.loads((default_model_dir() / "config.json").read_text())
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["vocab_size"] == hf_cfg["vocab_size"]
+    assert prov["inputs"], "provenance lists the embedded model's files"
+    code, err = run_cli(["convert", "a", "b", "c"], capsys)
+    assert code != 0 and "[MODEL] OUT" in err and "Traceback" not in err

@@ -150,7 +150,8 @@ def test_cli_bad_recipe_exit_code(capsys):
 
 
 def test_cli_text_output_explains_counts(capsys):
-    code, out, _ = run_cli(["plan", "--target", "jetson-orin-nano-8gb", "--set", "max_batch_size=1"], capsys)
+    code, out, _ = run_cli(["plan", "--model", "gemma-2-2b", "--target", "jetson-orin-nano-8gb", "--set",
+                                "max_batch_size=1"], capsys)
     assert code == 0
     assert "2,614,341,888" in out and "published 2,614,636,800" in out and "294,912" in out
     assert "verdict: fits" in out and "decode roofline" in out
@@ -181,7 +182,18 @@ def test_other_commands_json(capsys):
 
 
 def test_console_script_subprocess_no_traceback():
-    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--target", "jetson-orin-nano-4gb",
-                        "--quant", "bfloat16"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "gemma-2-2b", "--target",
+                        "jetson-orin-nano-4gb", "--quant", "bfloat16"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and "Traceback" not in r.stdout + r.stderr
     assert "would fit with" in r.stdout and "fix:" in r.stderr
+
+
+def test_default_model_is_the_embedded_model(capsys):
+    from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
+    from trt_gemma.config import ModelConfig
+    from trt_gemma.plan import parameter_count
+
+    code, out, _ = run_cli(["plan", "--target", "h100", "--json"], capsys)
+    d = json.loads(out)
+    assert code == 0 and d["model"] == DEFAULT_MODEL_NAME
+    assert d["parameters"] == parameter_count(ModelConfig.from_file(default_model_dir() / "config.json"))

@@ -82,7 +82,11 @@ class Plan:
 
 
 def model_config(model: str | Path) -> tuple[ModelConfig, str]:
-    """A preset name (real HF values) or a local HF model dir (its config.json)."""
+    """A preset name (real HF values), a local HF model dir (its config.json), or "default": the embedded model."""
+    if str(model) == "default":
+        from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
+
+        return ModelConfig.from_file(default_model_dir() / "config.json"), DEFAULT_MODEL_NAME
     if str(model) in PRESETS:
         return preset_config(str(model)), str(model)
     path = Path(model)

@@ -17,8 +17,7 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(convert_checkpoint).para
 
 
 @click.command("convert")
-@click.argument("model", type=str)
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, metavar="[MODEL] OUT")
 @click.option("--dtype", type=click.Choice([*NAME_TO_ST, "auto"]), default=_DEFAULTS["dtype"], show_default=True,
               help="Checkpoint dtype; auto keeps the source's.")
 @click.option("--tp", type=int, default=_DEFAULTS["tp"], show_default=True, help="Tensor-parallel ranks (GPUs).")
@@ -27,11 +26,14 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(convert_checkpoint).para
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert even if weights contain NaN/Inf (counted, not fixed).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def convert(model, out, dtype, tp, weight_only, force, allow_nonfinite, as_json):
-    """Convert MODEL (a local HF dir, a hub id, or `default` for the embedded model) into a TensorRT-LLM
+def convert(paths, dtype, tp, weight_only, force, allow_nonfinite, as_json):
+    """Convert MODEL (a local HF dir, a hub id; omitted or `default`: the embedded model) into a TensorRT-LLM
     checkpoint at OUT (config.json, rank*.safetensors, tokenizer, provenance)."""
     from trt_gemma.console import emit
 
+    if len(paths) > 2:
+        raise click.UsageError(f"expected [MODEL] OUT, got {len(paths)} paths")
+    model, out = (None, Path(paths[0])) if len(paths) == 1 else (paths[0], Path(paths[1]))
     path = convert_checkpoint(model, out, dtype=None if dtype == "auto" else dtype, tp=tp, weight_only=weight_only,
                               force=force, allow_nonfinite=allow_nonfinite, show_progress=True)
     prov = json.loads((path / PROVENANCE_FILE).read_text())

@@ -11,8 +11,8 @@ DEFAULT_TARGET = "jetson-orin-nano-8gb"  # planned for when --target auto finds 
 
 
 @click.command("plan")
-@click.option("--model", default="gemma-2-2b", show_default=True,
-              help=f"A local HF model dir or a preset: {', '.join(PRESETS)}.")
+@click.option("--model", default="default", show_default=True,
+              help=f"A local HF model dir, a preset ({', '.join(PRESETS)}), or `default`: the embedded model.")
 @click.option("--target", default="auto", show_default=True,
               help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
 @click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
