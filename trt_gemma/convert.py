@@ -34,7 +34,7 @@ import numpy as np
 
 from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
-from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
 from trt_gemma.hf import HFModel, TensorExpect, resolve_model
 from trt_gemma.console import progress

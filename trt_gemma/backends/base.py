@@ -9,7 +9,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from trt_gemma.tokenizer import GemmaTokenizer
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -77,23 +80,27 @@ class MemoryFootprint:
 
 
 class Backend(ABC):
+    """Every backend tokenizes with the model's own tokenizer files (trt_gemma.tokenizer.GemmaTokenizer), so the
+    text side is shared here; a backend provides loading, generation and its KV/memory figures."""
+
     name: ClassVar[str]
     info: ModelInfo
+    tokenizer: "GemmaTokenizer"
 
     @classmethod
     @abstractmethod
     def load(cls, path: Path, *, slots: int = 1) -> "Backend":
         """Load the model at `path`; `slots` = concurrent generations the KV budget is sized for."""
 
-    @abstractmethod
-    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_bos=add_bos))
 
-    @abstractmethod
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special=True)
 
-    @abstractmethod
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render with the model's chat template (generation prompt added) and encode; InputError on bad roles."""
+        return list(self.tokenizer.encode_chat(messages))
 
     @abstractmethod
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams,

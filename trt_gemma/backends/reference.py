@@ -37,15 +37,6 @@ class ReferenceBackend(Backend):
                          vocab_size=c.vocab_size, dtype=c.dtype, quant_algo=c.quant_algo)
         return cls(model, tok, info, slots=slots)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=add_bos))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special=True)
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.encode_chat(messages))
-
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams,
                cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:
         from trt_gemma.reference import SamplingParams, generate_stream

@@ -137,15 +137,6 @@ class TrtLlmBackend(Backend):
         weights = sum(p.stat().st_size for p in path.glob("rank*.engine"))
         return cls(runner, GemmaTokenizer.from_dir(tokenizer_dir(path)), info, cfg, weights)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=add_bos))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special=True)
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.encode_chat(messages))
-
     def _sampling_kwargs(self, params: GenerationParams) -> dict:
         """ModelRunnerCpp sampling kwargs (§6). Greedy = top_k 1; top_p 0.0 means off there, so pass None."""
         greedy = params.temperature <= 0.0

@@ -93,7 +93,7 @@ def render_plan(d: dict) -> None:
     console.print(f"verdict: [{color}]{d['verdict']}[/] - {d['reason']}")
     console.print(f"largest that fits (10% margin): max_seq_len {d['max_seq_len_fit'] or 'none'} at batch "
                   f"{r['max_batch_size']}; max_batch_size {d['max_batch_fit'] or 'none'} at seq {r['max_seq_len']}")
-    console.print(f"decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
+    console.print("decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
                                                           for k, v in d["decode_tok_s"].items())
                   + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
     if d["suggestion"]:

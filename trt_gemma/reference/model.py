@@ -161,7 +161,7 @@ class ReferenceModel:
         cfg = CheckpointConfig.from_file(ckpt_dir / "config.json")
         fmt = linear_format(cfg, str(ckpt_dir / "config.json"))
         shards = ShardSet(ckpt_dir, cfg)
-        V, H = cfg.vocab_size, cfg.hidden_size
+        V = cfg.vocab_size
         embedding = shards.get_f32("transformer.vocab_embedding.weight")[:V]  # TP pads the vocab to a multiple
         blocks = [_load_block(shards, cfg, fmt, i) for i in range(cfg.num_hidden_layers)]
         ln_f = shards.get_f32("transformer.ln_f.weight")
