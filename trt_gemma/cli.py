@@ -6,6 +6,7 @@ imported lazily (on use), so `trt-gemma --help` stays fast and a missing optiona
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
