@@ -23,10 +23,10 @@ EXTRAS = {
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"},
     "gpu": {"tensorrt-llm": "tensorrt_llm"},
 }
-# what each capability needs: extras that must import fully, plus whether a GPU is required
+# what each command family needs: extras that must import fully, plus whether a GPU is required
 CAPABILITIES = {
     "plan": ((), False), "convert": ((), False), "quantize": (("quantize",), False),
-    "onnx export": (("onnx",), False), "build engines": (("gpu",), True), "serve": (("serve",), False),
+    "build engines": (("gpu",), True), "serve": (("serve",), False),
 }
 
 
