@@ -132,8 +132,10 @@ def test_config_json_per_reference(fp32_ckpt):
             "rotary_base": 10000.0, "rotary_scaling": None, "use_parallel_embedding": False,
             "embedding_sharding_dim": 0, "attn_bias": False, "mlp_bias": False, "inter_layernorms": True,
             "query_pre_attn_scalar": TINY["query_pre_attn_scalar"], "attn_logit_softcapping": 5.0,
-            "final_logit_softcapping": 8.0, "sliding_window": 8,
-            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+            "final_logit_softcapping": 8.0,
+            # ours, namespaced so TRT-LLM (which reads a top-level sliding_window for Gemma 3) never sees them
+            "trt_gemma": {"sliding_window": 8,
+                          "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}}
     assert {k: c[k] for k in want} == want
     assert c["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1, "cp_size": 1, "gpus_per_node": 8}
     q = c["quantization"]
@@ -224,9 +226,23 @@ def test_hub_2024_config_dialect(tiny_model_dir, tmp_path):
     out = convert_checkpoint(src, tmp_path / "out", dtype=None, show_progress=False)
     c = json.loads((out / "config.json").read_text())
     assert c["rotary_base"] == 20000.0 and c["dtype"] == "float32" and c["hidden_act"] == "gelu_pytorch_tanh"
-    assert c["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert c["trt_gemma"]["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     for name, want in expected_rank(hf_tensors(src), 1, 0, torch.float32).items():
         assert_same(ckpt(out)[name], want, name)
+
+
+def test_window_keys_read_back_namespaced_and_legacy(fp32_ckpt):
+    """The reference runtime's reader finds our window keys under "trt_gemma", and still at the top level where
+    checkpoints written before the namespacing put them; without either, every layer is global (TRT-LLM's view)."""
+    from trt_gemma.reference import CheckpointConfig
+
+    c = json.loads((fp32_ckpt / "config.json").read_text())
+    legacy = {k: v for k, v in c.items() if k != "trt_gemma"} | c["trt_gemma"]
+    bare = {k: v for k, v in c.items() if k != "trt_gemma"}
+    for d, window in ((c, 8), (legacy, 8), (bare, None)):
+        cfg = CheckpointConfig.from_dict(d)
+        assert cfg.sliding_window == window
+        assert [cfg.is_sliding(i) for i in range(L)] == ([True, False, True] if window else [False] * L)
 
 
 def test_tokenizer_files_copied(fp32_ckpt, tiny_model_dir):

@@ -42,6 +42,9 @@ from trt_gemma.st_io import StreamingWriter
 
 BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
 PROVENANCE_FILE = "trt_gemma_provenance.json"
+# Our own config.json keys live under one namespaced key: TRT-LLM turns unknown keys into GemmaConfig attributes and
+# its Gemma 3 paths read `sliding_window`, so a top-level one in a Gemma 2 checkpoint could be picked up by TRT-LLM.
+EXTRA_KEY = "trt_gemma"
 WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}  # reference §2 QuantAlgo strings; weights stay float (§4)
 
 EMBEDDING, NORM, LINEAR, LM_HEAD = "embedding", "norm", "linear", "lm_head"
@@ -288,8 +291,8 @@ class _Ctx:
 # --- TRT-LLM config.json --------------------------------------------------------------------------------------
 
 def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None) -> dict:
-    """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus our extra keys
-    `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime applies it)."""
+    """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours under
+    EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime applies it)."""
     qpas = cfg.query_pre_attn_scalar
     return {
         "architecture": cfg.architecture, "dtype": dtype, "logits_dtype": "float32",
@@ -310,7 +313,7 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
             "pre_quant_scale": False, "exclude_modules": ["lm_head"] if quant_algo else None,
             "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False,
         },
-        "sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
+        EXTRA_KEY: {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types)},
     }
 
 

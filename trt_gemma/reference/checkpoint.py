@@ -29,7 +29,8 @@ REQUIRED = ("architecture", "dtype", "vocab_size", "hidden_size", "num_hidden_la
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """The TensorRT-LLM checkpoint config.json (TRT-LLM field names), plus our `sliding_window`/`layer_types` keys."""
+    """The TensorRT-LLM checkpoint config.json (TRT-LLM field names), plus our `sliding_window`/`layer_types` keys
+    (under "trt_gemma"; at the top level in older checkpoints)."""
 
     architecture: str
     dtype: str
@@ -73,7 +74,9 @@ class CheckpointConfig:
                 fix=f"use a checkpoint of {', '.join(SUPPORTED_ARCHITECTURES)} made by `trt-gemma convert`")
         mapping, quant = d.get("mapping") or {}, d.get("quantization") or {}
         n_layers = int(d["num_hidden_layers"])
-        layer_types = tuple(d.get("layer_types") or (FULL,) * n_layers)
+        # ours sit under "trt_gemma" (trt_gemma.convert.EXTRA_KEY); checkpoints written before kept them at the top
+        ours = d["trt_gemma"] if isinstance(d.get("trt_gemma"), dict) else d
+        layer_types = tuple(ours.get("layer_types") or (FULL,) * n_layers)
         try:
             cfg = cls(
                 architecture=d["architecture"], dtype=str(d["dtype"]), vocab_size=int(d["vocab_size"]),
@@ -96,7 +99,7 @@ class CheckpointConfig:
                 quant_algo=quant.get("quant_algo"), kv_cache_quant_algo=quant.get("kv_cache_quant_algo"),
                 group_size=int(quant.get("group_size") or 128),
                 exclude_modules=tuple(quant.get("exclude_modules") or ()),
-                sliding_window=_opt(int, d.get("sliding_window")), layer_types=layer_types,
+                sliding_window=_opt(int, ours.get("sliding_window")), layer_types=layer_types,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: a field has the wrong type ({e})",
