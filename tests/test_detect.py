@@ -181,3 +181,18 @@ def test_doctor_flags_a_stale_pynvml_distribution(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     s = stale_pynvml()
     assert s["version"] == "11.5.0" and "deprecated" in s["message"] and "pip uninstall -y pynvml" in s["fix"]
+
+
+def test_unknown_tegra_soc_reports_without_raising(tmp_path, capsys):
+    """A Tegra SoC missing from SOC_SM (TX2 = tegra186) has no SM: the message and the CLI rendering still work."""
+    from trt_gemma.commands.hardware import _render_detection
+
+    d = detect(jetson_tree(tmp_path, "quill", "nvidia,p3310-1000+p3489-0000\0nvidia,tegra186\0", None, 8_000_000),
+               nvml=no_nvml)
+    assert (d.kind, d.sm, d.target) == ("jetson", None, None)
+    assert d.message == "quill (SM unknown): no matching target: " + d.why and "tegra186" in d.why
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["sm"] is None and data["message"] == d.message
+    _render_detection(data)
+    out = capsys.readouterr().out
+    assert "SM unknown" in out and "target: none" in out

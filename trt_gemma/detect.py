@@ -78,8 +78,11 @@ class Detection:
     def message(self) -> str:
         if self.kind == "none":
             return f"no NVIDIA GPU: {self.why}"
+        sm = f"SM {sm_str(self.sm)}" if self.sm is not None else "SM unknown"  # a Tegra SoC missing from SOC_SM
+        if self.target is None:
+            return f"{self.name} ({sm}): no matching target: {self.why}"
         approx = " (approximate match)" if self.approximate else ""
-        return f"{self.name} (SM {sm_str(self.sm)}) -> target {self.target}{approx}: {self.why}"
+        return f"{self.name} ({sm}) -> target {self.target}{approx}: {self.why}"
 
     def to_dict(self) -> dict:
         d = asdict(self)

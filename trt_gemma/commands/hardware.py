@@ -63,10 +63,14 @@ def _render_detection(d: dict) -> None:
         console.print(f"[yellow]{d['message']}[/]")
         console.print("Planning still works: `trt-gemma plan --target <name>` (see `trt-gemma targets`).")
         return
-    console.print(f"[bold]{d['name']}[/] ({d['kind']}, SM {d['sm']})")
+    console.print(f"[bold]{d['name']}[/] ({d['kind']}, SM {d['sm'] or 'unknown'})")
     if d["memory_bytes"]:
         console.print(f"memory: {d['memory_bytes'] / 1024**3:.2f} GiB")
     if d["l4t"]:
         console.print(f"L4T {d['l4t']} (JetPack {d['jetpack'] or 'unknown'})")
+    if d["target"] is None:
+        console.print(f"[yellow]target: none[/] - {d['why']}")
+        console.print("Plan for a named target instead: `trt-gemma plan --target <name>` (see `trt-gemma targets`).")
+        return
     tag = " [yellow](approximate)[/]" if d["approximate"] else ""
     console.print(f"target: [bold]{d['target']}[/]{tag} - {d['why']}")

@@ -54,9 +54,8 @@ def resolve_target(name: str) -> tuple[str, str]:
         approx = " (approximate match)" if d.approximate else ""
         click.echo(f"detected {d.name} -> target {d.target}{approx}", err=True)
         return d.target, f"detected: {d.message}"
-    why = d.message if d.kind == "none" else f"{d.message}; no matching target"
-    click.echo(f"{why}\nplanning for the default target {DEFAULT_TARGET} (pass --target to choose)", err=True)
-    return DEFAULT_TARGET, f"default (nothing detected: {why})"
+    click.echo(f"{d.message}\nplanning for the default target {DEFAULT_TARGET} (pass --target to choose)", err=True)
+    return DEFAULT_TARGET, f"default ({d.message})"
 
 
 def render_plan(d: dict) -> None:
