@@ -149,6 +149,23 @@ def test_malformed_json_is_400(server):
     assert_openai_error(post(server, "/v1/completions", b"[1, 2]"), 400)
 
 
+def test_hostile_bodies_are_4xx_and_the_server_stays_up(server):
+    """Each of these reached a handler as a 500 (or a crash inside the error handler) before: deep nesting,
+    lone surrogate escapes (tokenizer and UTF-8 response both fail on them), a body past the size cap."""
+    deep = b'{"model": "tiny-gemma2", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_openai_error(post(server, "/v1/completions", deep), 400)
+    for raw in (b'{"model": "\\ud800", "prompt": "x"}', b'{"model": "tiny-gemma2", "prompt": "a\\udc00b"}',
+                b'{"model": "tiny-gemma2", "messages": [{"role": "user", "content": "\\ud83d"}]}'):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        err = assert_openai_error(post(server, path, raw), 400)
+        assert "surrogate" in err["message"], err
+    huge = json.dumps({"model": MODEL, "prompt": "fox " * (3 << 20)})  # 12 MiB > MAX_BODY_BYTES
+    assert_openai_error(post(server, "/v1/completions", huge), 413, code="request_too_large")
+    assert httpx.get(server.url + "/health").status_code == 200
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "ünïcödé 🦊", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
 def test_unknown_model_is_404(server):
     assert_openai_error(post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}), 404,
                         param="model", code="model_not_found")
@@ -170,7 +187,7 @@ def test_max_tokens_beyond_context_is_400(server, backend):
 
 @pytest.mark.parametrize("field,value", [("temperature", "hot"), ("max_tokens", 1.5), ("max_tokens", True),
                                          ("stream", "yes"), ("messages", "hi"), ("top_p", 0), ("n", 3),
-                                         ("stop", [1, 2]), ("frobnicate", 1)])
+                                         ("stop", [1, 2]), ("frobnicate", 1), ("seed", -1), ("seed", 2**64)])
 def test_wrong_types_and_values_are_400_naming_the_param(server, field, value):
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, field: value}
     assert_openai_error(post(server, "/v1/chat/completions", body), 400, param=field)
@@ -287,6 +304,8 @@ def test_metrics_and_telemetry_show_memory(server, backend):
 
 def test_stream_options_without_stream_is_400(server):
     body = {"model": MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}}
+    assert_openai_error(post(server, "/v1/chat/completions", body), 400, param="stream_options")
+    body = {**body, "stream": True, "stream_options": {"include_usage": "yes"}}
     assert_openai_error(post(server, "/v1/chat/completions", body), 400, param="stream_options")
 
 

@@ -39,8 +39,10 @@ log = logging.getLogger("trt_gemma.serve")
 DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens in between share a chunk
-DEFAULT_COMPLETION_MAX_TOKENS = 16
-DISCONNECT_POLL_S = 0.5  # OpenAI's legacy completions default; chat defaults to the rest of the context
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+# A request body is held in memory whole: cap it. 8 MiB is ~100x the text of an 8192-token Gemma 2 context.
+MAX_BODY_BYTES = 8 << 20
 _END = object()
 
 
@@ -331,7 +333,7 @@ class Server:
         return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
     async def handle(self, request: Request, kind: str) -> Response:
-        comp, ids, params, req = self.prepare(parse_json(await request.body()), kind)
+        comp, ids, params, req = self.prepare(parse_json(await read_body(request)), kind)
         if not self.admission.try_enter():
             raise APIError(429, f"Server busy: {self.admission.running} requests generating and "
                                 f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
@@ -359,6 +361,21 @@ class Server:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 return {}  # nobody is listening
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or as received), never buffered whole."""
+    too_large = APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _close_stream(body, gen: Generation) -> None:

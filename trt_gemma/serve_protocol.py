@@ -56,16 +56,25 @@ def _stop(v):
     return "must be a string or a list of at most 4 strings"
 
 
+def _stream_options(v):
+    if v is None:
+        return None
+    if not set(v) <= {"include_usage"}:
+        return "the only key is include_usage"
+    return None if isinstance(v.get("include_usage", False), bool) else "include_usage must be true or false"
+
+
 _COMMON = {
     "model": Field((str,), required=True),
     "max_tokens": Field((int, type(None)), check=lambda v: None if v is None or v >= 1 else "must be >= 1"),
     "temperature": Field(_NUMBER + (type(None),), 1.0, _range(0, 2)),
     "top_p": Field(_NUMBER + (type(None),), 1.0, _range(0, 1, lo_open=True)),
     "top_k": Field((int, type(None)), 0, lambda v: None if v is None or v >= -1 else "must be >= -1 (-1 or 0 = off)"),
-    "seed": Field((int, type(None))),
+    # unsigned 64-bit: TRT-LLM's SamplingConfig seed and numpy's Generator both refuse negatives
+    "seed": Field((int, type(None)), check=lambda v: None if v is None or 0 <= v < 2**64 else "must be in [0, 2^64)"),
     "stream": Field((bool, type(None)), False),
     "stream_options": Field((dict, type(None)),
-                            check=lambda v: None if v is None or set(v) <= {"include_usage"} else "unknown key"),
+                            check=_stream_options),
     "stop": Field((str, list, type(None)), check=_stop),
     "n": Field((int, type(None)), 1, lambda v: None if v in (None, 1) else "only n=1 is supported"),
     "user": Field((str, type(None))),
@@ -90,10 +99,15 @@ SCHEMAS = {
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays/objects nested thousands deep
         raise APIError(400, f"We could not parse the JSON body of your request ({e}).") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    try:  # a lone "\ud800" escape decodes to a str no tokenizer or UTF-8 response can hold
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise APIError(400, "The JSON body holds a lone UTF-16 surrogate escape (e.g. \"\\ud800\"): "
+                            "strings must be valid Unicode.") from None
     return body
 
 
