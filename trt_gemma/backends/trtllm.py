@@ -159,8 +159,9 @@ class TrtLlmBackend(Backend):
         import torch
 
         stops = () if params.ignore_eos else tuple(self.tokenizer.stop_token_ids)
-        # ignore_eos: an end_id outside the vocabulary never matches, so the engine runs to max_tokens.
-        end_id = self.info.vocab_size if params.ignore_eos else self.tokenizer.end_of_turn_id
+        # ignore_eos: end_id -1 never matches, so the engine runs to max_tokens (what TRT-LLM's own LLM API sends:
+        # `end_id=-1 if request.sampling_params.ignore_eos`, tensorrt_llm/executor/worker.py).
+        end_id = -1 if params.ignore_eos else self.tokenizer.end_of_turn_id
         outputs = self.runner.generate([torch.tensor(prompt, dtype=torch.int32)], max_new_tokens=params.max_tokens,
                                        end_id=end_id, pad_id=self.tokenizer.eos_id, streaming=True, return_dict=True,
                                        output_sequence_lengths=True, **self._sampling_kwargs(params))
