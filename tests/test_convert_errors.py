@@ -224,3 +224,37 @@ def test_cli_model_is_optional_and_at_most_two_paths(tmp_path, capsys):
     assert prov["inputs"], "provenance lists the embedded model's files"
     code, err = run_cli(["convert", "a", "b", "c"], capsys)
     assert code != 0 and "[MODEL] OUT" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["model", "parent"])
+def test_out_over_the_source_is_refused_even_with_force(tiny_model_dir, tmp_path, capsys, where):
+    """--force replaces OUT wholesale: OUT = the model dir (or a dir above it) would delete the model."""
+    d = copy(tiny_model_dir, tmp_path / "src" / "m")
+    out = d if where == "model" else d.parent
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError, match="would replace the model") as e:
+        convert_checkpoint(d, out, force=True, show_progress=False)
+    assert e.value.fix
+    code, err = run_cli(["convert", d, out, "--force"], capsys)
+    assert code == OutputError.exit_code and "would replace the model" in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_unreadable_weight_file_is_an_input_error(tiny_model_dir, tmp_path, capsys):
+    """A directory where a shard should be (open() fails with an OSError): typed error naming it, not a crash."""
+    d = copy(tiny_model_dir, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+    assert_failed_cleanly(d, tmp_path / "out" / "ckpt", InputError, r"cannot read .*model\.safetensors", capsys)
+
+
+def test_input_vanishing_mid_conversion_is_an_input_error(tiny_model_dir, tmp_path):
+    """A tokenizer file deleted after validation: the copy (or the hashing) fails on it; typed error, no OUT."""
+    from trt_gemma.hf import HFModel
+
+    d = copy(tiny_model_dir, tmp_path / "m")
+    hf = HFModel.open(d)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match=r"cannot read .*tokenizer\.json"):
+        convert_checkpoint(hf, tmp_path / "out", show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -179,6 +179,11 @@ def test_checkpoint_errors(ckpt32, tmp_path):
     (ck / "config.json").write_text(json.dumps(dict(cfg, mapping={"world_size": 2, "tp_size": 2, "pp_size": 1})))
     with pytest.raises(InputError, match="rank1.safetensors"):
         ReferenceModel.load(ck)
+    for bad in (dict(cfg, mapping={"world_size": 0, "tp_size": 0, "pp_size": 1}), dict(cfg, head_size=0),
+                dict(cfg, num_key_value_heads=-2)):  # sizes the loader divides by: typed, not ZeroDivisionError
+        (ck / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            ReferenceModel.load(ck)
     with pytest.raises(InputError, match="does not exist"):
         ReferenceModel.load(tmp_path / "nowhere")
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
-from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.errors import ConfigError, InputError, OutputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
 from trt_gemma.hf import HFModel, TensorExpect, resolve_model
 from trt_gemma.console import progress
@@ -356,6 +356,7 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     if weight_only and dtype == "float32":
         raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
                           fix="add --dtype bfloat16 (or float16)")
+    _check_out_not_source(out, hf.path)
     check_tp(hf.config, tp)
     codec, jobs = codec_for(hf), plan(hf.config)
     if weight_only and codec is not FLOAT_CODEC:
@@ -376,9 +377,22 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
                 shutil.copy2(f, tmp / f.name)
             options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)
             _write_provenance(tmp, hf, source, options, ctx, hasher.result(), len(specs), t0)
+    except OSError as e:  # disk full, a vanished input...: name the file; OUT is untouched (atomic_output_dir)
+        if e.filename is not None and Path(e.filename).resolve() in {f.resolve() for f in hf.input_files()}:
+            raise InputError(f"cannot read {e.filename}: {e.strerror}",
+                             fix="the input changed during conversion; rerun") from e
+        raise OutputError(f"cannot write {e.filename or out}: {e.strerror}", fix="check free space and permissions") from e
     finally:
         hasher.cancel()
     return out
+
+
+def _check_out_not_source(out: Path, source: Path) -> None:
+    """--force replaces OUT wholesale: OUT being the model dir or a folder above it would delete the source."""
+    o, s = out.resolve(), source.resolve()
+    if s == o or o in s.parents:
+        raise OutputError(f"output {out} would replace the model being converted ({source})",
+                          fix="choose an output path outside the model directory")
 
 
 def _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress) -> _Ctx:

@@ -54,6 +54,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise InputError(f"{path} not found", fix=fix) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: header is not valid JSON ({e})", fix=fix) from e
+    except OSError as e:  # a directory named *.safetensors, no read permission, I/O error
+        raise InputError(f"cannot read {path}: {e.strerror}", fix="check the file and its permissions") from e
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object", fix=fix)
     meta = header.pop("__metadata__", None) or {}

@@ -18,6 +18,8 @@ from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.st_io import TensorInfo, read_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
+POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size",
+            "intermediate_size", "max_position_embeddings", "tp_size", "pp_size", "group_size", "sliding_window")
 SLIDING, FULL = "sliding_attention", "full_attention"
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 NORMS = ("input_layernorm", "post_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -123,6 +125,11 @@ class CheckpointConfig:
 
     def _validate(self, source: str, d: dict, mapping: dict) -> None:
         fix = "re-create the checkpoint with `trt-gemma convert`"
+        # sizes first: the divisibility checks below (and the loader) divide by them
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{source}: {name} = {value} must be >= 1", fix=fix)
         checks = [
             (self.position_embedding_type == "rope_gpt_neox", "position_embedding_type must be 'rope_gpt_neox'"),
             (d.get("rotary_scaling") is None, "rotary_scaling is not supported (Gemma 2 has none)"),
