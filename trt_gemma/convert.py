@@ -292,7 +292,8 @@ class _Ctx:
 
 def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None) -> dict:
     """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours under
-    EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime applies it)."""
+    EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime
+    applies it)."""
     qpas = cfg.query_pre_attn_scalar
     return {
         "architecture": cfg.architecture, "dtype": dtype, "logits_dtype": "float32",
@@ -381,7 +382,8 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
         if e.filename is not None and Path(e.filename).resolve() in {f.resolve() for f in hf.input_files()}:
             raise InputError(f"cannot read {e.filename}: {e.strerror}",
                              fix="the input changed during conversion; rerun") from e
-        raise OutputError(f"cannot write {e.filename or out}: {e.strerror}", fix="check free space and permissions") from e
+        raise OutputError(f"cannot write {e.filename or out}: {e.strerror}",
+                          fix="check free space and permissions") from e
     finally:
         hasher.cancel()
     return out
