@@ -21,7 +21,7 @@ from pathlib import Path
 from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
-from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, Recipe, load_recipe, validate
+from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, Recipe, load_recipe, parse_overrides, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, supports
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
@@ -158,15 +158,24 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
 
 def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value)."""
+    from trt_gemma.build import fit_to_model  # the build's clamp, so plan and build size the same engine
+
     t = get_target(target)
     cfg, name = model_config(model)
     r = load_recipe(t, config_file, overrides)
+    clamp = fit_to_model(r, cfg.max_position_embeddings)
+    if clamp:
+        clamp_note = (f"max_seq_len {r.max_seq_len} -> {clamp['max_seq_len']}, max_input_len {r.max_input_len} -> "
+                      f"{clamp['max_input_len']}: the model's max_position_embeddings is "
+                      f"{cfg.max_position_embeddings} (trt-gemma build clamps the same way)")
+        r = load_recipe(t, config_file, {**parse_overrides(overrides), **clamp})
     m = _memory(cfg, t, r)
     budget = int(t.usable_bytes * (1 - MARGIN))
     verdict = _verdict(m["total"], t.usable_bytes)
     kv_tok, w = m["kv_tok"], m["weights"]
     room = budget - (m["fixed"])
-    seq_fit = max(0, min(GEMMA2_MAX_SEQ_LEN, room // (kv_tok * r.max_batch_size) // 128 * 128)) if room > 0 else 0
+    seq_limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
+    seq_fit = max(0, min(seq_limit, room // (kv_tok * r.max_batch_size) // 128 * 128)) if room > 0 else 0
     batch_fit = max(0, room // (kv_tok * r.max_seq_len)) if room > 0 else 0
     read = w["linears"] + w["norms"] + (w["lm_head"] or w["embedding"]) + cfg.hidden_size * FLOAT_BYTES[r.dtype]
     params = parameter_count(cfg)
@@ -182,7 +191,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         read_bytes_per_token=read,
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
-        notes=_notes(t, r))
+        notes=([clamp_note] if clamp else []) + _notes(t, r))
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
     return p
