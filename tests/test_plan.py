@@ -214,3 +214,9 @@ def test_recipe_clamped_to_model_context_like_build(target):
     assert p.kv_tokens == min(p.recipe.max_batch_size * 512, p.recipe.kv_cache_max_tokens or 10**9)
     # a 4096-position preset is left alone: no clamp note
     assert not any("max_position_embeddings" in n for n in plan("gemma-2-2b", target).notes)
+
+
+def test_unconfirmed_precision_is_noted():
+    # targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
+    assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", "t4").notes)
+    assert not any("unconfirmed" in n for n in plan("gemma-2-2b", "h100").notes)

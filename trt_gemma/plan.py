@@ -22,7 +22,7 @@ from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, Recipe, load_recipe, parse_overrides, validate
-from trt_gemma.targets import GiB, MiB, Target, get_target, supports
+from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -227,6 +227,10 @@ def _notes(t: Target, r: Recipe) -> list[str]:
                      "session takes 0.25-0.8 GB more")
     if t.name == "jetson-thor":
         notes.append("TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today")
+    for precision in (r.quant, r.dtype):
+        level, reason = support_level(t, precision)
+        if level == "unconfirmed":
+            notes.append(f"{precision} on {t.name}: {reason}")
     for field_name in sorted(t.unconfirmed):
         notes.append(f"target figure {field_name} is unconfirmed")
     return notes
