@@ -95,6 +95,26 @@ def test_baseline_resolution(ckpts, tmp_path):
         evaluate([q], baseline=ckpts["fp32"], text_file=tmp_path / "nope.txt")
 
 
+def test_bundles_and_hf_dirs_are_evaluated_like_generate_runs_them(ckpts, tiny_model_dir, tmp_path, monkeypatch):
+    """A build bundle scores its checkpoint/, an HF dir is converted into the cache; rows keep the names given."""
+    monkeypatch.setenv("TRT_GEMMA_CACHE", str(tmp_path / "cache"))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ckpts["int8_wo"], bundle / "checkpoint")
+    (bundle / "manifest.json").write_text("{}")
+    r = evaluate([bundle, tiny_model_dir], baseline=ckpts["fp32"], text_file=ckpts["text"], max_tokens=20)
+    (b, hf), want = r.rows, evaluate([ckpts["int8_wo"]], baseline=ckpts["fp32"], text_file=ckpts["text"],
+                                     max_tokens=20).rows[0]
+    assert (b.name, b.quant_algo, hf.name) == ("bundle", "W8A16", tiny_model_dir.name)
+    assert (b.perplexity, b.mean_kl) == (want.perplexity, want.mean_kl), "bundle row differs from its checkpoint's"
+    assert hf.top1_agreement == 1.0 and abs(hf.mean_kl) < 1e-9, "the float32 HF model is the fp32 baseline"
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"build_config": {}, "pretrained_config": {}}))
+    (engine / "rank0.engine").write_bytes(b"\0")
+    with pytest.raises(InputError, match="TensorRT engine"):
+        evaluate([engine], baseline=ckpts["fp32"], text_file=ckpts["text"], max_tokens=20)
+
+
 def test_quantize_and_eval_commands(tiny_model_dir, ckpts, tmp_path, capsys):
     pytest.importorskip("modelopt")
     out = tmp_path / "fp8"

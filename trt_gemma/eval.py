@@ -119,6 +119,7 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
              max_tokens: int = DEFAULT_MAX_TOKENS, max_context: int = MAX_CONTEXT,
              show_progress: bool = False) -> EvalReport:
     """Score each checkpoint against the baseline on `text_file` (default: the shipped held-out eval text)."""
+    from trt_gemma.backends import reference_checkpoint
     from trt_gemma.console import progress
     from trt_gemma.reference import ReferenceModel
     from trt_gemma.tokenizer import GemmaTokenizer
@@ -129,8 +130,14 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
         raise ConfigError(f"--max-tokens {max_tokens}: need at least 2", fix="use e.g. --max-tokens 1024")
     text_path = Path(text_file) if text_file else _default_text()
     text = _read_text(text_path)
+    # like `generate`: a bundle runs its checkpoint/, an HF dir is converted once into the cache
+    paths = [reference_checkpoint(c) for c in checkpoints]
+    names = {p: Path(c).name for p, c in zip(paths, checkpoints)}
+    given_base = None if baseline is None else reference_checkpoint(baseline)
+    if given_base is not None:
+        names.setdefault(given_base, Path(baseline).name)
     with tempfile.TemporaryDirectory(prefix="trt-gemma-eval-") as tmp:
-        base_path, how = resolve_baseline([Path(c) for c in checkpoints], baseline, Path(tmp))
+        base_path, how = resolve_baseline(paths, given_base, Path(tmp))
         base = ReferenceModel.load(base_path)
         tok = GemmaTokenizer.from_dir(base_path)
         ids = tok.encode(text, add_bos=False)[:max_tokens]
@@ -138,22 +145,24 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
             raise InputError(f"{text_path} gives {len(ids)} tokens", fix="use a longer --text file")
         windows = _windows(ids, tok.bos_id, _context(base, max_context))
         with progress(disable=not show_progress) as bar:
-            task = bar.add_task("baseline", total=len(windows) * (len(checkpoints) + 1))
+            task = bar.add_task("baseline", total=len(windows) * (len(paths) + 1))
             ref = []
             for targets, lp in _scores(base, windows):
                 ref.append((targets, lp))
                 bar.advance(task)
             base_nll = -np.concatenate([lp[np.arange(len(t)), t] for t, lp in ref])
+            vocab = base.config.vocab_size
+            del base  # only its log-probs are needed now; each checkpoint's model is as big
             rows = []
-            for ck in checkpoints:
-                bar.update(task, description=Path(ck).name)
-                rows.append(_score(Path(ck), ref, windows, base.config.vocab_size, bar, task))
+            for ck in paths:
+                bar.update(task, description=names[ck])
+                rows.append(_score(ck, names[ck], ref, windows, vocab, bar, task))
         n = sum(len(t) for t, _ in ref)
-        return EvalReport(rows, {"name": base_path.name, "path": str(base_path), "how": how,
+        return EvalReport(rows, {"name": names.get(base_path, base_path.name), "path": str(base_path), "how": how,
                                  "perplexity": float(math.exp(base_nll.mean()))}, str(text_path), n)
 
 
-def _score(path: Path, ref, windows, vocab: int, bar, task) -> EvalRow:
+def _score(path: Path, name: str, ref, windows, vocab: int, bar, task) -> EvalRow:
     from trt_gemma.reference import ReferenceModel
 
     m = ReferenceModel.load(path)
@@ -168,7 +177,7 @@ def _score(path: Path, ref, windows, vocab: int, bar, task) -> EvalRow:
         kl.append((np.exp(lp_base) * (lp_base - lp)).sum(-1))
         bar.advance(task)
     c = m.config
-    return EvalRow(path.name, str(path), c.quant_algo, c.kv_cache_quant_algo, c.dtype,
+    return EvalRow(name, str(path), c.quant_algo, c.kv_cache_quant_algo, c.dtype,
                    float(math.exp(np.concatenate(nll).mean())), float(np.concatenate(agree).mean()),
                    float(np.concatenate(kl).mean()), m.weight_bytes, int(sum(len(t) for t, _ in ref)))
 

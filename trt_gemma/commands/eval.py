@@ -24,7 +24,8 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(evaluate).parameters.ite
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_(checkpoints, baseline, text_file, max_tokens, as_json):
     """Perplexity, top-1 agreement and mean KL divergence of each CHECKPOINT against the unquantized model, all run
-    by the numpy reference runtime (which emulates each checkpoint's quantization)."""
+    by the numpy reference runtime (which emulates each checkpoint's quantization). CHECKPOINT may also be a
+    `trt-gemma build` bundle (its checkpoint/) or an HF Gemma 2 dir (converted once into the cache)."""
     from trt_gemma.console import emit
 
     report = evaluate(list(checkpoints), baseline=baseline, text_file=text_file, max_tokens=max_tokens,
