@@ -220,3 +220,8 @@ def test_unconfirmed_precision_is_noted():
     # targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
     assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", "t4").notes)
     assert not any("unconfirmed" in n for n in plan("gemma-2-2b", "h100").notes)
+
+
+def test_trt_caveat_is_a_plan_note():
+    assert any("no Jetson Thor support" in n for n in plan("gemma-2-2b", "jetson-thor").notes)
+    assert any("v0.12.0-jetson" in n for n in plan("gemma-2-2b", "jetson-orin-nano-8gb").notes)

@@ -108,3 +108,14 @@ def test_unknown_names_raise_with_fix():
 def test_to_dict_is_json():
     d = json.loads(json.dumps(TARGETS["h100"].to_dict()))
     assert d["sm"] == "9.0" and d["precisions"]["fp8"] is True and d["precisions"]["nvfp4"] is False
+
+
+def test_trt_caveats_follow_jetson_md():
+    # jetson.md §6: no TRT-LLM Gemma 2 path on Thor; on Orin only unconfirmed 1.x source builds; dGPUs supported
+    assert "no Jetson Thor support" in TARGETS["jetson-thor"].trt_caveat
+    for t in TARGETS.values():
+        if t.family == "jetson" and t.sm == 87:
+            assert "v0.12.0-jetson" in t.trt_caveat and "unconfirmed" in t.trt_caveat, t.name
+        elif t.family != "jetson":
+            assert t.trt_caveat == "", t.name
+    assert json.loads(json.dumps(TARGETS["jetson-thor"].to_dict()))["trt_caveat"] == TARGETS["jetson-thor"].trt_caveat

@@ -225,8 +225,8 @@ def _notes(t: Target, r: Recipe) -> list[str]:
     if t.unified:
         notes.append("unified memory: the OS reserve assumes a headless JetPack (jetson/setup.sh); a desktop "
                      "session takes 0.25-0.8 GB more")
-    if t.name == "jetson-thor":
-        notes.append("TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today")
+    if t.trt_caveat:
+        notes.append(t.trt_caveat)
     for precision in (r.quant, r.dtype):
         level, reason = support_level(t, precision)
         if level == "unconfirmed":

@@ -33,6 +33,7 @@ class Target:
     notes: str = ""
     aliases: tuple[str, ...] = ()  # words in an NVML device name that identify this card (detection only)
     unconfirmed: frozenset[str] = field(default_factory=frozenset)  # field names whose value is not confirmed
+    trt_caveat: str = ""  # why TensorRT-LLM's Gemma 2 path is missing/unconfirmed here; "" = supported (planner notes)
 
     @property
     def sm_str(self) -> str:
@@ -43,7 +44,7 @@ class Target:
             "name": self.name, "title": self.title, "sm": self.sm_str, "sm_int": self.sm,
             "memory_bytes": self.memory_bytes, "usable_bytes": self.usable_bytes,
             "bandwidth_gbs": self.bandwidth_gbs, "family": self.family, "unified": self.unified,
-            "notes": self.notes, "unconfirmed": sorted(self.unconfirmed),
+            "notes": self.notes, "unconfirmed": sorted(self.unconfirmed), "trt_caveat": self.trt_caveat,
             "precisions": {p: supports(self, p)[0] for p in PRECISIONS},
         }
 
@@ -52,10 +53,16 @@ def sm_str(sm: int) -> str:
     return f"{sm // 10}.{sm % 10}"
 
 
-def _j(name, title, sm, gib, memtotal_mib, bw, notes="", unconfirmed=()):
+# jetson.md §3, §6: v0.12.0-jetson (the only Jetson release) predates Gemma 2; 1.x built from source for SM 8.7 exists
+# in jetson-containers but running Gemma 2 engines with it is unconfirmed.
+_ORIN_TRT = ("TensorRT-LLM's only Jetson release (v0.12.0-jetson) predates Gemma 2; a 1.x build from source for "
+             "SM 8.7 running Gemma 2 is unconfirmed: measure on the device")
+
+
+def _j(name, title, sm, gib, memtotal_mib, bw, notes="", unconfirmed=(), trt_caveat=_ORIN_TRT):
     """A Jetson module: unified LPDDR5; MemTotal (MiB) is what the kernel reports after carve-outs."""
     return Target(name, title, sm, int(gib * GiB), int(memtotal_mib * MiB), bw, "jetson", True, notes,
-                  (), frozenset(unconfirmed))
+                  (), frozenset(unconfirmed), trt_caveat)
 
 
 def _d(name, title, sm, gib, bw, family, aliases, notes="", unconfirmed=()):
@@ -82,7 +89,8 @@ _TARGETS = [
     _j("jetson-agx-orin-64gb", "Jetson AGX Orin 64GB", 87, 64, 62817, 204.8, "2048 CUDA cores / 64 TC, 256-bit"),
     _j("jetson-thor", "Jetson AGX Thor (T5000)", 110, 128, 128 * 1024 * _EST, 273.0,
        "SM 11.0 (sm_101 with CUDA < 13); TensorRT-LLM has no Jetson Thor support and rejects INT4/INT8 on SM 100-119 "
-       "(#5594): no supported Gemma 2 TRT path; hardware-capable recipe is FP8 + FP8 KV", ("usable_bytes",)),
+       "(#5594): no supported Gemma 2 TRT path; hardware-capable recipe is FP8 + FP8 KV", ("usable_bytes",),
+       "TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today (jetson.md §6)"),
     # RTX (consumer and workstation). Cards missing from targets.md use NVIDIA spec-sheet values [GK].
     _d("rtx-3060-12gb", "GeForce RTX 3060 12GB", 86, 12, 360.0, "rtx", ("RTX 3060",),
        "GA106, 192-bit GDDR6", ("memory_bytes", "bandwidth_gbs", "sm")),
