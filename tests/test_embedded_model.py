@@ -121,9 +121,9 @@ def test_heldout_perplexity_far_below_unigram(hf_model, model_dir):
 def test_reference_runtime_matches_transformers(hf_model, model_dir, tmp_path):
     """Convert the shipped model to a TRT-LLM checkpoint (fp32) and compare the numpy reference's logits with
     transformers' on a held-out prompt longer than the sliding window."""
-    convert = pytest.importorskip("trt_gemma.convert")
-    reference = pytest.importorskip("trt_gemma.reference")
     from tokenizers import Tokenizer
+
+    from trt_gemma import convert, reference  # our own modules: a broken import must fail, not skip
 
     ckpt = convert.convert_checkpoint(model_dir, tmp_path / "ckpt", dtype="float32", show_progress=False)
     ref = reference.ReferenceModel.load(ckpt)
