@@ -144,3 +144,23 @@ def test_custom_expectations(tiny_model_dir):
     exp["model.norm.weight"] = TensorExpect((256,), ("U8",))
     with pytest.raises(InputError, match="expected one of U8"):
         m.check_tensors(exp)
+
+
+@pytest.mark.parametrize("extra", [{}, {"hidden_act": "gelu"}, {"sliding_window": None},
+                                   {"query_pre_attn_scalar": 144, "head_dim": 128}])
+def test_absent_and_odd_keys_read_like_transformers(extra):
+    """Keys a config.json may lack (or carry only in the ignored `hidden_act`) take transformers' Gemma2Config
+    values: the oracle the reference runtime is checked against."""
+    from transformers import Gemma2Config
+
+    from trt_gemma.config import ModelConfig
+
+    d = dict(architectures=["Gemma2ForCausalLM"], vocab_size=384, hidden_size=256, intermediate_size=512,
+             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    d.update(extra)
+    ours, hf = ModelConfig.from_dict(d), Gemma2Config.from_dict(d)
+    for f in ("query_pre_attn_scalar", "sliding_window", "hidden_activation", "rms_norm_eps",
+              "attn_logit_softcapping", "final_logit_softcapping", "max_position_embeddings", "head_dim"):
+        assert getattr(ours, f) == getattr(hf, f), f"{f}: ours {getattr(ours, f)!r}, transformers {getattr(hf, f)!r}"
+    assert list(ours.layer_types) == list(hf.layer_types)
+    assert ours.rope_theta == hf.rope_parameters["rope_theta"]

@@ -68,19 +68,21 @@ class ModelConfig:
         if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
             raise ConfigError(f"{source}: layer_types must list {n_layers} entries of {SLIDING!r}/{FULL!r}",
                               fix="fix layer_types or delete it (even layers then slide, as in the Hub's files)")
-        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        # transformers' Gemma2Config reads only `hidden_activation`; `hidden_act` (also in the Hub's files) is ignored
+        act = d.get("hidden_activation") or "gelu_pytorch_tanh"
         eos = d.get("eos_token_id", 1)
         cfg = cls(
             vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]), num_hidden_layers=n_layers,
             num_attention_heads=int(d["num_attention_heads"]), num_key_value_heads=int(d["num_key_value_heads"]),
             head_dim=int(d["head_dim"]),
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or d["head_dim"]),
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),  # Gemma2Config's default
             max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-            attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping")),
-            final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")),
-            sliding_window=_opt_int(d.get("sliding_window")), layer_types=layer_types,
+            # absent (not null) keys: the field defaults, which are transformers' Gemma2Config defaults
+            attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping", cls.attn_logit_softcapping)),
+            final_logit_softcapping=_opt_float(d.get("final_logit_softcapping", cls.final_logit_softcapping)),
+            sliding_window=_opt_int(d.get("sliding_window", cls.sliding_window)), layer_types=layer_types,
             hidden_activation=act, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"), architecture=arch,
             bos_token_id=int(d.get("bos_token_id", 2)),
@@ -107,7 +109,8 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}", fix="check the model's config.json")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+        # tanh GELU only: exact "gelu" would differ from what the reference runtime and TRT-LLM's Gemma run
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ConfigError(f"{source}: hidden_activation {self.hidden_activation!r} is not Gemma 2's GeGLU",
                               fix="Gemma 2 uses gelu_pytorch_tanh")
 
