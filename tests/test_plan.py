@@ -225,3 +225,19 @@ def test_unconfirmed_precision_is_noted():
 def test_trt_caveat_is_a_plan_note():
     assert any("no Jetson Thor support" in n for n in plan("gemma-2-2b", "jetson-thor").notes)
     assert any("v0.12.0-jetson" in n for n in plan("gemma-2-2b", "jetson-orin-nano-8gb").notes)
+
+
+def test_awq_group_size_misfit(tmp_path):
+    """in_features 36800 = 64 x 575: g128 cannot quantize it, so the search skips AWQ and a g128 recipe names g64."""
+    from trt_gemma.recipes import load_recipe
+
+    cfg = preset_config("gemma-2-27b").to_hf_dict()
+    cfg["intermediate_size"] = 36800
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = plan(tmp_path, "rtx-4090", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
+    assert p.verdict == "does not fit" and p.suggestion["set"]["quant"] == "int4_wo", p.suggestion
+    assert load_recipe("jetson-agx-orin-64gb").quant == "int4_awq"
+    with pytest.raises(InputError, match="in_features 36800 is not a multiple of group_size 128") as e:
+        plan(tmp_path, "jetson-agx-orin-64gb")
+    assert e.value.fix == "use --set group_size=64"
+    assert plan(tmp_path, "jetson-agx-orin-64gb", overrides={"group_size": 64}).recipe.group_size == 64

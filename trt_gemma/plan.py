@@ -21,7 +21,7 @@ from pathlib import Path
 from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
-from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, Recipe, load_recipe, parse_overrides, validate
+from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, load_recipe, parse_overrides, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
@@ -110,13 +110,20 @@ def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
 
 
+def _group_misfit(cfg: ModelConfig, quant: str, group_size: int) -> int | None:
+    """The first in_features that `group_size` does not divide, for the groupwise format (int4_awq); else None."""
+    if quant != "int4_awq":
+        return None
+    return next((i for _, i in _linear_shapes(cfg) if i % group_size), None)
+
+
 def weight_bytes(cfg: ModelConfig, r: Recipe) -> dict:
     fmt, act = FORMATS[r.quant], FLOAT_BYTES[r.dtype]
-    if r.quant in ("int4_awq",):
-        bad = [i for _, i in _linear_shapes(cfg) if i % r.group_size]
-        if bad:
-            raise InputError(f"in_features {bad[0]} is not a multiple of group_size {r.group_size}",
-                             fix="use --set group_size=64 or a weight-only/float recipe")
+    bad = _group_misfit(cfg, r.quant, r.group_size)
+    if bad is not None:
+        ok = [g for g in GROUP_SIZES if _group_misfit(cfg, r.quant, g) is None]
+        raise InputError(f"in_features {bad} is not a multiple of group_size {r.group_size}",
+                         fix=f"use --set group_size={ok[0]}" if ok else "use a weight-only or float recipe")
     linears = cfg.num_hidden_layers * sum(fmt.engine_bytes(o, i, r.group_size) for o, i in _linear_shapes(cfg))
     table = cfg.vocab_size * cfg.hidden_size * act
     w = {"embedding": table, "lm_head": 0 if r.share_embedding_table else table, "linears": linears,
@@ -246,7 +253,7 @@ def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
         for quant in order:
             for kv in kv_options:
                 for share in (False, True):
-                    cand = _candidate(r, quant, kv, share, batch, seq, t)
+                    cand = _candidate(cfg, r, quant, kv, share, batch, seq, t)
                     if cand is not None and fits(cfg, t, cand):
                         changes = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
                         return {"set": changes, "total_bytes": _memory(cfg, t, cand)["total"],
@@ -254,7 +261,9 @@ def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
     return None
 
 
-def _candidate(r: Recipe, quant, kv, share, batch, seq, t: Target) -> Recipe | None:
+def _candidate(cfg: ModelConfig, r: Recipe, quant, kv, share, batch, seq, t: Target) -> Recipe | None:
+    if _group_misfit(cfg, quant, r.group_size) is not None:
+        return None
     cand = r.replace(quant=quant, kv_cache_dtype=kv, share_embedding_table=share, max_batch_size=batch,
                      max_seq_len=min(seq, r.max_seq_len), max_input_len=min(r.max_input_len, seq),
                      max_num_tokens=min(r.max_num_tokens, max(seq, 256)),
