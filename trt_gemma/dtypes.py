@@ -13,7 +13,6 @@ ST_DTYPES: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype("u1"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
-FLOAT_ST_DTYPES = ("F64", "F32", "F16", "BF16")
 # model dtype names (HF/TRT-LLM) <-> safetensors dtype strings
 NAME_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}

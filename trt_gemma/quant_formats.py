@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trt_gemma.dtypes import FP8_E4M3_MAX, NAME_TO_ST, f32_to_fp8_e4m3, fp8_e4m3_to_f32
+from trt_gemma.dtypes import NAME_TO_ST, f32_to_fp8_e4m3, fp8_e4m3_to_f32
 
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1}
@@ -119,17 +119,6 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     out = np.empty((b.shape[0] * 2,) + b.shape[1:], dtype=np.int8)
     out[0::2], out[1::2] = lo, hi
     return out
-
-
-def fake_quant_fp8(x: np.ndarray, scale: float) -> np.ndarray:
-    """Round activations through FP8 e4m3 with a per-tensor scale (what an FP8 GEMM/KV cache sees)."""
-    s = np.float32(scale)
-    return fp8_e4m3_to_f32(f32_to_fp8_e4m3(np.asarray(x, np.float32) / s)) * s
-
-
-def fp8_scale(amax: float) -> float:
-    """Per-tensor FP8 scale = amax / 448 (ModelOpt `quant_utils`)."""
-    return float(amax) / FP8_E4M3_MAX
 
 
 FORMATS: dict[str, QuantFormat] = {
