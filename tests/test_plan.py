@@ -176,7 +176,8 @@ def test_other_commands_json(capsys):
     code, out, _ = run_cli(["doctor", "--json"], capsys)
     d = json.loads(out)
     assert code == 0 and d["can"]["plan"]["ok"] and set(d["can"]) >= {"plan", "convert", "quantize", "serve",
-                                                                         "build engines"}
+                                                                         "build engines", "build bundles"}
+    assert d["can"]["build bundles"]["ok"] == d["extras_ok"]["quantize"] == d["can"]["quantize"]["ok"]
     if d["device"]["kind"] == "none":
         assert not d["can"]["build engines"]["ok"] and d["can"]["build engines"]["why"]
 

@@ -23,10 +23,11 @@ EXTRAS = {
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"},
     "gpu": {"tensorrt-llm": "tensorrt_llm"},
 }
-# what each command family needs: extras that must import fully, plus whether a GPU is required
+# what each command family needs: extras that must import fully, plus whether a GPU is required. "build bundles" is
+# the README's main job: the shipped recipes are mostly INT4-AWQ / FP8, which calibrate through ModelOpt.
 CAPABILITIES = {
-    "plan": ((), False), "convert": ((), False), "quantize": (("quantize",), False),
-    "build engines": (("gpu",), True), "serve": (("serve",), False),
+    "plan": ((), False), "convert": ((), False), "generate": ((), False), "quantize": (("quantize",), False),
+    "build bundles": (("quantize",), False), "build engines": (("gpu",), True), "serve": (("serve",), False),
 }
 
 
