@@ -5,9 +5,8 @@ import sys
 
 import click
 
+from trt_gemma.build import DEFAULT_TARGET  # plan and build fall back to the same target on a GPU-less host
 from trt_gemma.config import PRESETS
-
-DEFAULT_TARGET = "jetson-orin-nano-8gb"  # planned for when --target auto finds no NVIDIA device
 
 
 @click.command("plan")
