@@ -30,11 +30,9 @@ def test_resolve_local_dir_and_bad_paths(tiny_model_dir, tmp_path):
 
 
 def test_resolve_default_is_embedded_model():
-    import trt_gemma.assets as assets
+    from trt_gemma.assets import default_model_dir
 
-    if not hasattr(assets, "default_model_dir"):
-        pytest.skip("the embedded default model (trt_gemma.assets.default_model_dir) is not in this tree yet")
-    assert resolve_model(None) == resolve_model("default") == assets.default_model_dir()
+    assert resolve_model(None) == resolve_model("default") == default_model_dir()
 
 
 def test_resolve_hub_id_from_cache_and_offline_miss(tiny_model_dir, tmp_path):
@@ -164,3 +162,15 @@ def test_absent_and_odd_keys_read_like_transformers(extra):
         assert getattr(ours, f) == getattr(hf, f), f"{f}: ours {getattr(ours, f)!r}, transformers {getattr(hf, f)!r}"
     assert list(ours.layer_types) == list(hf.layer_types)
     assert ours.rope_theta == hf.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"model.norm.weight": 3}}',
+                                   '{"metadata": {}}', "not json", "[1]"])
+def test_malformed_index_is_named(tmp_path, index):
+    from tiny import make_tiny_hf_model
+
+    d = make_tiny_hf_model(tmp_path / "m", shards=2)
+    (d / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(InputError, match=r"model\.safetensors\.index\.json is not a valid safetensors index") as e:
+        HFModel.open(d)
+    assert "re-download" in e.value.fix

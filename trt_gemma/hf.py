@@ -86,8 +86,9 @@ def _download(repo_id: str) -> Path:
                          fix=f"accept the license on https://huggingface.co/{repo_id}, then `hf auth login` "
                              "(or set HF_TOKEN)") from e
     except RepositoryNotFoundError as e:
-        raise InputError(f"hub model {repo_id} was not found (or is private)",
-                         fix="check the id (e.g. google/gemma-2-2b-it) or log in with `hf auth login`") from e
+        raise InputError(f"{repo_id} is not a local directory, and no hub model has that id (or it is private)",
+                         fix="check the path or the id (e.g. google/gemma-2-2b-it), "
+                             "or log in with `hf auth login`") from e
     except LocalEntryNotFoundError as e:
         raise InputError(f"hub model {repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
                          "(offline mode or no network)",
@@ -206,10 +207,12 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None, dict[str, str] |
         return [path / SINGLE_FILE], None, None
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        weight_map = None
+    # checked explicitly, not with `assert` (user input; asserts vanish under python -O)
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index} is not a valid safetensors index (needs a weight_map of tensor -> file)",
-                         fix=f"re-download {INDEX_FILE}") from e
+                         fix=f"re-download {INDEX_FILE}")
     named = sorted(set(weight_map.values()))
     absent = [n for n in named if not (path / n).is_file()]
     if absent:
