@@ -242,3 +242,15 @@ def test_awq_group_size_misfit(tmp_path):
         plan(tmp_path, "jetson-agx-orin-64gb")
     assert e.value.fix == "use --set group_size=64"
     assert plan(tmp_path, "jetson-agx-orin-64gb", overrides={"group_size": 64}).recipe.group_size == 64
+
+
+@pytest.mark.parametrize("key,value", [("num_key_value_heads", 0), ("head_dim", 0), ("hidden_size", -5),
+                                       ("max_position_embeddings", 0)])
+def test_nonpositive_model_sizes_are_named(tmp_path, capsys, key, value):
+    """These once divided by zero (internal error) or planned negative bytes."""
+    cfg = preset_config("gemma-2-2b").to_hf_dict()
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run_cli(["plan", "--model", str(tmp_path), "--target", "h100"], capsys)
+    assert code == 2 and out == ""
+    assert f"config.json: {key} = {value} must be >= 1" in err and "internal error" not in err

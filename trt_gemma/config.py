@@ -56,6 +56,16 @@ class ModelConfig:
                 f"{source}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
                 fix="trt_gemma converts Gemma 2 models only: gemma-2-2b/9b/27b (and -it), shieldgemma-2b",
             )
+        try:
+            cfg = cls._parse(d, arch, source)
+        except (TypeError, ValueError, AttributeError, IndexError) as e:  # e.g. "vocab_size": "big", eos []
+            raise ConfigError(f"{source}: a field has the wrong type or form ({e})",
+                              fix=f"fix {source} or re-download it") from e
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def _parse(cls, d: dict, arch: str, source: str) -> "ModelConfig":
         for key in cls.REQUIRED:
             if key not in d or d[key] is None:
                 raise ConfigError(f"{source}: required field {key!r} is missing", fix=f"add {key!r} to {source}")
@@ -68,10 +78,8 @@ class ModelConfig:
         if len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
             raise ConfigError(f"{source}: layer_types must list {n_layers} entries of {SLIDING!r}/{FULL!r}",
                               fix="fix layer_types or delete it (even layers then slide, as in the Hub's files)")
-        # transformers' Gemma2Config reads only `hidden_activation`; `hidden_act` (also in the Hub's files) is ignored
-        act = d.get("hidden_activation") or "gelu_pytorch_tanh"
         eos = d.get("eos_token_id", 1)
-        cfg = cls(
+        return cls(
             vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]), num_hidden_layers=n_layers,
             num_attention_heads=int(d["num_attention_heads"]), num_key_value_heads=int(d["num_key_value_heads"]),
@@ -83,14 +91,14 @@ class ModelConfig:
             attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping", cls.attn_logit_softcapping)),
             final_logit_softcapping=_opt_float(d.get("final_logit_softcapping", cls.final_logit_softcapping)),
             sliding_window=_opt_int(d.get("sliding_window", cls.sliding_window)), layer_types=layer_types,
-            hidden_activation=act, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            # transformers' Gemma2Config reads only `hidden_activation`; `hidden_act` (in the Hub's files) is ignored
+            hidden_activation=d.get("hidden_activation") or cls.hidden_activation,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"), architecture=arch,
             bos_token_id=int(d.get("bos_token_id", 2)),
             eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
             pad_token_id=int(d.get("pad_token_id", 0) or 0),
         )
-        cfg.validate(source)
-        return cfg
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
@@ -106,6 +114,11 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
     def validate(self, source: str = "config.json") -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, key) < 1:  # a 0 or negative size divides by zero or plans negative bytes downstream
+                raise ConfigError(f"{source}: {key} = {getattr(self, key)} must be >= 1",
+                                  fix="check the model's config.json")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}", fix="check the model's config.json")
