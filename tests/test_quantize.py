@@ -180,9 +180,10 @@ class _Forced:
 
 
 class _ForcedKV:
-    def __init__(self, k, v, log, what):
+    """The block's one KV quantizer is called for K, then V: route each call to its forced quantizer."""
+
+    def __init__(self, k, v):
         self.k, self.v, self.calls = k, v, 0
-        self.log, self.what = log, what
 
     def __call__(self, x):
         forced = (self.k if self.calls % 2 == 0 else self.v)
@@ -217,7 +218,7 @@ def test_fp8_with_fp8_kv_reproduces_modelopt(fp8kv_any, ids):
         kv = [rec[p + f"self_attn.{n}_bmm_quantizer"] for n in "kv"]
         k, v = [_Forced(b.kv_quant, x[0].transpose(1, 0, 2), y[0].transpose(1, 0, 2), f"layer {i} {n} cache", log)
                 for (x, y), n in zip(kv, "kv")]
-        ref.blocks[i] = dataclasses.replace(b, kv_quant=_ForcedKV(k, v, log, i), **forced)
+        ref.blocks[i] = dataclasses.replace(b, kv_quant=_ForcedKV(k, v), **forced)
     got = ref.forward(ids)
     assert len(log) == 7 * len(ref.blocks), "every FP8 quantizer of the checkpoint was exercised"
     worst = max(log, key=lambda r: r[1])

@@ -43,7 +43,6 @@ DEFAULT_CALIB_SEQ_LEN = 256
 # every linear for each of its 11 alpha values (alpha_step 0.1): measured ~6 forwards per sample on CPU (embedded
 # model, 32 x 256 tokens), FP8 max calibration ~1.5 (quantizer overhead).
 PASSES = {"int4_awq": 6.0, "fp8": 1.5}
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -171,16 +170,15 @@ def resolve_device(device: str) -> str:
     return "cuda" if device == "auto" and cuda else ("cpu" if device == "auto" else device)
 
 
-def load_model(model_dir: Path, device: str, dtype: str | None = None):
+def load_model(model_dir: Path, device: str):
     """transformers Gemma2ForCausalLM, eval mode: float32 on CPU (ModelOpt's CPU fake-quant runs in float32),
-    the checkpoint's dtype on CUDA unless `dtype` says otherwise. config.architectures is set (the export reads it)."""
+    the checkpoint's dtype on CUDA. config.architectures is set (the export reads it)."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the "Loading weights" bar; ours is the calibration one
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else "auto")
+    torch_dtype = torch.float32 if device == "cpu" else "auto"
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
     model.config.architectures = [type(model).__name__]
