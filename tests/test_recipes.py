@@ -131,6 +131,9 @@ def test_bad_file_names_the_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_recipe("h100", tmp_path / "missing.toml")
 
+    with pytest.raises(InputError, match="cannot be read: Is a directory"):
+        load_recipe("h100", tmp_path)
+
 
 def test_unknown_target():
     with pytest.raises(InputError, match="unknown target 'h800'"):

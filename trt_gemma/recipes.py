@@ -129,6 +129,9 @@ def _read_toml(path: Path) -> dict:
                          fix="pass an existing TOML (see build_configs/ for examples) or drop --config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}", fix="fix the TOML syntax (see build_configs/)") from None
+    except OSError as e:  # a directory, no read permission, ...
+        raise InputError(f"recipe file {path} cannot be read: {e.strerror or e}",
+                         fix="pass a readable TOML file (see build_configs/ for examples)") from None
 
 
 def _check_keys_and_types(values: dict, origin: dict) -> None:
