@@ -174,3 +174,29 @@ def test_malformed_index_is_named(tmp_path, index):
     with pytest.raises(InputError, match=r"model\.safetensors\.index\.json is not a valid safetensors index") as e:
         HFModel.open(d)
     assert "re-download" in e.value.fix
+
+
+@pytest.mark.parametrize("bad", [{"vocab_size": "big"}, {"eos_token_id": []}, {"rope_parameters": "x"},
+                                 {"sliding_window": [8]}])
+def test_config_field_of_the_wrong_type_is_a_config_error(tiny_model_dir, bad):
+    from trt_gemma.config import ModelConfig
+    from trt_gemma.errors import ConfigError
+
+    d = json.loads((tiny_model_dir / "config.json").read_text()) | bad
+    with pytest.raises(ConfigError, match="wrong type") as e:
+        ModelConfig.from_dict(d)
+    assert e.value.fix
+
+
+def test_malformed_safetensors_header_entries_are_named(tmp_path):
+    import struct
+
+    from trt_gemma.st_io import read_header
+
+    for i, entry in enumerate([{"dtype": "F32", "shape": [2], "data_offsets": ["0", "x"]},
+                               {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}]):
+        f = tmp_path / f"bad{i}.safetensors"
+        raw = json.dumps({"w": entry}).encode()
+        f.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+        with pytest.raises(InputError, match=f"bad{i}.safetensors: tensor 'w'"):
+            read_header(f)

@@ -50,6 +50,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         archs = d.get("architectures") or ([d["architecture"]] if "architecture" in d else [])
+        archs = [archs] if isinstance(archs, str) else archs
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(

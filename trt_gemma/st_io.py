@@ -63,13 +63,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     for name, h in header.items():
         try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+            dtype, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), map(int, h["data_offsets"])
         except (KeyError, TypeError, ValueError) as ex:
             raise InputError(f"{path}: tensor {name!r} has a malformed header entry", fix=fix) from ex
         if dtype not in ST_DTYPES:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}", fix=fix)
         expect = math.prod(shape) * ST_DTYPES[dtype].itemsize
-        if e - b != expect or b < 0:
+        if e - b != expect or b < 0 or any(s < 0 for s in shape):
             raise InputError(f"{path}: tensor {name!r} byte range {b}..{e} does not match shape {list(shape)} "
                              f"{dtype}", fix=fix)
         if base + e > size:
