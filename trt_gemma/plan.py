@@ -93,7 +93,8 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), str(path)
     raise InputError(f"--model {model!r} is neither a preset nor a local model dir",
-                     fix=f"use one of {', '.join(PRESETS)} or a directory containing config.json")
+                     fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, or a directory "
+                         "containing config.json")
 
 
 def parameter_count(cfg: ModelConfig) -> int:
@@ -164,7 +165,8 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
 
 
 def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
-    """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value)."""
+    """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
+    Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted)."""
     from trt_gemma.build import fit_to_model  # the build's clamp, so plan and build size the same engine
 
     t = get_target(target)
