@@ -240,6 +240,15 @@ def test_out_over_the_source_is_refused_even_with_force(tiny_model_dir, tmp_path
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+def test_force_does_not_replace_a_hf_model_dir(tiny_model_dir, tmp_path, capsys):
+    """`convert MODEL --force` (OUT forgotten: MODEL becomes OUT, the embedded model the source) keeps MODEL."""
+    d = copy(tiny_model_dir, tmp_path / "m")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code, err = run_cli(["convert", d, "--force"], capsys)
+    assert code == OutputError.exit_code and "holds a Hugging Face model" in err and "fix:" in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
 def test_unreadable_weight_file_is_an_input_error(tiny_model_dir, tmp_path, capsys):
     """A directory where a shard should be (open() fails with an OSError): typed error naming it, not a crash."""
     d = copy(tiny_model_dir, tmp_path / "m")

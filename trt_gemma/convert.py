@@ -36,7 +36,7 @@ from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
 from trt_gemma.errors import ConfigError, InputError, OutputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
-from trt_gemma.hf import HFModel, TensorExpect, resolve_model
+from trt_gemma.hf import INDEX_FILE, SINGLE_FILE, HFModel, TensorExpect, resolve_model
 from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
 
@@ -357,7 +357,7 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     if weight_only and dtype == "float32":
         raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
                           fix="add --dtype bfloat16 (or float16)")
-    _check_out_not_source(out, hf.path)
+    _check_out_not_a_model(out, hf.path)
     check_tp(hf.config, tp)
     codec, jobs = codec_for(hf), plan(hf.config)
     if weight_only and codec is not FLOAT_CODEC:
@@ -389,12 +389,16 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     return out
 
 
-def _check_out_not_source(out: Path, source: Path) -> None:
-    """--force replaces OUT wholesale: OUT being the model dir or a folder above it would delete the source."""
+def _check_out_not_a_model(out: Path, source: Path) -> None:
+    """--force replaces OUT wholesale: OUT being the model dir or a folder above it would delete the source, and
+    OUT holding some HF model is most likely `convert MODEL` typed without OUT (MODEL then is OUT)."""
     o, s = out.resolve(), source.resolve()
     if s == o or o in s.parents:
         raise OutputError(f"output {out} would replace the model being converted ({source})",
                           fix="choose an output path outside the model directory")
+    if (out / "config.json").is_file() and any((out / n).is_file() for n in (SINGLE_FILE, INDEX_FILE)):
+        raise OutputError(f"output {out} holds a Hugging Face model; --force will not replace it",
+                          fix=f"pass both paths: `trt-gemma convert {out} OUT`, or delete {out} yourself")
 
 
 def _write_ranks(hf, tmp, jobs, codec, specs, tp, st, allow_nonfinite, show_progress) -> _Ctx:
