@@ -121,6 +121,18 @@ def test_nonfinite_weights(tiny_model_dir, tmp_path, capsys, bad):
     assert prov["nonfinite_values"] == {"model.layers.1.self_attn.k_proj.weight": 1}
 
 
+def test_nonfinite_counts_each_source_value_once(tiny_model_dir, tmp_path):
+    """The embedding is read twice (tied lm_head copy), a norm once per TP rank: each bad value still counts once."""
+    d = copy(tiny_model_dir, tmp_path / "m")
+    t = load_file(d / "model.safetensors")
+    t["model.embed_tokens.weight"][5, :3] = np.nan
+    t["model.norm.weight"][0] = np.inf
+    save_file(t, d / "model.safetensors")
+    out = convert_checkpoint(d, tmp_path / "ok", tp=2, allow_nonfinite=True, show_progress=False)
+    prov = json.loads((out / "trt_gemma_provenance.json").read_text())
+    assert prov["nonfinite_values"] == {"model.embed_tokens.weight": 3, "model.norm.weight": 1}
+
+
 def test_float16_overflow_is_named(tiny_model_dir, tmp_path, capsys):
     d = copy(tiny_model_dir, tmp_path / "m")
     t = load_file(d / "model.safetensors")

@@ -254,7 +254,8 @@ class _Ctx:
     tp: int
     st_dtype: str
     allow_nonfinite: bool
-    nonfinite: dict = field(default_factory=dict)  # tensor -> count, when allowed
+    nonfinite: dict = field(default_factory=dict)  # source tensor -> count, when allowed
+    _seen: set = field(default_factory=set)  # source blocks counted: the tied lm_head / replicated norms re-read them
     bytes_written: int = 0
 
     def stream(self, pieces, rank: int, target: str, transform) -> None:
@@ -269,16 +270,18 @@ class _Ctx:
                 if cols != slice(None):
                     block = block[:, cols]
                 out = transform(block, info.dtype, self.st_dtype)
-                self._check_finite(out, block, src, info.dtype)
+                self._check_finite(out, block, src, info.dtype, (src, b, cols.start, cols.stop))
                 self.writers[rank].write(target, out)
                 self.bytes_written += out.nbytes
 
-    def _check_finite(self, out, block, src, src_dtype) -> None:
+    def _check_finite(self, out, block, src, src_dtype, key) -> None:
         bad = count_nonfinite(out, self.st_dtype)
         if not bad:
             return
         if self.allow_nonfinite:
-            self.nonfinite[src] = self.nonfinite.get(src, 0) + bad
+            if key not in self._seen:
+                self._seen.add(key)
+                self.nonfinite[src] = self.nonfinite.get(src, 0) + bad
             return
         file = self.model.tensors[src][0]
         if count_nonfinite(block, src_dtype):
