@@ -96,3 +96,17 @@ def test_incremental_decoder_reassembles_text(tok, text):
 def test_missing_tokenizer_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="tokenizer.json"):
         GemmaTokenizer.from_dir(tmp_path)
+
+
+def test_special_tokens_fall_back_to_the_map_and_bad_files_are_input_errors(tok_dir, tmp_path):
+    import json
+    import shutil
+
+    d = shutil.copytree(tok_dir, tmp_path / "t")
+    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192}))  # no bos/eos here
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<eos>"}, "eos_token": "<bos>"}))
+    swapped = GemmaTokenizer.from_dir(d)
+    assert (swapped.bos_id, swapped.eos_id) == (1, 2), "special_tokens_map.json was not read"
+    (d / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a JSON object"):
+        GemmaTokenizer.from_dir(d)

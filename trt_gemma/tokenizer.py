@@ -91,17 +91,25 @@ class GemmaTokenizer:
 
 
 def _special_tokens(path: Path) -> dict[str, str]:
-    """bos/eos token names from tokenizer_config.json (else special_tokens_map.json); entries may be dicts."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    """bos/eos token names from tokenizer_config.json, then special_tokens_map.json for what it lacks; entries may
+    be dicts ({"content": ...})."""
+    found: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
         f = path / name
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InputError(f"{f} is not valid JSON: {e}", fix=f"re-download {name}") from e
-            return {k: (v.get("content") if isinstance(v, dict) else v) for k, v in d.items()
-                    if k in ("bos_token", "eos_token") and v}
-    return {}
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{f} is not valid JSON: {e}", fix=f"re-download {name}") from e
+        if not isinstance(d, dict):
+            raise InputError(f"{f} is not a JSON object", fix=f"re-download {name}")
+        for k in ("bos_token", "eos_token"):
+            v = d.get(k)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str) and v:
+                found[k] = v
+    return found
 
 
 def _check_messages(messages) -> list[tuple[str, str]]:

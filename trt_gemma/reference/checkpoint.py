@@ -288,14 +288,10 @@ def _load_float(shards: ShardSet, prefix: str) -> Linear:
     return Linear.from_weight(shards.get_f32(f"{prefix}.weight"))
 
 
-# quant_algo -> format. W8A16/W4A16 checkpoints keep float weights; TensorRT-LLM quantizes them at build
-# (trtllm-checkpoint.md §4 "W8A16 / W4A16 (ModelOpt int8_wo/int4_wo)"). W4A16_AWQ and FP8 come with the quant issue.
-LINEAR_FORMATS: dict[str | None, LinearFormat] = {
-    None: LinearFormat("float weights", _load_float),
-    "W8A16": LinearFormat("float weights, int8 weight-only at engine build", _load_float),
-    "W4A16": LinearFormat("float weights, int4 weight-only at engine build", _load_float),
-}
-# kv_cache_quant_algo values the reference can emulate (FP8/INT8 KV come with the quantization issue).
+# quant_algo -> format: float here; the quantized ones (W4A16_AWQ, FP8, and W8A16/W4A16, whose float weights
+# TensorRT-LLM quantizes at build) are added from quantized.py at the end of this module.
+LINEAR_FORMATS: dict[str | None, LinearFormat] = {None: LinearFormat("float weights", _load_float)}
+# kv_cache_quant_algo values the reference can emulate: a float cache here, FP8 added from quantized.py.
 KV_CACHE_FORMATS: tuple[str | None, ...] = (None,)
 
 
