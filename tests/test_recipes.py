@@ -27,7 +27,7 @@ def test_config_loads_validates_and_fits(path):
     r = load_recipe(path.stem)
     assert r.target == path.stem
     assert supports(TARGETS[r.target], r.quant)[0]
-    assert r.max_seq_len <= 4096 and r.max_input_len <= r.max_seq_len
+    assert r.max_seq_len <= 4096 and r.max_input_len <= min(r.max_seq_len, r.max_num_tokens)
     if r.quant == "fp8":
         assert r.gemm_plugin == "disable"
     p = plan("gemma-2-2b", r.target)
@@ -82,6 +82,8 @@ BAD = [
     ("h100", ["max_seq_len=8192"], RecipeError, ["max_seq_len = 8192", "limit of 4096"], "max_seq_len=4096"),
     ("h100", ["max_input_len=4000", "max_seq_len=2048"], RecipeError, ["max_input_len = 4000", "max_seq_len = 2048"],
      "max_input_len="),
+    ("h100", ["max_num_tokens=1024"], RecipeError, ["max_input_len = 3072", "max_num_tokens = 1024",
+                                                     "--set max_num_tokens=1024"], "max_num_tokens=3072"),
     ("rtx-3090", ["group_size=96"], ConfigError, ["group_size = 96", "64, 128"], "group_size="),
     ("h100", ["gemm_plugin=auto"], RecipeError, ["gemm_plugin = 'auto' with FP8"], "gemm_plugin=disable"),
     ("jetson-orin-nano-8gb", ["kv_cache_max_tokens=0"], RecipeError, ["no cap", "starves the host"],

@@ -182,6 +182,13 @@ def _check_limits(r: Recipe, origin: dict) -> None:
                           f"max_seq_len = {r.max_seq_len} (from {_where(origin, 'max_seq_len')}; a prompt must "
                           "leave room for output)",
                           fix=f"use --set max_input_len={max(1, r.max_seq_len // 2)} or raise max_seq_len")
+    if r.max_input_len > r.max_num_tokens:
+        # without chunked context (ModelRunnerCpp's default) TRT-LLM serves prompts of at most
+        # min(max_seq_len - 1, max_num_tokens) tokens (NVIDIA/TensorRT-LLM #6539): the rest of max_input_len is dead
+        raise RecipeError(f"{_where(origin, 'max_input_len')}: max_input_len = {r.max_input_len} is larger than "
+                          f"max_num_tokens = {r.max_num_tokens} (from {_where(origin, 'max_num_tokens')}); "
+                          "TensorRT-LLM runs a prompt in one step of at most max_num_tokens tokens",
+                          fix=f"use --set max_num_tokens={r.max_input_len} or --set max_input_len={r.max_num_tokens}")
     if not 0.0 < r.kv_cache_free_gpu_memory_fraction <= 1.0:
         raise ConfigError(f"{_where(origin, 'kv_cache_free_gpu_memory_fraction')}: kv_cache_free_gpu_memory_fraction "
                           f"= {r.kv_cache_free_gpu_memory_fraction} must be in (0, 1]",
