@@ -28,17 +28,16 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
-from trt_gemma.recipes import Recipe, load_recipe, parse_overrides
+from trt_gemma.detect import resolve_target
+from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, fit_to_model, load_recipe, parse_overrides
 from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
-DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` builds for on a host without an NVIDIA GPU
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
 COPY_BLOCK_BYTES = 64 << 20  # row blocks when rewriting a rank file
 QUALITY_MAX_TOKENS = 512  # eval-text tokens scored for the quality table (keeps a CPU build quick)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 # Recipe weight format -> how the bundle's checkpoint is made: ModelOpt calibration or the streaming converter.
-QUANTIZED = frozenset({"int4_awq", "fp8"})
 WEIGHT_ONLY = {"int8_wo": "int8", "int4_wo": "int4"}  # converter --weight-only (TRT-LLM quantizes at build)
 
 
@@ -80,35 +79,12 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
         log(msg)
 
 
-def resolve_target(target: str | None, detection=None) -> tuple[str, str]:
-    """(target name, how it was chosen). "auto" uses detection; a GPU-less host gets DEFAULT_TARGET, said plainly."""
-    if target not in (None, "", "auto"):
-        from trt_gemma.targets import get_target
-
-        return get_target(target).name, "named with --target"
-    from trt_gemma.detect import detect
-
-    d = detection if detection is not None else detect()
-    if d.target:
-        return d.target, f"detected: {d.message}"
-    return DEFAULT_TARGET, f"{d.message}; building for the default target {DEFAULT_TARGET} (pass --target to choose)"
-
-
 def model_name(spec: str | None, model_dir: Path) -> str:
     if spec is None:
         from trt_gemma.assets import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     return Path(str(spec).rstrip("/")).name or model_dir.name
-
-
-def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
-    """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
-    if recipe.max_seq_len <= max_positions:
-        return {}
-    # keep the recipe's prompt/total ratio so a full-length prompt still leaves room to generate
-    scaled_input = max(1, recipe.max_input_len * max_positions // recipe.max_seq_len)
-    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, scaled_input)}
 
 
 def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
@@ -122,19 +98,12 @@ def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tu
                      f"max_position_embeddings is {max_positions}")
         over = {**over, **clamp}
         recipe = load_recipe(target, config_file, over)
-    if recipe.kv_dtype in ("fp8", "int8") and recipe.quant not in QUANTIZED:
-        raise RecipeError(f"kv_cache_dtype = {recipe.kv_cache_dtype!r} with quant = {recipe.quant!r}: the KV-cache "
-                          "scales come from ModelOpt calibration, which runs for int4_awq / fp8 recipes only",
-                          fix="use --set kv_cache_dtype=auto, or --set quant=fp8 / int4_awq")
-    if recipe.kv_dtype == "int8":
-        raise RecipeError("kv_cache_dtype = 'int8' is not produced by trt_gemma's quantizer (FP8 KV only)",
-                          fix="use --set kv_cache_dtype=fp8 (SM >= 8.9) or auto")
     return recipe, over, notes
 
 
 def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool) -> Path:
     """The bundle's TRT-LLM checkpoint: ModelOpt for INT4-AWQ / FP8, else the streaming converter."""
-    if recipe.quant in QUANTIZED:
+    if recipe.quant in CALIBRATED_QUANTS:
         from trt_gemma.quantize import quantize_checkpoint
 
         calib = None if recipe.calib_dataset == "builtin" else recipe.calib_dataset
@@ -245,7 +214,7 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
     out = Path(out) if out is not None else default_out(name, target, recipe)
     check_output_target(out, force)
     with atomic_output_dir(out, force) as tmp:
-        _say(log, f"{'quantizing' if recipe.quant in QUANTIZED else 'converting'} -> {recipe.quant}")
+        _say(log, f"{'quantizing' if recipe.quant in CALIBRATED_QUANTS else 'converting'} -> {recipe.quant}")
         ckpt = make_checkpoint(model_dir, tmp / "checkpoint", recipe, show_progress)
         if recipe.share_embedding_table:
             share_embedding_table(ckpt)

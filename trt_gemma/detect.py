@@ -243,3 +243,19 @@ def closest_target(sm: int, memory_bytes: int, family: str | None) -> tuple[Targ
     best_sm = max(t.sm for t in lower)
     t = min((t for t in lower if t.sm == best_sm), key=lambda t: abs(t.usable_bytes - memory_bytes))
     return t, f"no SM {sm_str(sm)} target; closest lower SM {sm_str(best_sm)} by memory"
+
+
+DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` plans/builds for on a host without an NVIDIA GPU
+
+
+def resolve_target(target: str | None, detection: "Detection | None" = None) -> tuple[str, str]:
+    """(target name, how it was chosen). "auto" uses detection; a GPU-less host gets DEFAULT_TARGET, said plainly."""
+    if target not in (None, "", "auto"):
+        from trt_gemma.targets import get_target
+
+        return get_target(target).name, "named with --target"
+    d = detection if detection is not None else detect()
+    if d.target:
+        approx = " (approximate match)" if d.approximate else ""
+        return d.target, f"detected: {d.message}{approx}"
+    return DEFAULT_TARGET, f"{d.message}; using the default target {DEFAULT_TARGET} (pass --target to choose)"

@@ -21,7 +21,8 @@ from pathlib import Path
 from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
-from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, load_recipe, parse_overrides, validate
+from trt_gemma.recipes import (GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, fit_to_model, load_recipe, parse_overrides,
+                               validate)
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
@@ -167,8 +168,6 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
 def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
     Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted)."""
-    from trt_gemma.build import fit_to_model  # the build's clamp, so plan and build size the same engine
-
     t = get_target(target)
     cfg, name = model_config(model)
     r = load_recipe(t, config_file, overrides)

@@ -26,6 +26,7 @@ else:  # pragma: no cover - Python 3.10
 
 GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (trtllm-checkpoint.md §5)
 QUANTS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8")
+CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibration (quantize.py), the rest by convert.py
 DTYPES = ("bfloat16", "float16")
 KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "int8")
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")
@@ -165,6 +166,7 @@ def validate(recipe: Recipe, target: Target, origin: dict | None = None) -> None
         _choice(recipe, key, choices, origin)
     _check_limits(recipe, origin)
     _check_precisions(recipe, target, origin)
+    _check_kv_cache_source(recipe, origin)
     _check_plugins_and_memory(recipe, target, origin)
 
 
@@ -210,6 +212,27 @@ def _check_precisions(r: Recipe, t: Target, origin: dict) -> None:
         if level == "no":
             raise RecipeError(f"{_where(origin, key)}: --target {t.name} cannot run {_label(shown)} "
                               f"(SM {sm_str(t.sm)}): {reason.split(': ', 1)[1]}", fix=fix)
+
+
+def _check_kv_cache_source(r: Recipe, origin: dict) -> None:
+    """A quantized KV cache needs scales, and only ModelOpt calibration (int4_awq / fp8 recipes) makes them; our
+    quantizer emits FP8 KV only."""
+    if r.kv_dtype == "int8":
+        raise RecipeError(f"{_where(origin, 'kv_cache_dtype')}: kv_cache_dtype = 'int8' is not produced by "
+                          "trt_gemma's quantizer (FP8 KV only)", fix="use --set kv_cache_dtype=fp8 (SM >= 8.9) or auto")
+    if r.kv_dtype == "fp8" and r.quant not in CALIBRATED_QUANTS:
+        raise RecipeError(f"{_where(origin, 'kv_cache_dtype')}: kv_cache_dtype = 'fp8' with quant = {r.quant!r}: the "
+                          "KV-cache scales come from ModelOpt calibration, which runs for int4_awq / fp8 recipes only",
+                          fix="use --set kv_cache_dtype=auto, or --set quant=fp8 / int4_awq")
+
+
+def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
+    """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
+    if recipe.max_seq_len <= max_positions:
+        return {}
+    # keep the recipe's prompt/total ratio so a full-length prompt still leaves room to generate
+    scaled_input = max(1, recipe.max_input_len * max_positions // recipe.max_seq_len)
+    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, scaled_input)}
 
 
 def _check_plugins_and_memory(r: Recipe, t: Target, origin: dict) -> None:

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from trt_gemma.build import DEFAULT_TARGET  # plan and build fall back to the same target on a GPU-less host
+from trt_gemma.detect import DEFAULT_TARGET
 from trt_gemma.config import PRESETS
 
 
@@ -43,18 +43,14 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
 
 
 def resolve_target(name: str) -> tuple[str, str]:
-    """(target, how it was chosen). `auto` -> the detected device, or DEFAULT_TARGET on a host without one."""
-    if name != "auto":
-        return name, "--target"
-    from trt_gemma.detect import detect
+    """(target, how it was chosen), said on stderr when it was not named: the same choice `build` makes."""
+    from trt_gemma.detect import resolve_target as choose
 
-    d = detect()
-    if d.target:
-        approx = " (approximate match)" if d.approximate else ""
-        click.echo(f"detected {d.name} -> target {d.target}{approx}", err=True)
-        return d.target, f"detected: {d.message}"
-    click.echo(f"{d.message}\nplanning for the default target {DEFAULT_TARGET} (pass --target to choose)", err=True)
-    return DEFAULT_TARGET, f"default ({d.message})"
+    target, how = choose(name)
+    if name != "auto":
+        return target, "--target"
+    click.echo(how, err=True)
+    return target, how
 
 
 def render_plan(d: dict) -> None:
