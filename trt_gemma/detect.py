@@ -258,4 +258,4 @@ def resolve_target(target: str | None, detection: "Detection | None" = None) -> 
     if d.target:
         approx = " (approximate match)" if d.approximate else ""
         return d.target, f"detected: {d.message}{approx}"
-    return DEFAULT_TARGET, f"{d.message}; using the default target {DEFAULT_TARGET} (pass --target to choose)"
+    return DEFAULT_TARGET, f"default target {DEFAULT_TARGET} ({d.message}; pass --target to choose)"
