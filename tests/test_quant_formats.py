@@ -65,3 +65,14 @@ def test_engine_bytes_for_gemma2_2b_qkv():
     assert awq.engine_bytes(4096, 2304) == 4096 * 2304 // 2 + 4096 * 18 * 2 + 2304 * 2
     assert FORMATS["bfloat16"].engine_bytes(4096, 2304) == 4096 * 2304 * 2
     assert FORMATS["fp8"].checkpoint_tensors("x", 8, 128, "bfloat16")[0] == ("x.weight", "F8_E4M3", (8, 128))
+
+
+def test_fp8_format_round_trip_matches_ml_dtypes():
+    from trt_gemma.quant_formats import FP8Format
+
+    w = np.random.default_rng(4).normal(scale=0.05, size=(16, 128)).astype(np.float32)
+    wsf = float(np.abs(w).max() / 448)
+    ours = FP8Format.dequantize(FP8Format.quantize(w, wsf), wsf)
+    ref = (w / np.float32(wsf)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * np.float32(wsf)
+    diff = np.abs(ours - ref)
+    assert diff.max() == 0, f"max diff {diff.max():.3g}, mean {diff.mean():.3g}"

@@ -25,7 +25,7 @@ import numpy as np
 
 from trt_gemma.dtypes import FP8_E4M3_MAX, f32_to_fp8_e4m3, fp8_e4m3_to_f32, round_to
 from trt_gemma.errors import InputError
-from trt_gemma.quant_formats import Int4AWQFormat
+from trt_gemma.quant_formats import FP8Format, Int4AWQFormat
 from trt_gemma.reference.checkpoint import Linear, LinearFormat, ShardSet
 
 FIX = "re-create the checkpoint with `trt-gemma quantize`"
@@ -92,7 +92,7 @@ def load_fp8(shards: ShardSet, prefix: str) -> Linear:
         raise InputError(f"{shards.files[0]}: {prefix}.weight contains FP8 NaN codes", fix=FIX)
     wsf = _scalar(shards, f"{prefix}.weights_scaling_factor")
     asf = _scalar(shards, f"{prefix}.activation_scaling_factor")
-    weight = fp8_e4m3_to_f32(codes) * np.float32(wsf)
+    weight = FP8Format.dequantize(codes, wsf)
     return Linear.from_weight(weight, FP8Quant.from_scaling_factor(asf))
 
 
