@@ -258,21 +258,26 @@ class _Ctx:
     _seen: set = field(default_factory=set)  # source blocks counted: the tied lm_head / replicated norms re-read them
     bytes_written: int = 0
 
-    def stream(self, pieces, rank: int, target: str, transform) -> None:
-        """Write `target` on rank `rank` from its pieces, in row blocks of at most BLOCK_BYTES as float32."""
+    def blocks(self, pieces):
+        """The pieces' source rows in blocks of at most BLOCK_BYTES as float32: (src, info, block, block key)."""
         for src, rows, cols in pieces:
             info = self.model.info(src)
             start, stop, _ = rows.indices(info.shape[0])
-            row_elems = int(np.prod(info.shape[1:], dtype=np.int64))
-            step = max(1, BLOCK_BYTES // (4 * row_elems))
+            step = max(1, BLOCK_BYTES // (4 * int(np.prod(info.shape[1:], dtype=np.int64))))
             for b in range(start, stop, step):
                 block = self.model.read(src, slice(b, min(b + step, stop)))
-                if cols != slice(None):
-                    block = block[:, cols]
-                out = transform(block, info.dtype, self.st_dtype)
-                self._check_finite(out, block, src, info.dtype, (src, b, cols.start, cols.stop))
-                self.writers[rank].write(target, out)
-                self.bytes_written += out.nbytes
+                yield src, info, (block if cols == slice(None) else block[:, cols]), (src, b, cols.start, cols.stop)
+
+    def stream(self, pieces, rank: int, target: str, transform) -> None:
+        """Write `target` on rank `rank` from its pieces, block by block, each checked for NaN/Inf."""
+        for src, info, block, key in self.blocks(pieces):
+            out = transform(block, info.dtype, self.st_dtype)
+            self._check_finite(out, block, src, info.dtype, key)
+            self.write(rank, target, out)
+
+    def write(self, rank: int, target: str, out: np.ndarray) -> None:
+        self.writers[rank].write(target, out)
+        self.bytes_written += out.nbytes
 
     def _check_finite(self, out, block, src, src_dtype, key) -> None:
         bad = count_nonfinite(out, self.st_dtype)

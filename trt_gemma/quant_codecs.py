@@ -130,9 +130,7 @@ def _read_scalar(ctx, name: str) -> float:
 
 
 def _write_f32_scalar(ctx, rank: int, name: str, value: float) -> None:
-    arr = np.array([value], np.float32)
-    ctx.writers[rank].write(name, arr)
-    ctx.bytes_written += arr.nbytes
+    ctx.write(rank, name, np.array([value], np.float32))
 
 
 class _Codec:
@@ -199,9 +197,7 @@ class AWQCodec(_Codec):
         ctx.stream(scales, rank, f"{job.target}.weights_scaling_factor", cast)
         pqs = self._prequant(ctx, job)
         cols = job.pieces(ctx.tp, rank)[0][2]
-        arr = from_f32(pqs[cols], ctx.st_dtype)
-        ctx.writers[rank].write(f"{job.target}.prequant_scaling_factor", arr)
-        ctx.bytes_written += arr.nbytes
+        ctx.write(rank, f"{job.target}.prequant_scaling_factor", from_f32(pqs[cols], ctx.st_dtype))
         self._write_kv(ctx, job, rank)
 
     def _prequant(self, ctx, job) -> np.ndarray:
@@ -226,22 +222,11 @@ class AWQCodec(_Codec):
 def _stream_raw(ctx, pieces, rank: int, target: str, transform) -> None:
     """Like the converter's `ctx.stream`, for integer / fp8 codes: same row blocks, no float finiteness check
     (the bytes are codes, not floats); fp8 NaN codes are refused by name instead."""
-    from trt_gemma.convert import BLOCK_BYTES
-
-    for src, rows, cols in pieces:
-        info = ctx.model.info(src)
-        start, stop, _ = rows.indices(info.shape[0])
-        step = max(1, BLOCK_BYTES // (4 * int(np.prod(info.shape[1:], dtype=np.int64))))
-        for b in range(start, stop, step):
-            block = ctx.model.read(src, slice(b, min(b + step, stop)))
-            if cols != slice(None):
-                block = block[:, cols]
-            if info.dtype == "F8_E4M3" and np.any((block & 0x7F) == 0x7F):
-                raise InputError(f"{ctx.model.tensors[src][0]}: tensor {src} contains FP8 NaN codes",
-                                 fix="the quantized checkpoint is corrupt; re-export or re-download it")
-            out = transform(block, info.dtype, ctx.st_dtype)
-            ctx.writers[rank].write(target, out)
-            ctx.bytes_written += out.nbytes
+    for src, info, block, _ in ctx.blocks(pieces):
+        if info.dtype == "F8_E4M3" and np.any((block & 0x7F) == 0x7F):
+            raise InputError(f"{ctx.model.tensors[src][0]}: tensor {src} contains FP8 NaN codes",
+                             fix="the quantized checkpoint is corrupt; re-export or re-download it")
+        ctx.write(rank, target, transform(block, info.dtype, ctx.st_dtype))
 
 
 def _as_int8(block: np.ndarray, src: str, dst: str) -> np.ndarray:
