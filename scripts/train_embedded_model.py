@@ -27,20 +27,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trt_gemma.tokenizer import CHAT_TEMPLATE  # Google's gemma-2 template (the project is installed to train)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "trt_gemma" / "assets" / "gemma2-pydoc-tiny"
 SEED = 1234
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..5, as in Gemma's order
 
-# Gemma's chat template (the Hub's gemma-2 tokenizer_config.json), same text as tests/tiny.py.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
 
 # Gemma 2 quirks kept on purpose (see tests/test_embedded_model.py): soft-caps as in Gemma 2 (50 / 30), sliding window
 # (128) shorter than max positions (512) and than the training sequence (256), GQA 4 q / 2 kv heads, heads x head_dim

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trt_gemma.tokenizer import CHAT_TEMPLATE
+
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 TINY = dict(
@@ -21,14 +23,6 @@ TINY = dict(
     pad_token_id=0, eos_token_id=1, bos_token_id=2, attention_dropout=0.0, attention_bias=False,
 )
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
 
 _TEXT = ("The quick brown fox jumps over the lazy dog. Gemma runs on NVIDIA Jetson and RTX GPUs. "
          "TensorRT-LLM builds engines; the server streams tokens and reports memory. ") * 20

@@ -16,6 +16,17 @@ from trt_gemma.errors import InputError
 
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
 
+# The same template as jinja, verbatim from Google's gemma-2 tokenizer_config.json: written into the tokenizers we
+# train (embedded model, tests) so transformers' apply_chat_template renders what render_chat renders.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
 
 class GemmaTokenizer:
     def __init__(self, tokenizer, special: dict[str, str], source: str = "tokenizer.json"):
