@@ -55,9 +55,13 @@ def write_tiny_tokenizer(path: Path, vocab_size: int = 384) -> None:
 
 
 def make_tiny_hf_model(path: Path, seed: int = 0, dtype: str = "float32", shards: int = 1, **overrides) -> Path:
-    """Save a random Gemma2ForCausalLM (and a tokenizer) to `path` with transformers; returns `path`."""
-    import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    """Save a random Gemma2ForCausalLM (and a tokenizer) to `path` with transformers; returns `path`.
+    Without the quantize extra (torch, transformers: a core-only install) the calling test is skipped, saying so."""
+    import pytest
+
+    torch = pytest.importorskip("torch", reason="tiny test models are made by transformers: pip install '.[dev]'")
+    transformers = pytest.importorskip("transformers", reason="tiny test models are made by transformers")
+    Gemma2Config, Gemma2ForCausalLM = transformers.Gemma2Config, transformers.Gemma2ForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
