@@ -366,3 +366,19 @@ def test_cli_serve_answers_the_openai_client(served_checkpoint, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_busy_port_is_a_typed_error_before_loading(served_checkpoint):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", str(port)],
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in p.stderr and "fix:" in p.stderr
+    assert "Traceback" not in p.stderr
+    bad = subprocess.run([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", "70000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port" in bad.stderr and "Traceback" not in bad.stderr

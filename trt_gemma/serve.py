@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
-from trt_gemma.errors import TrtGemmaError
+from trt_gemma.errors import ResourceError, TrtGemmaError
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
                                       validate)
@@ -466,6 +466,19 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     app.include_router(v1)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as e:
+        raise ResourceError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                            fix="choose another --port (or --host), or stop the server already using it") from e
+
+
 def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
@@ -476,6 +489,7 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     from trt_gemma.backends import detect_kind, load_backend
 
     detect_kind(Path(model_path))  # a wrong path fails here, before the port opens
+    _check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
     name = model_name or Path(model_path).name
     app = create_app(lambda: load_backend(model_path, slots=max_concurrency), name, api_key=api_key,
                      max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s)

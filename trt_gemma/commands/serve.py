@@ -15,7 +15,7 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Bind address (0.0.0.0 exposes it to the network).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", default=None, envvar="TRT_GEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
 @click.option("--max-queue", default=DEFAULT_MAX_QUEUE, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; beyond that: 429 + Retry-After.")
