@@ -314,6 +314,8 @@ def test_prequantized_input_converts_without_recalibration(awq, tmp_path, ids):
     assert prov["quantization"]["prequantized"] is True
     with pytest.raises(ConfigError, match="already quantized as W4A16_AWQ"):
         quantize_checkpoint(awq.unified, tmp_path / "r", quant="fp8", show_progress=False)
+    with pytest.raises(ConfigError, match="--group-size 64 cannot change it"):
+        quantize_checkpoint(awq.unified, tmp_path / "r", group_size=64, show_progress=False)
     assert not (tmp_path / "r").exists()
 
 

@@ -317,14 +317,15 @@ def _unquantized_source(model_dir: Path):
     return read_quant_spec(model_dir, raw)
 
 
-def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None = None, group_size: int = 128,
+def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None = None, group_size: int | None = None,
                         kv_cache: str | None = None, calib_file: str | Path | None = None,
                         calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                         device: str = "auto", dtype: str | None = None, force: bool = False,
                         allow_low_memory: bool = False, show_progress: bool = True, log=None) -> Path:
     """Quantize MODEL (HF dir, hub id, None = embedded) with ModelOpt and write a TRT-LLM checkpoint at OUT.
     `dtype` is the checkpoint dtype (None: the source's). A ModelOpt unified-HF dir is converted without
-    recalibration (quant/kv_cache, when given, must match what it declares). OUT is untouched on any error."""
+    recalibration (quant/kv_cache, when given, must match what it declares; its group size is its own, so
+    group_size must not be given). group_size None = GROUP_SIZES[0]. OUT is untouched on any error."""
     from trt_gemma.console import err_console
     from trt_gemma.convert import PROVENANCE_FILE, convert_checkpoint
     from trt_gemma.hf import HFModel, resolve_model
@@ -336,7 +337,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     model_dir = resolve_model(None if model is None else str(model))
     spec = _unquantized_source(model_dir)
     if spec is not None:
-        _check_prequantized(spec, quant, kv_cache, model_dir)
+        _check_prequantized(spec, quant, kv_cache, group_size, model_dir)
         log(f"{model_dir} is already quantized by ModelOpt ({spec.quant_algo}, KV {spec.kv_cache_quant_algo}); "
             "converting without recalibration")
         convert_checkpoint(model_dir, out, dtype=dtype, force=force, show_progress=show_progress)
@@ -344,6 +345,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
                                                 "kv_cache_quant_algo": spec.kv_cache_quant_algo})
         return out
     hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
+    group_size = GROUP_SIZES[0] if group_size is None else group_size
     _check_options(quant, group_size, kv_cache, hf.config)
     dev = resolve_device(device)
     _check_memory(memory_estimate(hf.config, dev, calib_seq_len), dev, allow_low_memory, log)
@@ -365,7 +367,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     return out
 
 
-def _check_prequantized(spec, quant, kv_cache, model_dir: Path) -> None:
+def _check_prequantized(spec, quant, kv_cache, group_size, model_dir: Path) -> None:
     want = QUANTS[quant][1] if quant in QUANTS else None
     if quant is not None and want != spec.quant_algo:
         raise ConfigError(f"{model_dir} is already quantized as {spec.quant_algo}; --quant {quant} cannot "
@@ -373,6 +375,9 @@ def _check_prequantized(spec, quant, kv_cache, model_dir: Path) -> None:
     if kv_cache is not None and spec.kv_cache_quant_algo != kv_cache.upper():
         raise ConfigError(f"{model_dir} has KV cache quantization {spec.kv_cache_quant_algo}, not {kv_cache}",
                           fix="drop --kv-cache, or start from the unquantized model")
+    if group_size is not None:
+        raise ConfigError(f"{model_dir} is already quantized: its group size is fixed by its scales, --group-size "
+                          f"{group_size} cannot change it", fix="drop --group-size, or start from the unquantized model")
 
 
 def _default_calib_text() -> Path:

@@ -17,8 +17,8 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(quantize_checkpoint).par
 @click.argument("paths", nargs=-1, required=True, metavar="[MODEL] OUT")
 @click.option("--quant", type=click.Choice(list(QUANTS)), default=_DEFAULTS["quant"],
               help="Recipe (required unless MODEL is already a ModelOpt-quantized checkpoint).")
-@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=str(_DEFAULTS["group_size"]),
-              show_default=True, help="INT4-AWQ group (block) size along in_features.")
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=None,
+              help=f"INT4-AWQ group (block) size along in_features [default: {GROUP_SIZES[0]}].")
 @click.option("--kv-cache", type=click.Choice(list(KV_CACHES)), default=_DEFAULTS["kv_cache"],
               help="Also quantize the KV cache (FP8, SM >= 8.9 at run time).")
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None,
@@ -41,7 +41,7 @@ def quantize(paths, quant, group_size, kv_cache, calib_file, calib_samples, cali
     if len(paths) > 2:
         raise click.UsageError("expected [MODEL] OUT")
     model, out = (None, paths[0]) if len(paths) == 1 else paths
-    path = quantize_checkpoint(model, Path(out), quant=quant, group_size=int(group_size), kv_cache=kv_cache,
+    path = quantize_checkpoint(model, Path(out), quant=quant, group_size=None if group_size is None else int(group_size), kv_cache=kv_cache,
                                calib_file=calib_file, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                device=device, dtype=None if dtype == "auto" else dtype, force=force,
                                allow_low_memory=allow_low_memory, show_progress=not as_json)
