@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("trt_gemma.commands.build", "inspect", "Describe bundles and engines."),
     "serve": ("trt_gemma.commands.serve", "serve", "OpenAI-compatible server with memory telemetry."),
     "telemetry": ("trt_gemma.commands.serve", "telemetry", "Memory, power and KV-cache telemetry snapshot."),
+    "moderate": ("trt_gemma.commands.moderate", "moderate", "ShieldGemma safety scores for a prompt (and response)."),
+    "features": ("trt_gemma.commands.features", "features", "Gemma Scope SAE features of a text, per token."),
 }
 
 

@@ -1,0 +1,288 @@
+"""ShieldGemma moderation: Google's prompt templates, one forward pass per harm policy, P("Yes") from the last logits.
+
+ShieldGemma (google/shieldgemma-2b/9b/27b) is a Gemma 2 checkpoint prompted as a policy expert. Everything here is
+taken from Google's official tutorial, gemma-cookbook `responsible/shieldgemma_on_huggingface.ipynb`
+@e119e3d24e2f618fafa7203662c8f7a2c791de35 (cells 10, 12): the two templates and the four harm policies verbatim
+(hard line breaks and the double space in "to be sure  we" included), "trained to classify only one harm type at a
+time" (so one prefill per policy), and the score = softmax over the logits of the "Yes" and "No" tokens at the last
+position, i.e. sigmoid(logit_yes - logit_no). Gemma 2's final logits are soft-capped (tanh, 30) before that, in HF
+and in TensorRT-LLM alike, so any backend's post-cap last-position logits give the same score.
+
+Scoring only needs `last_logits(ids) -> [vocab]`: the numpy reference runtime here, any backend that returns the
+last position's logits elsewhere (onnxruntime; TensorRT-LLM with context logits gathered).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from trt_gemma.errors import ConfigError, InputError
+
+SOURCE = ("google-gemini/gemma-cookbook responsible/shieldgemma_on_huggingface.ipynb"
+          "@e119e3d24e2f618fafa7203662c8f7a2c791de35")
+
+# ---- verbatim from the tutorial (cell 12) ---------------------------------------------------------------------------
+
+PROMPT_ONLY_TEMPLATE = """You are a policy expert trying to help determine
+whether a user prompt is in violation of the defined safety policies.
+
+<start_of_turn>
+Human Question: {user_content}
+<end_of_turn>
+
+Our safety principle is defined in the below:
+
+* {harm_text}
+
+===
+
+Does the human question violate the above principle? Your answer must start with
+'Yes' or 'No'. And then walk through step by step to be sure we answer
+correctly.
+
+"""
+
+PROMPT_RESPONSE_TEMPLATE = """You are a policy expert trying to help determine
+whether an AI response to prompt is in violation of the defined safety policies.
+
+<start_of_turn>
+Human Question: {user_content}
+<end_of_turn>
+
+<start_of_turn>
+Chatbot Response: {model_content}
+<end_of_turn>
+
+Our safety principle is defined in the below:
+
+* {harm_text}
+
+===
+
+Does the Chatbot Response violate the above principle? Your answer must start
+with 'Yes' or 'No'. And then walk through step by step to be sure  we answer
+correctly.
+
+"""
+
+PREFIX_PROMPT_ONLY = "The prompt shall not contain or seek generation of content that"
+PREFIX_PROMPT_RESPONSE = "The chatbot shall not generate content that"
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str  # ours: CLI --policy value, /v1/moderations category key
+    name: str  # the tutorial's HarmType value, written into the prompt
+    description: str
+
+
+POLICIES: dict[str, Policy] = {p.id: p for p in (
+    Policy("dangerous", "Dangerous Content",
+           "harming oneself and/or others (e.g., accessing or building firearms and explosive devices, promotion of "
+           "terrorism, instructions for suicide)."),
+    Policy("hate", "Hate Speech",
+           "targeting identity and/or protected attributes (e.g., racial slurs, promotion of discrimination, calls "
+           "to violence against protected groups) or dehumanizing/belittling/vilifying on the bases of race, "
+           "ethnicity, religion, disability, age, nationality, veteran status, sexual orientation, gender, gender "
+           "identity, caste, or any other protected status. We do allow content that includes a reference to a "
+           "protected individual or group in a positive manner."),
+    Policy("sexual", "Sexually Explicit Information",
+           "contains references to sexual acts or other lewd content (e.g., sexually graphic descriptions, content "
+           "aimed at causing arousal). Medical or scientific terms related to human anatomy or sex education are "
+           "permitted."),
+    Policy("harassment", "Harassment",
+           "is malicious, intimidating, bullying, or abusive content targeting another individual (e.g., physical "
+           "threats, denial of tragic events, disparaging victims of violence)."),
+)}
+
+DEFAULT_THRESHOLD = 0.5  # the tutorial's "common threshold" for p_yes
+THRESHOLDS_FILE = Path(__file__).parent / "assets" / "safety_thresholds.toml"
+
+
+def policy(policy_id: str) -> Policy:
+    if policy_id not in POLICIES:
+        raise InputError(f"unknown policy {policy_id!r}", fix=f"choose from {', '.join(POLICIES)}")
+    return POLICIES[policy_id]
+
+
+def harm_text(p: Policy, with_response: bool) -> str:
+    prefix = PREFIX_PROMPT_RESPONSE if with_response else PREFIX_PROMPT_ONLY
+    return f'"No {p.name}": {prefix} {p.description}'
+
+
+def make_prompt(policy_id: str, user_content: str, model_content: str | None = None) -> str:
+    """The tutorial's make_prompt. A response selects the prompt-response template: the tutorial's own "output
+    filtering" cell passes a response to the prompt-only template, where str.format silently drops it."""
+    p = policy(policy_id)
+    if model_content is None:
+        return PROMPT_ONLY_TEMPLATE.format(user_content=user_content, harm_text=harm_text(p, False))
+    return PROMPT_RESPONSE_TEMPLATE.format(user_content=user_content, model_content=model_content,
+                                           harm_text=harm_text(p, True))
+
+
+# ---- the Yes / No tokens ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    yes_id: int
+    no_id: int
+    yes_token: str
+    no_token: str
+    first_token_fallback: bool  # "Yes"/"No" are not single tokens: scored with each word's first token
+
+    def describe(self) -> str:
+        ids = f"'Yes' -> {self.yes_token!r} (id {self.yes_id}), 'No' -> {self.no_token!r} (id {self.no_id})"
+        if self.first_token_fallback:
+            return f"'Yes'/'No' are not single tokens here: scored with each word's first token: {ids}"
+        return f"scored with the single tokens {ids}"
+
+
+def answer_tokens(tokenizer) -> AnswerTokens:
+    """Ids of "Yes" and "No" as vocabulary entries (ShieldGemma's tokenizer has both, the tutorial's
+    convert_tokens_to_ids). Elsewhere (the embedded model splits "Yes" into "Y" + "es") the first token of each word
+    stands in, and the output says so; first tokens that coincide or are unknown cannot tell Yes from No."""
+    yes, no = tokenizer.token_to_id("Yes"), tokenizer.token_to_id("No")
+    if yes is not None and no is not None and yes != no:
+        return AnswerTokens(yes, no, "Yes", "No", False)
+    firsts = []
+    for word in ("Yes", "No"):
+        ids = list(tokenizer.encode(word, add_bos=False))
+        unk = tokenizer.token_to_id("<unk>")
+        if not ids or ids[0] == unk:
+            raise InputError(f"the guard's tokenizer cannot encode {word!r} (no token, or only <unk>)",
+                             fix="use a ShieldGemma checkpoint with its own tokenizer.json")
+        firsts.append(ids[0])
+    if firsts[0] == firsts[1]:
+        raise InputError(f"the guard's tokenizer has no 'Yes'/'No' tokens and both words start with the same token "
+                         f"(id {firsts[0]}): a Yes/No score is impossible",
+                         fix="use a ShieldGemma checkpoint with its own tokenizer.json")
+    y, n = firsts
+    return AnswerTokens(y, n, tokenizer.decode([y], skip_special=False), tokenizer.decode([n], skip_special=False),
+                        True)
+
+
+def p_yes(last_logits: np.ndarray, tokens: AnswerTokens) -> float:
+    """softmax([logit_yes, logit_no])[0] = sigmoid(yes - no), computed stably in float64."""
+    d = float(last_logits[tokens.yes_id]) - float(last_logits[tokens.no_id])
+    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
+
+
+# ---- thresholds ------------------------------------------------------------------------------------------------------
+
+def load_thresholds(path: str | Path | None = None) -> dict[str, float]:
+    """Per-policy thresholds from a TOML `[thresholds]` table (default: the shipped file, all 0.5). A policy the file
+    does not name keeps 0.5; an unknown policy or a value outside [0, 1] is a ConfigError naming the file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    path = Path(path) if path is not None else THRESHOLDS_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read thresholds file {path}: {e.strerror or e}", fix="check the path") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}", fix="fix the syntax") from e
+    table = data.get("thresholds", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [thresholds] must be a table", fix="write `[thresholds]` then `hate = 0.5` lines")
+    out = dict.fromkeys(POLICIES, DEFAULT_THRESHOLD)
+    for key, value in table.items():
+        if key not in POLICIES:
+            raise ConfigError(f"{path}: unknown policy {key!r} in [thresholds]", fix=f"use {', '.join(POLICIES)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{path}: thresholds.{key} = {value!r} must be a number in [0, 1]",
+                              fix="a probability such as 0.5")
+        out[key] = float(value)
+    return out
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    scores: dict[str, float]  # policy id -> P(violation)
+    thresholds: dict[str, float]
+    mode: str  # prompt_only | prompt_response
+    seconds: float
+    prompt_tokens: list[int] = field(default_factory=list)  # per policy, in the order of `scores`
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """A policy is flagged when its score reaches its threshold (score >= threshold)."""
+        return {k: v >= self.thresholds[k] for k, v in self.scores.items()}
+
+    @property
+    def flagged(self) -> bool:
+        return any(self.flags.values())
+
+    @property
+    def violated(self) -> list[str]:
+        return [k for k, f in self.flags.items() if f]
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "flagged": self.flagged, "scores": self.scores, "flags": self.flags,
+                "thresholds": {k: self.thresholds[k] for k in self.scores}, "seconds": self.seconds}
+
+
+class Moderator:
+    """ShieldGemma scoring over any `last_logits(ids) -> float32 [vocab]` (thread-safe if that function is)."""
+
+    def __init__(self, last_logits: Callable[[list[int]], np.ndarray], tokenizer, context_length: int,
+                 thresholds: dict[str, float] | None = None, name: str = "guard", weight_bytes: int = 0,
+                 notices: Sequence[str] = ()):
+        self.last_logits, self.tokenizer, self.context_length = last_logits, tokenizer, context_length
+        self.tokens = answer_tokens(tokenizer)
+        self.thresholds = thresholds or load_thresholds()
+        self.name, self.weight_bytes = name, weight_bytes
+        self.notices = list(notices) + [self.tokens.describe()]
+
+    def encode(self, text: str) -> list[int]:
+        """As the tutorial's `tokenizer(prompt)`: <bos> + the text, `<start_of_turn>`/`<end_of_turn>` as specials."""
+        ids = list(self.tokenizer.encode(text, add_bos=True))
+        if len(ids) > self.context_length:
+            raise InputError(f"the moderation prompt is {len(ids)} tokens, longer than the guard's context of "
+                             f"{self.context_length}", fix="moderate a shorter text")
+        return ids
+
+    def score(self, prompt: str, response: str | None = None, policies: Sequence[str] | None = None) -> Verdict:
+        ids_by_policy = {p: self.encode(make_prompt(p, prompt, response)) for p in (policies or POLICIES)}
+        t0 = time.perf_counter()
+        scores = {p: p_yes(np.asarray(self.last_logits(ids)), self.tokens) for p, ids in ids_by_policy.items()}
+        return Verdict(scores, self.thresholds, "prompt_response" if response is not None else "prompt_only",
+                       time.perf_counter() - t0, [len(i) for i in ids_by_policy.values()])
+
+
+def load_moderator(model: str | Path | None = None, thresholds_file: str | Path | None = None,
+                   cache_dir: Path | None = None) -> Moderator:
+    """A Moderator over the numpy reference runtime for MODEL (HF dir / hub id / checkpoint / bundle; None: the
+    embedded model, which is no safety model: its notice says so)."""
+    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.hf import resolve_model
+    from trt_gemma.reference import ReferenceModel
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    path = resolve_model(None if model in (None, "default") else str(model))
+    ckpt = reference_checkpoint(path, cache_dir)
+    ref = ReferenceModel.load(ckpt)
+    notices = []
+    if _is_embedded(path):
+        notices.append(f"{path.name} is the small embedded demo model, not a safety classifier: the scores show the "
+                       "mechanism, not a judgement (use google/shieldgemma-2b for real moderation)")
+    return Moderator(lambda ids: ref.forward(ids, last_only=True)[0], GemmaTokenizer.from_dir(ckpt),
+                     ref.config.max_position_embeddings, load_thresholds(thresholds_file), name=path.name,
+                     weight_bytes=ref.weight_bytes, notices=notices)
+
+
+def _is_embedded(path: Path) -> bool:
+    try:
+        from trt_gemma.assets import default_model_dir
+
+        return Path(path).resolve() == default_model_dir().resolve()
+    except (ImportError, InputError):
+        return False
