@@ -171,11 +171,13 @@ class Server:
         self.admission: Admission | None = None
         self.pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="trt-gemma-gen")
         self.mean_e2e = 1.0
+        self.extra_memory: dict[str, Callable[[], int]] = {}  # memory_bytes kinds added by plug-ins (serve_guard)
         self.metrics = ServerMetrics(
             model_name, running=lambda: self.admission.running if self.admission else 0,
             waiting=lambda: self.admission.waiting if self.admission else 0,
             kv_usage=lambda: self.backend.kv_usage().usage_perc if self.backend else 0.0,
-            memory=lambda: snapshot(self.backend)["memory_bytes"])
+            memory=lambda: {**snapshot(self.backend)["memory_bytes"],
+                            **{k: f() for k, f in self.extra_memory.items()}})
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -389,7 +391,7 @@ async def _close_stream(body, gen: Generation) -> None:
 
 def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-               stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S) -> FastAPI:
+               stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S, guard=None) -> FastAPI:
     """The ASGI app. `backend` is a loaded Backend, or a zero-argument loader run in a thread at startup (then
     /health answers 503 "Loading model" until it returns). `stream_interval_s`: minimum time between two SSE
     chunks of one stream (0 = one chunk per token)."""
@@ -418,6 +420,10 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
                             status_code=500)
 
     _add_routes(app, srv)
+    if guard is not None:  # ShieldGemma beside the chat model: /v1/moderations, guarded chat (serve_guard.py)
+        from trt_gemma.serve_guard import install_guard
+
+        install_guard(app, srv, guard)
     return app
 
 
@@ -482,7 +488,7 @@ def _check_bindable(host: str, port: int) -> None:
 def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
-               log_level: str = "info") -> None:
+               log_level: str = "info", guard=None) -> None:
     """Serve `model_path` (any dir `load_backend` accepts); the port opens before the model finishes loading."""
     import uvicorn
 
@@ -492,5 +498,6 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     _check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
     name = model_name or Path(model_path).name
     app = create_app(lambda: load_backend(model_path, slots=max_concurrency), name, api_key=api_key,
-                     max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s)
+                     max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s,
+                     guard=guard)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

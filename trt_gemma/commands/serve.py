@@ -24,15 +24,29 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
 @click.option("--stream-interval", default=DEFAULT_STREAM_INTERVAL_S, show_default=True, type=click.FloatRange(0),
               help="Minimum seconds between SSE chunks of a stream; tokens in between share a chunk (0: per token).")
-def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval):
+@click.option("--guard", default=None, metavar="SHIELD",
+              help="ShieldGemma beside the chat model (dir / hub id, `default`: the embedded model, no safety "
+                   "model): adds /v1/moderations and checks chat prompts.")
+@click.option("--guard-mode", type=click.Choice(["block", "annotate"]), default="block", show_default=True,
+              help="block: a flagged prompt gets a 400 naming the policy; annotate: scores added to the response.")
+@click.option("--guard-response", is_flag=True, help="Also check each completion (prompt-response template).")
+@click.option("--guard-thresholds", type=click.Path(dir_okay=False), default=None,
+              help="TOML [thresholds] table for the guard (default 0.5 per policy).")
+def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval, guard, guard_mode,
+          guard_response, guard_thresholds):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
 
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
+    guard_cfg = None
+    if guard is not None:  # the guard's path is checked now; it loads beside the model (serve_guard.py)
+        from trt_gemma.serve_guard import GuardConfig
+
+        guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds)
     run_server(path, model_name=name, host=host, port=port, api_key=api_key, max_queue=max_queue,
-               max_concurrency=max_concurrency, stream_interval_s=stream_interval)
+               max_concurrency=max_concurrency, stream_interval_s=stream_interval, guard=guard_cfg)
 
 
 @click.command()

@@ -9,6 +9,7 @@ Reading is side-effect free (nothing is drained, unlike trtllm-serve's /metrics)
   device_total      dGPU: NVML `total`; Jetson: MemTotal (CPU and GPU share it)
   host_rss          this process's resident set
   unified_available Jetson only: MemAvailable (not MemFree, which counts reclaimable page cache as used)
+  guard_weights     bytes of the safety guard's weights (`serve --guard`, serve_guard.py); absent without a guard
 
 A kind whose source is absent is "unavailable" (the Prometheus collector then omits it rather than exporting 0).
 """
@@ -24,7 +25,8 @@ from trt_gemma.telemetry.jetson import is_jetson, read_jetson
 from trt_gemma.telemetry.nvml import read_nvml
 from trt_gemma.telemetry.process import read_process
 
-MEMORY_KINDS = ("weights", "kv_cache", "device_used", "device_total", "host_rss", "unified_available")
+MEMORY_KINDS = ("weights", "kv_cache", "device_used", "device_total", "host_rss", "unified_available",
+                "guard_weights")
 
 
 def snapshot(backend=None, root: Path = Path("/")) -> dict[str, Any]:

@@ -1,0 +1,236 @@
+"""ShieldGemma beside the chat model in `trt-gemma serve --guard SHIELD`: `/v1/moderations` and guarded chat.
+
+Registered into the app by one hook in serve.create_app (`install_guard`); everything else lives here.
+
+- `POST /v1/moderations` takes OpenAI's request (`input`: a string, a list of strings, or a list of
+  `{"type": "text", "text": ...}` parts) and answers OpenAI's shape: one `results[]` entry per input with `flagged`,
+  `categories`, `category_scores` and `category_applied_input_types`, keyed by our four policy ids (dangerous, hate,
+  sexual, harassment; trt_gemma/safety.py). Each input costs one prefill per policy, so a request holds at most
+  MAX_MODERATION_INPUTS inputs (more: 400 naming the limit).
+- Guarded chat (`--guard-mode block|annotate`): the last user message is scored before generation (prompt-only
+  template). block: a flagged prompt is answered with an OpenAI-shaped 400 naming the policies; annotate: the scores
+  are added to the response (`moderation` in the JSON body; the `x-trt-gemma-moderation` header on streams).
+  `--guard-response` also scores the completion (prompt-response template), which needs the whole text: streamed
+  requests are refused with 400 then.
+- /metrics: `guard_latency_seconds{stage}` and `guard_verdicts_total{stage, verdict}`; the guard's weights appear as
+  `memory_bytes{kind="guard_weights"}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter, Histogram
+
+from trt_gemma.errors import InputError, TrtGemmaError
+from trt_gemma.safety import POLICIES, Moderator, Verdict
+from trt_gemma.serve_protocol import APIError, chat_messages, parse_json
+
+MAX_MODERATION_INPUTS = 32
+GUARD_MODES = ("block", "annotate")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What `trt-gemma serve --guard ...` asks for; the model loads in a background thread at startup."""
+    model: str | None  # ShieldGemma dir / hub id / checkpoint; "default" or None: the embedded model
+    mode: str = "block"
+    check_response: bool = False
+    thresholds_file: str | None = None
+
+
+class Guard:
+    def __init__(self, moderator: Moderator | Callable[[], Moderator], mode: str = "block",
+                 check_response: bool = False):
+        if mode not in GUARD_MODES:
+            raise InputError(f"--guard-mode {mode!r} is not one of {', '.join(GUARD_MODES)}", fix="block or annotate")
+        self.mode, self.check_response = mode, check_response
+        self.moderator: Moderator | None = moderator if isinstance(moderator, Moderator) else None
+        self.failure: str | None = None
+        self._loaded = threading.Event()
+        if self.moderator is not None:
+            self._loaded.set()
+        else:
+            threading.Thread(target=self._load, args=(moderator,), name="trt-gemma-guard-load", daemon=True).start()
+
+    @classmethod
+    def from_config(cls, cfg: GuardConfig) -> "Guard":
+        from trt_gemma.safety import load_moderator
+
+        model = None if cfg.model in (None, "default") else cfg.model
+        return cls(lambda: load_moderator(model, cfg.thresholds_file), cfg.mode, cfg.check_response)
+
+    def _load(self, loader) -> None:
+        try:
+            self.moderator = loader()
+        except Exception as e:  # reported on every guarded request, the chat model keeps serving /health
+            self.failure = f"{type(e).__name__}: {e}"
+        finally:
+            self._loaded.set()
+
+    def ready(self) -> Moderator:
+        """Wait for the guard (worker thread); 503 when it failed to load."""
+        self._loaded.wait()
+        if self.moderator is None:
+            raise APIError(503, f"The guard model failed to load: {self.failure}", type="unavailable_error",
+                           code="service_unavailable")
+        return self.moderator
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.moderator.weight_bytes if self.moderator is not None else 0
+
+
+class _GuardMetrics:
+    def __init__(self, registry, model_name: str):
+        self.model_name = model_name
+        self.latency = Histogram("guard_latency_seconds", "Guard (ShieldGemma) scoring time per checked text.",
+                                 ["model_name", "stage"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.verdicts = Counter("guard_verdicts", "Guard verdicts by stage (prompt, response, moderation).",
+                                ["model_name", "stage", "verdict"], registry=registry)
+
+    def record(self, stage: str, v: Verdict) -> None:
+        self.latency.labels(self.model_name, stage).observe(v.seconds)
+        self.verdicts.labels(self.model_name, stage, "flagged" if v.flagged else "ok").inc()
+
+
+def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
+    """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`)."""
+    guard = guard if isinstance(guard, Guard) else Guard.from_config(guard)
+    metrics = _GuardMetrics(srv.metrics.registry, srv.model_name)
+    srv.extra_memory["guard_weights"] = lambda: guard.weight_bytes
+    app.state.guard = guard
+
+    async def score(stage: str, prompt: str, response: str | None = None) -> Verdict:
+        loop = asyncio.get_running_loop()
+        mod = await loop.run_in_executor(None, guard.ready)
+        try:
+            v = await loop.run_in_executor(None, mod.score, prompt, response)
+        except TrtGemmaError as e:
+            raise APIError(400, f"guard: {e.message}", param="input" if stage == "moderation" else "messages",
+                           code="guard_input_invalid") from None
+        metrics.record(stage, v)
+        return v
+
+    async def moderations(request: Request):
+        _auth(srv, request)
+        from trt_gemma.serve import read_body
+
+        inputs = moderation_inputs(parse_json(await read_body(request)))
+        verdicts = [await score("moderation", text) for text in inputs]
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": guard.moderator.name,
+                "results": [moderation_result(v) for v in verdicts]}
+
+    async def chat(request: Request):
+        _auth(srv, request)
+        from trt_gemma.serve import read_body
+
+        raw = await read_body(request)
+        body = parse_json(raw)
+        prompt = last_user_text(body)
+        stream = body.get("stream") is True
+        if guard.check_response and stream:
+            raise APIError(400, "This server checks completions with its guard (--guard-response), which needs the "
+                                "whole text: send stream: false.", param="stream", code="unsupported_value")
+        found = {"prompt": (await score("prompt", prompt)).to_dict()} if prompt is not None else {}
+        if guard.mode == "block" and found.get("prompt", {}).get("flagged"):
+            raise _blocked("prompt", found["prompt"])
+        resp = await srv.handle(_replay(request, raw), "chat")
+        if stream or not isinstance(resp, JSONResponse) or resp.status_code != 200:
+            if guard.mode == "annotate" and found:
+                resp.headers["x-trt-gemma-moderation"] = json.dumps(found, separators=(",", ":"))
+            return resp
+        data = json.loads(resp.body)
+        if guard.check_response and prompt is not None and data.get("choices"):
+            text = data["choices"][0]["message"].get("content") or ""
+            found["response"] = (await score("response", prompt, text)).to_dict()
+            if guard.mode == "block" and found["response"]["flagged"]:
+                raise _blocked("completion", found["response"])
+        if guard.mode == "annotate":
+            data["moderation"] = found
+        return JSONResponse(data)
+
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+    guarded = app.router.routes.pop()  # ahead of the plain chat route: the first matching route answers
+    app.router.routes.insert(0, guarded)
+    return guard
+
+
+def _auth(srv, request: Request) -> None:
+    """The same check as the server's /v1 routes (--api-key)."""
+    sent = request.headers.get("authorization", "").encode("utf-8", "replace")
+    if srv.api_key and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
+        raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
+
+
+def _replay(request: Request, raw: bytes) -> Request:
+    """A request whose body is `raw` again (ours was read to score the prompt)."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await request.receive()  # after the body: disconnect notices come from the real client
+
+    return Request(request.scope, receive)
+
+
+def _blocked(what: str, verdict: dict) -> APIError:
+    names = ", ".join(f"{POLICIES[p].name} ({verdict['scores'][p]:.2f} >= {verdict['thresholds'][p]:g})"
+                      for p, f in verdict["flags"].items() if f)
+    return APIError(400, f"The {what} was flagged by this server's safety guard: {names}.",
+                    param="messages", code="content_policy_violation")
+
+
+def last_user_text(body: dict) -> str | None:
+    """The text the guard checks: the last user message (None when there is none, e.g. invalid messages; the chat
+    handler then answers the validation error itself)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        msgs = chat_messages(messages)
+    except APIError:
+        return None
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    return users[-1] if users else None
+
+
+def moderation_inputs(body: dict) -> list[str]:
+    """OpenAI's `input`: a string, a list of strings, or a list of text parts; bounded to MAX_MODERATION_INPUTS."""
+    x = body.get("input")
+    if isinstance(x, str):
+        return [x]
+    if not isinstance(x, list) or not x:
+        raise APIError(400, "input must be a string or a non-empty list of strings.", param="input",
+                       code="invalid_type")
+    if len(x) > MAX_MODERATION_INPUTS:
+        raise APIError(400, f"Too many inputs: {len(x)}. At most {MAX_MODERATION_INPUTS} inputs per moderation "
+                            "request (each one is scored once per policy).", param="input", code="too_many_inputs")
+    out = []
+    for i, item in enumerate(x):
+        if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+            item = item["text"]
+        if not isinstance(item, str):
+            raise APIError(400, f"input[{i}] must be a string or a text part (images are not supported by "
+                                "ShieldGemma 2b).", param=f"input.[{i}]", code="invalid_type")
+        out.append(item)
+    return out
+
+
+def moderation_result(v: Verdict) -> dict:
+    return {"flagged": v.flagged, "categories": v.flags, "category_scores": v.scores,
+            "category_applied_input_types": {p: ["text"] for p in v.scores}}
