@@ -203,3 +203,29 @@ def test_moderate_cli_json(tmp_path, monkeypatch):
     direct = load_moderator(None, cache_dir=tmp_path / "checkpoints").score("hello there", policies=["hate"])
     assert abs(d["scores"]["hate"] - direct.scores["hate"]) < 1e-12
     assert any("not a safety classifier" in n for n in d["notices"]) and d["flagged"] is direct.flagged
+
+
+# ---- plan --guard ---------------------------------------------------------------------------------------------------
+
+def test_plan_with_guard_counts_both_models_and_the_runtime_once():
+    from trt_gemma.plan import plan
+    from trt_gemma.safety import plan_with_guard
+
+    chat = plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides={"quant": "int4_awq"})
+    guard = plan("shieldgemma-2b", "jetson-orin-nano-8gb", overrides={"quant": "int4_awq", "max_batch_size": 4})
+    d = plan_with_guard(chat, "shieldgemma-2b", "jetson-orin-nano-8gb", {"quant": "int4_awq"})
+    assert d["guard"]["plan"]["recipe"]["max_batch_size"] == 4 and d["guard"]["plan"]["recipe"]["quant"] == "int4_awq"
+    assert d["combined"]["total_bytes"] == chat.total_bytes + guard.total_bytes - sum(guard.overhead.values())
+    assert d["combined"]["total_bytes"] > chat.total_bytes
+
+
+def test_plan_guard_cli_exit_codes():
+    from trt_gemma.cli import main  # the console entry: typed errors become exit codes
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "--model", "gemma-2-2b", "--guard", "shieldgemma-2b", "--json", *args])
+        return e.value.code
+
+    assert run("--target", "jetson-orin-nano-8gb", "--quant", "bfloat16") == 3  # two bf16 2B models > 8 GB
+    assert run("--target", "jetson-agx-orin-64gb") == 0

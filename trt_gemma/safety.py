@@ -286,3 +286,52 @@ def _is_embedded(path: Path) -> bool:
         return Path(path).resolve() == default_model_dir().resolve()
     except (ImportError, InputError):
         return False
+
+
+# ---- planning chat model + guard together (`trt-gemma plan --guard`) -------------------------------------------------
+
+def plan_with_guard(chat_plan, guard_model: str, target: str, overrides=None, config_file=None) -> dict:
+    """The chat plan plus ShieldGemma's on the same target, and whether both fit at once (an 8 GB Orin must hold
+    both). The guard gets the target's recipe with one sequence per policy (max_batch_size 4: the four policies are
+    one batched prefill) and decodes nothing; both engines live in the server's one process, so the runtime
+    overhead (CUDA context, OS/display reserve) is counted once."""
+    from trt_gemma.plan import MARGIN, plan, require_fit  # noqa: F401 (require_fit: same rule for the pair)
+    from trt_gemma.recipes import parse_overrides
+
+    g_over = {**parse_overrides(overrides or {}), "max_batch_size": len(POLICIES)}
+    g = plan(guard_model, target, overrides=g_over, config_file=config_file)
+    shared = sum(g.overhead.values())
+    total = chat_plan.total_bytes + g.total_bytes - shared
+    usable = chat_plan.usable_bytes
+    verdict = "fits" if total <= usable * (1 - MARGIN) else ("tight" if total <= usable else "does not fit")
+    gib = 1024 ** 3
+    reason = (f"chat {chat_plan.total_bytes / gib:.2f} GiB + guard {(g.total_bytes - shared) / gib:.2f} GiB "
+              f"(runtime overhead counted once) = {total / gib:.2f} GiB of {usable / gib:.2f} GiB usable "
+              f"({100 * total / usable:.0f}%, verdict needs <= {100 * (1 - MARGIN):.0f}% to fit with the margin)")
+    return {**chat_plan.to_dict(), "guard": {"plan": g.to_dict(), "model": g.model,
+                                             "bytes_beside_chat": g.total_bytes - shared},
+            "combined": {"total_bytes": total, "usable_bytes": usable, "verdict": verdict, "reason": reason}}
+
+
+def require_pair_fit(d: dict) -> None:
+    from trt_gemma.errors import FitError
+
+    c = d["combined"]
+    if c["verdict"] == "does not fit":
+        raise FitError(f"{d['model']} with guard {d['guard']['model']} does not fit {d['target']}: {c['reason']}",
+                       fix="quantize both (--quant int4_awq), shorten --max-seq-len, or run the guard elsewhere")
+
+
+def render_pair(render_plan):
+    """The chat plan as `plan` prints it, then the guard's memory and the combined verdict."""
+    def render(d: dict) -> None:
+        from trt_gemma.console import console
+
+        render_plan(d)
+        g, c = d["guard"], d["combined"]
+        console.print(f"[bold]guard {g['model']}[/]: weights {g['plan']['weights']['total'] / 1024**3:.2f} GiB, "
+                      f"KV {g['plan']['kv_bytes'] / 1024**3:.2f} GiB (batch {g['plan']['recipe']['max_batch_size']}"
+                      f" = one sequence per policy), {g['bytes_beside_chat'] / 1024**3:.2f} GiB beside the chat model")
+        color = {"fits": "green", "tight": "yellow"}.get(c["verdict"], "red")
+        console.print(f"chat + guard: [{color}]{c['verdict']}[/] - {c['reason']}")
+    return render

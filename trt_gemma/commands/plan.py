@@ -21,8 +21,10 @@ from trt_gemma.config import PRESETS
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Your own recipe TOML instead of build_configs/<target>.toml.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field (repeatable).")
+@click.option("--guard", default=None, metavar="SHIELD",
+              help="Also plan a ShieldGemma guard (preset shieldgemma-2b or a dir) beside the model: both must fit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, sets, as_json):
+def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, sets, as_json, guard):
     """Memory by class, a fit verdict, the largest settings that fit and a decode roofline for MODEL on TARGET.
 
     Recipe values come from build_configs/<target>.toml; the options above override single fields.
@@ -38,6 +40,12 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
         if value is not None:
             overrides[key] = value
     p = run(model, target, overrides=overrides, config_file=config_file)
+    if guard is not None:  # chat model + guard on one target (trt_gemma/safety.py)
+        from trt_gemma.safety import plan_with_guard, render_pair, require_pair_fit
+
+        d = plan_with_guard(p, guard, target, overrides, config_file)
+        emit(dict(d, target_source=source), as_json, render_pair(render_plan))
+        return require_pair_fit(d)
     emit(dict(p.to_dict(), target_source=source), as_json, render_plan)
     require_fit(p)
 
