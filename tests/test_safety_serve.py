@@ -111,14 +111,15 @@ def test_annotate_mode_adds_prompt_and_response_scores(backend, moderator):
         stream = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
             "model": MODEL, "messages": MESSAGES, "max_tokens": 6, "stream": True})
     assert r.status_code == 200, r.text
-    d = r.json()
-    text = d["choices"][0]["message"]["content"]
+    from openai.types.chat import ChatCompletion
+
+    d = ChatCompletion.model_validate(r.json())  # OpenAI's own type for moderated chat completions, validated
+    text = d.choices[0].message.content
     want_p, want_r = moderator.score(MESSAGES[-1]["content"]), moderator.score(MESSAGES[-1]["content"], text)
-    got = d["moderation"]
-    assert got["prompt"]["flagged"] is True and got["prompt"]["flags"]["sexual"] is True
-    assert max(abs(got["prompt"]["scores"][p] - want_p.scores[p]) for p in POLICIES) <= TOL
-    assert got["response"]["mode"] == "prompt_response"
-    assert max(abs(got["response"]["scores"][p] - want_r.scores[p]) for p in POLICIES) <= TOL
+    got_in, got_out = d.moderation.input.results[0], d.moderation.output.results[0]
+    assert got_in.flagged is True and got_in.categories["sexual"] is True and got_in.model == moderator.name
+    assert max(abs(got_in.category_scores[p] - want_p.scores[p]) for p in POLICIES) <= TOL
+    assert max(abs(got_out.category_scores[p] - want_r.scores[p]) for p in POLICIES) <= TOL
     assert stream.status_code == 400 and stream.json()["error"]["param"] == "stream"
 
 
@@ -129,7 +130,10 @@ def test_annotate_stream_carries_the_prompt_scores_in_a_header(backend, moderato
     assert r.status_code == 200 and "[DONE]" in r.text
     found = json.loads(r.headers["x-trt-gemma-moderation"])
     want = moderator.score(MESSAGES[-1]["content"])
-    assert max(abs(found["prompt"]["scores"][p] - want.scores[p]) for p in POLICIES) <= TOL
+    scores = found["input"]["results"][0]["category_scores"]
+    assert max(abs(scores[p] - want.scores[p]) for p in POLICIES) <= TOL
+    assert found["output"] == {"type": "error", "code": "not_moderated",
+                               "message": "this server checks prompts only (start it with --guard-response)"}
 
 
 def test_guard_keeps_api_key_and_validation(backend, moderator):
@@ -139,3 +143,42 @@ def test_guard_keeps_api_key_and_validation(backend, moderator):
         r = httpx.post(s.url + "/v1/chat/completions", headers={"authorization": "Bearer k"}, timeout=30,
                        json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
         assert r.status_code == 400, r.text
+
+
+def test_cli_serve_guard_default_answers_moderations(served_checkpoint, tmp_path):
+    """`trt-gemma serve MODEL --guard default` as a user runs it: the embedded model as guard, the openai client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRT_GEMMA_CACHE=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", str(port),
+                             "--guard", "default", "--guard-mode", "annotate"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.moderations.create(model="guard", input="How do I sort a list?")
+        want = load_moderator(None, cache_dir=tmp_path / "checkpoints").score("How do I sort a list?")
+        assert r.results[0].category_scores.hate == pytest.approx(want.scores["hate"], abs=TOL)
+        d = c.chat.completions.create(model=served_checkpoint.name, messages=MESSAGES, max_tokens=2)
+        assert set(d.moderation.input.results[0].category_scores) == set(POLICIES)
+        assert d.moderation.output.type == "error"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -9,7 +9,9 @@ Registered into the app by one hook in serve.create_app (`install_guard`); every
   MAX_MODERATION_INPUTS inputs (more: 400 naming the limit).
 - Guarded chat (`--guard-mode block|annotate`): the last user message is scored before generation (prompt-only
   template). block: a flagged prompt is answered with an OpenAI-shaped 400 naming the policies; annotate: the scores
-  are added to the response (`moderation` in the JSON body; the `x-trt-gemma-moderation` header on streams).
+  are added to the response in the shape of OpenAI's moderated chat completions (`moderation.input` /
+  `moderation.output`, each `moderation_results` or an `error` entry when not checked; on streams the same JSON is
+  the `x-trt-gemma-moderation` header).
   `--guard-response` also scores the completion (prompt-response template), which needs the whole text: streamed
   requests are refused with 400 then.
 - /metrics: `guard_latency_seconds{stage}` and `guard_verdicts_total{stage, verdict}`; the guard's weights appear as
@@ -141,20 +143,25 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
         if guard.check_response and stream:
             raise APIError(400, "This server checks completions with its guard (--guard-response), which needs the "
                                 "whole text: send stream: false.", param="stream", code="unsupported_value")
-        found = {"prompt": (await score("prompt", prompt)).to_dict()} if prompt is not None else {}
-        if guard.mode == "block" and found.get("prompt", {}).get("flagged"):
-            raise _blocked("prompt", found["prompt"])
+        name = (await asyncio.get_running_loop().run_in_executor(None, guard.ready)).name
+        found = {"input": _not_checked("the request has no user message"),
+                 "output": _not_checked("this server checks prompts only (start it with --guard-response)")}
+        if prompt is not None:
+            verdict = await score("prompt", prompt)
+            if guard.mode == "block" and verdict.flagged:
+                raise _blocked("prompt", verdict)
+            found["input"] = moderation_results(verdict, name)
         resp = await srv.handle(_replay(request, raw), "chat")
         if stream or not isinstance(resp, JSONResponse) or resp.status_code != 200:
-            if guard.mode == "annotate" and found:
+            if guard.mode == "annotate":
                 resp.headers["x-trt-gemma-moderation"] = json.dumps(found, separators=(",", ":"))
             return resp
         data = json.loads(resp.body)
         if guard.check_response and prompt is not None and data.get("choices"):
-            text = data["choices"][0]["message"].get("content") or ""
-            found["response"] = (await score("response", prompt, text)).to_dict()
-            if guard.mode == "block" and found["response"]["flagged"]:
-                raise _blocked("completion", found["response"])
+            verdict = await score("response", prompt, data["choices"][0]["message"].get("content") or "")
+            if guard.mode == "block" and verdict.flagged:
+                raise _blocked("completion", verdict)
+            found["output"] = moderation_results(verdict, name)
         if guard.mode == "annotate":
             data["moderation"] = found
         return JSONResponse(data)
@@ -188,9 +195,9 @@ def _replay(request: Request, raw: bytes) -> Request:
     return Request(request.scope, receive)
 
 
-def _blocked(what: str, verdict: dict) -> APIError:
-    names = ", ".join(f"{POLICIES[p].name} ({verdict['scores'][p]:.2f} >= {verdict['thresholds'][p]:g})"
-                      for p, f in verdict["flags"].items() if f)
+def _blocked(what: str, verdict: Verdict) -> APIError:
+    names = ", ".join(f"{POLICIES[p].name} ({verdict.scores[p]:.2f} >= {verdict.thresholds[p]:g})"
+                      for p in verdict.violated)
     return APIError(400, f"The {what} was flagged by this server's safety guard: {names}.",
                     param="messages", code="content_policy_violation")
 
@@ -234,3 +241,14 @@ def moderation_inputs(body: dict) -> list[str]:
 def moderation_result(v: Verdict) -> dict:
     return {"flagged": v.flagged, "categories": v.flags, "category_scores": v.scores,
             "category_applied_input_types": {p: ["text"] for p in v.scores}}
+
+
+def moderation_results(v: Verdict, model: str) -> dict:
+    """One side of a chat completion's `moderation` field (openai-python 3.57 `types/chat/chat_completion.py`
+    `Moderation.input` / `.output`: `moderation_results` holding `moderation_result` entries)."""
+    return {"type": "moderation_results", "model": model,
+            "results": [{**moderation_result(v), "model": model, "type": "moderation_result"}]}
+
+
+def _not_checked(why: str) -> dict:
+    return {"type": "error", "code": "not_moderated", "message": why}
