@@ -212,6 +212,20 @@ class ReferenceModel:
         x = rms_norm(x, self.ln_f, self.config.norm_epsilon)
         return soft_cap(self.lm_head(x), self.config.final_logit_softcapping).astype(np.float32, copy=False)
 
+    def residual(self, ids, layer: int) -> np.ndarray:
+        """The residual stream after block `layer` for one full sequence, [T, hidden] float32: HF
+        `hidden_states[layer + 1]`, SAELens `blocks.{layer}.hook_resid_post` (what Gemma Scope reads). Runs blocks
+        0..layer exactly as `forward` does and stops there; `forward` itself is untouched."""
+        ids = np.asarray(ids).reshape(-1)
+        if not 0 <= layer < len(self.blocks):
+            raise InputError(f"layer {layer} is out of range: this model has blocks 0..{len(self.blocks) - 1}",
+                             fix=f"pass --layer between 0 and {len(self.blocks) - 1}")
+        cache = self.new_cache(max(1, ids.size))
+        x = self.embedding[ids] * self._normalizer
+        for i, block in enumerate(self.blocks[:layer + 1]):
+            x = self._block(x, block, cache, i, np.arange(ids.size))
+        return x
+
     def _block(self, x, b: Block, cache: KVCache, layer: int, positions: np.ndarray) -> np.ndarray:
         """Four norms per block (TRT-LLM inter_layernorms; HF Gemma2DecoderLayer): input_layernorm -> attention ->
         post_layernorm -> +residual -> pre_feedforward_layernorm -> GeGLU -> post_feedforward_layernorm -> +residual."""
