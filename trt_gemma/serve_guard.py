@@ -25,6 +25,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,7 @@ class Guard:
         if mode not in GUARD_MODES:
             raise InputError(f"--guard-mode {mode!r} is not one of {', '.join(GUARD_MODES)}", fix="block or annotate")
         self.mode, self.check_response = mode, check_response
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trt-gemma-guard")
         self.moderator: Moderator | None = moderator if isinstance(moderator, Moderator) else None
         self.failure: str | None = None
         self._loaded = threading.Event()
@@ -115,8 +117,8 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
     async def score(stage: str, prompt: str, response: str | None = None) -> Verdict:
         loop = asyncio.get_running_loop()
         mod = await loop.run_in_executor(None, guard.ready)
-        try:
-            v = await loop.run_in_executor(None, mod.score, prompt, response)
+        try:  # one guard thread: checks queue there instead of competing with generation for the cores
+            v = await loop.run_in_executor(guard.pool, mod.score, prompt, response)
         except TrtGemmaError as e:
             raise APIError(400, f"guard: {e.message}", param="input" if stage == "moderation" else "messages",
                            code="guard_input_invalid") from None
@@ -129,7 +131,8 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
 
         inputs = moderation_inputs(parse_json(await read_body(request)))
         verdicts = [await score("moderation", text) for text in inputs]
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": guard.moderator.name,
+        name = (await asyncio.get_running_loop().run_in_executor(None, guard.ready)).name
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": name,
                 "results": [moderation_result(v) for v in verdicts]}
 
     async def chat(request: Request):
@@ -156,7 +159,7 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
             if guard.mode == "annotate":
                 resp.headers["x-trt-gemma-moderation"] = json.dumps(found, separators=(",", ":"))
             return resp
-        data = json.loads(resp.body)
+        data = json.loads(bytes(resp.body))
         if guard.check_response and prompt is not None and data.get("choices"):
             verdict = await score("response", prompt, data["choices"][0]["message"].get("content") or "")
             if guard.mode == "block" and verdict.flagged:
