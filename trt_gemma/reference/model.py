@@ -217,10 +217,13 @@ class ReferenceModel:
         `hidden_states[layer + 1]`, SAELens `blocks.{layer}.hook_resid_post` (what Gemma Scope reads). Runs blocks
         0..layer exactly as `forward` does and stops there; `forward` itself is untouched."""
         ids = np.asarray(ids).reshape(-1)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise InputError(f"residual takes a non-empty sequence of token ids in 0..{self.config.vocab_size - 1}",
+                             fix="use the checkpoint's own tokenizer")
         if not 0 <= layer < len(self.blocks):
             raise InputError(f"layer {layer} is out of range: this model has blocks 0..{len(self.blocks) - 1}",
                              fix=f"pass --layer between 0 and {len(self.blocks) - 1}")
-        cache = self.new_cache(max(1, ids.size))
+        cache = self.new_cache(ids.size)
         x = self.embedding[ids] * self._normalizer
         for i, block in enumerate(self.blocks[:layer + 1]):
             x = self._block(x, block, cache, i, np.arange(ids.size))
