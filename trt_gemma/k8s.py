@@ -152,7 +152,11 @@ def dump_yaml(docs: list[dict]) -> str:
         import yaml
     except ImportError:
         return "".join("---\n" + json.dumps(d, indent=2) + "\n" for d in docs)
-    return yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
+    class _Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):  # shared label dicts written out in full, not as &anchors
+            return True
+
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True)
 
 
 def print_serve_manifests(model: str | None, port: int, max_queue: int, max_concurrency: int,

@@ -24,8 +24,15 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
 @click.option("--stream-interval", default=DEFAULT_STREAM_INTERVAL_S, show_default=True, type=click.FloatRange(0),
               help="Minimum seconds between SSE chunks of a stream; tokens in between share a chunk (0: per token).")
-def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval):
+@click.option("--print-k8s", is_flag=True, help="Print a Kubernetes Deployment + Service running this server and exit.")
+def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval, print_k8s):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
+    if print_k8s:
+        from trt_gemma.k8s import print_serve_manifests
+
+        click.echo(print_serve_manifests(model, port, max_queue, max_concurrency, model_name, api_key, stream_interval),
+                   nl=False)
+        return
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
 
