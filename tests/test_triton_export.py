@@ -195,6 +195,10 @@ def test_round_trip_inspect(repo, bundle, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export-triton", str(repo), "--inspect", "--json"])
     assert e.value.code == 0 and json.loads(capsys.readouterr().out)["ok"] is True
+    with pytest.raises(SystemExit) as e:  # `trt-gemma inspect` knows repositories too
+        main(["inspect", str(repo), str(bundle)])
+    text = capsys.readouterr().out
+    assert e.value.code == 0 and "Triton repository from" in text and "ok: yes" in text and f"{bundle}: bundle" in text
 
 
 def test_inspect_finds_a_broken_repository(repo, tmp_path):
