@@ -372,7 +372,11 @@ def model_config_pb2():
     path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
     loaded = importlib.util.spec_from_file_location("trt_gemma_triton_model_config_pb2", path)
     module = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(module)
+    try:
+        loaded.loader.exec_module(module)
+    except Exception as e:  # missing file, or protobuf older than the generated code (VersionError)
+        raise DependencyError(f"Triton's schema in {path} cannot be loaded: {e}",
+                              fix="pip install -U tritonclient protobuf") from e
     return module
 
 
