@@ -3,8 +3,9 @@ values compared with the bundle's recipe and engine, the refusals, and the round
 
 The bundle is built here from the embedded model (trt_gemma.build, no GPU). Its engine/ is a FAKE: TensorRT-LLM cannot
 run on this host, so engine/ holds only what TensorRT-LLM writes beside the engine bytes (config.json =
-{version, pretrained_config, build_config}: reference trtllm-checkpoint §5) and a placeholder rank0.engine. Export
-reads nothing else from it; serving the repository needs a GPU and the Triton container.
+{version, pretrained_config, build_config}, as NVIDIA/TensorRT-LLM tensorrt_llm/builder.py `Engine.save` writes it) and
+a placeholder rank0.engine. Export reads nothing else from it; serving the repository needs a GPU and the Triton
+container.
 """
 from __future__ import annotations
 

@@ -126,17 +126,17 @@ def read_bundle(bundle: Path) -> tuple[dict, dict, Path]:
 
 def layer_windows(pretrained: dict, checkpoint_cfg: Path, max_seq_len: int) -> list[int]:
     """max_attention_window_size per layer: Gemma 2 alternates sliding-window and global layers (transformers
-    `layer_types`; TRT-LLM's Gemma 2 config keeps no window, so every layer would otherwise be global — reference
-    trtllm-checkpoint notes, NVIDIA/TensorRT-LLM #10620 "use per-layer max_attention_window"). We keep the window
-    in our own config key (trt_gemma.convert.EXTRA_KEY) in the checkpoint, which TRT-LLM copies into the engine's
-    pretrained_config; the bundle's checkpoint is read when the engine lacks it."""
+    `layer_types`). TRT-LLM's Gemma 2 config keeps no window, so without this list every layer attends globally
+    (NVIDIA/TensorRT-LLM #10620: use a per-layer max_attention_window). The window lives under our own checkpoint
+    key (trt_gemma.convert.EXTRA_KEY); TRT-LLM turns unknown checkpoint keys into config attributes, so the engine's
+    pretrained_config may carry it too. The engine's copy is used when present, else the bundle's checkpoint."""
     from trt_gemma.reference.checkpoint import CheckpointConfig
 
     source = pretrained if isinstance(pretrained.get("trt_gemma"), dict) else None
     cfg = (CheckpointConfig.from_dict(source, source="engine config.json") if source
            else CheckpointConfig.from_file(checkpoint_cfg))
-    return [min(cfg.sliding_window, max_seq_len) if cfg.is_sliding(i) else max_seq_len
-            for i in range(cfg.num_hidden_layers)]
+    window = cfg.sliding_window or max_seq_len  # is_sliding() is False for every layer when there is no window
+    return [min(window, max_seq_len) if cfg.is_sliding(i) else max_seq_len for i in range(cfg.num_hidden_layers)]
 
 
 def fill_values(manifest: dict, engine_cfg: dict, bundle: Path, tp: int, instances: int, streaming: bool,
@@ -304,7 +304,7 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
                           "paths from their own working directory)", fix="use e.g. --repo-path /models")
     if instances < 1 or max_queue_size < 0:
         raise ConfigError("--instances must be >= 1 and --max-queue-size >= 0", fix="use e.g. --instances 5")
-    image = None
+    image = ""
     if k8s:
         from trt_gemma.k8s import triton_image_for
 
@@ -323,7 +323,7 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
         _copy_tree(tok_src, tmp / "tensorrt_llm" / "1" / "tokenizer", TOKENIZER_FILES)
         record = {"format": "trt_gemma.triton/1", "created_utc": mf.now_utc(), "bundle": str(bundle.resolve()),
                   "model": (manifest.get("model") or {}).get("id"), "target": (manifest.get("target") or {}).get("name"),
-                  "trtllm_version": version, "tp": engine_tp, "values": values, "triton_image": image,
+                  "trtllm_version": version, "tp": engine_tp, "values": values, "triton_image": image or None,
                   "templates": "NVIDIA/TensorRT-LLM triton_backend/all_models/inflight_batcher_llm@0c8de69a"}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         k8s_file = None
