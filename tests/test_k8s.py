@@ -44,6 +44,8 @@ def test_triton_manifests_validate(tp):
     assert claim == k["PersistentVolumeClaim"]["metadata"]["name"]
     assert k["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "7Gi"  # 5 GiB x 1.25, rounded up
     assert any(e["name"] == "TRTLLM_ORCHESTRATOR" for e in c["env"]) == (tp > 1)
+    assert (c["command"][:4] == ["mpirun", "--allow-run-as-root", "-n", "1"]) == (tp > 1)
+    assert f"--cuda-memory-pool-byte-size={tp - 1}:0" in c["command"] or tp == 1
     assert k["Service"]["spec"]["selector"] == k["Deployment"]["spec"]["selector"]["matchLabels"]
     assert "cp -rn /app/all_models/inflight_batcher_llm" in pod["spec"]["initContainers"][0]["command"][-1]
 

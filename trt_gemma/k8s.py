@@ -49,10 +49,13 @@ def copy_model_py_script(repo_path: str) -> str:
 
 
 def triton_command(tp: int, repo_path: str) -> list[str]:
-    """tritonserver as NVIDIA's launch_triton_server.py starts it (NVIDIA/TensorRT-LLM triton_backend/scripts),
-    without mpirun: tp > 1 runs in orchestrator mode (env TRTLLM_ORCHESTRATOR=1; the backend spawns one worker per
-    GPU of gpu_device_ids), with the memory-pool flags that script adds for that mode."""
-    cmd = ["tritonserver", f"--model-repository={repo_path}", f"--http-port={HTTP_PORT}",
+    """tritonserver as NVIDIA's launch_triton_server.py starts it (NVIDIA/TensorRT-LLM triton_backend/scripts), in the
+    foreground (that script Popen()s and returns, which would end a container). tp = 1: its --no-mpi single-instance
+    form. tp > 1: its --multi-model form, orchestrator mode: `mpirun -n 1` around one tritonserver, env
+    TRTLLM_ORCHESTRATOR=1 (the backend spawns one worker per GPU of gpu_device_ids), and the memory-pool flags the
+    script adds for that mode."""
+    cmd = ["mpirun", "--allow-run-as-root", "-n", "1"] if tp > 1 else []
+    cmd += ["tritonserver", f"--model-repository={repo_path}", f"--http-port={HTTP_PORT}",
            f"--grpc-port={GRPC_PORT}", f"--metrics-port={METRICS_PORT}", "--disable-auto-complete-config",
            "--backend-config=python,shm-region-prefix-name=prefix0_"]
     if tp > 1:
