@@ -277,3 +277,17 @@ def test_queue_default_matches_our_server():
     from trt_gemma.triton_export import DEFAULT_MAX_QUEUE_SIZE
 
     assert DEFAULT_MAX_QUEUE_SIZE == serve.DEFAULT_MAX_QUEUE
+
+
+def test_unified_memory_recipe_caps_the_kv_pool(tmp_path):
+    """A Jetson recipe caps the KV pool in tokens (unified memory): the cap and its fraction reach the backend."""
+    b = tmp_path / "jetson"
+    B.build_bundle(None, "jetson-orin-nano-8gb", overrides=["quant=bfloat16", "kv_cache_dtype=auto"], out=b,
+                   skip_quality=True, show_progress=False, compile_engine=False)
+    fake_engine(b, version="1.0.0")
+    recipe = load_recipe("jetson-orin-nano-8gb", b / "recipe.toml")
+    assert recipe.kv_cache_max_tokens > 0
+    export_triton(b, tmp_path / "repo")
+    p = _params(parse(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt"))
+    assert int(p["max_tokens_in_paged_kv_cache"]) == recipe.kv_cache_max_tokens
+    assert float(p["kv_cache_free_gpu_mem_fraction"]) == recipe.kv_cache_free_gpu_memory_fraction
