@@ -191,6 +191,7 @@ def test_round_trip_inspect(repo, bundle, capsys):
     assert x["bundle"] == str(bundle.resolve()) and x["tp"] == 1 and x["trtllm_version"] == "1.1.0"
     assert all(r["schema_ok"] and not r["missing"] for r in x["models"].values())
     assert x["triton_image"] == "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3"
+    assert any(f"{x['triton_image']} bash -c" in step for step in x["next"])  # the docker command names it
     from trt_gemma.cli import main
 
     with pytest.raises(SystemExit) as e:

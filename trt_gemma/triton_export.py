@@ -69,13 +69,15 @@ class ExportResult:
     tp: int
     trtllm_version: str
     k8s_file: Path | None = None
+    image: str | None = None
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "bundle": str(self.bundle), "tp": self.tp, "trtllm_version": self.trtllm_version,
                 "values": self.values, "k8s": str(self.k8s_file) if self.k8s_file else None, "notes": self.notes,
+                "triton_image": self.image,
                 "next": next_steps(self.out, self.tp, self.values["repo_path"], self.k8s_file is not None,
-                                   self.values["decoupled_mode"])}
+                                   self.values["decoupled_mode"], self.image)}
 
 
 # --- reading the bundle -------------------------------------------------------------------------------------------
@@ -304,11 +306,7 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
                           "paths from their own working directory)", fix="use e.g. --repo-path /models")
     if instances < 1 or max_queue_size < 0:
         raise ConfigError("--instances must be >= 1 and --max-queue-size >= 0", fix="use e.g. --instances 5")
-    image = ""
-    if k8s:
-        from trt_gemma.k8s import triton_image_for
-
-        image = triton_image or triton_image_for(version)
+    image = triton_image or _known_image(version, required=k8s)
     values = fill_values(manifest, engine_cfg, bundle, engine_tp, instances, streaming, repo_path, max_queue_size)
     configs = model_configs(values)
     with atomic_output_dir(out, force) as tmp:
@@ -334,7 +332,19 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
                                     repo_bytes=mf.dir_bytes(tmp))
             (tmp / K8S_FILE).write_text(dump_yaml(docs))
             k8s_file = out / K8S_FILE
-    return ExportResult(out, bundle, values, engine_tp, version, k8s_file)
+    return ExportResult(out, bundle, values, engine_tp, version, k8s_file, image or None)
+
+
+def _known_image(version: str, required: bool) -> str:
+    """The Triton image of the engine's TensorRT-LLM; unknown is an error only where the image is written (--k8s)."""
+    from trt_gemma.k8s import triton_image_for
+
+    try:
+        return triton_image_for(version)
+    except ConfigError:
+        if required:
+            raise
+        return ""
 
 
 def _k8s_name(manifest: dict) -> str:
@@ -342,16 +352,17 @@ def _k8s_name(manifest: dict) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", Path(raw).name.lower()).strip("-")[:50] or "triton-gemma"
 
 
-def next_steps(out: Path, tp: int, repo_path: str, k8s: bool, streaming: bool = False) -> list[str]:
+def next_steps(out: Path, tp: int, repo_path: str, k8s: bool, streaming: bool = False,
+               image: str | None = None) -> list[str]:
     """How to run it: the Python models' 1/model.py come from the container (tensorrtllm_backend README: the
     container ships all_models under /app), then tritonserver; tp > 1 runs in orchestrator mode (one tritonserver
     that spawns a worker per GPU: TRTLLM_ORCHESTRATOR=1, launch_triton_server.py --multi-model)."""
-    from trt_gemma.k8s import copy_model_py_script, triton_command
+    from trt_gemma.k8s import TRITON_IMAGE, copy_model_py_script, triton_command
 
     run = " ".join(triton_command(tp, repo_path))
     env = " -e TRTLLM_ORCHESTRATOR=1" if tp > 1 else ""
     steps = [f"docker run --rm --gpus all --shm-size=2g -p 8000:8000 -p 8001:8001 -p 8002:8002{env} "
-             f"-v {out.resolve()}:{repo_path} IMAGE bash -c '{copy_model_py_script(repo_path)} && {run}'"]
+             f"-v {out.resolve()}:{repo_path} {image or TRITON_IMAGE.format(tag='<yy.mm>')} bash -c '{copy_model_py_script(repo_path)} && {run}'"]
     body = '{"text_input": "Hello", "max_tokens": 32%s}' % (', "stream": true' if streaming else "")
     steps.append(f"curl -s localhost:8000/v2/models/ensemble/generate{'_stream' if streaming else ''} -d '{body}'")
     if k8s:
@@ -505,4 +516,4 @@ def inspect_repository(path: str | Path) -> dict:
             "kubernetes": (path / K8S_FILE).is_file(), "values": record.get("values"), "ok": ok,
             "next": next_steps(path, int(record.get("tp") or 1), (record.get("values") or {}).get("repo_path",
                                DEFAULT_REPO_PATH), (path / K8S_FILE).is_file(),
-                               bool((record.get("values") or {}).get("decoupled_mode")))}
+                               bool((record.get("values") or {}).get("decoupled_mode")), record.get("triton_image"))}
