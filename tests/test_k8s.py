@@ -47,7 +47,15 @@ def test_triton_manifests_validate(tp):
     assert (c["command"][:4] == ["mpirun", "--allow-run-as-root", "-n", "1"]) == (tp > 1)
     assert f"--cuda-memory-pool-byte-size={tp - 1}:0" in c["command"] or tp == 1
     assert k["Service"]["spec"]["selector"] == k["Deployment"]["spec"]["selector"]["matchLabels"]
-    assert "cp -rn /app/all_models/inflight_batcher_llm" in pod["spec"]["initContainers"][0]["command"][-1]
+    init = pod["spec"]["initContainers"][0]
+    assert "cp -rn /app/all_models/inflight_batcher_llm" in init["command"][-1]
+    # the Python models' code lands in emptyDirs mounted over the read-only repository's <model>/1 directories
+    over = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    staged = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert set(staged) == set(over) - {"model-repository", "dshm"} and len(staged) == 3
+    for vol, path in staged.items():
+        assert path.replace("/staging", "/models") == over[vol] and over[vol].endswith("/1")
+    assert c["volumeMounts"][0]["readOnly"] and pod["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"]
 
 
 def test_serve_manifests_validate():

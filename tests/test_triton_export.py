@@ -170,6 +170,7 @@ def test_ensemble_graph_is_wired(repo):
     cfgs = {m: parse(repo / m / "config.pbtxt") for m in MODELS}
     ens = cfgs["ensemble"]
     have = {t.name: t.data_type for t in ens.input}
+    shape = {t.name: list(t.dims) for t in ens.input}
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocessing", "tensorrt_llm", "postprocessing"]
     for step in ens.ensemble_scheduling.step:
         model = cfgs[step.model_name]
@@ -179,13 +180,20 @@ def test_ensemble_graph_is_wired(repo):
             assert key in ins, f"{step.model_name}: {key} is not an input"
             assert src in have, f"{step.model_name}.{key} <- {src}: not produced before this step"
             assert have[src] == ins[key].data_type, f"{step.model_name}.{key} <- {src}: data type differs"
+            assert _dims_fit(shape[src], list(ins[key].dims)), f"{step.model_name}.{key} <- {src}: shapes differ"
         for t in model.input:
             assert t.optional or t.name in step.input_map, f"{step.model_name}: required {t.name} unfed"
         for key, dst in step.output_map.items():
             assert key in outs, f"{step.model_name}: {key} is not an output"
-            have[dst] = outs[key].data_type
+            have[dst], shape[dst] = outs[key].data_type, list(outs[key].dims)
     for t in ens.output:
         assert have.get(t.name) == t.data_type, f"ensemble output {t.name} not produced (or other type)"
+        assert _dims_fit(shape[t.name], list(t.dims)), f"ensemble output {t.name}: shape differs"
+
+
+def _dims_fit(a: list, b: list) -> bool:
+    """Same rank, and every dimension equal or variable (-1) on one side: what Triton's ensemble check accepts."""
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
 
 
 def test_round_trip_inspect(repo, bundle, capsys):

@@ -102,7 +102,12 @@ def triton_manifests(name: str, image: str, tp: int, repo_path: str, repo_bytes:
     """PVC (the model repository), Deployment (Triton with `tp` GPUs), Service (HTTP, gRPC, metrics)."""
     labels = _labels(name, "triton")
     claim = f"{name}-model-repository"
-    mounts = [{"name": "model-repository", "mountPath": repo_path}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    # The repository is mounted read-only; each Python model's 1/ is an emptyDir mounted over it, filled by the
+    # init container from the image (so the claim can be shared read-only by several pods).
+    code = [(f"code-{m.replace('_', '-')}", m) for m in PY_MODELS]
+    mounts = ([{"name": "model-repository", "mountPath": repo_path, "readOnly": True},
+               {"name": "dshm", "mountPath": "/dev/shm"}]
+              + [{"name": v, "mountPath": f"{repo_path}/{m}/1"} for v, m in code])
     env = [{"name": "TRTLLM_ORCHESTRATOR", "value": "1"},
            {"name": "TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES", "value": "1"}] if tp > 1 else []
     container = {
@@ -116,11 +121,13 @@ def triton_manifests(name: str, image: str, tp: int, repo_path: str, repo_bytes:
         "livenessProbe": _probe("/v2/health/live", "http", 20, 3),
         "volumeMounts": mounts,
     }
-    init = {"name": "backend-python-models", "image": image, "command": ["bash", "-c", copy_model_py_script(repo_path)],
-            "volumeMounts": mounts[:1]}
+    init = {"name": "backend-python-models", "image": image,
+            "command": ["bash", "-c", copy_model_py_script("/staging")],
+            "volumeMounts": [{"name": v, "mountPath": f"/staging/{m}/1"} for v, m in code]}
     pod = {"initContainers": [init], "containers": [container],
-           "volumes": [{"name": "model-repository", "persistentVolumeClaim": {"claimName": claim}},
-                       {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}}]}
+           "volumes": [{"name": "model-repository", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+                       {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}}]
+           + [{"name": v, "emptyDir": {}} for v, _ in code]}
     return [_pvc(claim, labels, repo_bytes), _deployment(name, labels, pod, METRICS_PORT),
             _service(name, labels, [("http", HTTP_PORT), ("grpc", GRPC_PORT), ("metrics", METRICS_PORT)])]
 
