@@ -19,8 +19,9 @@ from trt_gemma import build as B
 from trt_gemma.errors import ConfigError, DependencyError, InputError, OutputError
 from trt_gemma.manifest import read_manifest, write_manifest
 from trt_gemma.recipes import load_recipe
-from trt_gemma.triton_export import (EXPORT_MANIFEST, MANDATORY, MODELS, export_triton, inspect_repository,
-                                     model_config_pb2)
+from trt_gemma.triton_export import EXPORT_MANIFEST, MANDATORY, export_triton
+from trt_gemma.triton_inspect import inspect_repository, model_config_pb2
+from trt_gemma.triton_models import MODELS
 
 pb2 = None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PIPELINE = ("preprocessing", "tensorrt_llm", "postprocessing")
 MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 
 # Per-request outputs the C++ model returns (and the ensemble / BLS pass through): identical lists in all three.

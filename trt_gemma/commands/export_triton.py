@@ -37,7 +37,8 @@ def export_triton(bundle, out, tp, instances, streaming, max_queue_size, repo_pa
     engine into OUT; or, with --inspect, check one."""
     from trt_gemma.console import emit, err_console
     from trt_gemma.errors import ConfigError
-    from trt_gemma.triton_export import export_triton as run, inspect_repository
+    from trt_gemma.triton_export import export_triton as run
+    from trt_gemma.triton_inspect import inspect_repository
 
     if inspect_:
         emit(inspect_repository(bundle), as_json, _render_inspect)
