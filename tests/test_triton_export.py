@@ -304,3 +304,19 @@ def test_unified_memory_recipe_caps_the_kv_pool(tmp_path):
     p = _params(parse(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt"))
     assert int(p["max_tokens_in_paged_kv_cache"]) == recipe.kv_cache_max_tokens
     assert float(p["kv_cache_free_gpu_mem_fraction"]) == recipe.kv_cache_free_gpu_memory_fraction
+
+
+def test_exported_kubernetes_file_validates(repo):
+    """The kubernetes.yaml export-triton wrote (not a fresh call): Kubernetes' schemas accept it, and it serves
+    this repository (claim mounted at the configs' paths, the engine's tp in GPUs, the pinned image)."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    docs = [d for d in yaml.safe_load_all((repo / "kubernetes.yaml").read_text()) if d]
+    for d in docs:
+        kv.validate(d, "1.30.0", strict=True)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["metadata"]["name"] == "triton-gemma2-pydoc-tiny"
+    assert c["image"] == "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3" and c["resources"]["limits"][
+        "nvidia.com/gpu"] == 1
+    assert "--model-repository=/models" in c["command"] and c["volumeMounts"][0]["mountPath"] == "/models"

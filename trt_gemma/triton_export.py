@@ -15,7 +15,8 @@ Layout written (paths inside configs are where the repository is mounted, --repo
   tensorrt_llm/1/engine/                    the bundle's engine (hard links when on the same filesystem)
   tensorrt_llm/1/tokenizer/                 the bundle's tokenizer files
   trt_gemma_triton.json                     what was exported from what, with the filled values
-  kubernetes.yaml                           with --k8s (files at the top level are not models to Triton)
+  kubernetes.yaml                           with --k8s (Triton takes only the repository's subdirectories as
+                                             models: triton-inference-server/core model_repository_manager.cc)
 Checking a written repository: trt_gemma.triton_inspect.
 """
 from __future__ import annotations
@@ -348,8 +349,9 @@ def _known_image(version: str, required: bool) -> str:
 
 
 def _k8s_name(manifest: dict) -> str:
-    raw = f"triton-{(manifest.get('model') or {}).get('id') or 'gemma'}"
-    return re.sub(r"[^a-z0-9-]+", "-", Path(raw).name.lower()).strip("-")[:50] or "triton-gemma"
+    """A DNS-1123 label (Kubernetes object names): triton-<model dir or hub name>."""
+    model = Path(str((manifest.get("model") or {}).get("id") or "gemma").rstrip("/")).name
+    return ("triton-" + re.sub(r"[^a-z0-9-]+", "-", model.lower())).strip("-")[:50].rstrip("-")
 
 
 def next_steps(out: Path, tp: int, repo_path: str, k8s: bool, streaming: bool = False,
