@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("trt_gemma.commands.eval", "eval_", "Perplexity / top-1 / KL of checkpoints vs the unquantized model."),
     "build": ("trt_gemma.commands.build", "build", "Target-tuned bundle, compiled to an engine where possible."),
     "inspect": ("trt_gemma.commands.build", "inspect", "Describe bundles and engines."),
+    "export-triton": ("trt_gemma.commands.export_triton", "export_triton",
+                      "Triton Inference Server repository (TensorRT-LLM backend) + Kubernetes manifests."),
     "serve": ("trt_gemma.commands.serve", "serve", "OpenAI-compatible server with memory telemetry."),
     "telemetry": ("trt_gemma.commands.serve", "telemetry", "Memory, power and KV-cache telemetry snapshot."),
     "moderate": ("trt_gemma.commands.moderate", "moderate", "ShieldGemma safety scores for a prompt (and response)."),

@@ -113,14 +113,31 @@ def inspect(paths, as_json):
     """Describe bundles and engine dirs: contents, target, recipe, quality, and whether THIS host can run them."""
     from trt_gemma.console import emit
     from trt_gemma.detect import detect
-    from trt_gemma.manifest import inspect_path
 
     detection = detect()  # once for all paths
-    items = [inspect_path(p, detection=detection) for p in paths]
+    items = [_inspect_one(p, detection) for p in paths]
     emit(items, as_json, lambda xs: [_render_inspect(x) for x in xs])
 
 
+def _inspect_one(path: str, detection) -> dict:
+    """A Triton repository written by export-triton, else a bundle or engine dir."""
+    from pathlib import Path
+
+    from trt_gemma.manifest import inspect_path
+    from trt_gemma.triton_export import EXPORT_MANIFEST
+    from trt_gemma.triton_inspect import inspect_repository
+
+    if (Path(path) / EXPORT_MANIFEST).is_file():
+        return inspect_repository(path)
+    return inspect_path(path, detection=detection)
+
+
 def _render_inspect(x: dict) -> None:
+    if x["kind"] == "triton-repository":
+        from trt_gemma.commands.export_triton import _render_inspect as render_repository
+
+        render_repository(x)
+        return
     _out(f"{x['path']}: {x['kind']}")
     if x.get("note"):
         _out(f"  note: {x['note']}")

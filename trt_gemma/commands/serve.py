@@ -32,9 +32,16 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--guard-response", is_flag=True, help="Also check each completion (prompt-response template).")
 @click.option("--guard-thresholds", type=click.Path(dir_okay=False), default=None,
               help="TOML [thresholds] table for the guard (default 0.5 per policy).")
+@click.option("--print-k8s", is_flag=True, help="Print a Kubernetes Deployment + Service running this server and exit.")
 def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval, guard, guard_mode,
-          guard_response, guard_thresholds):
+          guard_response, guard_thresholds, print_k8s):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
+    if print_k8s:
+        from trt_gemma.k8s import print_serve_manifests
+
+        click.echo(print_serve_manifests(model, port, max_queue, max_concurrency, model_name, api_key, stream_interval),
+                   nl=False)
+        return
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
 

@@ -1,0 +1,113 @@
+"""Kubernetes manifests of export-triton --k8s and serve --print-k8s, validated against the Kubernetes OpenAPI
+schemas by kubernetes-validate (its strict schemas reject unknown fields), plus the settings the issue asks for:
+GPU requests = tp, readiness on the health endpoint, Prometheus annotations on the metrics port, the model from a
+volume, the image pinned to the engine's TensorRT-LLM."""
+from __future__ import annotations
+
+import pytest
+
+from trt_gemma.errors import ConfigError
+from trt_gemma.k8s import (GPU, TRITON_TRTLLM_RELEASES, dump_yaml, print_serve_manifests, serve_manifests,
+                           triton_image_for, triton_manifests)
+
+K8S_VERSIONS = ("1.30.0", "1.34.0")  # a few minor releases apart: the manifests use only stable fields
+
+
+def validate(docs: list[dict]) -> None:
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="the Kubernetes schemas ship with kubernetes-validate: pip install '.[dev]'")
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            kv.validate(doc, version, strict=True)
+
+
+def _by_kind(docs: list[dict]) -> dict:
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_triton_manifests_validate(tp):
+    image = triton_image_for("1.1.0")
+    docs = triton_manifests("triton-gemma", image, tp, "/models", repo_bytes=5 * 2**30)
+    validate(docs)
+    k = _by_kind(docs)
+    pod = k["Deployment"]["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert c["image"] == "nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3"
+    assert c["resources"]["limits"][GPU] == tp == c["resources"]["requests"][GPU]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    ann = pod["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8002"
+    assert {p["containerPort"] for p in c["ports"]} == {8000, 8001, 8002}
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/models"}
+    claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == k["PersistentVolumeClaim"]["metadata"]["name"]
+    assert k["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "7Gi"  # 5 GiB x 1.25, rounded up
+    assert any(e["name"] == "TRTLLM_ORCHESTRATOR" for e in c["env"]) == (tp > 1)
+    assert (c["command"][:4] == ["mpirun", "--allow-run-as-root", "-n", "1"]) == (tp > 1)
+    assert f"--cuda-memory-pool-byte-size={tp - 1}:0" in c["command"] or tp == 1
+    assert k["Service"]["spec"]["selector"] == k["Deployment"]["spec"]["selector"]["matchLabels"]
+    init = pod["spec"]["initContainers"][0]
+    assert "cp -rn /app/all_models/inflight_batcher_llm" in init["command"][-1]
+    # the Python models' code lands in emptyDirs mounted over the read-only repository's <model>/1 directories
+    over = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    staged = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert set(staged) == set(over) - {"model-repository", "dshm"} and len(staged) == 3
+    for vol, path in staged.items():
+        assert path.replace("/staging", "/models") == over[vol] and over[vol].endswith("/1")
+    assert c["volumeMounts"][0]["readOnly"] and pod["spec"]["volumes"][0]["persistentVolumeClaim"]["readOnly"]
+
+
+def test_serve_manifests_validate():
+    docs = serve_manifests("bundles/b/engine", args=["--max-queue", "16"], api_key=True)
+    validate(docs)
+    pod = _by_kind(docs)["Deployment"]["spec"]["template"]
+    assert pod["spec"]["runtimeClassName"] == "nvidia"
+    c = pod["spec"]["containers"][0]
+    assert c["command"][:3] == ["trt-gemma", "serve", "/models/engine"] and c["resources"]["limits"][GPU] == 1
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+    assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "trt-gemma-api-key"
+
+
+def test_validator_is_strict():
+    """The check can fail: a misspelt field and a wrong type are rejected."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    docs = triton_manifests("t", triton_image_for("1.0.0"), 1, "/models", repo_bytes=1)
+    bad = _by_kind(docs)["Deployment"]
+    bad["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, K8S_VERSIONS[0], strict=True)
+    svc = _by_kind(docs)["Service"]
+    svc["spec"]["ports"][0]["port"] = "eight thousand"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(svc, K8S_VERSIONS[0], strict=True)
+
+
+def test_image_table_and_unknown_versions():
+    assert triton_image_for("1.0.0").endswith(":25.09-trtllm-python-py3")
+    assert triton_image_for("1.1.0rc5").endswith(":25.12-trtllm-python-py3")
+    assert set(TRITON_TRTLLM_RELEASES) == {(1, 0), (1, 1)}
+    for v in ("1.2.0", "0.21.0", ""):
+        with pytest.raises(ConfigError, match="no Triton TRT-LLM release") as e:
+            triton_image_for(v)
+        assert "--triton-image" in e.value.fix
+
+
+def test_yaml_round_trip_and_cli(capsys):
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    docs = triton_manifests("t", triton_image_for("1.0.0"), 2, "/models", repo_bytes=1)
+    text = dump_yaml(docs)
+    assert "&id" not in text and list(yaml.safe_load_all(text)) == docs
+    printed = print_serve_manifests(None, 8000, 16, 2, "gemma", None, 0.05)
+    loaded = [d for d in yaml.safe_load_all(printed) if d]
+    validate(loaded)
+    assert _by_kind(loaded)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"][2] == "--host"
+    pytest.importorskip("fastapi", reason="trt-gemma serve needs the serve extra")
+    from trt_gemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--print-k8s", "--port", "9000"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and _by_kind([d for d in yaml.safe_load_all(out) if d])["Service"]["spec"]["ports"][0][
+        "port"] == 9000
