@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from trt_gemma.errors import InputError, TrtGemmaError
 from trt_gemma.safety import POLICIES, Moderator, Verdict
 from trt_gemma.serve_protocol import APIError, chat_messages, parse_json
 
+log = logging.getLogger("trt_gemma.serve")
 MAX_MODERATION_INPUTS = 32
 GUARD_MODES = ("block", "annotate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -76,6 +78,8 @@ class Guard:
     def _load(self, loader) -> None:
         try:
             self.moderator = loader()
+            for note in self.moderator.notices:  # e.g. "the embedded model is not a safety classifier"
+                log.warning("guard %s: %s", self.moderator.name, note)
         except Exception as e:  # reported on every guarded request, the chat model keeps serving /health
             self.failure = f"{type(e).__name__}: {e}"
         finally:
