@@ -114,70 +114,78 @@ class _GuardMetrics:
 def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
     """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`)."""
     guard = guard if isinstance(guard, Guard) else Guard.from_config(guard)
-    metrics = _GuardMetrics(srv.metrics.registry, srv.model_name)
+    routes = _GuardRoutes(srv, guard)
     srv.extra_memory["guard_weights"] = lambda: guard.weight_bytes
     app.state.guard = guard
+    app.add_api_route("/v1/moderations", routes.moderations, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"])
+    guarded = app.router.routes.pop()  # ahead of the plain chat route: the first matching route answers
+    app.router.routes.insert(0, guarded)
+    return guard
 
-    async def score(stage: str, prompt: str, response: str | None = None) -> Verdict:
-        loop = asyncio.get_running_loop()
-        mod = await loop.run_in_executor(None, guard.ready)
+
+class _GuardRoutes:
+    def __init__(self, srv, guard: Guard):
+        self.srv, self.guard = srv, guard
+        self.metrics = _GuardMetrics(srv.metrics.registry, srv.model_name)
+
+    async def moderator(self) -> Moderator:
+        return await asyncio.get_running_loop().run_in_executor(None, self.guard.ready)
+
+    async def score(self, stage: str, prompt: str, response: str | None = None) -> Verdict:
+        mod = await self.moderator()
         try:  # one guard thread: checks queue there instead of competing with generation for the cores
-            v = await loop.run_in_executor(guard.pool, mod.score, prompt, response)
+            v = await asyncio.get_running_loop().run_in_executor(self.guard.pool, mod.score, prompt, response)
         except TrtGemmaError as e:
             raise APIError(400, f"guard: {e.message}", param="input" if stage == "moderation" else "messages",
                            code="guard_input_invalid") from None
-        metrics.record(stage, v)
+        self.metrics.record(stage, v)
         return v
 
-    async def moderations(request: Request):
-        _auth(srv, request)
+    async def moderations(self, request: Request):
         from trt_gemma.serve import read_body
 
+        _auth(self.srv, request)
         inputs = moderation_inputs(parse_json(await read_body(request)))
-        verdicts = [await score("moderation", text) for text in inputs]
-        name = (await asyncio.get_running_loop().run_in_executor(None, guard.ready)).name
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": name,
+        verdicts = [await self.score("moderation", text) for text in inputs]
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": (await self.moderator()).name,
                 "results": [moderation_result(v) for v in verdicts]}
 
-    async def chat(request: Request):
-        _auth(srv, request)
+    async def chat(self, request: Request):
+        """Score the prompt (block or annotate), generate through the server's own chat handler, then score the
+        completion with --guard-response."""
         from trt_gemma.serve import read_body
 
+        _auth(self.srv, request)
         raw = await read_body(request)
         body = parse_json(raw)
-        prompt = last_user_text(body)
-        stream = body.get("stream") is True
+        prompt, stream, guard = last_user_text(body), body.get("stream") is True, self.guard
         if guard.check_response and stream:
             raise APIError(400, "This server checks completions with its guard (--guard-response), which needs the "
                                 "whole text: send stream: false.", param="stream", code="unsupported_value")
-        name = (await asyncio.get_running_loop().run_in_executor(None, guard.ready)).name
+        name = (await self.moderator()).name
         found = {"input": _not_checked("the request has no user message"),
                  "output": _not_checked("this server checks prompts only (start it with --guard-response)")}
         if prompt is not None:
-            verdict = await score("prompt", prompt)
-            if guard.mode == "block" and verdict.flagged:
-                raise _blocked("prompt", verdict)
-            found["input"] = moderation_results(verdict, name)
-        resp = await srv.handle(_replay(request, raw), "chat")
+            found["input"] = self.check("prompt", await self.score("prompt", prompt), name)
+        resp = await self.srv.handle(_replay(request, raw), "chat")
         if stream or not isinstance(resp, JSONResponse) or resp.status_code != 200:
             if guard.mode == "annotate":
                 resp.headers["x-trt-gemma-moderation"] = json.dumps(found, separators=(",", ":"))
             return resp
         data = json.loads(bytes(resp.body))
         if guard.check_response and prompt is not None and data.get("choices"):
-            verdict = await score("response", prompt, data["choices"][0]["message"].get("content") or "")
-            if guard.mode == "block" and verdict.flagged:
-                raise _blocked("completion", verdict)
-            found["output"] = moderation_results(verdict, name)
+            text = data["choices"][0]["message"].get("content") or ""
+            found["output"] = self.check("completion", await self.score("response", prompt, text), name)
         if guard.mode == "annotate":
             data["moderation"] = found
         return JSONResponse(data)
 
-    app.add_api_route("/v1/moderations", moderations, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
-    guarded = app.router.routes.pop()  # ahead of the plain chat route: the first matching route answers
-    app.router.routes.insert(0, guarded)
-    return guard
+    def check(self, what: str, verdict: Verdict, name: str) -> dict:
+        """Block mode: a flagged text ends the request here. Otherwise: the result for the annotation."""
+        if self.guard.mode == "block" and verdict.flagged:
+            raise _blocked(what, verdict)
+        return moderation_results(verdict, name)
 
 
 def _auth(srv, request: Request) -> None:
