@@ -16,6 +16,14 @@ TOL_SAE = 1e-5
 TOL_RESID = 1e-4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The embedded model converts once into this module's own cache, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRT_GEMMA_CACHE", str(tmp_path_factory.mktemp("trt_gemma_cache")))
+        yield
+
+
 def random_params(d_model=256, d_sae=96, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     return {"W_enc": rng.normal(0, 0.05, (d_model, d_sae)).astype(np.float32),
