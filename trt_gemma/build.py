@@ -29,7 +29,8 @@ from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
 from trt_gemma.detect import resolve_target
-from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, fit_to_model, load_recipe, parse_overrides
+from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
+from trt_gemma.targets import Target, get_target
 from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
@@ -87,18 +88,9 @@ def model_name(spec: str | None, model_dir: Path) -> str:
     return Path(str(spec).rstrip("/")).name or model_dir.name
 
 
-def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
+def bundle_recipe(target: str | Target, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
     """The resolved recipe (file < --set < context clamp), the overrides that make it, and notes."""
-    over = parse_overrides(overrides)
-    recipe = load_recipe(target, config_file, over)
-    clamp = fit_to_model(recipe, max_positions)
-    notes = []
-    if clamp:
-        notes.append(f"max_seq_len {recipe.max_seq_len} -> {clamp['max_seq_len']}: the model's "
-                     f"max_position_embeddings is {max_positions}")
-        over = {**over, **clamp}
-        recipe = load_recipe(target, config_file, over)
-    return recipe, over, notes
+    return resolve_recipe(target, config_file, overrides, max_positions)
 
 
 def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool) -> Path:
@@ -191,7 +183,7 @@ def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
             f"trt-gemma serve {shlex.quote(str(bundle / 'engine'))}"]
 
 
-def build_bundle(model: str | None = None, target: str | None = "auto", config_file: str | Path | None = None,
+def build_bundle(model: str | None = None, target: str | Target | None = "auto", config_file: str | Path | None = None,
                  overrides=(), out: str | Path | None = None, force: bool = False, compile_engine: bool = True,
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
                  detection=None) -> BundleResult:
@@ -202,16 +194,16 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
     from trt_gemma.plan import plan, require_fit
 
     t0 = time.time()
-    target, how = resolve_target(target, detection)
-    _say(log, f"target {target} ({how})")
+    t, how = resolve_target(target, detection)  # resolved once; the Target object travels from here
+    _say(log, f"target {t.name} ({how})")
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    recipe, over, notes = bundle_recipe(target, config_file, overrides, cfg.max_position_embeddings)
-    p = plan(model_dir, target, overrides=over, config_file=config_file)
+    recipe, over, notes = bundle_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    p = plan(model_dir, t, recipe=recipe, recipe_notes=notes)
     require_fit(p)
     _say(log, f"plan: {p.verdict} — {p.reason}")
     name = model_name(model, model_dir)
-    out = Path(out) if out is not None else default_out(name, target, recipe)
+    out = Path(out) if out is not None else default_out(name, t.name, recipe)
     check_output_target(out, force)
     with atomic_output_dir(out, force) as tmp:
         _say(log, f"{'quantizing' if recipe.quant in CALIBRATED_QUANTS else 'converting'} -> {recipe.quant}")
@@ -225,12 +217,12 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
             shutil.rmtree(tmp / ".work", ignore_errors=True)
             (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
             (tmp / "quality.md").write_text(quality["markdown"] + "\n")
-        write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {target}")
+        write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {t.name}")
         (tmp / "plan.json").write_text(json.dumps(p.to_dict(), indent=2, default=str) + "\n")
-        manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0)
+        manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0, t)
         mf.write_manifest(tmp, manifest)
     _say(log, f"bundle written: {out}")
-    result = BundleResult(out, target, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
+    result = BundleResult(out, t.name, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
     reason = gpu_unavailable_reason() if compile_engine else "compile skipped (--no-compile)"
     if reason is None:
         result.engine = compile_bundle(out, log=log, detection=detection)
@@ -241,10 +233,8 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
 
 
 def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
-                    seconds: float) -> dict:
-    from trt_gemma.targets import get_target
-
-    t = get_target(recipe.target)
+                    seconds: float, t: Target | None = None) -> dict:
+    t = t if t is not None else get_target(recipe.target)
     ckpt_cfg = json.loads((ckpt / "config.json").read_text())
     quant = ckpt_cfg.get("quantization") or {}
     return {
@@ -274,14 +264,15 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
     manifest = mf.read_manifest(bundle)
     if manifest.get("kind") != "bundle":
         raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
-    recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
+    t = get_target(manifest["target"]["name"])
+    recipe = load_recipe(t, bundle / "recipe.toml")
     reason = gpu_unavailable_reason()
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))
         raise DependencyError(f"cannot compile {bundle} on this host: {reason}",
                               fix=f"run `trt-gemma build --from-bundle {bundle}` on a host with TensorRT-LLM "
                                   f">=1.0,<1.3 and an NVIDIA GPU, or there: {raw}")
-    host, warnings = _check_host(recipe, detection)
+    host, warnings = _check_host(recipe, t, detection)
     kwargs = build_config_kwargs(recipe, gather_context_logits=gather_context_logits)
     _say(log, f"compiling with TensorRT-LLM on {host.name} (SM {host.sm // 10}.{host.sm % 10})")
     t0 = time.time()
@@ -302,11 +293,11 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
                         warnings)
 
 
-def _check_host(recipe: Recipe, detection=None):
+def _check_host(recipe: Recipe, t: Target, detection=None):
     """The host GPU can run the recipe's precisions (typed error otherwise); a different target is a warning:
     the engine then runs on this host's SM only."""
     from trt_gemma.detect import detect
-    from trt_gemma.targets import get_target, supports
+    from trt_gemma.targets import supports
 
     host = detection if detection is not None else detect()
     for precision in (recipe.quant, "kv_fp8" if recipe.kv_dtype == "fp8" else None):
@@ -315,7 +306,7 @@ def _check_host(recipe: Recipe, detection=None):
             raise RecipeError(f"this host's {host.name} cannot build the bundle's {precision}: {why}",
                               fix="compile on the target the bundle was made for, or rebuild the bundle for this GPU")
     warnings = []
-    if get_target(recipe.target).sm != host.sm:
+    if t.sm != host.sm:
         warnings.append(f"bundle made for {recipe.target}, compiled on {host.name} "
                         f"(SM {host.sm // 10}.{host.sm % 10}): the engine runs on this SM only")
     return host, warnings

@@ -248,14 +248,17 @@ def closest_target(sm: int, memory_bytes: int, family: str | None) -> tuple[Targ
 DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` plans/builds for on a host without an NVIDIA GPU
 
 
-def resolve_target(target: str | None, detection: "Detection | None" = None) -> tuple[str, str]:
-    """(target name, how it was chosen). "auto" uses detection; a GPU-less host gets DEFAULT_TARGET, said plainly."""
+def resolve_target(target: "str | Target | None", detection: "Detection | None" = None) -> tuple[Target, str]:
+    """(target, how it was chosen), resolved once: callers pass the Target object down. "auto" uses detection; a
+    GPU-less host gets DEFAULT_TARGET, said plainly. `how` never repeats the target name (callers print it)."""
+    if isinstance(target, Target):
+        return target, "named with --target"
     if target not in (None, "", "auto"):
         from trt_gemma.targets import get_target
 
-        return get_target(target).name, "named with --target"
+        return get_target(target), "named with --target"
     d = detection if detection is not None else detect()
     if d.target:
         approx = " (approximate match)" if d.approximate else ""
-        return d.target, f"detected: {d.message}{approx}"
-    return DEFAULT_TARGET, f"default target {DEFAULT_TARGET} ({d.message}; pass --target to choose)"
+        return TARGETS[d.target], f"detected: {d.message}{approx}"
+    return TARGETS[DEFAULT_TARGET], f"default: {d.message}; pass --target to choose"

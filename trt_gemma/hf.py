@@ -19,7 +19,7 @@ import numpy as np
 from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import ST_TO_NAME, to_f32
 from trt_gemma.errors import InputError
-from trt_gemma.st_io import TensorInfo, read_header, read_tensor
+from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect, TensorInfo, read_header, read_tensor  # noqa: F401
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,16 +27,7 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # What a hub download fetches: config, weights, tokenizer; not the .gguf / pytorch_model.bin copies some repos carry.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_NAMES = 6  # names listed in one error message before "... and N more"
-
-
-@dataclass(frozen=True)
-class TensorExpect:
-    """What a source tensor must look like: its shape and the safetensors dtypes accepted for it."""
-
-    shape: tuple[int, ...]
-    dtypes: tuple[str, ...] = FLOAT_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,7 +112,7 @@ class HFModel:
     @classmethod
     def open(cls, path: Path, expected: Mapping[str, TensorExpect] | None = None) -> "HFModel":
         """Validate `path` completely and return the model. `expected` defaults to the float Gemma 2 tensor set
-        derived from the converter's mapping table (trt_gemma.convert.source_expectations)."""
+        derived from the converter's mapping table (trt_gemma.tensor_map.source_expectations)."""
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"model directory {path} does not exist", fix="pass a Hugging Face model directory")
@@ -133,7 +124,7 @@ class HFModel:
         model = cls(path, config, raw, tensors, weight_files, index_file,
                     [path / n for n in TOKENIZER_FILES if (path / n).is_file()])
         if expected is None:
-            from trt_gemma.convert import source_expectations  # the one mapping table lives in convert.py
+            from trt_gemma.tensor_map import source_expectations  # the one mapping table (no import of hf)
 
             expected = source_expectations(model)
         model.check_tensors(expected)

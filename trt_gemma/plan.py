@@ -21,8 +21,7 @@ from pathlib import Path
 from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
-from trt_gemma.recipes import (GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, fit_to_model, load_recipe, parse_overrides,
-                               validate)
+from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
@@ -165,18 +164,17 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
     return _verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
 
 
-def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
+def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
+         recipe_notes: list | tuple = ()) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
-    Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted)."""
+    Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted). A caller that
+    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again."""
     t = get_target(target)
     cfg, name = model_config(model)
-    r = load_recipe(t, config_file, overrides)
-    clamp = fit_to_model(r, cfg.max_position_embeddings)
-    if clamp:
-        clamp_note = (f"max_seq_len {r.max_seq_len} -> {clamp['max_seq_len']}, max_input_len {r.max_input_len} -> "
-                      f"{clamp['max_input_len']}: the model's max_position_embeddings is "
-                      f"{cfg.max_position_embeddings} (trt-gemma build clamps the same way)")
-        r = load_recipe(t, config_file, {**parse_overrides(overrides), **clamp})
+    if recipe is None:
+        r, _, recipe_notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    else:
+        r = recipe
     m = _memory(cfg, t, r)
     budget = int(t.usable_bytes * (1 - MARGIN))
     verdict = _verdict(m["total"], t.usable_bytes)
@@ -199,7 +197,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         read_bytes_per_token=read,
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
-        notes=([clamp_note] if clamp else []) + _notes(t, r))
+        notes=list(recipe_notes) + _notes(t, r))
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
     return p

@@ -1,6 +1,6 @@
 """Linear codecs that turn a ModelOpt unified-HF quantized checkpoint into TensorRT-LLM's W4A16_AWQ / FP8 layouts.
 
-They plug into the converter's one mapping table (trt_gemma/convert.py `LinearCodec`): the table says which HF modules
+They plug into the converter's one mapping table (trt_gemma/tensor_map.py `LinearCodec`): the table says which HF modules
 form which TRT-LLM linear (q,k,v -> attention.qkv; gate_proj -> mlp.fc; ...), a codec says which tensors one module
 has in the source and how a fused group is written. Layouts: ../shared/reference/trtllm-checkpoint.md §2 (quantization
 block) and §4; what ModelOpt 0.47 writes: docs/quantization.md.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.dtypes import f32_to_fp8_e4m3, fp8_e4m3_to_f32, from_f32
+from trt_gemma.dtypes import cast, f32_to_fp8_e4m3, fp8_e4m3_to_f32, from_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.hf import FLOAT_DTYPES, TensorExpect
+from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 KV_MIN_SCALE = 1.0  # ModelOpt clamps FP8 KV scales to >= 1.0 for TensorRT-LLM (quant_utils.get_kv_cache_scaling_factor)
@@ -188,8 +188,6 @@ class AWQCodec(_Codec):
                 (f"{job.target}.prequant_scaling_factor", st_dtype, (inp,))] + self._kv_specs(job)
 
     def write(self, ctx, job, rank):
-        from trt_gemma.convert import cast
-
         packed = [(src, _halve(rows), cols) for src, rows, cols in job.pieces(ctx.tp, rank, ".weight")]
         _stream_raw(ctx, packed, rank, f"{job.target}.weight", _as_int8)
         scales = [(src, rows, _div(cols, self.group_size)) for src, rows, cols in job.pieces(ctx.tp, rank,

@@ -85,22 +85,68 @@ def config_path(target: str) -> Path:
 def load_recipe(target: str | Target, config_file: str | Path | None = None,
                 overrides: Mapping[str, object] | Sequence[str] | None = None) -> Recipe:
     """Defaults < TOML (the target's own unless `config_file`) < overrides; validated against the target."""
+    return resolve_recipe(target, config_file, overrides)[0]
+
+
+def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
+                   overrides: Mapping[str, object] | Sequence[str] | None = None,
+                   max_positions: int | None = None) -> tuple[Recipe, dict, list[str]]:
+    """The recipe a build or plan uses, validated once: (recipe, the overrides that reproduce it from the same file,
+    notes). Beyond the layering of `load_recipe`, two limits follow others the user changed, each said in a note:
+    - max_input_len from the file or defaults shrinks with a smaller `--set max_seq_len` (ratio kept), so
+      `--set max_seq_len=2048` alone works; an explicit `--set max_input_len` is never changed (validation names it);
+    - with `max_positions` (the model's max_position_embeddings), limits beyond the model's context are clamped to it
+      (TensorRT-LLM would build 4096 regardless)."""
     t = get_target(target)
     path = Path(config_file) if config_file is not None else config_path(t.name)
     values: dict = {}
     origin: dict[str, str] = {}
     for key, value in _read_toml(path).items():
         values[key], origin[key] = value, str(path)
-    for key, value in parse_overrides(overrides).items():
+    before = dict(values)
+    over = parse_overrides(overrides)
+    for key, value in over.items():
         values[key], origin[key] = value, f"--set {key}={_plain(value)}"
     file_target = values.pop("target", t.name)
     if file_target != t.name:
         raise RecipeError(f"{origin['target']}: target = {file_target!r} but the recipe is loaded for {t.name!r}",
                           fix=f"use --target {file_target}, or change `target` in {origin['target']}")
     _check_keys_and_types(values, origin)
+    notes = []
+    for derived in (_follow_seq_len(values, before, over), _fit_values(values, max_positions)):
+        if derived:
+            notes.append(derived.pop("note"))
+            for key, value in derived.items():
+                values[key], origin[key], over[key] = value, f"{origin.get(key, 'recipe default')} (clamped)", value
     recipe = Recipe(target=t.name, **values)
     validate(recipe, t, origin)
-    return recipe
+    return recipe, over, notes
+
+
+def _follow_seq_len(values: dict, before: dict, over: dict) -> dict:
+    """max_input_len (not set by --set) scaled down with a --set max_seq_len below it, keeping the recipe's ratio."""
+    if "max_seq_len" not in over or "max_input_len" in over:
+        return {}
+    seq, inp = values["max_seq_len"], values.get("max_input_len", default("max_input_len"))
+    if seq < 1 or inp <= seq:
+        return {}
+    new = max(1, inp * seq // max(inp, before.get("max_seq_len", default("max_seq_len"))))
+    return {"max_input_len": new, "note": f"max_input_len {inp} -> {new}: it must not exceed --set max_seq_len={seq} "
+                                          "(set max_input_len yourself to choose another value)"}
+
+
+def _fit_values(values: dict, max_positions: int | None) -> dict:
+    if max_positions is None:
+        return {}
+    seq = values.get("max_seq_len", default("max_seq_len"))
+    inp = values.get("max_input_len", default("max_input_len"))
+    if seq <= max_positions or seq > GEMMA2_MAX_SEQ_LEN:  # over the limit: validation says so, as without a model
+        return {}
+    scaled_input = max(1, inp * max_positions // seq)
+    clamp = {"max_seq_len": max_positions, "max_input_len": min(inp, scaled_input)}
+    clamp["note"] = (f"max_seq_len {seq} -> {max_positions}, max_input_len {inp} -> {clamp['max_input_len']}: the "
+                     f"model's max_position_embeddings is {max_positions}")
+    return clamp
 
 
 def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> dict:
@@ -224,15 +270,6 @@ def _check_kv_cache_source(r: Recipe, origin: dict) -> None:
         raise RecipeError(f"{_where(origin, 'kv_cache_dtype')}: kv_cache_dtype = 'fp8' with quant = {r.quant!r}: the "
                           "KV-cache scales come from ModelOpt calibration, which runs for int4_awq / fp8 recipes only",
                           fix="use --set kv_cache_dtype=auto, or --set quant=fp8 / int4_awq")
-
-
-def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
-    """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
-    if recipe.max_seq_len <= max_positions:
-        return {}
-    # keep the recipe's prompt/total ratio so a full-length prompt still leaves room to generate
-    scaled_input = max(1, recipe.max_input_len * max_positions // recipe.max_seq_len)
-    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, scaled_input)}
 
 
 def _check_plugins_and_memory(r: Recipe, t: Target, origin: dict) -> None:

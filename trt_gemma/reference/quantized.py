@@ -19,14 +19,17 @@ fake-quant torch model (docs/quantization.md), and, for weight-only, TensorRT-LL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from trt_gemma.dtypes import FP8_E4M3_MAX, f32_to_fp8_e4m3, fp8_e4m3_to_f32, round_to
 from trt_gemma.errors import InputError
 from trt_gemma.quant_formats import FP8Format, Int4AWQFormat
-from trt_gemma.reference.checkpoint import Linear, LinearFormat, ShardSet
+from trt_gemma.reference.linear import Linear, LinearFormat
+
+if TYPE_CHECKING:  # the shard reader is passed in by checkpoint.py; importing it here would make a cycle
+    from trt_gemma.reference.checkpoint import ShardSet
 
 FIX = "re-create the checkpoint with `trt-gemma quantize`"
 
