@@ -29,6 +29,7 @@ from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
 from trt_gemma.detect import resolve_target
+from trt_gemma.quant_block import with_shared_embedding
 from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
 from trt_gemma.targets import Target, get_target
 from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
@@ -113,8 +114,8 @@ def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: b
 def share_embedding_table(ckpt: Path) -> None:
     """Drop lm_head.weight so the engine reuses the embedding table (saves vocab x hidden x 2 bytes).
 
-    TRT-LLM sets `share_embedding_table` when lm_head is absent and appends "lm_head" to exclude_modules for quantized
-    models (reference §2, ModelOpt export); `PretrainedModel.load` tolerates the missing tensor (§3). Streams tensor by
+    TRT-LLM sets `share_embedding_table` when lm_head is absent; ModelOpt's export appends "lm_head" to an explicit
+    exclude_modules list (trt_gemma.quant_block.with_shared_embedding: a null list stays null); `PretrainedModel.load` tolerates the missing tensor (§3). Streams tensor by
     tensor, like the converter.
     """
     from trt_gemma.st_io import StreamingWriter, read_header, read_tensor
@@ -134,9 +135,7 @@ def share_embedding_table(ckpt: Path) -> None:
                     w.write(name, read_tensor(rank_file, info, rows=slice(start, start + step)))
         tmp.replace(rank_file)
     cfg["share_embedding_table"] = True
-    quant = cfg.get("quantization") or {}
-    if quant.get("quant_algo"):
-        quant["exclude_modules"] = sorted(set(quant.get("exclude_modules") or []) | {"lm_head"})
+    cfg["quantization"] = with_shared_embedding(cfg.get("quantization") or {})
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

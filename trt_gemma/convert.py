@@ -35,13 +35,14 @@ from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import NAME_TO_ST, cast, from_f32, to_f32  # noqa: F401  (convert.cast: re-exported)
 from trt_gemma.errors import ConfigError, InputError, OutputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
+from trt_gemma.quant_block import quantization_block
 from trt_gemma.hf import INDEX_FILE, SINGLE_FILE, HFModel, resolve_model
 from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
 # The mapping table and its codecs live in trt_gemma.tensor_map (importable without the converter); re-exported here.
 from trt_gemma.tensor_map import (EMBEDDING, FLOAT_CODEC, LINEAR, LM_HEAD, NORM, TABLE, TRANSFORMS,  # noqa: F401
-                                  Entry, FloatCodec, Job, LinearCodec, codec_for, gemma_norm, plan,
-                                  source_expectations)
+                                  AWQ_PAD_MIN, Entry, FloatCodec, Job, LinearCodec, awq_padded, awq_tp_sizes,
+                                  codec_for, gemma_norm, plan, source_expectations)
 
 BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
 PROVENANCE_FILE = "trt_gemma_provenance.json"
@@ -166,28 +167,52 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
         "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
         "final_logit_softcapping": cfg.final_logit_softcapping, "attn_logit_softcapping": cfg.attn_logit_softcapping,
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1, "cp_size": 1, "gpus_per_node": 8},
-        "quantization": {
-            "quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": 128, "has_zero_point": False,
-            "pre_quant_scale": False, "exclude_modules": ["lm_head"] if quant_algo else None,
-            "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False,
-        },
+        "quantization": quantization_block(quant_algo),  # the one writer of this block (quant_block.py)
         EXTRA_KEY: {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types)},
     }
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; reference §3)."""
+def check_tp(cfg: ModelConfig, tp: int, allowed: list[int] | None = None) -> None:
+    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; reference §3). `allowed`: the
+    tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
     dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
             "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
     if tp < 1:
         raise ConfigError(f"--tp {tp}: must be at least 1", fix="use --tp 1 (one GPU) or more")
     for name, v in dims.items():
         if v % tp:
-            ok = [t for t in range(1, max(dims.values()) + 1) if all(d % t == 0 for d in dims.values())][:8]
+            ok = allowed if allowed is not None else \
+                [t for t in range(1, max(dims.values()) + 1) if all(d % t == 0 for d in dims.values())][:8]
             raise ConfigError(f"--tp {tp}: {name} = {v} does not divide by {tp}",
                               fix=f"use --tp in {ok}")
+
+
+def _awq_group(codec) -> int | None:
+    spec = getattr(codec, "spec", None)
+    return getattr(codec, "group_size", None) if spec is not None and spec.quant_algo == "W4A16_AWQ" else None
+
+
+def _awq_tp_allowed(cfg: ModelConfig, codec) -> list[int] | None:
+    group = _awq_group(codec)
+    return None if group is None else awq_tp_sizes(cfg, group)
+
+
+def _check_awq_tp(cfg: ModelConfig, tp: int, codec) -> None:
+    """INT4-AWQ at a tp where TensorRT-LLM pads the groupwise layers: refused, naming the tp sizes that load
+    (the same rule `trt-gemma plan` reports; tensor_map.awq_padded)."""
+    group = _awq_group(codec)
+    if group is None:
+        return
+    padded = awq_padded(cfg, tp, group)
+    if padded:
+        name, (o, i) = next(iter(padded.items()))
+        multiple = max(AWQ_PAD_MIN, group) * tp
+        raise ConfigError(f"--tp {tp}: TensorRT-LLM pads INT4-AWQ (group {group}) layers to multiples of {multiple} "
+                          f"at tp {tp}, and {name} is [{o}, {i}]; this converter writes unpadded tensors, which "
+                          "TensorRT-LLM would refuse to load",
+                          fix=f"use --tp in {awq_tp_sizes(cfg, group)}")
 
 
 def _check_options(dtype: str | None, weight_only: str | None) -> None:
@@ -215,12 +240,13 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
         raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
                           fix="add --dtype bfloat16 (or float16)")
     _check_out_not_a_model(out, hf.path)
-    check_tp(hf.config, tp)
     codec, jobs = codec_for(hf), plan(hf.config)
+    check_tp(hf.config, tp, _awq_tp_allowed(hf.config, codec))
     if weight_only and codec is not FLOAT_CODEC:
         raise ConfigError(f"--weight-only {weight_only}: {hf.path} is already quantized",
                           fix="drop --weight-only (the checkpoint keeps its own quantization)")
     check_complete(jobs, codec, hf.tensors, tp)
+    _check_awq_tp(hf.config, tp, codec)
     st = NAME_TO_ST[dtype]
     specs = target_specs(jobs, codec, tp, st)
     quant_algo = WEIGHT_ONLY_ALGOS.get(weight_only) if weight_only else None

@@ -23,6 +23,7 @@ from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
+from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -69,6 +70,7 @@ class Plan:
     decode_tok_s: dict
     suggestion: dict | None = None
     notes: list = field(default_factory=list)
+    awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
 
     @property
     def fits(self) -> bool:
@@ -198,6 +200,13 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
         notes=list(recipe_notes) + _notes(t, r))
+    if r.quant == "int4_awq":
+        p.awq_tp_sizes = awq_tp_sizes(cfg, r.group_size)
+        if p.awq_tp_sizes != list(TP_CANDIDATES):
+            bad = [tp for tp in TP_CANDIDATES if tp not in p.awq_tp_sizes]
+            p.notes.append(f"INT4-AWQ g{r.group_size}: TensorRT-LLM loads this checkpoint at tp "
+                           f"{', '.join(map(str, p.awq_tp_sizes)) or 'none'} only; at tp {', '.join(map(str, bad))} "
+                           "its groupwise layers need padded tensors (`trt-gemma convert --tp` refuses those)")
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
     return p

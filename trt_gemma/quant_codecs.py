@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from trt_gemma.dtypes import cast, f32_to_fp8_e4m3, fp8_e4m3_to_f32, from_f32
+from trt_gemma.quant_block import quantization_block as _block
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect
 
@@ -95,10 +96,10 @@ def _check_spec(spec: QuantSpec) -> QuantSpec:
 
 
 def quantization_block(spec: QuantSpec, group_size: int) -> dict:
-    """config.json `quantization` (reference §2: QuantConfig fields; pre_quant_scale True for AWQ, lm_head excluded)."""
-    return {"quant_algo": spec.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo,
-            "group_size": group_size, "has_zero_point": False, "pre_quant_scale": spec.quant_algo == "W4A16_AWQ",
-            "exclude_modules": ["lm_head"], "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False}
+    """config.json `quantization` (reference: QuantConfig fields; pre_quant_scale True for AWQ, lm_head excluded),
+    written by trt_gemma.quant_block like every other block."""
+    return _block(spec.quant_algo, spec.kv_cache_quant_algo, group_size,
+                  pre_quant_scale=spec.quant_algo == "W4A16_AWQ")
 
 
 # --- shared helpers -------------------------------------------------------------------------------------------------

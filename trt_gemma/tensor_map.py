@@ -164,3 +164,33 @@ def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
     return exp
 
 
+
+
+# --- what TensorRT-LLM's groupwise (INT4-AWQ) layers accept --------------------------------------------------------
+
+AWQ_PAD_MIN = 64  # WeightOnlyGroupwiseQuant{,Row}Linear: multiple = max(64, group_size) * tp_size (W4A16; W4A8: 128)
+TP_CANDIDATES = (1, 2, 4, 8)
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it (TABLE's LINEAR rows)."""
+    h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
+    return {"attention.qkv": (q + 2 * kv, h), "attention.dense": (h, q), "mlp.fc": (f, h), "mlp.gate": (f, h),
+            "mlp.proj": (h, f)}
+
+
+def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple[int, int]]:
+    """The linears TensorRT-LLM would pad at this tp: {name: (out, in)} whose full in or out features are not a
+    multiple of max(64, group) * tp. TRT-LLM then expects the checkpoint's tensors at the padded shapes
+    (tensorrt_llm/quantization/layers.py, docs/tensorrt-llm-contract.md "INT4-AWQ and tensor parallelism"); this
+    converter writes unpadded tensors, so such a tp is refused (convert) and not offered (plan)."""
+    multiple = max(AWQ_PAD_MIN, group_size) * tp
+    return {name: (o, i) for name, (o, i) in linear_shapes(config).items() if o % multiple or i % multiple}
+
+
+def awq_tp_sizes(config: ModelConfig, group_size: int, candidates=TP_CANDIDATES) -> list[int]:
+    """The tp sizes at which an INT4-AWQ checkpoint of this model loads in TensorRT-LLM as written: no padding, and
+    every split dimension divides (heads, KV heads, intermediate, vocab)."""
+    splits = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+    return [tp for tp in candidates
+            if all(d % tp == 0 for d in splits) and not awq_padded(config, tp, group_size)]

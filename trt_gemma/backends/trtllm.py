@@ -87,6 +87,46 @@ def tokenizer_dir(path: Path) -> Path:
                      fix="copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the engine dir")
 
 
+def attention_windows(pretrained: dict, max_seq_len: int) -> list[int] | None:
+    """Per-layer `max_attention_window_size` for ModelRunnerCpp, or None when no layer's window is below max_seq_len.
+
+    TensorRT-LLM's Gemma 2 model marks no layer as sliding (models/gemma/config.py keeps no `sliding_window` for
+    Gemma 2): the window exists only as this run-time argument, a list with one entry per layer, as TensorRT-LLM's
+    Gemma 3 README passes it (docs/tensorrt-llm-contract.md "Runtime"). Our checkpoint records HF's window and layer
+    types under `trt_gemma` (convert.EXTRA_KEY), which TensorRT-LLM carries into the engine's pretrained_config. For
+    real Gemma 2 (window 4096, max_seq_len <= 4096) nothing changes; a model with a smaller window (the embedded one:
+    128) would otherwise attend globally past the window and diverge from the reference."""
+    ours = pretrained.get("trt_gemma") or {}
+    window, types = ours.get("sliding_window"), ours.get("layer_types")
+    if not window or not types or int(window) >= max_seq_len:
+        return None
+    return [int(window) if t == "sliding_attention" else max_seq_len for t in types]
+
+
+def runner_kwargs(path: Path, cfg: dict, slots: int = 1) -> dict:
+    """Everything `ModelRunnerCpp.from_dir` gets for this engine dir (built without importing TensorRT-LLM)."""
+    build = cfg["build_config"]
+    kw = {"engine_dir": str(path), "rank": 0, "max_batch_size": max(1, min(slots, int(build["max_batch_size"]))),
+          **runtime_kv_settings(path)}
+    windows = attention_windows(cfg["pretrained_config"], int(build["max_seq_len"]))
+    if windows is not None:
+        kw["max_attention_window_size"] = windows
+    return kw
+
+
+def sampling_kwargs(params: GenerationParams) -> dict:
+    """ModelRunnerCpp sampling kwargs (docs/tensorrt-llm-contract.md "Runtime"). Greedy = top_k 1. When sampling,
+    top_p is always sent as a float (1.0 = no nucleus cut, a valid value): with top_k 0 and top_p unset the
+    executor's defaults decode greedily and the temperature is ignored."""
+    if params.temperature <= 0.0:
+        kw = {"top_k": 1, "temperature": 1.0, "top_p": None}
+    else:
+        kw = {"top_k": int(params.top_k or 0), "temperature": float(params.temperature), "top_p": float(params.top_p)}
+    if params.seed is not None:
+        kw["random_seed"] = int(params.seed)
+    return kw
+
+
 def _kv_bytes_per_token(pretrained: dict) -> int:
     quant = pretrained.get("quantization") or {}
     kv = {"FP8": "fp8", "INT8": "int8"}.get(str(quant.get("kv_cache_quant_algo")), pretrained.get("dtype", "bfloat16"))
@@ -126,9 +166,7 @@ class TrtLlmBackend(Backend):
         from trt_gemma.tokenizer import GemmaTokenizer
 
         build = cfg["build_config"]
-        runner = ModelRunnerCpp.from_dir(engine_dir=str(path), rank=0,
-                                         max_batch_size=max(1, min(slots, int(build["max_batch_size"]))),
-                                         **runtime_kv_settings(path))
+        runner = ModelRunnerCpp.from_dir(**runner_kwargs(path, cfg, slots))
         pre = cfg["pretrained_config"]
         quant = (pre.get("quantization") or {}).get("quant_algo")
         info = ModelInfo(name=path.parent.name if path.name == "engine" else path.name, path=str(path),
@@ -138,13 +176,7 @@ class TrtLlmBackend(Backend):
         return cls(runner, GemmaTokenizer.from_dir(tokenizer_dir(path)), info, cfg, weights)
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict:
-        """ModelRunnerCpp sampling kwargs (§6). Greedy = top_k 1; top_p 0.0 means off there, so pass None."""
-        greedy = params.temperature <= 0.0
-        kw = {"top_k": 1 if greedy else int(params.top_k or 0), "temperature": 1.0 if greedy else params.temperature,
-              "top_p": None if greedy or params.top_p >= 1.0 else params.top_p}
-        if params.seed is not None:
-            kw["random_seed"] = int(params.seed)
-        return kw
+        return sampling_kwargs(params)
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams,
                cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:

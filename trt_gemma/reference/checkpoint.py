@@ -14,6 +14,7 @@ import numpy as np
 
 from trt_gemma.dtypes import to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+from trt_gemma.quant_block import effective_excludes
 from trt_gemma.reference.linear import Linear, LinearFormat
 # scales split unlike their weights; quantized layouts and the FP8 KV cache (see LINEAR_FORMATS below)
 from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS, merge_quant_scales
@@ -276,10 +277,11 @@ def linear_format(cfg: CheckpointConfig, source: str) -> LinearFormat:
 
 
 def is_excluded(module: str, cfg: CheckpointConfig) -> bool:
-    """quantization.exclude_modules holds fnmatch patterns (TRT-LLM uses fnmatch.fnmatchcase)."""
+    """quantization.exclude_modules holds fnmatch patterns (TRT-LLM uses fnmatch.fnmatchcase); null or empty means
+    TensorRT-LLM's default patterns (quant_block.effective_excludes), which exclude lm_head and the embedding."""
     from fnmatch import fnmatchcase
 
-    return any(fnmatchcase(module, pat) for pat in cfg.exclude_modules)
+    return any(fnmatchcase(module, pat) for pat in effective_excludes(cfg.exclude_modules))
 
 
 def check_all_used(shards: ShardSet) -> None:
