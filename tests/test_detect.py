@@ -1,4 +1,5 @@
-"""Detection from fixture filesystem trees built from real Jetson device-tree strings (targets.md §2-3, jetson.md §1),
+"""Detection from fixture filesystem trees built from real Jetson device-tree strings
+(docs/facts/targets.md §2-3, docs/facts/jetson.md §1),
 from injected NVML answers, and from this host's real (absent) NVML library."""
 from __future__ import annotations
 

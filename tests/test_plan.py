@@ -1,6 +1,7 @@
 """Planner acceptance (issue 2) and its numbers against independent references: the Gemma 2 paper's counts
-(targets.md §5), a real transformers-saved model's tensors, the checkpoint layouts of trtllm-checkpoint.md §4, and the
-roofline table of targets.md §6. CLI paths run through trt_gemma.cli.main (exit codes, no traceback)."""
+(docs/facts/targets.md §5), a real transformers-saved model's tensors, the checkpoint layouts of
+docs/tensorrt-llm-contract.md §4, and the roofline table of docs/facts/targets.md §6. CLI paths run through
+trt_gemma.cli.main (exit codes, no traceback)."""
 from __future__ import annotations
 
 import json
@@ -54,7 +55,7 @@ def test_acceptance_bf16_refused_on_orin_nano_4gb(capsys):
 
 def test_parameter_counts_match_the_paper():
     cfg = preset_config("gemma-2-2b")
-    # targets.md §5: non-embedding 2,024,517,888; embedding 256,000 x 2304 with the HF vocab
+    # docs/facts/targets.md §5: non-embedding 2,024,517,888; embedding 256,000 x 2304 with the HF vocab
     assert parameter_count(cfg) - 256_000 * 2304 == 2_024_517_888
     assert parameter_count(preset_config("shieldgemma-2b")) == parameter_count(cfg)
     # 9b / 27b from the reference's [INF] figures: 9.24 B and 27.23 B
@@ -77,7 +78,8 @@ def test_parameter_count_matches_real_tensors(tiny_model_dir):
 
 
 def test_weight_bytes_against_checkpoint_layouts():
-    """Hand-computed from trtllm-checkpoint.md §4 shapes: AWQ int8 [out/2, in] + wsf [out, in/128] + pqs [in]."""
+    """Hand-computed from docs/tensorrt-llm-contract.md §4 shapes: AWQ int8
+    [out/2, in] + wsf [out, in/128] + pqs [in]."""
     p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
     h, f, q, kv = 2304, 9216, 2048, 1024
     shapes = [(q + 2 * kv, h), (h, q), (f, h), (f, h), (h, f)]
@@ -85,7 +87,7 @@ def test_weight_bytes_against_checkpoint_layouts():
     assert p.weights["linears"] == 26 * awq
     assert p.weights["embedding"] == p.weights["lm_head"] == 256_000 * 2304 * 2
     assert p.weights["norms"] == (4 * 26 + 1) * 2304 * 2
-    # targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
+    # docs/facts/targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
     assert round(p.weights["total"] / 1e9, 2) == 3.40
     bf16 = plan("gemma-2-2b", "h100", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
                                                   "gemm_plugin": "auto"})
@@ -93,7 +95,7 @@ def test_weight_bytes_against_checkpoint_layouts():
 
 
 @pytest.mark.parametrize("target,overrides,expected", [
-    # targets.md §6 roofline table (batch 1, context 0)
+    # docs/facts/targets.md §6 roofline table (batch 1, context 0)
     ("jetson-orin-nano-8gb", {}, 31), ("jetson-orin-nano-super", {}, 46), ("jetson-agx-orin-64gb", {}, 93),
     ("h100", {}, 1047), ("t4", {}, 100), ("a100-80gb", {}, 382), ("rtx-3090", {}, 422),
     ("l4", {"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"}, 135),
@@ -218,7 +220,7 @@ def test_recipe_clamped_to_model_context_like_build(target):
 
 
 def test_unconfirmed_precision_is_noted():
-    # targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
+    # docs/facts/targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
     assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", "t4").notes)
     assert not any("unconfirmed" in n for n in plan("gemma-2-2b", "h100").notes)
 

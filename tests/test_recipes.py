@@ -36,7 +36,8 @@ def test_config_loads_validates_and_fits(path):
 
 
 def test_recommended_recipes_follow_the_reference():
-    # targets.md §1: Orin -> INT4-AWQ g128; Ada/Hopper -> FP8 + FP8 KV; SM 10.x -> FP8 (INT4/INT8 rejected); T4 fp16
+    # docs/facts/targets.md §1: Orin -> INT4-AWQ g128; Ada/Hopper -> FP8 + FP8 KV; SM 10.x -> FP8 (INT4/INT8 rejected);
+    # T4 fp16
     for name, t in TARGETS.items():
         r = load_recipe(name)
         if t.sm == 87:

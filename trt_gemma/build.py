@@ -6,7 +6,7 @@ Quantization is portable, engines are not (tied to the GPU's SM and the TensorRT
    quality table (the bundle's checkpoint vs the unquantized model on the shipped eval text) -> manifest. Written
    atomically: a failed build leaves nothing behind.
 2. `compile_bundle` (GPU host): TensorRT-LLM >= 1.0, < 1.3 on its legacy TensorRT path, the only one with Gemma 2
-   (../shared/reference/trtllm-checkpoint.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
+   (docs/tensorrt-llm-contract.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
    from trt_gemma.trtllm_flags. Before anything imports TensorRT, find_spec + NVML (trt_gemma.gpu_probe) must pass:
    TensorRT runtimes crash, not raise, without a GPU. Without them `build` finishes the bundle, exits 0 and prints
    what to run on the target.
@@ -68,12 +68,14 @@ class BundleResult:
     not_compiled_reason: str | None
     on_target: list  # commands to run on the target when not compiled here
     notes: list = field(default_factory=list)
+    trtllm_caveat: str | None = None  # no released TensorRT-LLM is known to run Gemma 2 on this target (and why)
 
     def to_dict(self) -> dict:
         return {"bundle_dir": str(self.bundle_dir), "target": self.target, "recipe": self.recipe.to_dict(),
                 "compiled": self.engine is not None, "engine": self.engine.to_dict() if self.engine else None,
                 "not_compiled_reason": self.not_compiled_reason, "on_target": self.on_target,
-                "quality": self.quality, "notes": self.notes, "manifest": self.manifest}
+                "quality": self.quality, "notes": self.notes, "manifest": self.manifest,
+                "trtllm_caveat": self.trtllm_caveat}
 
 
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
@@ -228,7 +230,21 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
         result.manifest = mf.read_manifest(out)
     else:
         result.not_compiled_reason, result.on_target = reason, on_target_commands(out, recipe)
+        result.trtllm_caveat = trtllm_caveat(t)
     return result
+
+
+# Where the route that does run on such a target is described (the ONNX -> TensorRT path).
+OTHER_ROUTE_DOC = "docs/jetson.md"
+
+
+def trtllm_caveat(t: Target) -> str | None:
+    """Said in the build output, not only in `plan` notes: the printed TensorRT-LLM commands are not known to work on
+    this target (docs/facts/jetson.md §3, §6)."""
+    if not t.trt_caveat:
+        return None
+    return (f"no TensorRT-LLM release for {t.title} is known to run Gemma 2 ({t.trt_caveat}). The route that runs "
+            f"there is ONNX -> TensorRT: see {OTHER_ROUTE_DOC}")
 
 
 def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
@@ -312,7 +328,7 @@ def _check_host(recipe: Recipe, t: Target, detection=None):
 
 
 def _trtllm_compile(checkpoint_dir: Path, engine_dir: Path, kwargs: dict) -> None:
-    """TRT-LLM 1.0-1.2 legacy TensorRT path, exactly per reference §5:
+    """TRT-LLM 1.0-1.2 legacy TensorRT path, exactly per docs/tensorrt-llm-contract.md §5:
     GemmaForCausalLM.from_checkpoint(ckpt, rank) -> build(model, BuildConfig(...)) -> engine.save(dir), per rank.
     PluginConfig takes the CLI spellings: `from_dict` in the dataclass versions, the constructor (whose validators map
     enable/disable) in the pydantic ones — the same mapping `trtllm-build` applies to its flags."""

@@ -1,6 +1,6 @@
 """Hugging Face Gemma 2 -> TensorRT-LLM checkpoint (config.json + rank{r}.safetensors), streaming.
 
-The layout is /work/shared/reference/trtllm-checkpoint.md §2-4, itself read from TensorRT-LLM's
+The layout is docs/tensorrt-llm-contract.md §2-4, itself read from TensorRT-LLM's
 tensorrt_llm/models/gemma/convert.py (`load_gemma_weights`) and models/gemma/config.py.
 
 How it stays within bounded memory (TensorRT-LLM's own converter loads the whole model as float32 numpy): every output
@@ -49,7 +49,8 @@ PROVENANCE_FILE = "trt_gemma_provenance.json"
 # Our own config.json keys live under one namespaced key: TRT-LLM turns unknown keys into GemmaConfig attributes and
 # its Gemma 3 paths read `sliding_window`, so a top-level one in a Gemma 2 checkpoint could be picked up by TRT-LLM.
 EXTRA_KEY = "trt_gemma"
-WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}  # reference §2 QuantAlgo strings; weights stay float (§4)
+# docs/tensorrt-llm-contract.md §2 QuantAlgo strings; weights stay float (§4)
+WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 
 def target_specs(jobs: list[Job], codec: LinearCodec, tp: int, st_dtype: str) -> list[tuple[str, str, tuple]]:
     """(name, dtype, shape) of every tensor of one rank file, in write order (the same for every rank)."""
@@ -149,8 +150,8 @@ class _Ctx:
 # --- TRT-LLM config.json --------------------------------------------------------------------------------------
 
 def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None) -> dict:
-    """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours under
-    EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime
+    """config.json per docs/tensorrt-llm-contract.md §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours
+    under EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime
     applies it)."""
     qpas = cfg.query_pre_attn_scalar
     return {
@@ -175,8 +176,8 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
 # --- the stage ----------------------------------------------------------------------------------------------------
 
 def check_tp(cfg: ModelConfig, tp: int, allowed: list[int] | None = None) -> None:
-    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; reference §3). `allowed`: the
-    tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
+    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; docs/tensorrt-llm-contract.md §3).
+    `allowed`: the tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
     dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
             "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
     if tp < 1:

@@ -23,7 +23,7 @@ from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect, TensorInfo, read_header,
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Files a tokenizer needs (api.md: the converter copies these into the checkpoint when present).
+# Files a tokenizer needs (the converter copies these into the checkpoint when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # What a hub download fetches: config, weights, tokenizer; not the .gguf / pytorch_model.bin copies some repos carry.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]

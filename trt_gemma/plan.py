@@ -1,6 +1,6 @@
 """Will a Gemma 2 model fit a target? Memory by class, a verdict, the largest settings that fit, a decode roofline.
 
-Memory model (targets.md §5-6, trtllm-checkpoint.md §4-5; figures marked [INF] are estimates made here):
+Memory model (docs/facts/targets.md §5-6, docs/tensorrt-llm-contract.md §4-5; [INF] = an estimate made here):
 - weights as the engine holds them: embedding (model dtype, never quantized), lm_head (tied in HF but a separate
   tensor in the TRT-LLM checkpoint/engine, excluded from quantization) unless the recipe shares the embedding table,
   per-layer linears with their scales from `trt_gemma.quant_formats.FORMATS`, norms in model dtype;
@@ -28,7 +28,7 @@ from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
 # Runtime overhead per family, bytes [INF]. Jetson: CUDA context + TRT libraries with CUDA lazy loading, and a headless
-# JetPack OS reserve (the desktop takes ~0.25-0.8 GB more, jetson.md §5: jetson/setup.sh disables it).
+# JetPack OS reserve (the desktop takes ~0.25-0.8 GB more, docs/facts/jetson.md §5: jetson/setup.sh disables it).
 OVERHEAD = {
     "jetson": {"cuda_context": 512 * MiB, "os_reserve": 512 * MiB},
     "rtx": {"cuda_context": 1 * GiB, "display_reserve": 512 * MiB},
@@ -108,7 +108,7 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (trtllm-checkpoint.md §3)."""
+    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (docs/tensorrt-llm-contract.md §3)."""
     h, f = cfg.hidden_size, cfg.intermediate_size
     return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
 

@@ -2,9 +2,9 @@
 
 `Recipe` is the one place defaults live (CLI options read them from here). A recipe is layered: dataclass defaults <
 the target's build_configs/<target>.toml (or a user TOML) < single-field overrides (`--set key=value`). Validation
-names the field, where its value came from, and the fix. Limits and precision rules: trtllm-checkpoint.md §5 (max_seq_len
-<= 4096 for Gemma 2; gemm plugin off for FP8) and trt_gemma.targets.RULES (FP8 needs SM >= 8.9, INT4/INT8 rejected on
-SM 10.0-11.9, ...).
+names the field, where its value came from, and the fix. Limits and precision rules: docs/tensorrt-llm-contract.md §5
+(max_seq_len <= 4096 for Gemma 2; gemm plugin off for FP8) and trt_gemma.targets.RULES (FP8 needs SM >= 8.9,
+INT4/INT8 rejected on SM 10.0-11.9, ...).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (trtllm-checkpoint.md §5)
+GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (docs/tensorrt-llm-contract.md §5)
 QUANTS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8")
 CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibration (quantize.py), the rest by convert.py
 DTYPES = ("bfloat16", "float16")

@@ -49,7 +49,8 @@ TABLE: tuple[Entry, ...] = (
     Entry(LINEAR, f"{_T}.attention.dense", ((f"{_ATT}.o_proj", ("hidden_size", "q_dim")),), split=1),
     Entry(NORM, f"{_T}.post_layernorm.weight", ((f"{_L}.post_attention_layernorm.weight", H),)),
     Entry(NORM, f"{_T}.pre_feedforward_layernorm.weight", ((f"{_L}.pre_feedforward_layernorm.weight", H),)),
-    # GeGLU: TRT applies the activation to `fc`, so fc <- gate_proj and gate <- up_proj (reference §3 pitfall)
+    # GeGLU: TRT applies the activation to `fc`, so fc <- gate_proj and gate <- up_proj
+    # (docs/tensorrt-llm-contract.md §3 pitfall)
     Entry(LINEAR, f"{_T}.mlp.fc", ((f"{_MLP}.gate_proj", ("intermediate_size", "hidden_size")),), split=0),
     Entry(LINEAR, f"{_T}.mlp.gate", ((f"{_MLP}.up_proj", ("intermediate_size", "hidden_size")),), split=0),
     Entry(LINEAR, f"{_T}.mlp.proj", ((f"{_MLP}.down_proj", ("hidden_size", "intermediate_size")),), split=1),
@@ -130,8 +131,8 @@ class LinearCodec(Protocol):
 
 
 class FloatCodec:
-    """Identity codec: `<module>.weight` [out, in] float -> `<target>.weight` in the model dtype (reference §4 'none';
-    also W8A16/W4A16, which TRT-LLM quantizes at build)."""
+    """Identity codec: `<module>.weight` [out, in] float -> `<target>.weight` in the model dtype
+    (docs/tensorrt-llm-contract.md §4 'none'; also W8A16/W4A16, which TRT-LLM quantizes at build)."""
 
     def source_tensors(self, module, shape):
         return {f"{module}.weight": TensorExpect(tuple(shape))}

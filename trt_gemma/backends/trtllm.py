@@ -1,6 +1,6 @@
 """Backend over a TensorRT-LLM engine (ModelRunnerCpp, the C++ executor behind TRT-LLM's own `examples/run.py`).
 
-Facts from ../shared/reference/trtllm-checkpoint.md §6: `ModelRunnerCpp.from_dir(engine_dir, rank=0, max_batch_size=,
+Facts from docs/tensorrt-llm-contract.md §6: `ModelRunnerCpp.from_dir(engine_dir, rank=0, max_batch_size=,
 kv_cache_free_gpu_memory_fraction=, max_tokens_in_paged_kv_cache=, ...)`; `generate(batch_input_ids: List[Tensor],
 max_new_tokens=, end_id=, pad_id=, streaming=True, return_dict=True, output_sequence_lengths=True, top_k=, top_p=,
 temperature=, random_seed=)` yields dicts whose `output_ids` [batch, beams, seq] hold prompt + tokens so far; KV stats
@@ -16,7 +16,7 @@ Stop tokens: Gemma IT models end turns with <end_of_turn> while the tokenizer's 
 by name in the tokenizer; <end_of_turn> goes to the engine as `end_id`, <eos> is checked here per step.
 
 Imports are guarded: tensorrt_llm is imported only after gpu_probe says a GPU and the package are present
-(`import tensorrt_llm` fails without libcuda, TensorRT crashes without a GPU — DESIGN.md hard facts).
+(`import tensorrt_llm` fails without libcuda, TensorRT crashes without a GPU — docs/tensorrt-llm-contract.md §0).
 Only `@pytest.mark.gpu` tests run this module.
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ def runtime_kv_settings(path: Path) -> dict:
     """ModelRunnerCpp KV arguments from the recipe recorded in the engine's manifest (defaults: TRT-LLM's own).
 
     On unified memory (Jetson) the default 0.9 of free memory starves the host, so recipes there cap the pool in
-    tokens too (`kv_cache_max_tokens`, jetson.md §5); TRT-LLM uses the smaller of the two limits (§6 KvCacheConfig).
+    tokens too (`kv_cache_max_tokens`, docs/facts/jetson.md §5); TRT-LLM uses the
+    smaller of the two limits (§6 KvCacheConfig).
     """
     manifest = Path(path) / ENGINE_MANIFEST
     recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}

@@ -2,7 +2,7 @@
 
 Nothing heavy is imported: packages are found with importlib.util.find_spec (top-level names only, which does not
 import them) and versions read with importlib.metadata. TensorRT-LLM is never imported (it segfaults or fails without
-a GPU, trtllm-checkpoint.md §0); gpu_probe asks NVML instead.
+a GPU, docs/tensorrt-llm-contract.md §0); gpu_probe asks NVML instead.
 """
 from __future__ import annotations
 

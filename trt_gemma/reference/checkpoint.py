@@ -1,6 +1,6 @@
 """Read a TensorRT-LLM Gemma 2 checkpoint dir (config.json + rank{r}.safetensors) into float32 numpy arrays.
 
-The layout is ../shared/reference/trtllm-checkpoint.md §2-4. TP shards are merged back on load, so the reference
+The layout is docs/tensorrt-llm-contract.md §2-4. TP shards are merged back on load, so the reference
 runtime always sees the TP=1 model. How one linear layer is read depends on `quantization.quant_algo`; that is a
 table (`LINEAR_FORMATS`) so a new format adds an entry (its tensors, dequantizer and activation hook), not a branch.
 """
@@ -217,8 +217,9 @@ class ShardSet:
 
 
 def merge_tp(name: str, parts: list[np.ndarray], cfg: CheckpointConfig) -> np.ndarray:
-    """Undo the TP split of trtllm-checkpoint.md §3 "TP split": qkv per-rank [q_r; k_r; v_r]; dense/proj on dim 1;
-    fc/gate/lm_head on dim 0; the embedding on `embedding_sharding_dim` when use_parallel_embedding; norms replicated.
+    """Undo the TP split of docs/tensorrt-llm-contract.md §3 "TP split": qkv per-rank [q_r; k_r; v_r]; dense/proj on dim
+    1; fc/gate/lm_head on dim 0; the embedding on `embedding_sharding_dim` when use_parallel_embedding; norms
+    replicated.
     Splits are by proportion of dim 0, so packed layouts (AWQ's out/2 rows) merge the same way."""
     if len(parts) == 1:
         return parts[0]

@@ -4,7 +4,8 @@ Weights are dequantized once on load (float32 [out, in]); what quantization does
 on x before the GEMM. The math is the one the oracle in tests/test_quantize.py checks against: ModelOpt 0.47's
 fake-quant torch model (docs/quantization.md), and, for weight-only, TensorRT-LLM's own build-time quantizer.
 
-- W4A16_AWQ (reference §4): y = (x * prequant_scaling_factor) @ (int4 * repeat(weights_scaling_factor, group)).T.
+- W4A16_AWQ (docs/tensorrt-llm-contract.md §4):
+  y = (x * prequant_scaling_factor) @ (int4 * repeat(weights_scaling_factor, group)).T.
 - FP8: weight = e4m3 codes * weights_scaling_factor; x goes through e4m3 with activation_scaling_factor exactly as
   ModelOpt's `_fp8_eager` (modelopt/torch/quantization/tensor_quant.py): amax = s*448, scale = 448/amax (float32),
   e4m3(clamp(x*scale, ±448)) * (1/scale). Rounding the product rather than x/s matters: a one-ulp difference flips
