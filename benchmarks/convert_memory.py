@@ -175,12 +175,23 @@ def main() -> None:
     if args.child:
         return child(args.child, args.model, args.out)
 
-    work = Path(tempfile.mkdtemp(prefix="convert_memory-", dir=args.workdir))
+    work = prepare_workdir(args.workdir)
     try:
         bench(work, args.skip_baseline)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_workdir(workdir: Path | None) -> Path:
+    """A fresh temp dir under --workdir, which is created when missing; a path that cannot hold one ends the run
+    with a one-line message (exit status 1), not a traceback."""
+    try:
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="convert_memory-", dir=workdir))
+    except OSError as e:
+        sys.exit(f"error: --workdir {workdir}: {e.strerror or e} (pass a writable directory)")
 
 
 def bench(work: Path, skip_baseline: bool) -> None:

@@ -141,3 +141,14 @@ def test_bad_file_names_the_file(tmp_path):
 def test_unknown_target():
     with pytest.raises(InputError, match="unknown target 'h800'"):
         load_recipe("h800")
+
+
+def test_wrong_type_fix_quotes_this_targets_recipe_value():
+    """`--set max_batch_size=abc` on the Orin Nano: the value to fall back to is the recipe's 2, not the dataclass 8."""
+    from trt_gemma.recipes import _read_toml, default
+
+    recipe_value = _read_toml(config_path("jetson-orin-nano-8gb"))["max_batch_size"]
+    assert recipe_value != default("max_batch_size")
+    with pytest.raises(ConfigError) as e:
+        load_recipe("jetson-orin-nano-8gb", overrides=["max_batch_size=abc"])
+    assert e.value.fix.endswith(f"(jetson-orin-nano-8gb recipe: {recipe_value})"), e.value.fix

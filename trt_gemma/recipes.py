@@ -111,7 +111,7 @@ def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
     if file_target != t.name:
         raise RecipeError(f"{origin['target']}: target = {file_target!r} but the recipe is loaded for {t.name!r}",
                           fix=f"use --target {file_target}, or change `target` in {origin['target']}")
-    _check_keys_and_types(values, origin)
+    _check_keys_and_types(values, origin, before, f"{t.name} recipe" if config_file is None else str(path))
     notes = []
     for derived in (_follow_seq_len(values, before, over), _fit_values(values, max_positions)):
         if derived:
@@ -181,7 +181,10 @@ def _read_toml(path: Path) -> dict:
                          fix="pass a readable TOML file (see build_configs/ for examples)") from None
 
 
-def _check_keys_and_types(values: dict, origin: dict) -> None:
+def _check_keys_and_types(values: dict, origin: dict, file_values: dict | None = None, file_name: str = "") -> None:
+    """Unknown keys and wrong types, named with their source. The fix quotes the value this recipe would otherwise
+    have: the recipe file's (`file_values`, read from `file_name`) or the dataclass default."""
+    file_values = file_values or {}
     for key, value in values.items():
         if key not in FIELD_TYPES or key == "target":
             close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
@@ -193,8 +196,15 @@ def _check_keys_and_types(values: dict, origin: dict) -> None:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             values[key], ok = float(value), True
         if not ok:
+            from_file = key in file_values and file_values[key] is not value and _valid(file_values[key], want)
+            label, fallback = (file_name, file_values[key]) if from_file else ("default", default(key))
             raise ConfigError(f"{origin[key]}: field {key!r} must be {want.__name__}, got {value!r}",
-                              fix=f"set {key} to a value of type {want.__name__} (default: {_toml_repr(default(key))})")
+                              fix=f"set {key} to a value of type {want.__name__} ({label}: {_toml_repr(fallback)})")
+
+
+def _valid(value, want: type) -> bool:
+    return isinstance(value, want) and not (want is not bool and isinstance(value, bool)) or \
+        (want is float and isinstance(value, int) and not isinstance(value, bool))
 
 
 def _choice(recipe: Recipe, key: str, choices: tuple, origin: dict) -> None:
