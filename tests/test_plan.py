@@ -139,7 +139,7 @@ def test_27b_bf16_on_small_gpu_refused_with_suggestion():
 def test_local_model_dir_and_bad_model(tiny_model_dir, capsys):
     p = plan(tiny_model_dir, "rtx-3090")
     assert p.kv_bytes_per_token == 2 * 3 * 2 * 32 * 2 and p.verdict == "fits"
-    with pytest.raises(InputError, match="neither a preset nor a local model dir"):
+    with pytest.raises(InputError, match="neither a preset, a local model dir nor a hub id"):
         plan("gemma-3-1b", "h100")
     code, _, err = run_cli(["plan", "--model", "gemma-3-1b", "--target", "h100"], capsys)
     assert code == 2 and "error:" in err and "fix:" in err
@@ -256,3 +256,44 @@ def test_nonpositive_model_sizes_are_named(tmp_path, capsys, key, value):
     code, out, err = run_cli(["plan", "--model", str(tmp_path), "--target", "h100"], capsys)
     assert code == 2 and out == ""
     assert f"config.json: {key} = {value} must be >= 1" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_seq_len": 2048}])
+def test_suggestion_is_the_largest_batch_that_fits_before_other_changes(overrides):
+    """9b on an RTX 4090 (issue 10): the recipe fits at a smaller batch, so that is the suggestion — not batch 1 and
+    not lighter weights. The boundary is found here by planning every batch size."""
+    p = plan("gemma-2-9b", "rtx-4090", overrides=overrides)
+    assert p.verdict == "does not fit"
+    fitting = [b for b in range(1, p.recipe.max_batch_size)
+               if plan("gemma-2-9b", "rtx-4090", overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
+    assert fitting and p.suggestion["set"] == {"max_batch_size": max(fitting)}, p.suggestion
+    assert abs(max(fitting) - p.max_batch_fit) <= 1  # the figure printed beside it agrees
+
+
+def test_suggestion_changes_weights_only_when_limits_cannot_fit():
+    p = plan("gemma-2-27b", "rtx-4090")
+    assert all(plan("gemma-2-27b", "rtx-4090", overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
+               for s in (4096, 256))
+    assert p.suggestion["set"]["quant"] == "int4_awq" and "max_num_tokens" not in p.suggestion["set"]
+
+
+def test_hub_id_from_the_local_cache(tiny_model_dir, tmp_path):
+    """`plan --model org/name` reads config.json from the HF cache like every other command (offline here)."""
+    import os
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-gemma"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", repo / "snapshots" / sha / "config.json")  # config.json is all it needs
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/tiny-gemma", "--target", "h100",
+                        "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["model"] == "acme/tiny-gemma" and d["parameters"] == plan(tiny_model_dir, "h100").parameters
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/not-cached", "--target", "h100"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stderr and "Traceback" not in r.stderr

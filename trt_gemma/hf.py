@@ -34,12 +34,13 @@ _MAX_NAMES = 6  # names listed in one error message before "... and N more"
 # resolving MODEL arguments
 
 
-def resolve_model(spec: str | None) -> Path:
+def resolve_model(spec: str | None, config_only: bool = False) -> Path:
     """MODEL argument -> local HF model dir.
 
     None or "default" -> the embedded default model (unless a local dir named "default" exists); an existing local
     dir -> itself; something path-like that does not exist -> InputError; anything else is a hub id fetched with
-    huggingface_hub.snapshot_download, which honours the HF cache and HF_HUB_OFFLINE.
+    huggingface_hub.snapshot_download, which honours the HF cache and HF_HUB_OFFLINE. `config_only`: a hub snapshot
+    needs only config.json (planning), so nothing else is downloaded.
     """
     if spec is None or (spec == "default" and not Path(spec).is_dir()):
         try:
@@ -57,7 +58,7 @@ def resolve_model(spec: str | None) -> Path:
     if _looks_like_path(spec):
         raise InputError(f"model directory {spec} does not exist",
                          fix="check the path, or pass a Hugging Face hub id such as google/gemma-2-2b-it")
-    return _download(spec)
+    return _download(spec, ["config.json"] if config_only else HUB_PATTERNS)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -65,13 +66,13 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str] = HUB_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except GatedRepoError as e:
         raise InputError(f"hub model {repo_id} is gated and this host is not authorised",
                          fix=f"accept the license on https://huggingface.co/{repo_id}, then `hf auth login` "

@@ -84,7 +84,8 @@ class Plan:
 
 
 def model_config(model: str | Path) -> tuple[ModelConfig, str]:
-    """A preset name (real HF values), a local HF model dir (its config.json), or "default": the embedded model."""
+    """A preset name (real HF values), a local HF model dir (its config.json), a hub id (config.json from the local HF
+    cache or the hub), or "default": the embedded model."""
     if str(model) == "default":
         from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -94,9 +95,15 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     path = Path(model)
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), str(path)
-    raise InputError(f"--model {model!r} is neither a preset nor a local model dir",
-                     fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, or a directory "
-                         "containing config.json")
+    if str(model).count("/") == 1 and not str(model).startswith((".", "~")):
+        # a hub id ("org/name"), resolved like every other command does (local HF cache, HF_HUB_OFFLINE honoured);
+        # planning reads config.json only, so nothing else is fetched
+        from trt_gemma.hf import resolve_model
+
+        return ModelConfig.from_file(resolve_model(str(model), config_only=True) / "config.json"), str(model)
+    raise InputError(f"--model {model!r} is neither a preset, a local model dir nor a hub id (org/name)",
+                     fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, a directory "
+                         "containing config.json, or a hub id such as google/gemma-2-2b-it")
 
 
 def parameter_count(cfg: ModelConfig) -> int:
@@ -251,34 +258,57 @@ def _notes(t: Target, r: Recipe) -> list[str]:
     return notes
 
 
+SEQ_STEPS = (4096, 3072, 2048, 1536, 1024, 512, 256)  # max_seq_len values a suggestion tries, longest first
+
+
 def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
-    """The best-quality recipe change that fits: current limits first, then weights by quality, FP8 KV, a shared
-    embedding table, and only then smaller batch / sequence limits."""
-    order = [q for q in QUALITY_ORDER if supports(t, q)[0]]
-    kv_options = [r.kv_cache_dtype] + (["fp8"] if supports(t, "kv_fp8")[0] else [])
-    limits = [(r.max_batch_size, r.max_seq_len)] + [(1, s) for s in (4096, 2048, 1024, 512)]
-    for batch, seq in limits:
-        for quant in order:
-            for kv in kv_options:
-                for share in (False, True):
-                    cand = _candidate(cfg, r, quant, kv, share, batch, seq, t)
-                    if cand is not None and fits(cfg, t, cand):
-                        changes = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
-                        return {"set": changes, "total_bytes": _memory(cfg, t, cand)["total"],
-                                "command": " ".join(f"--set {k}={_plain(v)}" for k, v in changes.items())}
+    """The smallest recipe change that fits, tried in the order a user would: a smaller batch (the largest that fits),
+    a shorter max_seq_len at this batch, an FP8 KV cache, lighter weights (by expected quality), a shared embedding
+    table; only then those together with smaller limits. Each candidate is validated like a user's --set."""
+    for changes in _changes(t, r):
+        cand = _candidate(cfg, r, t, changes)
+        if cand is not None and fits(cfg, t, cand):
+            diff = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
+            return {"set": diff, "total_bytes": _memory(cfg, t, cand)["total"],
+                    "command": " ".join(f"--set {k}={_plain(v)}" for k, v in diff.items())}
     return None
 
 
-def _candidate(cfg: ModelConfig, r: Recipe, quant, kv, share, batch, seq, t: Target) -> Recipe | None:
+def _changes(t: Target, r: Recipe):
+    batches = range(r.max_batch_size - 1, 0, -1)
+    seqs = [s for s in SEQ_STEPS if s < r.max_seq_len]
+    kvs = ["fp8"] if supports(t, "kv_fp8")[0] and r.kv_dtype != "fp8" else []
+    lighter = [q for q in QUALITY_ORDER[QUALITY_ORDER.index(r.quant) + 1:] if supports(t, q)[0]] \
+        if r.quant in QUALITY_ORDER else []
+    shares = [] if r.share_embedding_table else [True]
+    yield from ({"max_batch_size": b} for b in batches)
+    yield from ({"max_seq_len": s} for s in seqs)
+    yield from ({"kv_cache_dtype": kv} for kv in kvs)
+    yield from ({"quant": q} for q in lighter)
+    yield from ({"share_embedding_table": v} for v in shares)
+    for quant in [r.quant, *lighter]:
+        for kv in [r.kv_cache_dtype, *kvs]:
+            for share in [r.share_embedding_table, *shares]:
+                base = {"quant": quant, "kv_cache_dtype": kv, "share_embedding_table": share}
+                yield from ({**base, "max_batch_size": b} for b in (r.max_batch_size, *batches))
+                yield from ({**base, "max_batch_size": 1, "max_seq_len": s} for s in seqs)
+
+
+def _candidate(cfg: ModelConfig, r: Recipe, t: Target, changes: dict) -> Recipe | None:
+    """`r` with `changes` plus the fields that must follow them (prompt length within the sequence, the GEMM plugin
+    rule for FP8, a token cap that still holds the batch); None when the result would not validate."""
+    c = dict(changes)
+    quant, batch, seq = c.get("quant", r.quant), c.get("max_batch_size", r.max_batch_size), \
+        c.get("max_seq_len", r.max_seq_len)
     if _group_misfit(cfg, quant, r.group_size) is not None:
         return None
-    cand = r.replace(quant=quant, kv_cache_dtype=kv, share_embedding_table=share, max_batch_size=batch,
-                     max_seq_len=min(seq, r.max_seq_len), max_input_len=min(r.max_input_len, seq),
-                     max_num_tokens=min(r.max_num_tokens, max(seq, 256)),
-                     gemm_plugin="disable" if quant == "fp8" else ("auto" if r.gemm_plugin == "disable"
-                                                                    else r.gemm_plugin))
+    if quant != r.quant:
+        c["gemm_plugin"] = "disable" if quant == "fp8" else ("auto" if r.gemm_plugin == "disable" else r.gemm_plugin)
+    if seq != r.max_seq_len:
+        c["max_input_len"] = min(r.max_input_len, max(1, r.max_input_len * seq // r.max_seq_len))
     if r.kv_cache_max_tokens:
-        cand = cand.replace(kv_cache_max_tokens=cand.max_batch_size * cand.max_seq_len)
+        c["kv_cache_max_tokens"] = max(seq, min(r.kv_cache_max_tokens, batch * seq))
+    cand = r.replace(**c)
     try:
         validate(cand, t)
     except TrtGemmaError:

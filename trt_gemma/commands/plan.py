@@ -11,7 +11,7 @@ from trt_gemma.config import PRESETS
 
 @click.command("plan")
 @click.option("--model", default="default", show_default=True,
-              help=f"A local HF model dir, a preset ({', '.join(PRESETS)}), or `default`: the embedded model.")
+              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), or `default`: the embedded model.")
 @click.option("--target", default="auto", show_default=True,
               help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
 @click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
