@@ -113,11 +113,14 @@ def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
                           fix=f"use --target {file_target}, or change `target` in {origin['target']}")
     _check_keys_and_types(values, origin, before, f"{t.name} recipe" if config_file is None else str(path))
     notes = []
-    for derived in (_follow_seq_len(values, before, over), _fit_values(values, max_positions)):
+    # in turn: the model clamp sees the prompt length the sequence length already brought down
+    for derive in (lambda: _follow_seq_len(values, before, over), lambda: _fit_values(values, max_positions)):
+        derived = derive()
         if derived:
             notes.append(derived.pop("note"))
             for key, value in derived.items():
-                values[key], origin[key], over[key] = value, f"{origin.get(key, 'recipe default')} (clamped)", value
+                where = origin.get(key, "recipe default").removesuffix(" (clamped)")
+                values[key], origin[key], over[key] = value, f"{where} (clamped)", value
     recipe = Recipe(target=t.name, **values)
     validate(recipe, t, origin)
     return recipe, over, notes
