@@ -27,7 +27,8 @@ from trt_gemma.errors import ConfigError
 #   exclude_modules = quant_config.exclude_modules or ['*lm_head', '*router', '*vocab_embedding', ...]
 UPSTREAM_DEFAULT_EXCLUDES = ["*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
                              "*shared_expert_gate", "*fused_a"]
-# same file, `weight_only_quantize`: quant_map = {ColumnLinear: ..., RowLinear: ..., Embedding: WeightOnlyQuantEmbedding}
+# same file, `weight_only_quantize`: quant_map = {ColumnLinear: ..., RowLinear: ...,
+#                                                Embedding: WeightOnlyQuantEmbedding}
 # tensorrt_llm/quantization/layers.py@2340c776: WeightOnlyQuantEmbedding has a `per_token_scale` Parameter that
 # from_checkpoint must find in the rank file ("Required but not provided tensors" otherwise).
 EMBEDDINGS = ("transformer.vocab_embedding",)
@@ -107,7 +108,7 @@ def test_plan_names_the_awq_tp_sizes_trtllm_loads(model):
     assert p.awq_tp_sizes == want
     # the cases the issue found by hand: 2b at tp 4 (2304 % 512), 9b and 27b at tp 8
     bad = {"gemma-2-2b": 4, "gemma-2-9b": 8, "gemma-2-27b": 8}[model]
-    assert bad not in want and any(f"INT4-AWQ g128" in n and "padded" in n for n in p.notes), p.notes
+    assert bad not in want and any("INT4-AWQ g128" in n and "padded" in n for n in p.notes), p.notes
 
 
 def _fake_modelopt_awq(src: Path, dst: Path, group: int) -> Path:

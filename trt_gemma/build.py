@@ -117,8 +117,9 @@ def share_embedding_table(ckpt: Path) -> None:
     """Drop lm_head.weight so the engine reuses the embedding table (saves vocab x hidden x 2 bytes).
 
     TRT-LLM sets `share_embedding_table` when lm_head is absent; ModelOpt's export appends "lm_head" to an explicit
-    exclude_modules list (trt_gemma.quant_block.with_shared_embedding: a null list stays null); `PretrainedModel.load` tolerates the missing tensor (§3). Streams tensor by
-    tensor, like the converter.
+    exclude_modules list (trt_gemma.quant_block.with_shared_embedding: a null list stays null);
+    `PretrainedModel.load` tolerates the missing tensor (docs/tensorrt-llm-contract.md §3). Streams tensor by tensor,
+    like the converter.
     """
     from trt_gemma.st_io import StreamingWriter, read_header, read_tensor
 
@@ -199,7 +200,7 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
     _say(log, f"target {t.name} ({how})")
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    recipe, over, notes = bundle_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    recipe, _, notes = bundle_recipe(t, config_file, overrides, cfg.max_position_embeddings)
     p = plan(model_dir, t, recipe=recipe, recipe_notes=notes)
     require_fit(p)
     _say(log, f"plan: {p.verdict} — {p.reason}")

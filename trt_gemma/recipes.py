@@ -152,6 +152,14 @@ def _fit_values(values: dict, max_positions: int | None) -> dict:
     return clamp
 
 
+def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
+    """Overrides that keep `recipe` within the model's trained context ({} when it already is); resolve_recipe
+    applies the same clamp while layering."""
+    clamp = _fit_values(recipe.to_dict(), max_positions)
+    clamp.pop("note", None)
+    return clamp
+
+
 def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> dict:
     """{"k": v} as is; ["k=v", ...] with v read as a TOML value (bare words stay strings: quant=int4_awq)."""
     if not overrides:
