@@ -190,3 +190,16 @@ def test_per_layer_attention_window_from_layer_types(tmp_path):
     real = trtllm_config(preset_config("gemma-2-2b"), "bfloat16", 1, None)
     assert "max_attention_window_size" not in runner_kwargs(tmp_path, _engine_config(real, 4096))
     assert attention_windows(real, 4096) is None
+
+
+def test_attention_window_from_the_bundle_checkpoint_when_the_engine_config_lacks_it(tmp_path):
+    """If TensorRT-LLM did not carry our block into the engine config, BUNDLE/checkpoint/config.json still has it."""
+    from trt_gemma.assets import default_model_dir
+
+    pretrained = trtllm_config(ModelConfig.from_file(default_model_dir() / "config.json"), "bfloat16", 1, None)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps(pretrained))
+    engine_cfg = _engine_config({k: v for k, v in pretrained.items() if k != "trt_gemma"}, 512)
+    kw = runner_kwargs(tmp_path / "engine", engine_cfg)
+    assert kw["max_attention_window_size"] == runner_kwargs(tmp_path / "x", _engine_config(pretrained, 512))[
+        "max_attention_window_size"] == [128, 512, 128, 512]

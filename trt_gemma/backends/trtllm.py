@@ -93,7 +93,7 @@ def attention_windows(pretrained: dict, max_seq_len: int) -> list[int] | None:
 
     TensorRT-LLM's Gemma 2 model marks no layer as sliding (models/gemma/config.py keeps no `sliding_window` for
     Gemma 2): the window exists only as this run-time argument, a list with one entry per layer, as TensorRT-LLM's
-    Gemma 3 README passes it (docs/tensorrt-llm-contract.md "Runtime"). Our checkpoint records HF's window and layer
+    Gemma 3 README passes it (docs/tensorrt-llm-contract.md §6). Our checkpoint records HF's window and layer
     types under `trt_gemma` (convert.EXTRA_KEY), which TensorRT-LLM carries into the engine's pretrained_config. For
     real Gemma 2 (window 4096, max_seq_len <= 4096) nothing changes; a model with a smaller window (the embedded one:
     128) would otherwise attend globally past the window and diverge from the reference."""
@@ -109,14 +109,26 @@ def runner_kwargs(path: Path, cfg: dict, slots: int = 1) -> dict:
     build = cfg["build_config"]
     kw = {"engine_dir": str(path), "rank": 0, "max_batch_size": max(1, min(slots, int(build["max_batch_size"]))),
           **runtime_kv_settings(path)}
-    windows = attention_windows(cfg["pretrained_config"], int(build["max_seq_len"]))
+    pretrained = cfg["pretrained_config"]
+    if "trt_gemma" not in pretrained:  # an engine whose config dropped our block: the bundle's checkpoint beside it
+        pretrained = {"trt_gemma": _checkpoint_block(Path(path))}
+    windows = attention_windows(pretrained, int(build["max_seq_len"]))
     if windows is not None:
         kw["max_attention_window_size"] = windows
     return kw
 
 
+def _checkpoint_block(engine_dir: Path) -> dict:
+    """Our `trt_gemma` config block from BUNDLE/checkpoint/config.json when the engine sits in BUNDLE/engine."""
+    cfg = engine_dir.parent / "checkpoint" / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("trt_gemma") or {} if cfg.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def sampling_kwargs(params: GenerationParams) -> dict:
-    """ModelRunnerCpp sampling kwargs (docs/tensorrt-llm-contract.md "Runtime"). Greedy = top_k 1. When sampling,
+    """ModelRunnerCpp sampling kwargs (docs/tensorrt-llm-contract.md §6). Greedy = top_k 1. When sampling,
     top_p is always sent as a float (1.0 = no nucleus cut, a valid value): with top_k 0 and top_p unset the
     executor's defaults decode greedily and the temperature is ignored."""
     if params.temperature <= 0.0:
