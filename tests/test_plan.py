@@ -169,6 +169,8 @@ def test_cli_auto_target_on_gpu_less_host(capsys):
     assert err.count("target jetson-orin-nano-8gb (default: no NVIDIA GPU") == 1, err
     d = json.loads(out)
     assert d["target"] == "jetson-orin-nano-8gb" and d["target_source"].startswith("default")
+    code, out, err = run_cli(["plan"], capsys)  # text: the header says it, once, and stderr stays quiet
+    assert code == 0 and (out + err).count("no NVIDIA GPU") == 1 and "no NVIDIA GPU" in out, out + err
 
 
 def test_other_commands_json(capsys):
