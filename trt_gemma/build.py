@@ -244,7 +244,7 @@ def trtllm_caveat(t: Target) -> str | None:
     this target (docs/facts/jetson.md §3, §6)."""
     if not t.trt_caveat:
         return None
-    return (f"no TensorRT-LLM release for {t.title} is known to run Gemma 2 ({t.trt_caveat}). The route that runs "
+    return (f"no TensorRT-LLM release for {t.title} is known to run Gemma 2: {t.trt_caveat}. The route that runs "
             f"there is ONNX -> TensorRT: see {OTHER_ROUTE_DOC}")
 
 
