@@ -259,8 +259,8 @@ def _load_float(shards: ShardSet, prefix: str) -> Linear:
 
 # quant_algo -> format: float here; the quantized ones (W4A16_AWQ, FP8, and W8A16/W4A16, whose float weights
 # TensorRT-LLM quantizes at build) come from quantized.py, which imports nothing from this module (no import cycle).
-LINEAR_FORMATS: dict[str | None, LinearFormat] = {None: LinearFormat("float weights", _load_float),
-                                                 **QUANT_LINEAR_FORMATS}
+LINEAR_FORMATS: dict[str | None, LinearFormat] = {None: LinearFormat("float weights", _load_float)}
+LINEAR_FORMATS.update(QUANT_LINEAR_FORMATS)
 # kv_cache_quant_algo values the reference can emulate: a float cache, and FP8 from quantized.py.
 KV_CACHE_FORMATS: tuple[str | None, ...] = (None, *KV_CACHE_QUANT)
 
