@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trt_gemma.targets import TARGETS, Target, sm_str
+from trt_gemma.targets import TARGETS, Target, get_target, sm_str
 
 # SoC compatible string -> SM (jtop CUDA_TABLE, docs/facts/targets.md §1 sources)
 SOC_SM = {"tegra264": 110, "tegra234": 87, "tegra194": 72}
@@ -255,8 +255,6 @@ def resolve_target(target: "str | Target | None", detection: "Detection | None" 
     if isinstance(target, Target):
         return target, "named with --target"
     if target not in (None, "", "auto"):
-        from trt_gemma.targets import get_target
-
         return get_target(target), "named with --target"
     d = detection if detection is not None else detect()
     if d.target:
