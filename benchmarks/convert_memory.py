@@ -6,8 +6,9 @@
    the Hub's) with StreamingWriter; values are a tiled random block, so no minutes go into the RNG.
 2. Runs, each in its own subprocess (peak RSS = the child's ru_maxrss, wall = the operation itself):
    - ours:  trt_gemma.convert.convert_checkpoint(..., dtype="bfloat16")  (streams, fsyncs, hashes the inputs)
-   - (a) fp32 in memory: what TensorRT-LLM's converter does (reference §3: load the whole model, `flatten_params`
-         to float32 numpy, convert into a dict of output tensors, save_file) -- needs ~17 GB, skipped if absent
+   - (a) fp32 in memory: what TensorRT-LLM's converter does (docs/tensorrt-llm-contract.md §3: load the whole model,
+         `flatten_params` to float32 numpy, convert into a dict of output tensors, save_file) -- needs ~17 GB, skipped
+         if absent
    - (b) copy: safetensors.torch load_file + save_file per shard (numpy cannot hold bf16)
 3. Prints a table with the ratios; goals (issue 3 §6): ours peak RSS <= 1.5 GB and >= 6x below (a); wall <= 1.5x (b).
 Deletes every file it wrote unless --keep.
@@ -88,7 +89,8 @@ def run_ours(model: Path, out: Path) -> None:
 
 
 def run_fp32_in_memory(model: Path, out: Path) -> None:
-    """TensorRT-LLM's way (reference §3): every weight as float32 numpy, converted into an in-memory dict, saved."""
+    """TensorRT-LLM's way (docs/tensorrt-llm-contract.md §3): every weight as float32 numpy,
+    converted into an in-memory dict, saved."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -173,12 +175,23 @@ def main() -> None:
     if args.child:
         return child(args.child, args.model, args.out)
 
-    work = Path(tempfile.mkdtemp(prefix="convert_memory-", dir=args.workdir))
+    work = prepare_workdir(args.workdir)
     try:
         bench(work, args.skip_baseline)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_workdir(workdir: Path | None) -> Path:
+    """A fresh temp dir under --workdir, which is created when missing; a path that cannot hold one ends the run
+    with a one-line message (exit status 1), not a traceback."""
+    try:
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="convert_memory-", dir=workdir))
+    except OSError as e:
+        sys.exit(f"error: --workdir {workdir}: {e.strerror or e} (pass a writable directory)")
 
 
 def bench(work: Path, skip_baseline: bool) -> None:

@@ -134,6 +134,9 @@ def test_jetson_int4_awq_bundle(jetson_bundle, model_dir):
     assert m["quant_algo"] == {"weights": "W4A16_AWQ", "kv_cache": None}
     _check_printed_commands(stdout, out)
     assert "--gemm_plugin auto" in stdout and "not compiled here" in stdout
+    # issue 10 defect 6: the build output itself says no TensorRT-LLM release runs Gemma 2 on Orin, and names the route
+    assert "warning: no TensorRT-LLM release for Jetson Orin Nano 8GB is known to run Gemma 2" in stdout, stdout
+    assert "ONNX -> TensorRT: see docs/jetson.md" in stdout
     rows = json.loads((out / "quality.json").read_text())["rows"]
     awq = [r for r in rows if r.get("quant_algo") == "W4A16_AWQ"]
     assert awq and np.isfinite(awq[0]["perplexity"]) and 0.0 < awq[0]["top1_agreement"] <= 1.0
@@ -269,7 +272,7 @@ def test_fp8_kv_without_calibration_is_refused(model_dir, tmp_path):
 @pytest.fixture
 def poisoned_tensorrt_llm(tmp_path, monkeypatch):
     """A `tensorrt_llm` that find_spec sees but that explodes when imported: proves the guard probes NVML and never
-    imports TensorRT-LLM on a GPU-less host (DESIGN.md: TensorRT crashes without a GPU)."""
+    imports TensorRT-LLM on a GPU-less host (docs/tensorrt-llm-contract.md §0: TensorRT crashes without a GPU)."""
     import importlib
 
     pkg = tmp_path / "poison" / "tensorrt_llm"
@@ -292,6 +295,7 @@ def test_guard_no_gpu_finishes_bundle_and_exits_0(model_dir, tmp_path, poisoned_
     assert code == 0, stdout + stderr
     assert f"not compiled here: {reason}" in stdout
     _check_printed_commands(stdout, out)
+    assert "no TensorRT-LLM release" not in stdout  # a dGPU target: TensorRT-LLM is the route there
 
 
 def test_from_bundle_without_gpu_is_a_dependency_error(model_dir, tmp_path, poisoned_tensorrt_llm, capsys):
@@ -445,3 +449,14 @@ def test_inspect_raw_trtllm_build_engine(model_dir, tmp_path):
     assert "note" in x and x["quant"] == "bfloat16"
     assert x["limits"]["max_seq_len"] == read_manifest(bundle)["recipe"]["max_seq_len"]
     assert checks["engine SM"] is None and checks["precision bfloat16"] is True and checks["tensorrt_llm"] is False
+
+
+def test_default_target_header_says_the_reason_once(model_dir, tmp_path):
+    """`target jetson-orin-nano-8gb (default: no NVIDIA GPU: ...)`, not the target name nested in its own reason."""
+    logs = []
+    r = B.build_bundle(str(model_dir), "auto", overrides=["quant=bfloat16"], out=tmp_path / "b", skip_quality=True,
+                       show_progress=False, log=logs.append, detection=NO_GPU)
+    assert r.target == "jetson-orin-nano-8gb"
+    assert logs[0] == f"target jetson-orin-nano-8gb (default: {NO_GPU.message}; pass --target to choose)", logs[0]
+    assert logs[0].count("jetson-orin-nano-8gb") == 1
+    assert r.trtllm_caveat and "docs/jetson.md" in r.trtllm_caveat

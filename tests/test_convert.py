@@ -1,4 +1,4 @@
-"""Layout tests for `convert_checkpoint`, written from /work/shared/reference/trtllm-checkpoint.md §2-4.
+"""Layout tests for `convert_checkpoint`, written from docs/tensorrt-llm-contract.md §2-4.
 
 Expected values are computed here from the HF tensors (loaded with safetensors/torch, not with our reader) by the
 reference's rules; dtype rounding is torch's. Failures print max and mean differences.
@@ -19,7 +19,7 @@ from trt_gemma.convert import convert_checkpoint
 
 NQ, NKV, D, H, F, V, L = (TINY[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
                                             "intermediate_size", "vocab_size", "num_hidden_layers"))
-NORMS = {  # TRT name -> HF name (reference §3)
+NORMS = {  # TRT name -> HF name (docs/tensorrt-llm-contract.md §3)
     "input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm",
     "pre_feedforward_layernorm": "pre_feedforward_layernorm", "post_feedforward_layernorm": "post_feedforward_layernorm",
 }
@@ -89,7 +89,7 @@ def bf16_sharded_model(tmp_path_factory):
 def test_names_shapes_dtypes_fp32(fp32_ckpt):
     t = ckpt(fp32_ckpt)
     assert set(t) == expected_names()
-    assert len(t) == 9 * L + 3  # reference §3: tensor count 9L + 3
+    assert len(t) == 9 * L + 3  # docs/tensorrt-llm-contract.md §3: tensor count 9L + 3
     shapes = {"attention.qkv": ((NQ + 2 * NKV) * D, H), "attention.dense": (H, NQ * D), "mlp.fc": (F, H),
               "mlp.gate": (F, H), "mlp.proj": (H, F)}
     for n in range(L):
@@ -206,7 +206,9 @@ def test_tp2_ranks_merge_back_to_tp1(bf16_sharded_model, tmp_path):
 def test_weight_only_blocks(tiny_model_dir, tmp_path, wo, algo):
     out = convert_checkpoint(tiny_model_dir, tmp_path / wo, weight_only=wo, show_progress=False)
     q = json.loads((out / "config.json").read_text())["quantization"]
-    assert q["quant_algo"] == algo and q["exclude_modules"] == ["lm_head"] and q["kv_cache_quant_algo"] is None
+    # null, as TensorRT-LLM's Gemma converter writes it: its defaults exclude *lm_head and *vocab_embedding
+    # (tests/test_trtllm_contract.py pins why an explicit ["lm_head"] would not load)
+    assert q["quant_algo"] == algo and q["exclude_modules"] is None and q["kv_cache_quant_algo"] is None
     t, hf = ckpt(out), hf_tensors(tiny_model_dir)
     for name, want in expected_rank(hf, 1, 0, torch.bfloat16).items():  # weights stay in the model dtype
         assert_same(t[name], want, name)

@@ -38,3 +38,15 @@ def test_peak_rss_growth_is_far_below_model_size(tmp_path):
     assert out_bytes > model_bytes  # the lm_head copy is written too
     assert growth < model_bytes / 4, (f"peak RSS grew by {growth / 2**20:.1f} MiB converting a "
                                       f"{model_bytes / 2**20:.0f} MiB model")
+
+
+def test_workdir_is_created_or_refused_cleanly(tmp_path):
+    """`--workdir DIR` with a DIR that does not exist once ended in a FileNotFoundError traceback."""
+    bench = _bench_module()
+    work = bench.prepare_workdir(tmp_path / "new" / "nested")
+    assert work.is_dir() and work.parent == tmp_path / "new" / "nested"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, str(BENCH), "--workdir", str(blocker / "sub"), "--skip-baseline"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and f"error: --workdir {blocker / 'sub'}" in r.stderr

@@ -1,4 +1,5 @@
-"""Detection from fixture filesystem trees built from real Jetson device-tree strings (targets.md §2-3, jetson.md §1),
+"""Detection from fixture filesystem trees built from real Jetson device-tree strings
+(docs/facts/targets.md §2-3, docs/facts/jetson.md §1),
 from injected NVML answers, and from this host's real (absent) NVML library."""
 from __future__ import annotations
 
@@ -196,3 +197,19 @@ def test_unknown_tegra_soc_reports_without_raising(tmp_path, capsys):
     _render_detection(data)
     out = capsys.readouterr().out
     assert "SM unknown" in out and "target: none" in out
+
+
+def test_doctor_says_how_tensorrt_llm_really_installs():
+    """`pip install 'trt-gemma[gpu]'` cannot work (PyPI has a stub sdist): the fix names NVIDIA's index and the same
+    pin as pyproject's gpu extra."""
+    import re
+
+    from trt_gemma.commands.doctor import report
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    spec = re.search(r'^gpu = \["([^"]+)"\]', pyproject, re.M).group(1)
+    r = report()
+    if r["extras_ok"]["gpu"]:
+        pytest.skip("tensorrt_llm is installed here")
+    why = r["can"]["build engines"]["why"]
+    assert f"pip install '{spec}' --extra-index-url https://pypi.nvidia.com" in why and "trt-gemma[gpu]" not in why

@@ -1,6 +1,7 @@
 """Planner acceptance (issue 2) and its numbers against independent references: the Gemma 2 paper's counts
-(targets.md §5), a real transformers-saved model's tensors, the checkpoint layouts of trtllm-checkpoint.md §4, and the
-roofline table of targets.md §6. CLI paths run through trt_gemma.cli.main (exit codes, no traceback)."""
+(docs/facts/targets.md §5), a real transformers-saved model's tensors, the checkpoint layouts of
+docs/tensorrt-llm-contract.md §4, and the roofline table of docs/facts/targets.md §6. CLI paths run through
+trt_gemma.cli.main (exit codes, no traceback)."""
 from __future__ import annotations
 
 import json
@@ -54,7 +55,7 @@ def test_acceptance_bf16_refused_on_orin_nano_4gb(capsys):
 
 def test_parameter_counts_match_the_paper():
     cfg = preset_config("gemma-2-2b")
-    # targets.md §5: non-embedding 2,024,517,888; embedding 256,000 x 2304 with the HF vocab
+    # docs/facts/targets.md §5: non-embedding 2,024,517,888; embedding 256,000 x 2304 with the HF vocab
     assert parameter_count(cfg) - 256_000 * 2304 == 2_024_517_888
     assert parameter_count(preset_config("shieldgemma-2b")) == parameter_count(cfg)
     # 9b / 27b from the reference's [INF] figures: 9.24 B and 27.23 B
@@ -77,7 +78,8 @@ def test_parameter_count_matches_real_tensors(tiny_model_dir):
 
 
 def test_weight_bytes_against_checkpoint_layouts():
-    """Hand-computed from trtllm-checkpoint.md §4 shapes: AWQ int8 [out/2, in] + wsf [out, in/128] + pqs [in]."""
+    """Hand-computed from docs/tensorrt-llm-contract.md §4 shapes: AWQ int8
+    [out/2, in] + wsf [out, in/128] + pqs [in]."""
     p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
     h, f, q, kv = 2304, 9216, 2048, 1024
     shapes = [(q + 2 * kv, h), (h, q), (f, h), (f, h), (h, f)]
@@ -85,7 +87,7 @@ def test_weight_bytes_against_checkpoint_layouts():
     assert p.weights["linears"] == 26 * awq
     assert p.weights["embedding"] == p.weights["lm_head"] == 256_000 * 2304 * 2
     assert p.weights["norms"] == (4 * 26 + 1) * 2304 * 2
-    # targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
+    # docs/facts/targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
     assert round(p.weights["total"] / 1e9, 2) == 3.40
     bf16 = plan("gemma-2-2b", "h100", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
                                                   "gemm_plugin": "auto"})
@@ -93,7 +95,7 @@ def test_weight_bytes_against_checkpoint_layouts():
 
 
 @pytest.mark.parametrize("target,overrides,expected", [
-    # targets.md §6 roofline table (batch 1, context 0)
+    # docs/facts/targets.md §6 roofline table (batch 1, context 0)
     ("jetson-orin-nano-8gb", {}, 31), ("jetson-orin-nano-super", {}, 46), ("jetson-agx-orin-64gb", {}, 93),
     ("h100", {}, 1047), ("t4", {}, 100), ("a100-80gb", {}, 382), ("rtx-3090", {}, 422),
     ("l4", {"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"}, 135),
@@ -137,7 +139,7 @@ def test_27b_bf16_on_small_gpu_refused_with_suggestion():
 def test_local_model_dir_and_bad_model(tiny_model_dir, capsys):
     p = plan(tiny_model_dir, "rtx-3090")
     assert p.kv_bytes_per_token == 2 * 3 * 2 * 32 * 2 and p.verdict == "fits"
-    with pytest.raises(InputError, match="neither a preset nor a local model dir"):
+    with pytest.raises(InputError, match="neither a preset, a local model dir nor a hub id"):
         plan("gemma-3-1b", "h100")
     code, _, err = run_cli(["plan", "--model", "gemma-3-1b", "--target", "h100"], capsys)
     assert code == 2 and "error:" in err and "fix:" in err
@@ -164,9 +166,11 @@ def test_cli_auto_target_on_gpu_less_host(capsys):
         pytest.skip("this host has an NVIDIA device")
     code, out, err = run_cli(["plan", "--json"], capsys)
     assert code == 0
-    assert "default target jetson-orin-nano-8gb" in err
+    assert err.count("target jetson-orin-nano-8gb (default: no NVIDIA GPU") == 1, err
     d = json.loads(out)
     assert d["target"] == "jetson-orin-nano-8gb" and d["target_source"].startswith("default")
+    code, out, err = run_cli(["plan"], capsys)  # text: the header says it, once, and stderr stays quiet
+    assert code == 0 and (out + err).count("no NVIDIA GPU") == 1 and "no NVIDIA GPU" in out, out + err
 
 
 def test_other_commands_json(capsys):
@@ -218,7 +222,7 @@ def test_recipe_clamped_to_model_context_like_build(target):
 
 
 def test_unconfirmed_precision_is_noted():
-    # targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
+    # docs/facts/targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
     assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", "t4").notes)
     assert not any("unconfirmed" in n for n in plan("gemma-2-2b", "h100").notes)
 
@@ -254,3 +258,44 @@ def test_nonpositive_model_sizes_are_named(tmp_path, capsys, key, value):
     code, out, err = run_cli(["plan", "--model", str(tmp_path), "--target", "h100"], capsys)
     assert code == 2 and out == ""
     assert f"config.json: {key} = {value} must be >= 1" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_seq_len": 2048}])
+def test_suggestion_is_the_largest_batch_that_fits_before_other_changes(overrides):
+    """9b on an RTX 4090 (issue 10): the recipe fits at a smaller batch, so that is the suggestion — not batch 1 and
+    not lighter weights. The boundary is found here by planning every batch size."""
+    p = plan("gemma-2-9b", "rtx-4090", overrides=overrides)
+    assert p.verdict == "does not fit"
+    fitting = [b for b in range(1, p.recipe.max_batch_size)
+               if plan("gemma-2-9b", "rtx-4090", overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
+    assert fitting and p.suggestion["set"] == {"max_batch_size": max(fitting)}, p.suggestion
+    assert abs(max(fitting) - p.max_batch_fit) <= 1  # the figure printed beside it agrees
+
+
+def test_suggestion_changes_weights_only_when_limits_cannot_fit():
+    p = plan("gemma-2-27b", "rtx-4090")
+    assert all(plan("gemma-2-27b", "rtx-4090", overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
+               for s in (4096, 256))
+    assert p.suggestion["set"]["quant"] == "int4_awq" and "max_num_tokens" not in p.suggestion["set"]
+
+
+def test_hub_id_from_the_local_cache(tiny_model_dir, tmp_path):
+    """`plan --model org/name` reads config.json from the HF cache like every other command (offline here)."""
+    import os
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-gemma"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", repo / "snapshots" / sha / "config.json")  # config.json is all it needs
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/tiny-gemma", "--target", "h100",
+                        "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["model"] == "acme/tiny-gemma" and d["parameters"] == plan(tiny_model_dir, "h100").parameters
+    r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/not-cached", "--target", "h100"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stderr and "Traceback" not in r.stderr

@@ -1,4 +1,4 @@
-"""Quant format codecs against the layout written in ../shared/reference/trtllm-checkpoint.md §4 and ml_dtypes."""
+"""Quant format codecs against the layout written in docs/tensorrt-llm-contract.md §4 and ml_dtypes."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -58,7 +58,7 @@ def test_bf16_round_trip_matches_ml_dtypes():
 
 
 def test_engine_bytes_for_gemma2_2b_qkv():
-    # reference §4 arithmetic: qkv [4096, 2304] -> packed [2048, 2304], wsf [4096, 18], pqs [2304]
+    # docs/tensorrt-llm-contract.md §4 arithmetic: qkv [4096, 2304] -> packed [2048, 2304], wsf [4096, 18], pqs [2304]
     awq = FORMATS["int4_awq"]
     specs = awq.checkpoint_tensors("transformer.layers.0.attention.qkv", 4096, 2304, "bfloat16")
     assert [s[2] for s in specs] == [(2048, 2304), (4096, 18), (2304,)]

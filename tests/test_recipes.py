@@ -36,7 +36,8 @@ def test_config_loads_validates_and_fits(path):
 
 
 def test_recommended_recipes_follow_the_reference():
-    # targets.md §1: Orin -> INT4-AWQ g128; Ada/Hopper -> FP8 + FP8 KV; SM 10.x -> FP8 (INT4/INT8 rejected); T4 fp16
+    # docs/facts/targets.md §1: Orin -> INT4-AWQ g128; Ada/Hopper -> FP8 + FP8 KV; SM 10.x -> FP8 (INT4/INT8 rejected);
+    # T4 fp16
     for name, t in TARGETS.items():
         r = load_recipe(name)
         if t.sm == 87:
@@ -140,3 +141,27 @@ def test_bad_file_names_the_file(tmp_path):
 def test_unknown_target():
     with pytest.raises(InputError, match="unknown target 'h800'"):
         load_recipe("h800")
+
+
+def test_wrong_type_fix_quotes_this_targets_recipe_value():
+    """`--set max_batch_size=abc` on the Orin Nano: the value to fall back to is the recipe's 2, not the dataclass 8."""
+    from trt_gemma.recipes import _read_toml, default
+
+    recipe_value = _read_toml(config_path("jetson-orin-nano-8gb"))["max_batch_size"]
+    assert recipe_value != default("max_batch_size")
+    with pytest.raises(ConfigError) as e:
+        load_recipe("jetson-orin-nano-8gb", overrides=["max_batch_size=abc"])
+    assert e.value.fix.endswith(f"(jetson-orin-nano-8gb recipe: {recipe_value})"), e.value.fix
+
+
+def test_max_input_len_follows_a_shorter_max_seq_len_then_the_model_clamp():
+    """README tour: `--set max_seq_len=2048` alone once failed (max_input_len 3072 > 2048). The recipe's prompt share is
+    kept (3072/4096), and a model with fewer positions (the embedded one: 512) clamps the already-shortened values."""
+    from trt_gemma.recipes import resolve_recipe
+
+    r, over, notes = resolve_recipe("rtx-3090", None, ["max_seq_len=2048"])
+    assert (r.max_seq_len, r.max_input_len) == (2048, 1536) and over["max_input_len"] == 1536 and len(notes) == 1
+    r, _, notes = resolve_recipe("rtx-3090", None, ["max_seq_len=2048"], max_positions=512)
+    assert (r.max_seq_len, r.max_input_len) == (512, 384) and len(notes) == 2, notes
+    with pytest.raises(RecipeError, match="max_input_len = 3000 is larger than max_seq_len = 2048"):
+        load_recipe("rtx-3090", overrides=["max_seq_len=2048", "max_input_len=3000"])  # both set: the user decides

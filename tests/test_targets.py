@@ -1,4 +1,4 @@
-"""Target table vs the figures on ../shared/reference/targets.md, and precision support from ordered SM rules."""
+"""Target table vs the figures on docs/facts/targets.md, and precision support from ordered SM rules."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ ISSUE_TARGETS = [
     "t4", "a10", "l4", "a100-40gb", "a100-80gb", "h100", "h200", "b200",
 ]
 
-# (target, SM, memory GiB, bandwidth GB/s) transcribed from targets.md §1 (an independent copy of the facts).
+# (target, SM, memory GiB, bandwidth GB/s) transcribed from docs/facts/targets.md §1 (an independent copy of the facts).
 REFERENCE = [
     ("jetson-orin-nano-4gb", 87, 4, 34), ("jetson-orin-nano-8gb", 87, 8, 68), ("jetson-orin-nano-super", 87, 8, 102),
     ("jetson-orin-nx-8gb", 87, 8, 102.4), ("jetson-orin-nx-16gb", 87, 16, 102.4),
@@ -37,7 +37,7 @@ def test_figures_match_reference_page(name, sm, gib, bw):
 
 
 def test_jetson_memtotal_figures_from_reference():
-    # targets.md §1: Orin Nano 8GB MemTotal 7620 MB, AGX Orin 30536 / 62817 MB
+    # docs/facts/targets.md §1: Orin Nano 8GB MemTotal 7620 MB, AGX Orin 30536 / 62817 MB
     assert TARGETS["jetson-orin-nano-8gb"].usable_bytes == 7620 * MiB
     assert TARGETS["jetson-orin-nano-super"].usable_bytes == 7620 * MiB
     assert TARGETS["jetson-agx-orin-32gb"].usable_bytes == 30536 * MiB
@@ -111,7 +111,8 @@ def test_to_dict_is_json():
 
 
 def test_trt_caveats_follow_jetson_md():
-    # jetson.md §6: no TRT-LLM Gemma 2 path on Thor; on Orin only unconfirmed 1.x source builds; dGPUs supported
+    # docs/facts/jetson.md §6: no TRT-LLM Gemma 2 path on Thor; on Orin only unconfirmed 1.x source builds; dGPUs
+    # supported
     assert "no Jetson Thor support" in TARGETS["jetson-thor"].trt_caveat
     for t in TARGETS.values():
         if t.family == "jetson" and t.sm == 87:

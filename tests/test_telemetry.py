@@ -1,8 +1,10 @@
-"""Telemetry sources on fixture trees built from real recorded values, the tegrastats parser on every example line of
-the reference page, and NVML absent (the real case on this host) -> fields unavailable, never a crash."""
+"""Telemetry sources on fixture trees built from real recorded values, the tegrastats parser on every recorded line in
+tests/fixtures/tegrastats.txt (sources named there), and NVML absent (the real case on this host)
+-> fields unavailable, never a crash."""
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -16,90 +18,29 @@ from trt_gemma.telemetry.process import read_process
 from trt_gemma.telemetry.tegrastats import parse_tegrastats
 
 KB = 1024
-REFERENCE_PAGE = Path("/work/shared/reference/serving-telemetry.md")
 
 # `cat /proc/meminfo` recorded on a Jetson TX2 8 GB, L4T 32.7 (kernel 4.9.253-tegra), verbatim from a public setup note.
-TX2_MEMINFO = """\
-MemTotal:        8038788 kB
-MemFree:         4851052 kB
-MemAvailable:    5642288 kB
-Buffers:           38972 kB
-Cached:           879052 kB
-SwapCached:            0 kB
-Active:          1251132 kB
-Inactive:         673356 kB
-Active(anon):    1008140 kB
-Inactive(anon):   107000 kB
-Active(file):     242992 kB
-Inactive(file):   566356 kB
-Unevictable:          48 kB
-Mlocked:              48 kB
-SwapTotal:       4019376 kB
-SwapFree:        4019376 kB
-Dirty:                32 kB
-Writeback:             0 kB
-AnonPages:        976304 kB
-Mapped:           425608 kB
-Shmem:            108680 kB
-Slab:             155880 kB
-SReclaimable:      68672 kB
-SUnreclaim:        87208 kB
-KernelStack:       11520 kB
-PageTables:        17796 kB
-NFS_Unstable:          0 kB
-Bounce:                0 kB
-WritebackTmp:          0 kB
-CommitLimit:     8038768 kB
-Committed_AS:    6074748 kB
-VmallocTotal:   263061440 kB
-VmallocUsed:           0 kB
-VmallocChunk:          0 kB
-AnonHugePages:    172032 kB
-ShmemHugePages:        0 kB
-ShmemPmdMapped:        0 kB
-NvMapMemFree:      94784 kB
-NvMapMemUsed:     805068 kB
-CmaTotal:         753664 kB
-CmaFree:          719864 kB
-HugePages_Total:       0
-HugePages_Free:        0
-HugePages_Rsvd:        0
-HugePages_Surp:        0
-Hugepagesize:       2048 kB
-"""
+FIXTURES = Path(__file__).parent / "fixtures"
+# `cat /proc/meminfo` on a Jetson TX2 8 GB, L4T 32.7 (kernel 4.9.253-tegra, Ubuntu 18.04), verbatim from a public
+# GitHub setup note for that board (the recording sits in tests/fixtures with the same description).
+TX2_MEMINFO = (FIXTURES / "meminfo-jetson-tx2-l4t32.txt").read_text()
 
-# Every example line of serving-telemetry.md §4, verbatim, with the values a reader must get out of it.
-TEGRASTATS = {
-    "jp7_agx_orin": (
-        "07-25-2026 09:08:28 RAM 20642/62817MB (lfb 1x2MB) CPU [23%@2201,10%@2201,4%@2201,14%@2201,30%@2201,18%@2201,"
-        "10%@2201,10%@2201,33%@2201,7%@2201,5%@2201,27%@2201] EMC_FREQ 3%@3199 GR3D_FREQ 12%@[1300,1300] NVENC0 off "
-        "NVDEC0 off NVJPG0 off NVJPG1 off VIC off OFA off NVDLA0 off NVDLA1 off PVA0_FREQ off APE 174 "
-        "cpu@52.968C/52.968C soc2@48.406C/48.406C soc0@49.531C/49.531C gpu@47.625C/47.625C VDD_GPU_SOC "
-        "5139mW/5139mW/5139mW VDD_CPU_CV 3268mW/3268mW/3268mW VIN_SYS_5V0 5500mW/5500mW/5500mW"),
-    "jp6_orin_nano_clocks": (
-        "04-27-2026 15:00:54 RAM 779/7620MB (lfb 2x4MB) SWAP 0/3810MB (cached 0MB) CPU [0%@1344,0%@1344,0%@1344,"
-        "0%@1344,0%@1344,0%@1344] GR3D_FREQ 0% cpu@50.125C soc2@49.125C soc0@49.25C gpu@50.562C tj@50.562C "
-        "soc1@50.437C VDD_IN 6626mW/6625mW VDD_CPU_GPU_CV 1228mW/1230mW VDD_SOC 2380mW/2380mW"),
-    "jp6_orin_nano_fixture": (
-        "RAM 1839/7763MB (lfb 4x2MB) SWAP 0/3881MB (cached 0MB) CPU [22%@1497,...] EMC_FREQ 0%@2133 "
-        "GR3D_FREQ 14%@[420] APE 174 ... TJ@46.5C VDD_IN 4521mW/4521mW VDD_CPU_GPU_CV 1320mW/1320mW "
-        "VDD_SOC 1080mW/1080mW"),
-    "jp5_agx_orin": (
-        "01-03-2023 16:07:54 RAM 2257/30536MB (lfb 5392x4MB) SWAP 0/15268MB (cached 0MB) CPU [N%@729 x12] "
-        "EMC_FREQ 0%@204 GR3D_FREQ N%@0 GR3D2_FREQ N%@0 NVJPG1 729 VIC_FREQ 115 APE 233 CV0@-256C CPU@41.437C "
-        "Tboard@29C SOC2@39.062C Tdiode@30.75C SOC0@39.031C CV1@-256C GPU@-256C tj@41.656C SOC1@38.937C CV2@-256C "
-        "VDD_GPU_SOC 2390mW/2390mW VDD_CPU_CV 796mW/796mW VIN_SYS_5V0 3522mW/3522mW NC 0mW/0mW "
-        "VDDQ_VDD2_1V8AO 301mW/301mW NC 0mW/0mW"),
-    "l4t32_agx_xavier": (
-        "RAM 408/15823MB (lfb 3702x4MB) SWAP 0/7911MB (cached 0MB) CPU [N%@2265 x8] EMC_FREQ 0%@2133 "
-        "GR3D_FREQ N%@1377 APE 150 MTS fg 0% bg 0% AO@26.5C GPU@28C iwlwifi@30C Tdiode@31.25C PMIC@100C AUX@27C "
-        "CPU@28C thermal@27.45C Tboard@27C GPU 1155/1155 CPU 385/385 SOC 2502/2502 CV 0/0 VDDRQ 192/192 "
-        "SYS5V 2692/2692"),
-    "l4t32_xavier_nx": (
-        "RAM 2673/7765MB (lfb 118x4MB) SWAP 0/3883MB (cached 0MB) CPU [12%@1190,8%@1190,4%@1190,off,off,off] "
-        "EMC_FREQ 7% GR3D_FREQ 33% ... VDD_IN 3902/3611 VDD_CPU_GPU_CV 1331/1180 VDD_SOC 997/941"),
-    "thor_fragment": "RAM 4722/7844MB (lfb 1x512kB) EMC_FREQ 2%@1866 GR3D_FREQ @[1000,1000,1000] APE 150",
-}
+
+def _read_tegrastats(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """{key: line} and {key: where it was recorded} from tests/fixtures/tegrastats.txt."""
+    lines, sources, key = {}, {}, None
+    for raw in path.read_text().splitlines():
+        m = re.match(r"# (\w+): (.+)$", raw)
+        if m:
+            key, sources[m.group(1)] = m.group(1), m.group(2)
+        elif raw and not raw.startswith("#"):
+            assert key is not None and key not in lines, f"{path}: a recorded line without its own '# key:' line"
+            lines[key] = raw
+    return lines, sources
+
+
+# Every recorded line (Orin JP5-7, Xavier, Thor forms), with the values a reader must get out of it.
+TEGRASTATS, TEGRASTATS_SOURCES = _read_tegrastats(FIXTURES / "tegrastats.txt")
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -150,7 +91,7 @@ def test_meminfo_uses_memavailable_not_memfree(orin_nano_tree):
 
 
 def test_meminfo_without_nvmap_reports_it_unavailable(tmp_path):
-    """GB10/Thor: no NvMapMemUsed. MemFree/MemAvailable are the GB10 recording of serving-telemetry.md §4
+    """GB10/Thor: no NvMapMemUsed. MemFree/MemAvailable are the GB10 recording of docs/facts/serving-telemetry.md §4
     (41.52 vs 115.65 GiB after writing 60 GB); MemTotal is the nominal 128 GiB, not a recording."""
     _write(tmp_path, {"proc/meminfo": "MemTotal:       134217728 kB\nMemFree:        43536466 kB\n"
                                       "MemAvailable:   121268634 kB\nBuffers:            1024 kB\n"})
@@ -226,12 +167,10 @@ def test_cli_telemetry_json(orin_nano_tree):
 
 # ---- tegrastats ---------------------------------------------------------------------------------------------------
 
-def test_fixture_has_every_example_line_of_the_reference_page():
-    if not REFERENCE_PAGE.is_file():
-        pytest.skip("reference page not present in this checkout")
-    block = REFERENCE_PAGE.read_text().split("```text\n", 1)[1].split("```", 1)[0]
-    page_lines = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
-    assert sorted(page_lines) == sorted(TEGRASTATS.values())
+def test_every_recorded_tegrastats_line_names_its_source():
+    assert len(TEGRASTATS) == 7 and set(TEGRASTATS) == set(TEGRASTATS_SOURCES)
+    for key, source in TEGRASTATS_SOURCES.items():
+        assert re.search(r"\[[^\]]+\]", source), f"{key}: no [source] in {source!r}"
 
 
 def test_tegrastats_jp7_agx_orin():

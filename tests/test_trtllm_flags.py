@@ -1,6 +1,6 @@
 """trtllm_flags against the names TensorRT-LLM 1.2 documents, and the Gemma 2 build rules.
 
-The lists below are a frozen copy of ../shared/reference/trtllm-checkpoint.md §5 (TRT commands/build.py@65f1d153,
+The lists below are a frozen copy of docs/tensorrt-llm-contract.md §5 (TRT commands/build.py@65f1d153,
 plugin/plugin.py@c20322ff, builder.py@008b2b8d), not imported from trt_gemma, so a typo in the table fails here.
 """
 from __future__ import annotations

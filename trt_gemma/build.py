@@ -6,7 +6,7 @@ Quantization is portable, engines are not (tied to the GPU's SM and the TensorRT
    quality table (the bundle's checkpoint vs the unquantized model on the shipped eval text) -> manifest. Written
    atomically: a failed build leaves nothing behind.
 2. `compile_bundle` (GPU host): TensorRT-LLM >= 1.0, < 1.3 on its legacy TensorRT path, the only one with Gemma 2
-   (../shared/reference/trtllm-checkpoint.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
+   (docs/tensorrt-llm-contract.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
    from trt_gemma.trtllm_flags. Before anything imports TensorRT, find_spec + NVML (trt_gemma.gpu_probe) must pass:
    TensorRT runtimes crash, not raise, without a GPU. Without them `build` finishes the bundle, exits 0 and prints
    what to run on the target.
@@ -29,7 +29,9 @@ from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
 from trt_gemma.detect import resolve_target
-from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, fit_to_model, load_recipe, parse_overrides
+from trt_gemma.quant_block import with_shared_embedding
+from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
+from trt_gemma.targets import Target, get_target
 from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
@@ -66,12 +68,14 @@ class BundleResult:
     not_compiled_reason: str | None
     on_target: list  # commands to run on the target when not compiled here
     notes: list = field(default_factory=list)
+    trtllm_caveat: str | None = None  # no released TensorRT-LLM is known to run Gemma 2 on this target (and why)
 
     def to_dict(self) -> dict:
         return {"bundle_dir": str(self.bundle_dir), "target": self.target, "recipe": self.recipe.to_dict(),
                 "compiled": self.engine is not None, "engine": self.engine.to_dict() if self.engine else None,
                 "not_compiled_reason": self.not_compiled_reason, "on_target": self.on_target,
-                "quality": self.quality, "notes": self.notes, "manifest": self.manifest}
+                "quality": self.quality, "notes": self.notes, "manifest": self.manifest,
+                "trtllm_caveat": self.trtllm_caveat}
 
 
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
@@ -87,18 +91,9 @@ def model_name(spec: str | None, model_dir: Path) -> str:
     return Path(str(spec).rstrip("/")).name or model_dir.name
 
 
-def bundle_recipe(target: str, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
+def bundle_recipe(target: str | Target, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
     """The resolved recipe (file < --set < context clamp), the overrides that make it, and notes."""
-    over = parse_overrides(overrides)
-    recipe = load_recipe(target, config_file, over)
-    clamp = fit_to_model(recipe, max_positions)
-    notes = []
-    if clamp:
-        notes.append(f"max_seq_len {recipe.max_seq_len} -> {clamp['max_seq_len']}: the model's "
-                     f"max_position_embeddings is {max_positions}")
-        over = {**over, **clamp}
-        recipe = load_recipe(target, config_file, over)
-    return recipe, over, notes
+    return resolve_recipe(target, config_file, overrides, max_positions)
 
 
 def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool) -> Path:
@@ -121,9 +116,10 @@ def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: b
 def share_embedding_table(ckpt: Path) -> None:
     """Drop lm_head.weight so the engine reuses the embedding table (saves vocab x hidden x 2 bytes).
 
-    TRT-LLM sets `share_embedding_table` when lm_head is absent and appends "lm_head" to exclude_modules for quantized
-    models (reference §2, ModelOpt export); `PretrainedModel.load` tolerates the missing tensor (§3). Streams tensor by
-    tensor, like the converter.
+    TRT-LLM sets `share_embedding_table` when lm_head is absent; ModelOpt's export appends "lm_head" to an explicit
+    exclude_modules list (trt_gemma.quant_block.with_shared_embedding: a null list stays null);
+    `PretrainedModel.load` tolerates the missing tensor (docs/tensorrt-llm-contract.md §3). Streams tensor by tensor,
+    like the converter.
     """
     from trt_gemma.st_io import StreamingWriter, read_header, read_tensor
 
@@ -142,9 +138,7 @@ def share_embedding_table(ckpt: Path) -> None:
                     w.write(name, read_tensor(rank_file, info, rows=slice(start, start + step)))
         tmp.replace(rank_file)
     cfg["share_embedding_table"] = True
-    quant = cfg.get("quantization") or {}
-    if quant.get("quant_algo"):
-        quant["exclude_modules"] = sorted(set(quant.get("exclude_modules") or []) | {"lm_head"})
+    cfg["quantization"] = with_shared_embedding(cfg.get("quantization") or {})
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -191,7 +185,7 @@ def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
             f"trt-gemma serve {shlex.quote(str(bundle / 'engine'))}"]
 
 
-def build_bundle(model: str | None = None, target: str | None = "auto", config_file: str | Path | None = None,
+def build_bundle(model: str | None = None, target: str | Target | None = "auto", config_file: str | Path | None = None,
                  overrides=(), out: str | Path | None = None, force: bool = False, compile_engine: bool = True,
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
                  detection=None) -> BundleResult:
@@ -202,16 +196,16 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
     from trt_gemma.plan import plan, require_fit
 
     t0 = time.time()
-    target, how = resolve_target(target, detection)
-    _say(log, f"target {target} ({how})")
+    t, how = resolve_target(target, detection)  # resolved once; the Target object travels from here
+    _say(log, f"target {t.name} ({how})")
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    recipe, over, notes = bundle_recipe(target, config_file, overrides, cfg.max_position_embeddings)
-    p = plan(model_dir, target, overrides=over, config_file=config_file)
+    recipe, _, notes = bundle_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    p = plan(model_dir, t, recipe=recipe, recipe_notes=notes)
     require_fit(p)
     _say(log, f"plan: {p.verdict} — {p.reason}")
     name = model_name(model, model_dir)
-    out = Path(out) if out is not None else default_out(name, target, recipe)
+    out = Path(out) if out is not None else default_out(name, t.name, recipe)
     check_output_target(out, force)
     with atomic_output_dir(out, force) as tmp:
         _say(log, f"{'quantizing' if recipe.quant in CALIBRATED_QUANTS else 'converting'} -> {recipe.quant}")
@@ -225,26 +219,38 @@ def build_bundle(model: str | None = None, target: str | None = "auto", config_f
             shutil.rmtree(tmp / ".work", ignore_errors=True)
             (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
             (tmp / "quality.md").write_text(quality["markdown"] + "\n")
-        write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {target}")
+        write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {t.name}")
         (tmp / "plan.json").write_text(json.dumps(p.to_dict(), indent=2, default=str) + "\n")
-        manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0)
+        manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0, t)
         mf.write_manifest(tmp, manifest)
     _say(log, f"bundle written: {out}")
-    result = BundleResult(out, target, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
+    result = BundleResult(out, t.name, recipe, manifest, quality["report"] if quality else None, None, None, [], notes)
     reason = gpu_unavailable_reason() if compile_engine else "compile skipped (--no-compile)"
     if reason is None:
         result.engine = compile_bundle(out, log=log, detection=detection)
         result.manifest = mf.read_manifest(out)
     else:
         result.not_compiled_reason, result.on_target = reason, on_target_commands(out, recipe)
+        result.trtllm_caveat = trtllm_caveat(t)
     return result
 
 
-def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
-                    seconds: float) -> dict:
-    from trt_gemma.targets import get_target
+# Where the route that does run on such a target is described (the ONNX -> TensorRT path).
+OTHER_ROUTE_DOC = "docs/jetson.md"
 
-    t = get_target(recipe.target)
+
+def trtllm_caveat(t: Target) -> str | None:
+    """Said in the build output, not only in `plan` notes: the printed TensorRT-LLM commands are not known to work on
+    this target (docs/facts/jetson.md §3, §6)."""
+    if not t.trt_caveat:
+        return None
+    return (f"no TensorRT-LLM release for {t.title} is known to run Gemma 2: {t.trt_caveat}. The route that runs "
+            f"there is ONNX -> TensorRT: see {OTHER_ROUTE_DOC}")
+
+
+def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
+                    seconds: float, t: Target | None = None) -> dict:
+    t = t if t is not None else get_target(recipe.target)
     ckpt_cfg = json.loads((ckpt / "config.json").read_text())
     quant = ckpt_cfg.get("quantization") or {}
     return {
@@ -274,14 +280,15 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
     manifest = mf.read_manifest(bundle)
     if manifest.get("kind") != "bundle":
         raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
-    recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
+    t = get_target(manifest["target"]["name"])
+    recipe = load_recipe(t, bundle / "recipe.toml")
     reason = gpu_unavailable_reason()
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))
         raise DependencyError(f"cannot compile {bundle} on this host: {reason}",
                               fix=f"run `trt-gemma build --from-bundle {bundle}` on a host with TensorRT-LLM "
                                   f">=1.0,<1.3 and an NVIDIA GPU, or there: {raw}")
-    host, warnings = _check_host(recipe, detection)
+    host, warnings = _check_host(recipe, t, detection)
     kwargs = build_config_kwargs(recipe, gather_context_logits=gather_context_logits)
     _say(log, f"compiling with TensorRT-LLM on {host.name} (SM {host.sm // 10}.{host.sm % 10})")
     t0 = time.time()
@@ -302,11 +309,11 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
                         warnings)
 
 
-def _check_host(recipe: Recipe, detection=None):
+def _check_host(recipe: Recipe, t: Target, detection=None):
     """The host GPU can run the recipe's precisions (typed error otherwise); a different target is a warning:
     the engine then runs on this host's SM only."""
     from trt_gemma.detect import detect
-    from trt_gemma.targets import get_target, supports
+    from trt_gemma.targets import supports
 
     host = detection if detection is not None else detect()
     for precision in (recipe.quant, "kv_fp8" if recipe.kv_dtype == "fp8" else None):
@@ -315,14 +322,14 @@ def _check_host(recipe: Recipe, detection=None):
             raise RecipeError(f"this host's {host.name} cannot build the bundle's {precision}: {why}",
                               fix="compile on the target the bundle was made for, or rebuild the bundle for this GPU")
     warnings = []
-    if get_target(recipe.target).sm != host.sm:
+    if t.sm != host.sm:
         warnings.append(f"bundle made for {recipe.target}, compiled on {host.name} "
                         f"(SM {host.sm // 10}.{host.sm % 10}): the engine runs on this SM only")
     return host, warnings
 
 
 def _trtllm_compile(checkpoint_dir: Path, engine_dir: Path, kwargs: dict) -> None:
-    """TRT-LLM 1.0-1.2 legacy TensorRT path, exactly per reference §5:
+    """TRT-LLM 1.0-1.2 legacy TensorRT path, exactly per docs/tensorrt-llm-contract.md §5:
     GemmaForCausalLM.from_checkpoint(ckpt, rank) -> build(model, BuildConfig(...)) -> engine.save(dir), per rank.
     PluginConfig takes the CLI spellings: `from_dict` in the dataclass versions, the constructor (whose validators map
     enable/disable) in the pydantic ones — the same mapping `trtllm-build` applies to its flags."""

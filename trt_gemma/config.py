@@ -1,6 +1,6 @@
 """Gemma 2 model configuration, read from a Hugging Face config.json in either dialect.
 
-Two dialects exist (../shared/DESIGN.md "Hard facts"):
+Two dialects exist (docs/tensorrt-llm-contract.md §0):
 - the Hub's 2024 files: `rope_theta`, `torch_dtype`, `hidden_act` and/or `hidden_activation`, no `layer_types`
   (even layers use the sliding window: transformers' `is_sliding = not bool(layer_idx % 2)`);
 - files written by transformers >= 5: `rope_parameters: {rope_theta, rope_type}`, `dtype`, `layer_types`.
@@ -161,7 +161,7 @@ def _opt_int(v):
     return None if v is None else int(v)
 
 
-# Real HF config values of the Gemma 2 family (../shared/reference/trtllm-checkpoint.md §1; 9b/27b recalled HF values).
+# Real HF config values of the Gemma 2 family (docs/tensorrt-llm-contract.md §1; 9b/27b recalled HF values).
 _COMMON = dict(vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
                hidden_activation="gelu_pytorch_tanh", torch_dtype="bfloat16", architectures=["Gemma2ForCausalLM"])

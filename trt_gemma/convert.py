@@ -1,6 +1,6 @@
 """Hugging Face Gemma 2 -> TensorRT-LLM checkpoint (config.json + rank{r}.safetensors), streaming.
 
-The layout is /work/shared/reference/trtllm-checkpoint.md §2-4, itself read from TensorRT-LLM's
+The layout is docs/tensorrt-llm-contract.md §2-4, itself read from TensorRT-LLM's
 tensorrt_llm/models/gemma/convert.py (`load_gemma_weights`) and models/gemma/config.py.
 
 How it stays within bounded memory (TensorRT-LLM's own converter loads the whole model as float32 numpy): every output
@@ -28,178 +28,29 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
 
 import numpy as np
 
 from trt_gemma.config import ModelConfig
-from trt_gemma.dtypes import NAME_TO_ST, from_f32, to_f32
+from trt_gemma.dtypes import NAME_TO_ST, cast, from_f32, to_f32  # noqa: F401  (convert.cast: re-exported)
 from trt_gemma.errors import ConfigError, InputError, OutputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
-from trt_gemma.hf import INDEX_FILE, SINGLE_FILE, HFModel, TensorExpect, resolve_model
+from trt_gemma.quant_block import quantization_block
+from trt_gemma.hf import INDEX_FILE, SINGLE_FILE, HFModel, resolve_model
 from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
+# The mapping table and its codecs live in trt_gemma.tensor_map (importable without the converter); re-exported here.
+from trt_gemma.tensor_map import (EMBEDDING, FLOAT_CODEC, LINEAR, LM_HEAD, NORM, TABLE, TRANSFORMS,  # noqa: F401
+                                  AWQ_PAD_MIN, Entry, FloatCodec, Job, LinearCodec, awq_padded, awq_tp_sizes,
+                                  codec_for, gemma_norm, plan, source_expectations)
 
 BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
 PROVENANCE_FILE = "trt_gemma_provenance.json"
 # Our own config.json keys live under one namespaced key: TRT-LLM turns unknown keys into GemmaConfig attributes and
 # its Gemma 3 paths read `sliding_window`, so a top-level one in a Gemma 2 checkpoint could be picked up by TRT-LLM.
 EXTRA_KEY = "trt_gemma"
-WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}  # reference §2 QuantAlgo strings; weights stay float (§4)
-
-EMBEDDING, NORM, LINEAR, LM_HEAD = "embedding", "norm", "linear", "lm_head"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One row of the mapping. `target`: TRT name (for LINEAR the module prefix; the codec adds `.weight`, scales...).
-    `sources`: HF names (LINEAR: module prefixes) with their shapes as ModelConfig attribute names; several sources
-    are concatenated on dim 0 (q, k, v). `split`: TP axis of each source (None: replicated). `tied_to`: HF tensor
-    copied instead of `sources` when config.json ties the embeddings (Gemma 2 always does)."""
-
-    kind: str
-    target: str
-    sources: tuple[tuple[str, tuple[str, ...]], ...]
-    split: int | None = None
-    tied_to: str | None = None
-
-
-_L, _ATT, _MLP = "model.layers.{n}", "model.layers.{n}.self_attn", "model.layers.{n}.mlp"
-_T = "transformer.layers.{n}"
-VH, H = ("vocab_size", "hidden_size"), ("hidden_size",)
-# Reference §3 (HfParser.rename_to_trt_llm + load_gemma_weights). Order = order in the rank files.
-TABLE: tuple[Entry, ...] = (
-    Entry(EMBEDDING, "transformer.vocab_embedding.weight", (("model.embed_tokens.weight", VH),), split=0),
-    Entry(NORM, f"{_T}.input_layernorm.weight", ((f"{_L}.input_layernorm.weight", H),)),
-    Entry(LINEAR, f"{_T}.attention.qkv", ((f"{_ATT}.q_proj", ("q_dim", "hidden_size")),
-                                          (f"{_ATT}.k_proj", ("kv_dim", "hidden_size")),
-                                          (f"{_ATT}.v_proj", ("kv_dim", "hidden_size"))), split=0),
-    Entry(LINEAR, f"{_T}.attention.dense", ((f"{_ATT}.o_proj", ("hidden_size", "q_dim")),), split=1),
-    Entry(NORM, f"{_T}.post_layernorm.weight", ((f"{_L}.post_attention_layernorm.weight", H),)),
-    Entry(NORM, f"{_T}.pre_feedforward_layernorm.weight", ((f"{_L}.pre_feedforward_layernorm.weight", H),)),
-    # GeGLU: TRT applies the activation to `fc`, so fc <- gate_proj and gate <- up_proj (reference §3 pitfall)
-    Entry(LINEAR, f"{_T}.mlp.fc", ((f"{_MLP}.gate_proj", ("intermediate_size", "hidden_size")),), split=0),
-    Entry(LINEAR, f"{_T}.mlp.gate", ((f"{_MLP}.up_proj", ("intermediate_size", "hidden_size")),), split=0),
-    Entry(LINEAR, f"{_T}.mlp.proj", ((f"{_MLP}.down_proj", ("hidden_size", "intermediate_size")),), split=1),
-    Entry(NORM, f"{_T}.post_feedforward_layernorm.weight", ((f"{_L}.post_feedforward_layernorm.weight", H),)),
-    Entry(NORM, "transformer.ln_f.weight", (("model.norm.weight", H),)),
-    # TRT splits lm_head on dim 0 for every tp > 1 (load_gemma_weights: split_matrix_tp(param, ..., dim=0))
-    Entry(LM_HEAD, "lm_head.weight", (("lm_head.weight", VH),), split=0, tied_to="model.embed_tokens.weight"),
-)
-
-
-# --- the Gemma 2 quirks applied to non-linear tensors (elementwise on storage arrays) ---------------------------
-
-def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Storage dtype `src` -> `dst`; same dtype is a plain pass-through of the bytes. Overflow to Inf is reported
-    by the finiteness check that follows, with the tensor's name."""
-    if src == dst:
-        return block
-    with np.errstate(over="ignore"):
-        return from_f32(to_f32(block, src), dst)
-
-
-def gemma_norm(block: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """HF Gemma RMSNorm computes x*(1+w), TRT's RmsNorm x*w: store 1+w, added in float32 then cast
-    (TRT models/gemma/convert.py: `param = param + 1.0  # upcasted to float32 in case of bfloat16`)."""
-    with np.errstate(over="ignore"):
-        return from_f32(to_f32(block, src) + np.float32(1.0), dst)
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray, str, str], np.ndarray]] = {EMBEDDING: cast, LM_HEAD: cast, NORM: gemma_norm}
-
-
-@dataclass(frozen=True)
-class Job:
-    """One table entry instantiated for one layer: sources resolved to names and shapes."""
-
-    entry: Entry
-    target: str
-    sources: tuple[tuple[str, tuple[int, ...]], ...]
-    counted: bool = True  # False for the tied lm_head: a copy, not a use of the source
-
-    def rank_shape(self, tp: int) -> tuple[int, ...]:
-        """Per-rank shape: each source split on `split`, then concatenated on dim 0."""
-        shapes = [list(s) for _, s in self.sources]
-        if self.entry.split is not None:
-            for s in shapes:
-                s[self.entry.split] //= tp
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-
-    def pieces(self, tp: int, rank: int, suffix: str = "") -> list[tuple[str, slice, slice]]:
-        """(source tensor, rows, cols) whose row-wise concatenation is rank `rank`'s tensor."""
-        out = []
-        for name, shape in self.sources:
-            rows = cols = slice(None)
-            if self.entry.split is not None and tp > 1:
-                n = shape[self.entry.split] // tp
-                part = slice(rank * n, (rank + 1) * n)
-                rows, cols = (part, cols) if self.entry.split == 0 else (rows, part)
-            out.append((name + suffix, rows, cols))
-        return out
-
-
-def plan(config: ModelConfig) -> list[Job]:
-    """The table expanded over layers, in output order (per-layer entries interleaved layer by layer)."""
-    def job(e: Entry, n: int | None) -> Job:
-        srcs = tuple((s.format(n=n), tuple(getattr(config, d) for d in dims)) for s, dims in e.sources)
-        if e.tied_to and config.tie_word_embeddings:
-            return Job(e, e.target, ((e.tied_to, srcs[0][1]),), counted=False)
-        return Job(e, e.target.format(n=n), srcs)
-
-    first = next(i for i, e in enumerate(TABLE) if "{n}" in e.target)
-    head = [job(e, None) for e in TABLE[:first]]
-    layered = [e for e in TABLE if "{n}" in e.target]
-    tail = [job(e, None) for e in TABLE[first:] if "{n}" not in e.target]
-    return head + [job(e, n) for n in range(config.num_hidden_layers) for e in layered] + tail
-
-
-# --- linear codecs ------------------------------------------------------------------------------------------------
-
-class LinearCodec(Protocol):
-    """How a linear layer is stored in the source and in the checkpoint. One codec per source quant format."""
-
-    def source_tensors(self, module: str, shape: tuple[int, ...]) -> dict[str, TensorExpect]: ...
-
-    def target_specs(self, job: Job, tp: int, st_dtype: str) -> list[tuple[str, str, tuple[int, ...]]]: ...
-
-    def write(self, ctx: "_Ctx", job: Job, rank: int) -> None: ...
-
-
-class FloatCodec:
-    """Identity codec: `<module>.weight` [out, in] float -> `<target>.weight` in the model dtype (reference §4 'none';
-    also W8A16/W4A16, which TRT-LLM quantizes at build)."""
-
-    def source_tensors(self, module, shape):
-        return {f"{module}.weight": TensorExpect(tuple(shape))}
-
-    def target_specs(self, job, tp, st_dtype):
-        return [(f"{job.target}.weight", st_dtype, job.rank_shape(tp))]
-
-    def write(self, ctx, job, rank):
-        ctx.stream(job.pieces(ctx.tp, rank, ".weight"), rank, f"{job.target}.weight", cast)
-
-
-FLOAT_CODEC = FloatCodec()
-
-
-def codec_for(model: HFModel) -> LinearCodec:
-    """The codec for the source's linear layers. Quantized sources get theirs with the quantization work."""
-    from trt_gemma.quant_codecs import codec_for_quantized  # ModelOpt unified-HF INT4-AWQ / FP8 sources
-
-    return codec_for_quantized(model) or FLOAT_CODEC
-
-
-def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
-    """Every source tensor the table reads, with shape and accepted dtypes (HFModel.open validates against it)."""
-    codec, exp = codec_for(model), {}
-    for job in plan(model.config):
-        if job.counted:
-            for name, shape in job.sources:
-                exp.update(codec.source_tensors(name, shape) if job.entry.kind == LINEAR
-                           else {name: TensorExpect(shape)})
-    return exp
-
+# docs/tensorrt-llm-contract.md §2 QuantAlgo strings; weights stay float (§4)
+WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 
 def target_specs(jobs: list[Job], codec: LinearCodec, tp: int, st_dtype: str) -> list[tuple[str, str, tuple]]:
     """(name, dtype, shape) of every tensor of one rank file, in write order (the same for every rank)."""
@@ -299,8 +150,8 @@ class _Ctx:
 # --- TRT-LLM config.json --------------------------------------------------------------------------------------
 
 def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None) -> dict:
-    """config.json per reference §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours under
-    EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime
+    """config.json per docs/tensorrt-llm-contract.md §2 (key set of TRT PretrainedConfig.to_dict for Gemma 2), plus ours
+    under EXTRA_KEY: `sliding_window` and `layer_types` (TRT's Gemma 2 config has no window; the reference runtime
     applies it)."""
     qpas = cfg.query_pre_attn_scalar
     return {
@@ -317,28 +168,52 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
         "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
         "final_logit_softcapping": cfg.final_logit_softcapping, "attn_logit_softcapping": cfg.attn_logit_softcapping,
         "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1, "cp_size": 1, "gpus_per_node": 8},
-        "quantization": {
-            "quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": 128, "has_zero_point": False,
-            "pre_quant_scale": False, "exclude_modules": ["lm_head"] if quant_algo else None,
-            "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False,
-        },
+        "quantization": quantization_block(quant_algo),  # the one writer of this block (quant_block.py)
         EXTRA_KEY: {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types)},
     }
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------
 
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; reference §3)."""
+def check_tp(cfg: ModelConfig, tp: int, allowed: list[int] | None = None) -> None:
+    """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; docs/tensorrt-llm-contract.md §3).
+    `allowed`: the tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
     dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
             "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
     if tp < 1:
         raise ConfigError(f"--tp {tp}: must be at least 1", fix="use --tp 1 (one GPU) or more")
     for name, v in dims.items():
         if v % tp:
-            ok = [t for t in range(1, max(dims.values()) + 1) if all(d % t == 0 for d in dims.values())][:8]
+            ok = allowed if allowed is not None else \
+                [t for t in range(1, max(dims.values()) + 1) if all(d % t == 0 for d in dims.values())][:8]
             raise ConfigError(f"--tp {tp}: {name} = {v} does not divide by {tp}",
                               fix=f"use --tp in {ok}")
+
+
+def _awq_group(codec) -> int | None:
+    spec = getattr(codec, "spec", None)
+    return getattr(codec, "group_size", None) if spec is not None and spec.quant_algo == "W4A16_AWQ" else None
+
+
+def _awq_tp_allowed(cfg: ModelConfig, codec) -> list[int] | None:
+    group = _awq_group(codec)
+    return None if group is None else awq_tp_sizes(cfg, group)
+
+
+def _check_awq_tp(cfg: ModelConfig, tp: int, codec) -> None:
+    """INT4-AWQ at a tp where TensorRT-LLM pads the groupwise layers: refused, naming the tp sizes that load
+    (the same rule `trt-gemma plan` reports; tensor_map.awq_padded)."""
+    group = _awq_group(codec)
+    if group is None:
+        return
+    padded = awq_padded(cfg, tp, group)
+    if padded:
+        name, (o, i) = next(iter(padded.items()))
+        multiple = max(AWQ_PAD_MIN, group) * tp
+        raise ConfigError(f"--tp {tp}: TensorRT-LLM pads INT4-AWQ (group {group}) layers to multiples of {multiple} "
+                          f"at tp {tp}, and {name} is [{o}, {i}]; this converter writes unpadded tensors, which "
+                          "TensorRT-LLM would refuse to load",
+                          fix=f"use --tp in {awq_tp_sizes(cfg, group)}")
 
 
 def _check_options(dtype: str | None, weight_only: str | None) -> None:
@@ -366,12 +241,13 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
         raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
                           fix="add --dtype bfloat16 (or float16)")
     _check_out_not_a_model(out, hf.path)
-    check_tp(hf.config, tp)
     codec, jobs = codec_for(hf), plan(hf.config)
+    check_tp(hf.config, tp, _awq_tp_allowed(hf.config, codec))
     if weight_only and codec is not FLOAT_CODEC:
         raise ConfigError(f"--weight-only {weight_only}: {hf.path} is already quantized",
                           fix="drop --weight-only (the checkpoint keeps its own quantization)")
     check_complete(jobs, codec, hf.tensors, tp)
+    _check_awq_tp(hf.config, tp, codec)
     st = NAME_TO_ST[dtype]
     specs = target_specs(jobs, codec, tp, st)
     quant_algo = WEIGHT_ONLY_ALGOS.get(weight_only) if weight_only else None

@@ -1,6 +1,6 @@
 """Which NVIDIA device is this host? NVML for discrete GPUs, the device tree for Jetson. Never raises.
 
-Evidence (targets.md §3, jetson.md §1):
+Evidence (docs/facts/targets.md §3, docs/facts/jetson.md §1):
 - NVML `nvmlDeviceGetName`, `nvmlDeviceGetCudaComputeCapability`, `nvmlDeviceGetMemoryInfo` (nvidia-ml-py). On a host
   without the driver, `nvmlInit` raises NVMLError_LibraryNotFound: that is a normal "no GPU" answer, not a failure.
 - Jetson: `<root>/proc/device-tree/model` (human string), `<root>/proc/device-tree/compatible` (NUL-separated; the SoC
@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trt_gemma.targets import TARGETS, Target, sm_str
+from trt_gemma.targets import TARGETS, Target, get_target, sm_str
 
-# SoC compatible string -> SM (jtop CUDA_TABLE, targets.md §1 sources)
+# SoC compatible string -> SM (jtop CUDA_TABLE, docs/facts/targets.md §1 sources)
 SOC_SM = {"tegra264": 110, "tegra234": 87, "tegra194": 72}
 
-# Jetson module part numbers from the device tree (targets.md §2; jtop jetson_variables.py). Order matters: the
-# first entry whose pattern is found in `compatible` decides; "-super" is the JetPack 6.2 Super devkit flavour.
+# Jetson module part numbers from the device tree (docs/facts/targets.md §2; jtop jetson_variables.py). Order matters:
+# the first entry whose pattern is found in `compatible` decides; "-super" is the JetPack 6.2 Super devkit flavour.
 JETSON_PARTS: tuple[tuple[str, str], ...] = (
     ("p3767-0005-super", "jetson-orin-nano-super"),
     ("p3767-0005", "jetson-orin-nano-8gb"),  # Orin Nano devkit module (8GB)
@@ -34,7 +34,8 @@ JETSON_PARTS: tuple[tuple[str, str], ...] = (
     ("p3834", "jetson-thor"),
 )
 
-# L4T -> JetPack, keyed on the L4T string (jetson.md §1; JC l4t_version.py NVIDIA_JETPACK, jtop where they differ).
+# L4T -> JetPack, keyed on the L4T string (docs/facts/jetson.md §1; JC l4t_version.py
+# NVIDIA_JETPACK, jtop where they differ).
 L4T_JETPACK = {
     "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.1": "5.1.1", "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4",
     "35.6.1": "5.1.5", "35.6.2": "5.1.5", "35.6.3": "5.1.5", "35.6.4": "5.1.6", "36.2.0": "6.0 DP", "36.3.0": "6.0",
@@ -248,14 +249,15 @@ def closest_target(sm: int, memory_bytes: int, family: str | None) -> tuple[Targ
 DEFAULT_TARGET = "jetson-orin-nano-8gb"  # what `--target auto` plans/builds for on a host without an NVIDIA GPU
 
 
-def resolve_target(target: str | None, detection: "Detection | None" = None) -> tuple[str, str]:
-    """(target name, how it was chosen). "auto" uses detection; a GPU-less host gets DEFAULT_TARGET, said plainly."""
+def resolve_target(target: "str | Target | None", detection: "Detection | None" = None) -> tuple[Target, str]:
+    """(target, how it was chosen), resolved once: callers pass the Target object down. "auto" uses detection; a
+    GPU-less host gets DEFAULT_TARGET, said plainly. `how` never repeats the target name (callers print it)."""
+    if isinstance(target, Target):
+        return target, "named with --target"
     if target not in (None, "", "auto"):
-        from trt_gemma.targets import get_target
-
-        return get_target(target).name, "named with --target"
+        return get_target(target), "named with --target"
     d = detection if detection is not None else detect()
     if d.target:
         approx = " (approximate match)" if d.approximate else ""
-        return d.target, f"detected: {d.message}{approx}"
-    return DEFAULT_TARGET, f"default target {DEFAULT_TARGET} ({d.message}; pass --target to choose)"
+        return TARGETS[d.target], f"detected: {d.message}{approx}"
+    return TARGETS[DEFAULT_TARGET], f"default: {d.message}; pass --target to choose"

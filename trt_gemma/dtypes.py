@@ -87,3 +87,12 @@ def from_f32(x: np.ndarray, st_dtype: str) -> np.ndarray:
 def round_to(x: np.ndarray, st_dtype: str) -> np.ndarray:
     """float32 values rounded through `st_dtype` (what storing then loading does)."""
     return to_f32(from_f32(x, st_dtype), st_dtype)
+
+
+def cast(block: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Storage dtype `src` -> `dst`; same dtype is a plain pass-through of the bytes. Overflow to Inf is reported
+    by the finiteness check that follows, with the tensor's name."""
+    if src == dst:
+        return block
+    with np.errstate(over="ignore"):
+        return from_f32(to_f32(block, src), dst)

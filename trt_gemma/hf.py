@@ -19,36 +19,28 @@ import numpy as np
 from trt_gemma.config import ModelConfig
 from trt_gemma.dtypes import ST_TO_NAME, to_f32
 from trt_gemma.errors import InputError
-from trt_gemma.st_io import TensorInfo, read_header, read_tensor
+from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect, TensorInfo, read_header, read_tensor  # noqa: F401
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Files a tokenizer needs (api.md: the converter copies these into the checkpoint when present).
+# Files a tokenizer needs (the converter copies these into the checkpoint when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # What a hub download fetches: config, weights, tokenizer; not the .gguf / pytorch_model.bin copies some repos carry.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_NAMES = 6  # names listed in one error message before "... and N more"
-
-
-@dataclass(frozen=True)
-class TensorExpect:
-    """What a source tensor must look like: its shape and the safetensors dtypes accepted for it."""
-
-    shape: tuple[int, ...]
-    dtypes: tuple[str, ...] = FLOAT_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # resolving MODEL arguments
 
 
-def resolve_model(spec: str | None) -> Path:
+def resolve_model(spec: str | None, config_only: bool = False) -> Path:
     """MODEL argument -> local HF model dir.
 
     None or "default" -> the embedded default model (unless a local dir named "default" exists); an existing local
     dir -> itself; something path-like that does not exist -> InputError; anything else is a hub id fetched with
-    huggingface_hub.snapshot_download, which honours the HF cache and HF_HUB_OFFLINE.
+    huggingface_hub.snapshot_download, which honours the HF cache and HF_HUB_OFFLINE. `config_only`: a hub snapshot
+    needs only config.json (planning), so nothing else is downloaded.
     """
     if spec is None or (spec == "default" and not Path(spec).is_dir()):
         try:
@@ -66,7 +58,7 @@ def resolve_model(spec: str | None) -> Path:
     if _looks_like_path(spec):
         raise InputError(f"model directory {spec} does not exist",
                          fix="check the path, or pass a Hugging Face hub id such as google/gemma-2-2b-it")
-    return _download(spec)
+    return _download(spec, ["config.json"] if config_only else HUB_PATTERNS)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -74,13 +66,13 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str] = HUB_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                        RepositoryNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except GatedRepoError as e:
         raise InputError(f"hub model {repo_id} is gated and this host is not authorised",
                          fix=f"accept the license on https://huggingface.co/{repo_id}, then `hf auth login` "
@@ -121,7 +113,7 @@ class HFModel:
     @classmethod
     def open(cls, path: Path, expected: Mapping[str, TensorExpect] | None = None) -> "HFModel":
         """Validate `path` completely and return the model. `expected` defaults to the float Gemma 2 tensor set
-        derived from the converter's mapping table (trt_gemma.convert.source_expectations)."""
+        derived from the converter's mapping table (trt_gemma.tensor_map.source_expectations)."""
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"model directory {path} does not exist", fix="pass a Hugging Face model directory")
@@ -133,7 +125,7 @@ class HFModel:
         model = cls(path, config, raw, tensors, weight_files, index_file,
                     [path / n for n in TOKENIZER_FILES if (path / n).is_file()])
         if expected is None:
-            from trt_gemma.convert import source_expectations  # the one mapping table lives in convert.py
+            from trt_gemma.tensor_map import source_expectations  # the one mapping table (no import of hf)
 
             expected = source_expectations(model)
         model.check_tensors(expected)

@@ -1,8 +1,8 @@
 """Bundle/engine manifests (what was built from what, with which tools, for which GPU) and `inspect`.
 
 A manifest is plain JSON beside the artifact. Tool versions are read from package metadata and NVML, never by
-importing tensorrt/tensorrt_llm (they crash or fail to import on a GPU-less host, DESIGN.md hard facts); anything
-absent is recorded as "unavailable" so a manifest written on a CPU host says so instead of guessing.
+importing tensorrt/tensorrt_llm (they crash or fail to import on a GPU-less host, docs/tensorrt-llm-contract.md §0);
+anything absent is recorded as "unavailable" so a manifest written on a CPU host says so instead of guessing.
 """
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def host_facts(detection=None) -> dict:
 def run_checks(manifest: dict, host: dict, engine: bool) -> list[dict]:
     """Can THIS host run the artifact? Each check: name, ok, detail. Rules: precision support by SM from
     trt_gemma.targets; memory from the plan; engines are tied to the GPU (SM) and TensorRT-LLM version they were
-    built with (reference §5: `preprocess_weights` is SM-specific); tensorrt_llm must be importable."""
+    built with (docs/tensorrt-llm-contract.md §5: `preprocess_weights` is SM-specific); tensorrt_llm must be
+    importable."""
     from trt_gemma.targets import supports
 
     checks = [{"name": "tensorrt_llm", "ok": host["tensorrt_llm"] != UNAVAILABLE,

@@ -1,6 +1,6 @@
 """Will a Gemma 2 model fit a target? Memory by class, a verdict, the largest settings that fit, a decode roofline.
 
-Memory model (targets.md §5-6, trtllm-checkpoint.md §4-5; figures marked [INF] are estimates made here):
+Memory model (docs/facts/targets.md §5-6, docs/tensorrt-llm-contract.md §4-5; [INF] = an estimate made here):
 - weights as the engine holds them: embedding (model dtype, never quantized), lm_head (tied in HF but a separate
   tensor in the TRT-LLM checkpoint/engine, excluded from quantization) unless the recipe shares the embedding table,
   per-layer linears with their scales from `trt_gemma.quant_formats.FORMATS`, norms in model dtype;
@@ -21,14 +21,14 @@ from pathlib import Path
 from trt_gemma.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
-from trt_gemma.recipes import (GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, fit_to_model, load_recipe, parse_overrides,
-                               validate)
+from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
+from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
 # Runtime overhead per family, bytes [INF]. Jetson: CUDA context + TRT libraries with CUDA lazy loading, and a headless
-# JetPack OS reserve (the desktop takes ~0.25-0.8 GB more, jetson.md §5: jetson/setup.sh disables it).
+# JetPack OS reserve (the desktop takes ~0.25-0.8 GB more, docs/facts/jetson.md §5: jetson/setup.sh disables it).
 OVERHEAD = {
     "jetson": {"cuda_context": 512 * MiB, "os_reserve": 512 * MiB},
     "rtx": {"cuda_context": 1 * GiB, "display_reserve": 512 * MiB},
@@ -70,6 +70,7 @@ class Plan:
     decode_tok_s: dict
     suggestion: dict | None = None
     notes: list = field(default_factory=list)
+    awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
 
     @property
     def fits(self) -> bool:
@@ -83,7 +84,8 @@ class Plan:
 
 
 def model_config(model: str | Path) -> tuple[ModelConfig, str]:
-    """A preset name (real HF values), a local HF model dir (its config.json), or "default": the embedded model."""
+    """A preset name (real HF values), a local HF model dir (its config.json), a hub id (config.json from the local HF
+    cache or the hub), or "default": the embedded model."""
     if str(model) == "default":
         from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -93,9 +95,15 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     path = Path(model)
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), str(path)
-    raise InputError(f"--model {model!r} is neither a preset nor a local model dir",
-                     fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, or a directory "
-                         "containing config.json")
+    if str(model).count("/") == 1 and not str(model).startswith((".", "~")):
+        # a hub id ("org/name"), resolved like every other command does (local HF cache, HF_HUB_OFFLINE honoured);
+        # planning reads config.json only, so nothing else is fetched
+        from trt_gemma.hf import resolve_model
+
+        return ModelConfig.from_file(resolve_model(str(model), config_only=True) / "config.json"), str(model)
+    raise InputError(f"--model {model!r} is neither a preset, a local model dir nor a hub id (org/name)",
+                     fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, a directory "
+                         "containing config.json, or a hub id such as google/gemma-2-2b-it")
 
 
 def parameter_count(cfg: ModelConfig) -> int:
@@ -107,7 +115,7 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (trtllm-checkpoint.md §3)."""
+    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (docs/tensorrt-llm-contract.md §3)."""
     h, f = cfg.hidden_size, cfg.intermediate_size
     return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
 
@@ -165,18 +173,17 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
     return _verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
 
 
-def plan(model: str | Path, target: str | Target, overrides=None, config_file=None) -> Plan:
+def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
+         recipe_notes: list | tuple = ()) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
-    Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted)."""
+    Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted). A caller that
+    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again."""
     t = get_target(target)
     cfg, name = model_config(model)
-    r = load_recipe(t, config_file, overrides)
-    clamp = fit_to_model(r, cfg.max_position_embeddings)
-    if clamp:
-        clamp_note = (f"max_seq_len {r.max_seq_len} -> {clamp['max_seq_len']}, max_input_len {r.max_input_len} -> "
-                      f"{clamp['max_input_len']}: the model's max_position_embeddings is "
-                      f"{cfg.max_position_embeddings} (trt-gemma build clamps the same way)")
-        r = load_recipe(t, config_file, {**parse_overrides(overrides), **clamp})
+    if recipe is None:
+        r, _, recipe_notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    else:
+        r = recipe
     m = _memory(cfg, t, r)
     budget = int(t.usable_bytes * (1 - MARGIN))
     verdict = _verdict(m["total"], t.usable_bytes)
@@ -199,7 +206,14 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         read_bytes_per_token=read,
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
-        notes=([clamp_note] if clamp else []) + _notes(t, r))
+        notes=list(recipe_notes) + _notes(t, r))
+    if r.quant == "int4_awq":
+        p.awq_tp_sizes = awq_tp_sizes(cfg, r.group_size)
+        if p.awq_tp_sizes != list(TP_CANDIDATES):
+            bad = [tp for tp in TP_CANDIDATES if tp not in p.awq_tp_sizes]
+            p.notes.append(f"INT4-AWQ g{r.group_size}: TensorRT-LLM loads this checkpoint at tp "
+                           f"{', '.join(map(str, p.awq_tp_sizes)) or 'none'} only; at tp {', '.join(map(str, bad))} "
+                           "its groupwise layers need padded tensors (`trt-gemma convert --tp` refuses those)")
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
     return p
@@ -244,34 +258,57 @@ def _notes(t: Target, r: Recipe) -> list[str]:
     return notes
 
 
+SEQ_STEPS = (4096, 3072, 2048, 1536, 1024, 512, 256)  # max_seq_len values a suggestion tries, longest first
+
+
 def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
-    """The best-quality recipe change that fits: current limits first, then weights by quality, FP8 KV, a shared
-    embedding table, and only then smaller batch / sequence limits."""
-    order = [q for q in QUALITY_ORDER if supports(t, q)[0]]
-    kv_options = [r.kv_cache_dtype] + (["fp8"] if supports(t, "kv_fp8")[0] else [])
-    limits = [(r.max_batch_size, r.max_seq_len)] + [(1, s) for s in (4096, 2048, 1024, 512)]
-    for batch, seq in limits:
-        for quant in order:
-            for kv in kv_options:
-                for share in (False, True):
-                    cand = _candidate(cfg, r, quant, kv, share, batch, seq, t)
-                    if cand is not None and fits(cfg, t, cand):
-                        changes = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
-                        return {"set": changes, "total_bytes": _memory(cfg, t, cand)["total"],
-                                "command": " ".join(f"--set {k}={_plain(v)}" for k, v in changes.items())}
+    """The smallest recipe change that fits, tried in the order a user would: a smaller batch (the largest that fits),
+    a shorter max_seq_len at this batch, an FP8 KV cache, lighter weights (by expected quality), a shared embedding
+    table; only then those together with smaller limits. Each candidate is validated like a user's --set."""
+    for changes in _changes(t, r):
+        cand = _candidate(cfg, r, t, changes)
+        if cand is not None and fits(cfg, t, cand):
+            diff = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
+            return {"set": diff, "total_bytes": _memory(cfg, t, cand)["total"],
+                    "command": " ".join(f"--set {k}={_plain(v)}" for k, v in diff.items())}
     return None
 
 
-def _candidate(cfg: ModelConfig, r: Recipe, quant, kv, share, batch, seq, t: Target) -> Recipe | None:
+def _changes(t: Target, r: Recipe):
+    batches = range(r.max_batch_size - 1, 0, -1)
+    seqs = [s for s in SEQ_STEPS if s < r.max_seq_len]
+    kvs = ["fp8"] if supports(t, "kv_fp8")[0] and r.kv_dtype != "fp8" else []
+    lighter = [q for q in QUALITY_ORDER[QUALITY_ORDER.index(r.quant) + 1:] if supports(t, q)[0]] \
+        if r.quant in QUALITY_ORDER else []
+    shares = [] if r.share_embedding_table else [True]
+    yield from ({"max_batch_size": b} for b in batches)
+    yield from ({"max_seq_len": s} for s in seqs)
+    yield from ({"kv_cache_dtype": kv} for kv in kvs)
+    yield from ({"quant": q} for q in lighter)
+    yield from ({"share_embedding_table": v} for v in shares)
+    for quant in [r.quant, *lighter]:
+        for kv in [r.kv_cache_dtype, *kvs]:
+            for share in [r.share_embedding_table, *shares]:
+                base = {"quant": quant, "kv_cache_dtype": kv, "share_embedding_table": share}
+                yield from ({**base, "max_batch_size": b} for b in (r.max_batch_size, *batches))
+                yield from ({**base, "max_batch_size": 1, "max_seq_len": s} for s in seqs)
+
+
+def _candidate(cfg: ModelConfig, r: Recipe, t: Target, changes: dict) -> Recipe | None:
+    """`r` with `changes` plus the fields that must follow them (prompt length within the sequence, the GEMM plugin
+    rule for FP8, a token cap that still holds the batch); None when the result would not validate."""
+    c = dict(changes)
+    quant, batch, seq = c.get("quant", r.quant), c.get("max_batch_size", r.max_batch_size), \
+        c.get("max_seq_len", r.max_seq_len)
     if _group_misfit(cfg, quant, r.group_size) is not None:
         return None
-    cand = r.replace(quant=quant, kv_cache_dtype=kv, share_embedding_table=share, max_batch_size=batch,
-                     max_seq_len=min(seq, r.max_seq_len), max_input_len=min(r.max_input_len, seq),
-                     max_num_tokens=min(r.max_num_tokens, max(seq, 256)),
-                     gemm_plugin="disable" if quant == "fp8" else ("auto" if r.gemm_plugin == "disable"
-                                                                    else r.gemm_plugin))
+    if quant != r.quant:
+        c["gemm_plugin"] = "disable" if quant == "fp8" else ("auto" if r.gemm_plugin == "disable" else r.gemm_plugin)
+    if seq != r.max_seq_len:
+        c["max_input_len"] = min(r.max_input_len, max(1, r.max_input_len * seq // r.max_seq_len))
     if r.kv_cache_max_tokens:
-        cand = cand.replace(kv_cache_max_tokens=cand.max_batch_size * cand.max_seq_len)
+        c["kv_cache_max_tokens"] = max(seq, min(r.kv_cache_max_tokens, batch * seq))
+    cand = r.replace(**c)
     try:
         validate(cand, t)
     except TrtGemmaError:

@@ -1,8 +1,8 @@
 """Linear codecs that turn a ModelOpt unified-HF quantized checkpoint into TensorRT-LLM's W4A16_AWQ / FP8 layouts.
 
-They plug into the converter's one mapping table (trt_gemma/convert.py `LinearCodec`): the table says which HF modules
+They plug into the converter's one mapping table (trt_gemma/tensor_map.py `LinearCodec`): the table says which HF modules
 form which TRT-LLM linear (q,k,v -> attention.qkv; gate_proj -> mlp.fc; ...), a codec says which tensors one module
-has in the source and how a fused group is written. Layouts: ../shared/reference/trtllm-checkpoint.md §2 (quantization
+has in the source and how a fused group is written. Layouts: docs/tensorrt-llm-contract.md §2 (quantization
 block) and §4; what ModelOpt 0.47 writes: docs/quantization.md.
 
 ModelOpt 0.47 unified export (modelopt/torch/export/unified_export_hf.py, quant_utils.py), per linear `<m>`:
@@ -18,7 +18,8 @@ ModelOpt 0.47 unified export (modelopt/torch/export/unified_export_hf.py, quant_
   `trt_gemma.quantize` avoids it for its own exports by unifying the scales before exporting).
 - FP8 KV cache: `k_proj.k_scale` / `v_proj.v_scale` = amax/448 each; TRT-LLM has one
   `attention.kv_cache_scaling_factor` per layer = max(k, v) clamped to >= 1.0 (ModelOpt `get_kv_cache_scaling_factor`
-  with clamp_fp8_scales, "For FP8, we recommend default kv cache scaling factor to be 1"; reference §4 "FP8").
+  with clamp_fp8_scales, "For FP8, we recommend default kv cache scaling factor to be 1";
+  docs/tensorrt-llm-contract.md §4 "FP8").
 """
 from __future__ import annotations
 
@@ -28,16 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.dtypes import f32_to_fp8_e4m3, fp8_e4m3_to_f32, from_f32
+from trt_gemma.dtypes import cast, f32_to_fp8_e4m3, fp8_e4m3_to_f32, from_f32
+from trt_gemma.quant_block import quantization_block as _block
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.hf import FLOAT_DTYPES, TensorExpect
+from trt_gemma.st_io import FLOAT_DTYPES, TensorExpect
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 KV_MIN_SCALE = 1.0  # ModelOpt clamps FP8 KV scales to >= 1.0 for TensorRT-LLM (quant_utils.get_kv_cache_scaling_factor)
 KV_SOURCES = {"k_proj": "k_scale", "v_proj": "v_scale"}  # ModelOpt _KV_CACHE_REPLACEMENTS
 SUPPORTED_ALGOS = ("W4A16_AWQ", "FP8")
 SUPPORTED_KV = (None, "FP8")
-UNQUANTIZED_OK = ("lm_head",)  # exclude patterns we can honour: the head stays float anyway (reference §4, #1394)
+# exclude patterns we can honour: the head stays float anyway (docs/tensorrt-llm-contract.md §4, #1394)
+UNQUANTIZED_OK = ("lm_head",)
 FIX_REEXPORT = "re-export it with ModelOpt's unified HF export (export_hf_checkpoint), or run `trt-gemma quantize` " \
                "on the unquantized model"
 
@@ -95,10 +98,10 @@ def _check_spec(spec: QuantSpec) -> QuantSpec:
 
 
 def quantization_block(spec: QuantSpec, group_size: int) -> dict:
-    """config.json `quantization` (reference §2: QuantConfig fields; pre_quant_scale True for AWQ, lm_head excluded)."""
-    return {"quant_algo": spec.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo,
-            "group_size": group_size, "has_zero_point": False, "pre_quant_scale": spec.quant_algo == "W4A16_AWQ",
-            "exclude_modules": ["lm_head"], "smoothquant_val": 0.5, "clamp_val": None, "use_meta_recipe": False}
+    """config.json `quantization` (reference: QuantConfig fields; pre_quant_scale True for AWQ, lm_head excluded),
+    written by trt_gemma.quant_block like every other block."""
+    return _block(spec.quant_algo, spec.kv_cache_quant_algo, group_size,
+                  pre_quant_scale=spec.quant_algo == "W4A16_AWQ")
 
 
 # --- shared helpers -------------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class _Codec:
 
 class AWQCodec(_Codec):
     """ModelOpt INT4-AWQ linears -> TRT-LLM W4A16_AWQ: weight int8 [out/2, in], weights_scaling_factor [out, in/g] and
-    prequant_scaling_factor [in] in the model dtype (reference §4)."""
+    prequant_scaling_factor [in] in the model dtype (docs/tensorrt-llm-contract.md §4)."""
 
     def __init__(self, spec: QuantSpec, tensors: dict, group_size: int):
         super().__init__(spec, tensors)
@@ -188,8 +191,6 @@ class AWQCodec(_Codec):
                 (f"{job.target}.prequant_scaling_factor", st_dtype, (inp,))] + self._kv_specs(job)
 
     def write(self, ctx, job, rank):
-        from trt_gemma.convert import cast
-
         packed = [(src, _halve(rows), cols) for src, rows, cols in job.pieces(ctx.tp, rank, ".weight")]
         _stream_raw(ctx, packed, rank, f"{job.target}.weight", _as_int8)
         scales = [(src, rows, _div(cols, self.group_size)) for src, rows, cols in job.pieces(ctx.tp, rank,
@@ -251,7 +252,8 @@ def _div(cols: slice, group: int) -> slice:
 
 class FP8Codec(_Codec):
     """ModelOpt FP8 linears -> TRT-LLM FP8: weight float8_e4m3fn [out, in], weights_scaling_factor and
-    activation_scaling_factor [1] float32 (reference §4). A fused group gets the max of its members' scales."""
+    activation_scaling_factor [1] float32 (docs/tensorrt-llm-contract.md §4). A fused
+    group gets the max of its members' scales."""
 
     @property
     def quantization(self) -> dict:

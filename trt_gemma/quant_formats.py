@@ -1,7 +1,7 @@
 """Weight formats as small classes: what a linear costs in an engine, what a checkpoint stores, and the numpy codecs.
 
 The same classes drive the planner (bytes) and the reference runtime (dequantize), so the two cannot disagree.
-Layouts follow ../shared/reference/trtllm-checkpoint.md §4 (ModelOpt's `to_quantized_weight`, TRT-LLM `layers.py`):
+Layouts follow docs/tensorrt-llm-contract.md §4 (ModelOpt's `to_quantized_weight`, TRT-LLM `layers.py`):
 - W4A16_AWQ: int4 symmetric, per (out row, input group) scale = amax/7 in model dtype, packed two per byte along the
   OUTPUT dimension into int8 [out/2, in] (low nibble = even output row, high nibble = odd row, two's complement);
   plus `prequant_scaling_factor` [in] (AWQ activation scale multiplied into x before the GEMM).

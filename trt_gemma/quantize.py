@@ -37,7 +37,7 @@ QUANTS = {"int4_awq": ("INT4_AWQ_CFG", "W4A16_AWQ"), "fp8": ("FP8_DEFAULT_CFG", 
 KV_CACHES = {"fp8": "FP8_KV_CFG"}
 GROUP_SIZES = (128, 64)
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_CALIB_SAMPLES = 32   # ModelOpt's quantize.py caps AWQ calibration at 32 samples (reference §4)
+DEFAULT_CALIB_SAMPLES = 32   # ModelOpt's quantize.py caps AWQ calibration at 32 (docs/tensorrt-llm-contract.md §4)
 DEFAULT_CALIB_SEQ_LEN = 256
 # One calibration pass costs one forward per sample; awq_lite runs a statistics pass and a search pass that re-runs
 # every linear for each of its 11 alpha values (alpha_step 0.1): measured ~6 forwards per sample on CPU (embedded

@@ -2,9 +2,9 @@
 
 `Recipe` is the one place defaults live (CLI options read them from here). A recipe is layered: dataclass defaults <
 the target's build_configs/<target>.toml (or a user TOML) < single-field overrides (`--set key=value`). Validation
-names the field, where its value came from, and the fix. Limits and precision rules: trtllm-checkpoint.md §5 (max_seq_len
-<= 4096 for Gemma 2; gemm plugin off for FP8) and trt_gemma.targets.RULES (FP8 needs SM >= 8.9, INT4/INT8 rejected on
-SM 10.0-11.9, ...).
+names the field, where its value came from, and the fix. Limits and precision rules: docs/tensorrt-llm-contract.md §5
+(max_seq_len <= 4096 for Gemma 2; gemm plugin off for FP8) and trt_gemma.targets.RULES (FP8 needs SM >= 8.9,
+INT4/INT8 rejected on SM 10.0-11.9, ...).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (trtllm-checkpoint.md §5)
+GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (docs/tensorrt-llm-contract.md §5)
 QUANTS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8")
 CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibration (quantize.py), the rest by convert.py
 DTYPES = ("bfloat16", "float16")
@@ -85,22 +85,79 @@ def config_path(target: str) -> Path:
 def load_recipe(target: str | Target, config_file: str | Path | None = None,
                 overrides: Mapping[str, object] | Sequence[str] | None = None) -> Recipe:
     """Defaults < TOML (the target's own unless `config_file`) < overrides; validated against the target."""
+    return resolve_recipe(target, config_file, overrides)[0]
+
+
+def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
+                   overrides: Mapping[str, object] | Sequence[str] | None = None,
+                   max_positions: int | None = None) -> tuple[Recipe, dict, list[str]]:
+    """The recipe a build or plan uses, validated once: (recipe, the overrides that reproduce it from the same file,
+    notes). Beyond the layering of `load_recipe`, two limits follow others the user changed, each said in a note:
+    - max_input_len from the file or defaults shrinks with a smaller `--set max_seq_len` (ratio kept), so
+      `--set max_seq_len=2048` alone works; an explicit `--set max_input_len` is never changed (validation names it);
+    - with `max_positions` (the model's max_position_embeddings), limits beyond the model's context are clamped to it
+      (TensorRT-LLM would build 4096 regardless)."""
     t = get_target(target)
     path = Path(config_file) if config_file is not None else config_path(t.name)
     values: dict = {}
     origin: dict[str, str] = {}
     for key, value in _read_toml(path).items():
         values[key], origin[key] = value, str(path)
-    for key, value in parse_overrides(overrides).items():
+    before = dict(values)
+    over = parse_overrides(overrides)
+    for key, value in over.items():
         values[key], origin[key] = value, f"--set {key}={_plain(value)}"
     file_target = values.pop("target", t.name)
     if file_target != t.name:
         raise RecipeError(f"{origin['target']}: target = {file_target!r} but the recipe is loaded for {t.name!r}",
                           fix=f"use --target {file_target}, or change `target` in {origin['target']}")
-    _check_keys_and_types(values, origin)
+    _check_keys_and_types(values, origin, before, f"{t.name} recipe" if config_file is None else str(path))
+    notes = []
+    # in turn: the model clamp sees the prompt length the sequence length already brought down
+    for derive in (lambda: _follow_seq_len(values, before, over), lambda: _fit_values(values, max_positions)):
+        derived = derive()
+        if derived:
+            notes.append(derived.pop("note"))
+            for key, value in derived.items():
+                where = origin.get(key, "recipe default").removesuffix(" (clamped)")
+                values[key], origin[key], over[key] = value, f"{where} (clamped)", value
     recipe = Recipe(target=t.name, **values)
     validate(recipe, t, origin)
-    return recipe
+    return recipe, over, notes
+
+
+def _follow_seq_len(values: dict, before: dict, over: dict) -> dict:
+    """max_input_len (not set by --set) scaled down with a --set max_seq_len below it, keeping the recipe's ratio."""
+    if "max_seq_len" not in over or "max_input_len" in over:
+        return {}
+    seq, inp = values["max_seq_len"], values.get("max_input_len", default("max_input_len"))
+    if seq < 1 or inp <= seq:
+        return {}
+    new = max(1, inp * seq // max(inp, before.get("max_seq_len", default("max_seq_len"))))
+    return {"max_input_len": new, "note": f"max_input_len {inp} -> {new}: it must not exceed --set max_seq_len={seq} "
+                                          "(set max_input_len yourself to choose another value)"}
+
+
+def _fit_values(values: dict, max_positions: int | None) -> dict:
+    if max_positions is None:
+        return {}
+    seq = values.get("max_seq_len", default("max_seq_len"))
+    inp = values.get("max_input_len", default("max_input_len"))
+    if seq <= max_positions or seq > GEMMA2_MAX_SEQ_LEN:  # over the limit: validation says so, as without a model
+        return {}
+    scaled_input = max(1, inp * max_positions // seq)
+    clamp = {"max_seq_len": max_positions, "max_input_len": min(inp, scaled_input)}
+    clamp["note"] = (f"max_seq_len {seq} -> {max_positions}, max_input_len {inp} -> {clamp['max_input_len']}: the "
+                     f"model's max_position_embeddings is {max_positions}")
+    return clamp
+
+
+def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
+    """Overrides that keep `recipe` within the model's trained context ({} when it already is); resolve_recipe
+    applies the same clamp while layering."""
+    clamp = _fit_values(recipe.to_dict(), max_positions)
+    clamp.pop("note", None)
+    return clamp
 
 
 def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> dict:
@@ -135,7 +192,10 @@ def _read_toml(path: Path) -> dict:
                          fix="pass a readable TOML file (see build_configs/ for examples)") from None
 
 
-def _check_keys_and_types(values: dict, origin: dict) -> None:
+def _check_keys_and_types(values: dict, origin: dict, file_values: dict | None = None, file_name: str = "") -> None:
+    """Unknown keys and wrong types, named with their source. The fix quotes the value this recipe would otherwise
+    have: the recipe file's (`file_values`, read from `file_name`) or the dataclass default."""
+    file_values = file_values or {}
     for key, value in values.items():
         if key not in FIELD_TYPES or key == "target":
             close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
@@ -147,8 +207,15 @@ def _check_keys_and_types(values: dict, origin: dict) -> None:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             values[key], ok = float(value), True
         if not ok:
+            from_file = key in file_values and file_values[key] is not value and _valid(file_values[key], want)
+            label, fallback = (file_name, file_values[key]) if from_file else ("default", default(key))
             raise ConfigError(f"{origin[key]}: field {key!r} must be {want.__name__}, got {value!r}",
-                              fix=f"set {key} to a value of type {want.__name__} (default: {_toml_repr(default(key))})")
+                              fix=f"set {key} to a value of type {want.__name__} ({label}: {_toml_repr(fallback)})")
+
+
+def _valid(value, want: type) -> bool:
+    return isinstance(value, want) and not (want is not bool and isinstance(value, bool)) or \
+        (want is float and isinstance(value, int) and not isinstance(value, bool))
 
 
 def _choice(recipe: Recipe, key: str, choices: tuple, origin: dict) -> None:
@@ -224,15 +291,6 @@ def _check_kv_cache_source(r: Recipe, origin: dict) -> None:
         raise RecipeError(f"{_where(origin, 'kv_cache_dtype')}: kv_cache_dtype = 'fp8' with quant = {r.quant!r}: the "
                           "KV-cache scales come from ModelOpt calibration, which runs for int4_awq / fp8 recipes only",
                           fix="use --set kv_cache_dtype=auto, or --set quant=fp8 / int4_awq")
-
-
-def fit_to_model(recipe: Recipe, max_positions: int) -> dict:
-    """Overrides that keep the engine within the model's trained context (TRT would build 4096 regardless)."""
-    if recipe.max_seq_len <= max_positions:
-        return {}
-    # keep the recipe's prompt/total ratio so a full-length prompt still leaves room to generate
-    scaled_input = max(1, recipe.max_input_len * max_positions // recipe.max_seq_len)
-    return {"max_seq_len": max_positions, "max_input_len": min(recipe.max_input_len, scaled_input)}
 
 
 def _check_plugins_and_memory(r: Recipe, t: Target, origin: dict) -> None:

@@ -290,7 +290,7 @@ def _is_embedded(path: Path) -> bool:
 
 # ---- planning chat model + guard together (`trt-gemma plan --guard`) -------------------------------------------------
 
-def plan_with_guard(chat_plan, guard_model: str, target: str, overrides=None, config_file=None) -> dict:
+def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_file=None) -> dict:
     """The chat plan plus ShieldGemma's on the same target, and whether both fit at once (an 8 GB Orin must hold
     both). The guard gets the target's recipe with one sequence per policy (max_batch_size 4: the four policies are
     one batched prefill) and decodes nothing; both engines live in the server's one process, so the runtime

@@ -3,8 +3,8 @@
 Concurrency model: the event loop only parses, validates and streams. Each admitted request holds one of
 `max_concurrency` generation slots while a worker thread runs `backend.stream()` (numpy releases the GIL in its
 matmuls); tokens cross to the loop with `call_soon_threadsafe`. At most `max_queue` more requests may wait for a
-slot; beyond that the answer is 429 with Retry-After (Ollama answers 503, vLLM queues without bound: §6 of
-serving-telemetry.md). A slot is given back when its worker thread has actually returned, so a client that
+slot; beyond that the answer is 429 with Retry-After (Ollama answers 503, vLLM queues without bound:
+docs/facts/serving-telemetry.md §6). A slot is given back when its worker thread has actually returned, so a client that
 disconnects mid-stream (its generator is cancelled -> the cancel flag the backend polls each step) frees it for real.
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
@@ -189,6 +189,7 @@ class Server:
         try:
             self.backend = self._loader()
             self.state = "ready"
+            log.info("serving %s: %s backend, %s", self.model_name, self.backend.name, self.backend.info.path)
         except Exception as e:  # the server stays up and says why on /health
             log.error("model failed to load: %s", e)
             self.state, self.failure_reason = "failed", str(e)
@@ -467,7 +468,10 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
 
     @v1.get("/telemetry")
     async def telemetry():
-        return await asyncio.get_running_loop().run_in_executor(None, snapshot, srv.backend)
+        snap = await asyncio.get_running_loop().run_in_executor(None, snapshot, srv.backend)
+        if "model" in snap:  # the id clients send (--model-name), not the directory the weights came from
+            snap["model"]["name"] = srv.model_name
+        return snap
 
     app.include_router(v1)
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of one server app (its own CollectorRegistry, so several apps in one process never clash).
 
-Names and buckets follow vLLM / NIM (serving-telemetry.md §2; vLLM v1/metrics/loggers.py, whose buckets TRT-LLM's
-collector copies), unprefixed as NIM exports them, each with a `model_name` label:
+Names and buckets follow vLLM / NIM (docs/facts/serving-telemetry.md §2; vLLM v1/metrics/loggers.py, whose buckets
+TRT-LLM's collector copies), unprefixed as NIM exports them, each with a `model_name` label:
   num_requests_running, num_requests_waiting, kv_cache_usage_perc (0..1)   gauges
   time_to_first_token_seconds, time_per_output_token_seconds, e2e_request_latency_seconds   histograms
   prompt_tokens_total, generation_tokens_total, request_success_total{finished_reason},

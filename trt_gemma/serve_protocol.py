@@ -1,7 +1,7 @@
 """OpenAI wire format for the server: request validation (one field table), error envelopes, response and chunk
 shapes, stop-string matching. No I/O here, so every rule is unit-testable.
 
-Error envelope (serving-telemetry.md §6, the `openai` client's APIError fields):
+Error envelope (docs/facts/serving-telemetry.md §6, the `openai` client's APIError fields):
   {"error": {"message": str, "type": str, "param": str|None, "code": str|None}}
 """
 from __future__ import annotations

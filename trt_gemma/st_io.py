@@ -19,6 +19,17 @@ import numpy as np
 from trt_gemma.dtypes import ST_DTYPES
 from trt_gemma.errors import InputError, OutputError
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class TensorExpect:
+    """What a source tensor must look like: its shape and the safetensors dtypes accepted for it."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -1,12 +1,12 @@
 """NVIDIA hardware targets as a data table, and precision support derived from compute capability by ordered rules.
 
-Figures come from ../shared/reference/targets.md §1 (sources listed there) and jetson.md; a field whose value is not
+Figures come from docs/facts/targets.md §1 (sources listed there) and docs/facts/jetson.md; a field whose value is not
 confirmed by a primary source is named in `Target.unconfirmed`. Cards absent from the reference page (RTX 3060 12GB,
 RTX 4060 8GB, RTX A6000, RTX 4000/6000 Ada, RTX PRO 6000 Blackwell) carry NVIDIA's published spec-sheet values as
 general knowledge and are flagged unconfirmed field by field.
 
 Precision support is never a list of GPU names (optimum-nvidia's `SM_FP8_SUPPORTED = {89, 90}` silently excludes newer
-SMs, targets.md §3): `RULES` is an ordered table of SM ranges, first match wins.
+SMs, docs/facts/targets.md §3): `RULES` is an ordered table of SM ranges, first match wins.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def sm_str(sm: int) -> str:
     return f"{sm // 10}.{sm % 10}"
 
 
-# jetson.md §3, §6: v0.12.0-jetson (the only Jetson release) predates Gemma 2; 1.x built from source for SM 8.7 exists
-# in jetson-containers but running Gemma 2 engines with it is unconfirmed.
+# docs/facts/jetson.md §3, §6: v0.12.0-jetson (the only Jetson release) predates Gemma 2; 1.x built from source for SM
+# 8.7 exists in jetson-containers but running Gemma 2 engines with it is unconfirmed.
 _ORIN_TRT = ("TensorRT-LLM's only Jetson release (v0.12.0-jetson) predates Gemma 2; a 1.x build from source for "
              "SM 8.7 running Gemma 2 is unconfirmed: measure on the device")
 
@@ -70,8 +70,8 @@ def _d(name, title, sm, gib, bw, family, aliases, notes="", unconfirmed=()):
                   frozenset(unconfirmed))
 
 
-# Jetson MemTotal: 8GB Orin Nano 7620 MiB, AGX Orin 30536 / 62817 MiB (targets.md §1). Modules without a published
-# figure use 0.93 x nominal (the ratio of the two known small/mid modules) and are flagged unconfirmed.
+# Jetson MemTotal: 8GB Orin Nano 7620 MiB, AGX Orin 30536 / 62817 MiB (docs/facts/targets.md §1). Modules without a
+# published figure use 0.93 x nominal (the ratio of the two known small/mid modules) and are flagged unconfirmed.
 _EST = 0.93
 _TARGETS = [
     _j("jetson-orin-nano-4gb", "Jetson Orin Nano 4GB", 87, 4, 4 * 1024 * _EST, 34.0,
@@ -90,8 +90,8 @@ _TARGETS = [
     _j("jetson-thor", "Jetson AGX Thor (T5000)", 110, 128, 128 * 1024 * _EST, 273.0,
        "SM 11.0 (sm_101 with CUDA < 13); TensorRT-LLM has no Jetson Thor support and rejects INT4/INT8 on SM 100-119 "
        "(#5594): no supported Gemma 2 TRT path; hardware-capable recipe is FP8 + FP8 KV", ("usable_bytes",),
-       "TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today (jetson.md §6)"),
-    # RTX (consumer and workstation). Cards missing from targets.md use NVIDIA spec-sheet values [GK].
+       "TensorRT-LLM has no Jetson Thor support: no supported Gemma 2 TRT path today (docs/facts/jetson.md §6)"),
+    # RTX (consumer and workstation). Cards missing from docs/facts/targets.md use NVIDIA spec-sheet values [GK].
     _d("rtx-3060-12gb", "GeForce RTX 3060 12GB", 86, 12, 360.0, "rtx", ("RTX 3060",),
        "GA106, 192-bit GDDR6", ("memory_bytes", "bandwidth_gbs", "sm")),
     _d("rtx-3090", "GeForce RTX 3090", 86, 24, 936.2, "rtx", ("RTX 3090",), "GA102, GDDR6X"),
@@ -161,7 +161,8 @@ def _r(precisions, sm_min, sm_max, level, reason):
 
 _ALL = frozenset(PRECISIONS)
 # Ordered: the first rule whose SM range and precision match decides. Sources: TRT builder.py, support-matrix.md,
-# features/quantization.md; ELLM support-matrix (targets.md §1 "Precision support by SM", trtllm-checkpoint.md §5).
+# features/quantization.md; ELLM support-matrix (docs/facts/targets.md §1 "Precision support
+# by SM", docs/tensorrt-llm-contract.md §5).
 RULES: tuple[Rule, ...] = (
     _r(_ALL, 0, 74, "no", "TensorRT-LLM needs SM >= 7.5"),
     _r({"bfloat16"}, 0, 79, "no", "bf16 needs SM >= 8.0 (Turing SM 7.5 has fp16 only)"),

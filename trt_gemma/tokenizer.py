@@ -5,7 +5,8 @@ The chat format is Gemma's own template (the `chat_template` in Google's tokeniz
     ... and, with add_generation_prompt, a final <start_of_turn>model\n
 "assistant" is written as "model"; roles must alternate starting with the user. Gemma's template rejects a system
 message; we fold it into the first user turn ("{system}\n\n{user}"), the usual convention for Gemma. The rendered
-text already starts with <bos>, so encode_chat encodes it without adding another (trtllm-checkpoint.md §6 "BOS").
+text already starts with <bos>, so encode_chat encodes it without adding another
+(docs/tensorrt-llm-contract.md §6 "BOS").
 """
 from __future__ import annotations
 

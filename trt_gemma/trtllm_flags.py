@@ -1,6 +1,6 @@
 """One table: our recipe fields -> TensorRT-LLM 1.2 `BuildConfig` fields and `trtllm-build` flags.
 
-Every name below is copied from ../shared/reference/trtllm-checkpoint.md §5 (TRT commands/build.py@65f1d153,
+Every name below is copied from docs/tensorrt-llm-contract.md §5 (TRT commands/build.py@65f1d153,
 plugin/plugin.py@c20322ff, builder.py@008b2b8d); tests/test_trtllm_flags.py checks them against a frozen copy of that
 page's list. The Python compile (build.py) and the printed `trtllm-build` command both come from here, so the engine
 built on a GPU host from a bundle is the same whichever way the user runs it.
@@ -16,7 +16,8 @@ from typing import Any
 
 from trt_gemma.errors import RecipeError
 
-GEMMA2_MAX_SEQ_LEN = 4096  # reference §5: TRT-LLM's Gemma 2 limit (the sliding window is not modelled by TRT)
+# docs/tensorrt-llm-contract.md §5: TRT-LLM's Gemma 2 limit (the sliding window is not modelled by TRT)
+GEMMA2_MAX_SEQ_LEN = 4096
 MAX_BEAM_WIDTH = 1  # greedy/sampling serving only; BuildConfig wants it set explicitly (from_dict pitfall, §5)
 KV_CACHE_TYPE = "paged"  # `--kv_cache_type paged`; BuildConfig's kv_cache_type=None is the same (§5: unset -> paged)
 

@@ -1,6 +1,6 @@
 """Backend over a TensorRT-LLM engine (ModelRunnerCpp, the C++ executor behind TRT-LLM's own `examples/run.py`).
 
-Facts from ../shared/reference/trtllm-checkpoint.md §6: `ModelRunnerCpp.from_dir(engine_dir, rank=0, max_batch_size=,
+Facts from docs/tensorrt-llm-contract.md §6: `ModelRunnerCpp.from_dir(engine_dir, rank=0, max_batch_size=,
 kv_cache_free_gpu_memory_fraction=, max_tokens_in_paged_kv_cache=, ...)`; `generate(batch_input_ids: List[Tensor],
 max_new_tokens=, end_id=, pad_id=, streaming=True, return_dict=True, output_sequence_lengths=True, top_k=, top_p=,
 temperature=, random_seed=)` yields dicts whose `output_ids` [batch, beams, seq] hold prompt + tokens so far; KV stats
@@ -16,7 +16,7 @@ Stop tokens: Gemma IT models end turns with <end_of_turn> while the tokenizer's 
 by name in the tokenizer; <end_of_turn> goes to the engine as `end_id`, <eos> is checked here per step.
 
 Imports are guarded: tensorrt_llm is imported only after gpu_probe says a GPU and the package are present
-(`import tensorrt_llm` fails without libcuda, TensorRT crashes without a GPU — DESIGN.md hard facts).
+(`import tensorrt_llm` fails without libcuda, TensorRT crashes without a GPU — docs/tensorrt-llm-contract.md §0).
 Only `@pytest.mark.gpu` tests run this module.
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ def runtime_kv_settings(path: Path) -> dict:
     """ModelRunnerCpp KV arguments from the recipe recorded in the engine's manifest (defaults: TRT-LLM's own).
 
     On unified memory (Jetson) the default 0.9 of free memory starves the host, so recipes there cap the pool in
-    tokens too (`kv_cache_max_tokens`, jetson.md §5); TRT-LLM uses the smaller of the two limits (§6 KvCacheConfig).
+    tokens too (`kv_cache_max_tokens`, docs/facts/jetson.md §5); TRT-LLM uses the
+    smaller of the two limits (§6 KvCacheConfig).
     """
     manifest = Path(path) / ENGINE_MANIFEST
     recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
@@ -85,6 +86,58 @@ def tokenizer_dir(path: Path) -> Path:
             return cand
     raise InputError(f"no tokenizer.json in {path} or {path.parent / 'checkpoint'}",
                      fix="copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the engine dir")
+
+
+def attention_windows(pretrained: dict, max_seq_len: int) -> list[int] | None:
+    """Per-layer `max_attention_window_size` for ModelRunnerCpp, or None when no layer's window is below max_seq_len.
+
+    TensorRT-LLM's Gemma 2 model marks no layer as sliding (models/gemma/config.py keeps no `sliding_window` for
+    Gemma 2): the window exists only as this run-time argument, a list with one entry per layer, as TensorRT-LLM's
+    Gemma 3 README passes it (docs/tensorrt-llm-contract.md §6). Our checkpoint records HF's window and layer
+    types under `trt_gemma` (convert.EXTRA_KEY), which TensorRT-LLM carries into the engine's pretrained_config. For
+    real Gemma 2 (window 4096, max_seq_len <= 4096) nothing changes; a model with a smaller window (the embedded one:
+    128) would otherwise attend globally past the window and diverge from the reference."""
+    ours = pretrained.get("trt_gemma") or {}
+    window, types = ours.get("sliding_window"), ours.get("layer_types")
+    if not window or not types or int(window) >= max_seq_len:
+        return None
+    return [int(window) if t == "sliding_attention" else max_seq_len for t in types]
+
+
+def runner_kwargs(path: Path, cfg: dict, slots: int = 1) -> dict:
+    """Everything `ModelRunnerCpp.from_dir` gets for this engine dir (built without importing TensorRT-LLM)."""
+    build = cfg["build_config"]
+    kw = {"engine_dir": str(path), "rank": 0, "max_batch_size": max(1, min(slots, int(build["max_batch_size"]))),
+          **runtime_kv_settings(path)}
+    pretrained = cfg["pretrained_config"]
+    if "trt_gemma" not in pretrained:  # an engine whose config dropped our block: the bundle's checkpoint beside it
+        pretrained = {"trt_gemma": _checkpoint_block(Path(path))}
+    windows = attention_windows(pretrained, int(build["max_seq_len"]))
+    if windows is not None:
+        kw["max_attention_window_size"] = windows
+    return kw
+
+
+def _checkpoint_block(engine_dir: Path) -> dict:
+    """Our `trt_gemma` config block from BUNDLE/checkpoint/config.json when the engine sits in BUNDLE/engine."""
+    cfg = engine_dir.parent / "checkpoint" / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("trt_gemma") or {} if cfg.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sampling_kwargs(params: GenerationParams) -> dict:
+    """ModelRunnerCpp sampling kwargs (docs/tensorrt-llm-contract.md §6). Greedy = top_k 1. When sampling,
+    top_p is always sent as a float (1.0 = no nucleus cut, a valid value): with top_k 0 and top_p unset the
+    executor's defaults decode greedily and the temperature is ignored."""
+    if params.temperature <= 0.0:
+        kw = {"top_k": 1, "temperature": 1.0, "top_p": None}
+    else:
+        kw = {"top_k": int(params.top_k or 0), "temperature": float(params.temperature), "top_p": float(params.top_p)}
+    if params.seed is not None:
+        kw["random_seed"] = int(params.seed)
+    return kw
 
 
 def _kv_bytes_per_token(pretrained: dict) -> int:
@@ -126,9 +179,7 @@ class TrtLlmBackend(Backend):
         from trt_gemma.tokenizer import GemmaTokenizer
 
         build = cfg["build_config"]
-        runner = ModelRunnerCpp.from_dir(engine_dir=str(path), rank=0,
-                                         max_batch_size=max(1, min(slots, int(build["max_batch_size"]))),
-                                         **runtime_kv_settings(path))
+        runner = ModelRunnerCpp.from_dir(**runner_kwargs(path, cfg, slots))
         pre = cfg["pretrained_config"]
         quant = (pre.get("quantization") or {}).get("quant_algo")
         info = ModelInfo(name=path.parent.name if path.name == "engine" else path.name, path=str(path),
@@ -138,13 +189,7 @@ class TrtLlmBackend(Backend):
         return cls(runner, GemmaTokenizer.from_dir(tokenizer_dir(path)), info, cfg, weights)
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict:
-        """ModelRunnerCpp sampling kwargs (§6). Greedy = top_k 1; top_p 0.0 means off there, so pass None."""
-        greedy = params.temperature <= 0.0
-        kw = {"top_k": 1 if greedy else int(params.top_k or 0), "temperature": 1.0 if greedy else params.temperature,
-              "top_p": None if greedy or params.top_p >= 1.0 else params.top_p}
-        if params.seed is not None:
-            kw["random_seed"] = int(params.seed)
-        return kw
+        return sampling_kwargs(params)
 
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams,
                cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:

@@ -74,6 +74,8 @@ def _render_bundle(r: dict) -> None:
         _render_engine(r["engine"])
         return
     _out(f"\nnot compiled here: {r['not_compiled_reason']}")
+    if r.get("trtllm_caveat"):
+        _out(f"warning: {r['trtllm_caveat']}")
     _out("On the target (TensorRT-LLM >=1.0,<1.3 and its NVIDIA GPU), copy this bundle there and run:")
     _out(f"  {r['on_target'][0]}")
     _out("or the same build with TensorRT-LLM's own CLI:")
@@ -81,8 +83,8 @@ def _render_bundle(r: dict) -> None:
     _out("then serve it:")
     _out(f"  {r['on_target'][2]}")
     if m["target"]["family"] == "jetson":
-        _out("Jetson: see docs/build.md (TensorRT-LLM for SM 8.7, swap, nvpmodel); the checkpoint also runs here on "
-             f"the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
+        _out("Jetson: see docs/jetson.md (swap, nvpmodel, the ONNX -> TensorRT route); the checkpoint also runs here "
+             f"on the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
 
 
 def _size(n: int) -> str:

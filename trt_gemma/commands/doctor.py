@@ -2,7 +2,7 @@
 
 Nothing heavy is imported: packages are found with importlib.util.find_spec (top-level names only, which does not
 import them) and versions read with importlib.metadata. TensorRT-LLM is never imported (it segfaults or fails without
-a GPU, trtllm-checkpoint.md §0); gpu_probe asks NVML instead.
+a GPU, docs/tensorrt-llm-contract.md §0); gpu_probe asks NVML instead.
 """
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ EXTRAS = {
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"},
     "gpu": {"tensorrt-llm": "tensorrt_llm"},
 }
+# How to install an extra where `pip install 'trt-gemma[extra]'` does not work: PyPI has only a stub sdist for
+# tensorrt-llm; the wheels are on NVIDIA's index (TensorRT-LLM 1.0 docs, installation/linux.html: CUDA toolkit and
+# libopenmpi-dev first, on a GPU host). The pin is the `gpu` extra's in pyproject.toml.
+TRTLLM_SPEC = "tensorrt-llm>=1.0,<1.3"
+INSTALL = {"gpu": f"pip install '{TRTLLM_SPEC}' --extra-index-url https://pypi.nvidia.com (on the GPU host, after the "
+                  "CUDA toolkit and libopenmpi-dev)"}
 # what each command family needs: extras that must import fully, plus whether a GPU is required. "build bundles" is
 # the README's main job: the shipped recipes are mostly INT4-AWQ / FP8, which calibrate through ModelOpt.
 CAPABILITIES = {
@@ -62,7 +68,9 @@ def report() -> dict:
     can = {}
     for cap, (needs, gpu) in CAPABILITIES.items():
         missing = [e for e in needs if not extra_ok[e]]
-        reasons = [f"install the extra: pip install 'trt-gemma[{','.join(missing)}]'"] if missing else []
+        pypi = [e for e in missing if e not in INSTALL]
+        reasons = [f"install the extra: pip install 'trt-gemma[{','.join(pypi)}]'"] if pypi else []
+        reasons += [f"install {e}: {INSTALL[e]}" for e in missing if e in INSTALL]
         if gpu and gpu_count == 0:
             reasons.append(no_gpu or "no NVIDIA GPU found by NVML")
         can[cap] = {"ok": not reasons, "why": "; ".join(reasons) or None}

@@ -11,7 +11,7 @@ from trt_gemma.config import PRESETS
 
 @click.command("plan")
 @click.option("--model", default="default", show_default=True,
-              help=f"A local HF model dir, a preset ({', '.join(PRESETS)}), or `default`: the embedded model.")
+              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), or `default`: the embedded model.")
 @click.option("--target", default="auto", show_default=True,
               help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
 @click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
@@ -33,31 +33,33 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
     from trt_gemma.plan import plan as run, require_fit
     from trt_gemma.recipes import parse_overrides
 
-    target, source = resolve_target(target)
+    t, source = resolve_target(target, as_json)
     overrides = parse_overrides(list(sets))
     for key, value in (("quant", quant), ("kv_cache_dtype", kv_dtype), ("max_seq_len", max_seq_len),
                        ("max_batch_size", max_batch)):
         if value is not None:
             overrides[key] = value
-    p = run(model, target, overrides=overrides, config_file=config_file)
+    p = run(model, t, overrides=overrides, config_file=config_file)
     if guard is not None:  # chat model + guard on one target (trt_gemma/safety.py)
         from trt_gemma.safety import plan_with_guard, render_pair, require_pair_fit
 
-        d = plan_with_guard(p, guard, target, overrides, config_file)
+        d = plan_with_guard(p, guard, t, overrides, config_file)
         emit(dict(d, target_source=source), as_json, render_pair(render_plan))
         return require_pair_fit(d)
     emit(dict(p.to_dict(), target_source=source), as_json, render_plan)
     require_fit(p)
 
 
-def resolve_target(name: str) -> tuple[str, str]:
-    """(target, how it was chosen), said on stderr when it was not named: the same choice `build` makes."""
+def resolve_target(name: str, as_json: bool = False):
+    """(Target, how it was chosen): the same choice `build` makes. Text output shows `how` in its header; with --json
+    a chosen (not named) target is also said once on stderr, since stdout is the JSON document."""
     from trt_gemma.detect import resolve_target as choose
 
     target, how = choose(name)
     if name != "auto":
         return target, "--target"
-    click.echo(how, err=True)
+    if as_json:
+        click.echo(f"target {target.name} ({how})", err=True)
     return target, how
 
 

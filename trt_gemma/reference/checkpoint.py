@@ -1,6 +1,6 @@
 """Read a TensorRT-LLM Gemma 2 checkpoint dir (config.json + rank{r}.safetensors) into float32 numpy arrays.
 
-The layout is ../shared/reference/trtllm-checkpoint.md §2-4. TP shards are merged back on load, so the reference
+The layout is docs/tensorrt-llm-contract.md §2-4. TP shards are merged back on load, so the reference
 runtime always sees the TP=1 model. How one linear layer is read depends on `quantization.quant_algo`; that is a
 table (`LINEAR_FORMATS`) so a new format adds an entry (its tensors, dequantizer and activation hook), not a branch.
 """
@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from trt_gemma.dtypes import to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+from trt_gemma.quant_block import effective_excludes
+from trt_gemma.reference.linear import Linear, LinearFormat
+# scales split unlike their weights; quantized layouts and the FP8 KV cache (see LINEAR_FORMATS below)
+from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS, merge_quant_scales
 from trt_gemma.st_io import TensorInfo, read_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
@@ -214,13 +217,12 @@ class ShardSet:
 
 
 def merge_tp(name: str, parts: list[np.ndarray], cfg: CheckpointConfig) -> np.ndarray:
-    """Undo the TP split of trtllm-checkpoint.md §3 "TP split": qkv per-rank [q_r; k_r; v_r]; dense/proj on dim 1;
-    fc/gate/lm_head on dim 0; the embedding on `embedding_sharding_dim` when use_parallel_embedding; norms replicated.
+    """Undo the TP split of docs/tensorrt-llm-contract.md §3 "TP split": qkv per-rank [q_r; k_r; v_r]; dense/proj on dim
+    1; fc/gate/lm_head on dim 0; the embedding on `embedding_sharding_dim` when use_parallel_embedding; norms
+    replicated.
     Splits are by proportion of dim 0, so packed layouts (AWQ's out/2 rows) merge the same way."""
     if len(parts) == 1:
         return parts[0]
-    from trt_gemma.reference.quantized import merge_quant_scales  # scales split unlike their weights
-
     merged = merge_quant_scales(name, parts)
     if merged is not None:
         return merged
@@ -251,48 +253,16 @@ def _merge_dim(name: str, cfg: CheckpointConfig) -> int | None:
 
 # ---- per-quant_algo linear formats --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Linear:
-    """y = act(x) @ weight.T for a float32 weight [out, in]; `act` is an activation hook (pre-quant scale,
-    fake-quant). The weight is kept transposed and contiguous ([in, out]): numpy's single-row decode matmul is
-    ~4x faster that way than through a transposed view (measured with OpenBLAS on this project's CPU host)."""
-
-    weight_t: np.ndarray
-    act: Callable[[np.ndarray], np.ndarray] | None = None
-
-    @classmethod
-    def from_weight(cls, weight: np.ndarray, act=None) -> "Linear":
-        w_t = np.ascontiguousarray(np.asarray(weight, np.float32).T)
-        w_t.flags.writeable = False  # shared read-only between generating threads
-        return cls(w_t, act)
-
-    @property
-    def weight(self) -> np.ndarray:
-        return self.weight_t.T
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.act is not None:
-            x = self.act(x)
-        return x @ self.weight_t
-
-
-@dataclass(frozen=True)
-class LinearFormat:
-    """How a quant_algo stores one linear layer: `load(shards, prefix)` -> Linear (dequantized to float32)."""
-
-    description: str
-    load: Callable[[ShardSet, str], Linear]
-
-
 def _load_float(shards: ShardSet, prefix: str) -> Linear:
     return Linear.from_weight(shards.get_f32(f"{prefix}.weight"))
 
 
 # quant_algo -> format: float here; the quantized ones (W4A16_AWQ, FP8, and W8A16/W4A16, whose float weights
-# TensorRT-LLM quantizes at build) are added from quantized.py at the end of this module.
+# TensorRT-LLM quantizes at build) come from quantized.py, which imports nothing from this module (no import cycle).
 LINEAR_FORMATS: dict[str | None, LinearFormat] = {None: LinearFormat("float weights", _load_float)}
-# kv_cache_quant_algo values the reference can emulate: a float cache here, FP8 added from quantized.py.
-KV_CACHE_FORMATS: tuple[str | None, ...] = (None,)
+LINEAR_FORMATS.update(QUANT_LINEAR_FORMATS)
+# kv_cache_quant_algo values the reference can emulate: a float cache, and FP8 from quantized.py.
+KV_CACHE_FORMATS: tuple[str | None, ...] = (None, *KV_CACHE_QUANT)
 
 
 def linear_format(cfg: CheckpointConfig, source: str) -> LinearFormat:
@@ -308,10 +278,11 @@ def linear_format(cfg: CheckpointConfig, source: str) -> LinearFormat:
 
 
 def is_excluded(module: str, cfg: CheckpointConfig) -> bool:
-    """quantization.exclude_modules holds fnmatch patterns (TRT-LLM uses fnmatch.fnmatchcase)."""
+    """quantization.exclude_modules holds fnmatch patterns (TRT-LLM uses fnmatch.fnmatchcase); null or empty means
+    TensorRT-LLM's default patterns (quant_block.effective_excludes), which exclude lm_head and the embedding."""
     from fnmatch import fnmatchcase
 
-    return any(fnmatchcase(module, pat) for pat in cfg.exclude_modules)
+    return any(fnmatchcase(module, pat) for pat in effective_excludes(cfg.exclude_modules))
 
 
 def check_all_used(shards: ShardSet) -> None:
@@ -321,9 +292,3 @@ def check_all_used(shards: ShardSet) -> None:
         raise InputError(f"{shards.files[0]}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}",
                          fix="this checkpoint layout (quantized?) is not supported by the reference runtime yet")
 
-
-# Quantized layouts (W4A16_AWQ, FP8, weight-only RTN as TRT-LLM builds it) and the FP8 KV cache live in quantized.py.
-from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS  # noqa: E402
-
-LINEAR_FORMATS.update(QUANT_LINEAR_FORMATS)
-KV_CACHE_FORMATS = KV_CACHE_FORMATS + tuple(KV_CACHE_QUANT)

@@ -1,5 +1,5 @@
 """Token generation on the reference model: a streaming generator of StepEvents, and `generate` returning a record
-with the telemetry of STYLE.md "Telemetry and output" (TTFT, decode tokens/s, peak RSS, effective bandwidth)."""
+with the telemetry every generation reports (TTFT, decode tokens/s, peak RSS, effective bandwidth)."""
 from __future__ import annotations
 
 import resource

@@ -27,8 +27,8 @@ _ATTN_BLOCK = 256  # query rows per attention block: bounds scores to heads x 25
 
 def embedding_normalizer(hidden_size: int, dtype: str) -> np.float32:
     """Embeddings are stored unscaled and multiplied by sqrt(hidden) at run time (TRT-LLM GemmaModel.forward;
-    trtllm-checkpoint.md §2 "Embedding scale"). HF builds the normalizer as a float32 tensor and casts it to the
-    weight dtype (`Gemma2TextScaledWordEmbedding`: `embed_scale.to(self.weight.dtype)`), so a bf16 model multiplies
+    docs/tensorrt-llm-contract.md §2 "Embedding scale"). HF builds the normalizer as a float32 tensor and casts it to
+    the weight dtype (`Gemma2TextScaledWordEmbedding`: `embed_scale.to(self.weight.dtype)`), so a bf16 model multiplies
     by sqrt(hidden) rounded to bf16 (9b: 59.75 instead of 59.87). We round it to the checkpoint dtype the same way;
     for float32 checkpoints that is exactly HF's float32 value."""
     return np.float32(round_to(np.array([math.sqrt(hidden_size)], np.float32), NAME_TO_ST.get(dtype, "F32"))[0])
@@ -36,14 +36,14 @@ def embedding_normalizer(hidden_size: int, dtype: str) -> np.float32:
 
 def rms_norm(x: np.ndarray, weight_1p: np.ndarray, eps: float) -> np.ndarray:
     """Gemma RMSNorm is x_hat * (1 + w) (HF Gemma2RMSNorm, in float32); the checkpoint stores (1 + w) already
-    (TRT-LLM convert.py `param + 1.0`, trtllm-checkpoint.md §3), so this is x_hat * weight."""
+    (TRT-LLM convert.py `param + 1.0`, docs/tensorrt-llm-contract.md §3), so this is x_hat * weight."""
     ms = np.mean(np.square(x), axis=-1, keepdims=True)
     return (x / np.sqrt(ms + np.float32(eps))) * weight_1p
 
 
 def attention_scale(query_pre_attn_scalar: float) -> np.float32:
     """Scores are scaled by 1/sqrt(query_pre_attn_scalar), not 1/sqrt(head_dim) (HF Gemma2Attention.scaling;
-    TRT-LLM q_scaling = sqrt(qpas)/sqrt(head_size) gives the same net scale, trtllm-checkpoint.md §2)."""
+    TRT-LLM q_scaling = sqrt(qpas)/sqrt(head_size) gives the same net scale, docs/tensorrt-llm-contract.md §2)."""
     return np.float32(query_pre_attn_scalar ** -0.5)
 
 

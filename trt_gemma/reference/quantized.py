@@ -4,7 +4,8 @@ Weights are dequantized once on load (float32 [out, in]); what quantization does
 on x before the GEMM. The math is the one the oracle in tests/test_quantize.py checks against: ModelOpt 0.47's
 fake-quant torch model (docs/quantization.md), and, for weight-only, TensorRT-LLM's own build-time quantizer.
 
-- W4A16_AWQ (reference §4): y = (x * prequant_scaling_factor) @ (int4 * repeat(weights_scaling_factor, group)).T.
+- W4A16_AWQ (docs/tensorrt-llm-contract.md §4):
+  y = (x * prequant_scaling_factor) @ (int4 * repeat(weights_scaling_factor, group)).T.
 - FP8: weight = e4m3 codes * weights_scaling_factor; x goes through e4m3 with activation_scaling_factor exactly as
   ModelOpt's `_fp8_eager` (modelopt/torch/quantization/tensor_quant.py): amax = s*448, scale = 448/amax (float32),
   e4m3(clamp(x*scale, ±448)) * (1/scale). Rounding the product rather than x/s matters: a one-ulp difference flips
@@ -19,14 +20,17 @@ fake-quant torch model (docs/quantization.md), and, for weight-only, TensorRT-LL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from trt_gemma.dtypes import FP8_E4M3_MAX, f32_to_fp8_e4m3, fp8_e4m3_to_f32, round_to
 from trt_gemma.errors import InputError
 from trt_gemma.quant_formats import FP8Format, Int4AWQFormat
-from trt_gemma.reference.checkpoint import Linear, LinearFormat, ShardSet
+from trt_gemma.reference.linear import Linear, LinearFormat
+
+if TYPE_CHECKING:  # the shard reader is passed in by checkpoint.py; importing it here would make a cycle
+    from trt_gemma.reference.checkpoint import ShardSet
 
 FIX = "re-create the checkpoint with `trt-gemma quantize`"
 

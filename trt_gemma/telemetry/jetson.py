@@ -1,6 +1,6 @@
 """Jetson (integrated GPU, unified memory) telemetry from procfs/sysfs, without NVML (it reports almost nothing there).
 
-Sources, per serving-telemetry.md §4 (jetson_stats jtop/core/{memory,gpu,power}.py):
+Sources, per docs/facts/serving-telemetry.md §4 (jetson_stats jtop/core/{memory,gpu,power}.py):
 - /proc/meminfo: MemTotal, MemAvailable (NOT MemFree: on unified memory MemFree counts page cache as used, which is the
   `cudaMemGetInfo` pitfall on Orin/Thor/GB10), NvMapMemUsed (memory shared CPU<->GPU through nvmap; absent on Thor).
 - GPU devfreq: /sys/class/devfreq/* whose device/of_node/name is a Jetson GPU; load = <device>/load / 10 (%),

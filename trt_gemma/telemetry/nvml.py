@@ -1,6 +1,6 @@
 """GPU telemetry through NVML (package nvidia-ml-py, imported as `pynvml`).
 
-Facts used (serving-telemetry.md §3, nvidia-ml-py pynvml.py, docs.nvidia.com/deploy/nvml-api):
+Facts used (docs/facts/serving-telemetry.md §3, nvidia-ml-py pynvml.py, docs.nvidia.com/deploy/nvml-api):
 - memory info v2 (`nvmlDeviceGetMemoryInfo(h, version=nvmlMemory_v2)`, driver >= 510.39) gives total/reserved/free/used
   and matches nvidia-smi; older drivers raise FunctionNotFound, so we fall back to v1 (no `reserved`).
 - power is reported in milliwatts; temperature through `nvmlDeviceGetTemperatureV` (the plain call is deprecated in

@@ -1,7 +1,7 @@
 """This process's host memory: resident set size now and at its peak.
 
 Peak RSS is what bounds a unified-memory device (Jetson): TensorRT-Edge-LLM's memory monitor reports
-`getrusage(RUSAGE_SELF).ru_maxrss` on iGPUs for the same reason (serving-telemetry.md §4).
+`getrusage(RUSAGE_SELF).ru_maxrss` on iGPUs for the same reason (docs/facts/serving-telemetry.md §4).
 """
 from __future__ import annotations
 

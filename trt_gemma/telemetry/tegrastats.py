@@ -1,6 +1,6 @@
 """Parser for `tegrastats` lines (L4T 32 / JetPack 4, L4T 35 / JetPack 5, R36 / JetPack 6, R38-39 / JetPack 7, Thor).
 
-Formats (serving-telemetry.md §4; jetson_stats jtop/core/tegra_parse.py):
+Formats (docs/facts/serving-telemetry.md §4; jetson_stats jtop/core/tegra_parse.py):
 - optional leading timestamp `MM-DD-YYYY HH:MM:SS`;
 - `RAM used/totalMB (lfb NxSIZE)` with SIZE in MB or kB; `SWAP used/totalMB (cached NMB)`;
   `IRAM used/totalkB (lfb NkB)`;
