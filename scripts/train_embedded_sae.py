@@ -7,9 +7,9 @@ Residuals: the embedded model's residual stream after block --layer (trt_gemma.r
 Objective: Gemma Scope's JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435; Lieberum et al.
 2024, arXiv 2408.05147): loss = ||x - x_hat||^2 + lambda * L0(f), with f = relu(pre) * H(pre - theta), trained through
 straight-through estimators with a rectangle kernel of bandwidth eps for the threshold (the same estimators as
-jbloomAus/SAELens `sae_lens/saes/jumprelu_sae.py` @91ca16cc). Inputs are scaled to mean squared norm d_model during
-training (as Gemma Scope did) and the scale is folded into W_enc, W_dec and b_dec afterwards, so the saved
-params.npz reads raw residuals in Gemma Scope's layout.
+jbloomAus/SAELens `sae_lens/saes/jumprelu_sae.py`, sae-lens 6.54.12). Inputs are scaled to mean squared norm
+d_model during training (as Gemma Scope did) and the scale is folded into W_enc, W_dec and b_dec afterwards, so the
+saved params.npz reads raw residuals in Gemma Scope's layout.
 
     OMP_NUM_THREADS=1 python scripts/train_embedded_sae.py
 """

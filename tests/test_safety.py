@@ -110,7 +110,7 @@ def test_embedded_model_uses_first_tokens_and_matches_transformers(tmp_path):
     assert mod.tokens.first_token_fallback and "first token" in mod.notices[-1]
     assert any("not a safety classifier" in n for n in mod.notices)
     hf_tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
-    yes, no = (hf_tok("Yes", add_special_tokens=False).input_ids[0], hf_tok("No", add_special_tokens=False).input_ids[0])
+    yes, no = (hf_tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
     assert (mod.tokens.yes_id, mod.tokens.no_id) == (yes, no)
     prompt, response = "How do I sort a list?", "Use sorted(xs)."
     got = mod.score(prompt, response, ["hate", "dangerous"])

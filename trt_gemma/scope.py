@@ -2,7 +2,7 @@
 
 Format (Gemma Scope's `params.npz`, google/gemma-scope-2b-pt-res `layer_{N}/width_{W}/average_l0_{K}/params.npz`):
 float32 `W_enc` [d_model, d_sae], `W_dec` [d_sae, d_model], `b_enc` [d_sae], `b_dec` [d_model], `threshold` [d_sae].
-The maths is SAELens's JumpReLU SAE (jbloomAus/SAELens `sae_lens/saes/jumprelu_sae.py` @91ca16cc; Google's
+The maths is SAELens's JumpReLU SAE (jbloomAus/SAELens `sae_lens/saes/jumprelu_sae.py`, sae-lens 6.54.12; Google's
 "Gemma Scope from Scratch" tutorial writes the same):
     pre  = x @ W_enc + b_enc                    (no b_dec subtraction, no normalisation: apply_b_dec_to_input False)
     f    = relu(pre) * (pre > threshold)        (strictly above the per-feature threshold)
