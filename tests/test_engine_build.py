@@ -349,6 +349,54 @@ def test_doctor_reports_builders_and_execution_providers():
         assert r["onnxruntime_providers"] == onnxruntime.get_available_providers()
 
 
+# --- plan: the TensorRT route's memory and the lm_head lever ------------------------------------------------------
+
+def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
+    """Gemma 2 2B (hidden 2304, 26 layers, 8 q / 4 kv heads of 256, FFN 9216, vocab 256000) on the Orin Nano 8GB
+    recipe (INT4-AWQ g128, fp16, batch 1, input 2048, seq 4096), every figure recomputed here from the dimensions."""
+    from trt_gemma.plan import plan
+
+    t = plan("gemma-2-2b", "jetson-orin-nano-8gb").tensorrt
+    h, f, vocab, layers = 2304, 9216, 256_000, 26
+    shapes = [(2048 + 2 * 1024, h), (h, 2048), (f, h), (f, h), (h, f)]
+    awq = layers * sum(o * i // 2 + o * (i // 128) * 2 + i * 2 for o, i in shapes)
+    norms = (4 * layers + 1) * h * 2
+    head = vocab * h * 2
+    assert head == 1_179_648_000  # the issue's "fp16 lm_head is 1.18 GB"
+    fp16 = t["lm_head_roofline"]["float"]
+    assert fp16["read_bytes_per_token"] == awq + norms + head + h * 2
+    assert round(fp16["read_bytes_per_token"] / 1e9, 2) == 2.22  # "... of the 2.22 GB read per token"
+    assert fp16["tok_s_context_0"] == round(68e9 / fp16["read_bytes_per_token"], 1)
+    int8 = t["lm_head_roofline"]["int8"]
+    assert int8["lm_head_bytes"] == vocab * h + vocab * 2
+    int4 = t["lm_head_roofline"]["int4"]
+    assert int4["lm_head_bytes"] == vocab * h // 2 + vocab * (h // 128) * 2 + h * 2
+    assert fp16["tok_s_context_0"] < int8["tok_s_context_0"] < int4["tok_s_context_0"]
+    assert t["kv_bytes"] == 2 * 1 * 4096 * (2 * layers * 4 * 256 * 2)  # past + present buffers
+    assert t["activations"]["prefill"]["logits"] == 1 * 2048 * vocab * 2
+    assert t["activations"]["decode"]["logits"] == vocab * 2
+    assert t["verdict"] == "fits" and t["total_bytes"] < t["usable_bytes"]
+
+
+def test_every_orin_recipe_fits_gemma2_2b_on_the_tensorrt_route():
+    from trt_gemma.plan import plan
+
+    for name, t in TARGETS.items():
+        if t.family == "jetson" and t.sm == 87:
+            verdict = plan("gemma-2-2b", name).tensorrt["verdict"]
+            assert verdict in ("fits", "tight"), (name, verdict)
+
+
+def test_plan_cli_shows_the_lm_head_roofline(capsys):
+    from trt_gemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", "gemma-2-2b", "--target", "jetson-orin-nano-8gb"])
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert e.value.code == 0
+    assert "TensorRT route:" in out and "float16 lm_head (1.18 of 2.22 GB" in out and "INT4 lm_head" in out
+
+
 # --- integration: our exporter's graph through the builder (wired once trt_gemma.onnx_export exists) --------------
 
 def test_exported_embedded_model_builds_for_sm86_and_sm89(tmp_path):

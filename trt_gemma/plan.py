@@ -70,6 +70,7 @@ class Plan:
     decode_tok_s: dict
     suggestion: dict | None = None
     notes: list = field(default_factory=list)
+    tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine_plan.tensorrt_plan
 
     @property
     def fits(self) -> bool:
@@ -202,6 +203,10 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         notes=([clamp_note] if clamp else []) + _notes(t, r))
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
+    if r.engine == "tensorrt":
+        from trt_gemma.engine_plan import tensorrt_plan
+
+        p.tensorrt = tensorrt_plan(cfg, t, r)
     return p
 
 
