@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a Jetson Orin for trt_gemma: NVMe swap (for conversion/builds), max power mode, clocks, optional headless boot.
-# Facts and sources: ../shared/reference/jetson.md §5 (jetson-containers docs/setup.md; TRT-LLM README4Jetson.md).
+# Facts and sources: docs/jetson.md (jetson-containers docs/setup.md; TensorRT-LLM README4Jetson.md).
 # Usage: sudo jetson/setup.sh [--swap-dir /mnt/nvme] [--swap-gb 16] [--headless] [--power-mode 0]
 set -euo pipefail
 

@@ -316,6 +316,34 @@ def test_cli_from_bundle_tensorrt_refuses_a_non_bundle(tmp_path, capsys):
     assert e.value.code != 0 and "not a bundle" in capsys.readouterr().err
 
 
+@needs_rtx
+def test_from_bundle_builds_the_bundles_graph_and_records_it(tmp_path, capsys):
+    """`trt-gemma build --from-bundle B --engine tensorrt` on a bundle that already holds its ONNX graph: the engine
+    lands in B/tensorrt/, the bundle manifest records builder, version and SM; a second run needs --force."""
+    from trt_gemma import build as B
+    from trt_gemma.cli import main
+    from trt_gemma.errors import OutputError
+    from trt_gemma.manifest import read_manifest
+
+    bundle = tmp_path / "bundle"
+    B.build_bundle(None, "rtx-3090", overrides=["quant=float16", "engine=tensorrt"], out=bundle,
+                   skip_quality=True, show_progress=False, compile_engine=False)
+    (bundle / "onnx").mkdir()
+    onnx.save(decoder_step_graph(), str(bundle / "onnx" / "model.onnx"))
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--from-bundle", str(bundle), "--engine", "tensorrt"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    m = read_manifest(bundle)["tensorrt"]
+    assert m["builder"] == "tensorrt_rtx" and m["engine"]["sm"] == "8.6" and m["reason"] is None
+    assert m["engine"]["builder_version"] == importlib.metadata.version("tensorrt_rtx")
+    assert (bundle / "tensorrt" / "model.engine").stat().st_size == m["engine"]["engine_bytes"]
+    assert "POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run" in out
+    with pytest.raises(OutputError, match="already exists"):
+        E.tensorrt_route(bundle, require=True)
+    assert E.tensorrt_route(bundle, require=True, force=True)["engine"]["sm"] == "8.6"
+
+
 # --- guards ------------------------------------------------------------------------------------------------------
 
 def test_tensorrt_absent_is_a_typed_error_and_leaves_nothing(graph_path, tmp_path):
