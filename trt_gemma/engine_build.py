@@ -306,6 +306,8 @@ def _compile(b: Builder, onnx_path: Path, sm: int, profs: dict, cache_in: bytes)
         raise InputError(f"{b.name} cannot parse {onnx_path}: {_first(errs)}",
                          fix="the graph must use standard ONNX operators only; re-export with `trt-gemma export-onnx`")
     config = builder.create_builder_config()
+    if "STRONGLY_TYPED" in b.network_flags and not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 8.x: no strong typing, so allow the graph's fp16 kernels
     if b.targets_sm:
         cc = getattr(trt.ComputeCapability, f"SM{sm}", None)
         if cc is None:
@@ -413,7 +415,7 @@ def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool
     recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
     check_recipe(recipe, recipe.target)
     b, why = route(recipe.target)
-    status = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
+    status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
         onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log)

@@ -82,7 +82,7 @@ def graph_inputs(onnx_path: str | Path) -> list[GraphInput]:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dims = []
+        dims: list[int | str] = []
         for axis, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(int(d.dim_value))
@@ -119,11 +119,11 @@ def role_ranges(limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     }
 
 
-def profiles(inputs: list[GraphInput], limits: Limits) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
+def profiles(inputs: list[GraphInput], limits: Limits) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
     """{profile: {input: (min_shape, opt_shape, max_shape)}} for every input with a dynamic dimension."""
     out = {}
     for prof, ranges in role_ranges(limits).items():
-        shapes = {}
+        shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
         for gi in inputs:
             if not any(isinstance(d, str) for d in gi.dims):
                 continue
