@@ -427,19 +427,34 @@ def test_plan_cli_shows_the_lm_head_roofline(capsys):
 
 # --- integration: our exporter's graph through the builder (wired once trt_gemma.onnx_export exists) --------------
 
-def test_exported_embedded_model_builds_for_sm86_and_sm89(tmp_path):
+@pytest.fixture(scope="module")
+def exporter():
     if importlib.util.find_spec("trt_gemma.onnx_export") is None:
         pytest.skip("trt_gemma.onnx_export (the ONNX exporter) is not in this tree yet")
     if not HAS_RTX:
         pytest.skip("tensorrt-rtx is not installed")
-    from trt_gemma.assets import default_model_dir
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.onnx_export import export_onnx
 
-    ckpt = tmp_path / "ckpt"
-    convert_checkpoint(default_model_dir(), ckpt, dtype="float16", show_progress=False)
-    onnx_path = E._onnx_path(__import__("trt_gemma.onnx_export", fromlist=["export_onnx"]).export_onnx(
-        ckpt, tmp_path / "onnx", max_seq_len=256, opset=21), tmp_path / "onnx")
-    for target in ("rtx-3090", "rtx-4090"):
-        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", target, Limits(1, 64, 256),
-                           precisions=("float16",))
-        assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str
+    return export_onnx
+
+
+def _checkpoint(kind: str, out):
+    """The embedded model as our converter (bf16) or quantizer (INT4-AWQ / FP8, a short calibration) writes it."""
+    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.quantize import quantize_checkpoint
+
+    if kind == "bfloat16":
+        return convert_checkpoint(None, out, dtype="bfloat16", show_progress=False)
+    return quantize_checkpoint(None, out, quant=kind, calib_samples=2, calib_seq_len=32, device="cpu",
+                               dtype="float16", show_progress=False, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("kind,targets", [("bfloat16", ("rtx-3090", "rtx-4090")),
+                                          ("int4_awq", ("rtx-3090", "rtx-4090")), ("fp8", ("rtx-4090",))])
+def test_exported_embedded_model_builds_for_sm86_and_sm89(exporter, tmp_path, kind, targets):
+    """Our exporter's graph of the embedded model, from each checkpoint kind, through the real builder."""
+    ckpt = _checkpoint(kind, tmp_path / "ckpt")
+    onnx_path = E._onnx_path(exporter(ckpt, tmp_path / "onnx", max_seq_len=256, opset=21), tmp_path / "onnx")
+    for target in targets:
+        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", target, Limits(1, 64, 256), precisions=(kind,))
+        assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str, (kind, target)
