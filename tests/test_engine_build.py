@@ -289,6 +289,9 @@ def test_printed_onnxruntime_half_of_the_check_runs(graph_path, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     outputs = json.loads((tmp_path / "polygraphy_onnxrt_outputs.json").read_text())
     assert outputs and (tmp_path / "polygraphy_inputs.json").is_file()
+    assert argv[argv.index("--val-range") + 1] == "attention_mask:[1,1]"
+    arrays = _load_polygraphy_outputs(tmp_path / "polygraphy_onnxrt_outputs.json")
+    assert len(arrays) == 1 + 2 * LAYERS and all(np.isfinite(a).all() for a in arrays)  # logits + present KV
 
 
 @needs_rtx
@@ -342,6 +345,14 @@ def test_from_bundle_builds_the_bundles_graph_and_records_it(tmp_path, capsys):
     with pytest.raises(OutputError, match="already exists"):
         E.tensorrt_route(bundle, require=True)
     assert E.tensorrt_route(bundle, require=True, force=True)["engine"]["sm"] == "8.6"
+
+
+def _load_polygraphy_outputs(path):
+    """The arrays polygraphy saved (its own JSON loader, so the format is polygraphy's business)."""
+    from polygraphy.json import load_json
+
+    results = load_json(str(path))  # RunResults: [(runner name, [IterationResult {name: array}])]
+    return [np.asarray(arr, np.float32) for _, iters in results.items() for it in iters for arr in it.values()]
 
 
 # --- guards ------------------------------------------------------------------------------------------------------

@@ -147,8 +147,10 @@ def polygraphy_commands(onnx_path: str | Path, engine_path: str | Path, inputs: 
     shapes = [f"{name}:{_shape_arg(shape[1])}" for name, shape in prefill.items()]
     work = Path(work_dir)
     ins, outs = work / "polygraphy_inputs.json", work / "polygraphy_onnxrt_outputs.json"
+    # masks all ones (polygraphy's default random 0/1 could mask a whole row and make both sides NaN)
+    masks = [f"{gi.name}:[1,1]" for gi in inputs if "mask" in gi.name.lower() and gi.name in prefill]
     first = ["polygraphy", "run", str(onnx_path), "--onnxrt", "--input-shapes", *shapes,
-             "--save-inputs", str(ins), "--save-outputs", str(outs)]
+             *(["--val-range", *masks] if masks else []), "--save-inputs", str(ins), "--save-outputs", str(outs)]
     second = ["polygraphy", "run", str(engine_path), "--model-type", "engine", "--trt",
               "--load-inputs", str(ins), "--load-outputs", str(outs), "--atol", str(atol), "--rtol", str(rtol)]
     env = "POLYGRAPHY_USE_TENSORRT_RTX=1 " if builder == "tensorrt_rtx" else ""
