@@ -152,6 +152,14 @@ def test_unclassifiable_dynamic_dim_names_input_and_axis(tmp_path):
         graph_inputs(tmp_path / "g.onnx")
 
 
+def test_prefill_batch_follows_the_token_budget():
+    assert Limits(8, 1024, 4096, 2048).prefill_batch == 2  # two full prompts per step
+    assert Limits(8, 1024, 4096, 512).prefill_batch == 1  # never below one prompt
+    assert Limits(2, 16, 48).prefill_batch == 2  # no budget: the decode batch
+    assert profiles([GraphInput("input_ids", "INT64", ("batch", "new"))], Limits(8, 1024, 4096, 2048))[
+        "prefill"]["input_ids"][2] == (2, 1024)
+
+
 def test_profiles_run_in_onnxruntime_at_every_corner(graph_path):
     """Every min/opt/max shape of both profiles is a shape the graph accepts (onnxruntime runs it), and the
     profiles cover a fresh prompt of max_input_len and a decode step at max_seq_len."""
@@ -392,7 +400,7 @@ def test_doctor_reports_builders_and_execution_providers():
 
 def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
     """Gemma 2 2B (hidden 2304, 26 layers, 8 q / 4 kv heads of 256, FFN 9216, vocab 256000) on the Orin Nano 8GB
-    recipe (INT4-AWQ g128, fp16, batch 1, input 2048, seq 4096), every figure recomputed here from the dimensions."""
+    recipe (INT4-AWQ g128, fp16, batch 1, input 1024, seq 4096), every figure recomputed here from the dimensions."""
     from trt_gemma.plan import plan
 
     t = plan("gemma-2-2b", "jetson-orin-nano-8gb").tensorrt
@@ -412,8 +420,8 @@ def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
     assert int4["lm_head_bytes"] == vocab * h // 2 + vocab * (h // 128) * 2 + h * 2
     assert fp16["tok_s_context_0"] < int8["tok_s_context_0"] < int4["tok_s_context_0"]
     assert t["kv_bytes"] == 2 * 1 * 4096 * (2 * layers * 4 * 256 * 2)  # past + present buffers
-    assert t["activations"]["prefill"]["logits"] == 1 * 2048 * vocab * 2
-    assert t["activations"]["decode"]["logits"] == vocab * 2
+    assert t["activations"]["prefill"]["logits"] == 1 * 1024 * vocab * 4  # float32 logits for every prompt token
+    assert t["activations"]["decode"]["logits"] == vocab * 4
     assert t["verdict"] == "fits" and t["total_bytes"] < t["usable_bytes"]
 
 

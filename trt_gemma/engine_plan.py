@@ -6,9 +6,12 @@ What the engine holds, by class [INF: derived from the graph's shape, not measur
 - KV cache at max_seq_len: the graph takes past KV as inputs and returns present KV as outputs, two buffers per
   layer, so a runtime that keeps both holds 2 x max_batch_size x max_seq_len x KV bytes per token;
 - activations per optimization profile: the MLP (gate, up, product) and residual stream for every token of the
-  profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the logits
-  [batch, new, vocab] the graph returns for every new token — at a 2048-token prefill on a 256k vocabulary the logits
-  alone are ~1 GB in fp16, which is why the Jetson recipes keep max_input_len modest;
+  profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the
+  float32 logits [batch, new, vocab] the graph returns for every new token — at a 1024-token prefill on a 256k
+  vocabulary the logits alone are ~1 GB per prompt, which is why prefill takes max_num_tokens // max_input_len
+  prompts at once and the 8 GB Jetson recipes keep batch 1 and max_input_len 1024;
+- KV and activations are counted in the recipe's dtype (the graph the TensorRT route wants); a graph exported with
+  float32 activations doubles both, and the plan says so;
 - runtime overhead: trt_gemma.plan.OVERHEAD for the target family plus a workspace.
 TensorRT sizes an execution context for the largest profile it may run, so the plan takes the larger profile.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS
 
 LM_HEAD_FORMATS = {"int8": "int8_wo", "int4": "int4_awq"}  # lm_head variant -> the weight format that sizes it
+LOGITS_BYTES = 4  # the exported graph returns float32 logits (trt_gemma.onnx_export)
 
 
 def lm_head_bytes(cfg, recipe, variant: str) -> int:
@@ -31,15 +35,19 @@ def lm_head_bytes(cfg, recipe, variant: str) -> int:
 
 
 def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
-    """Activation bytes per profile (prefill: max_input_len new tokens; decode: one) by class [INF]."""
+    """Activation bytes per profile (prefill: its prompts of max_input_len tokens; decode: max_batch_size tokens)
+    by class [INF]."""
+    from trt_gemma.engine_profiles import Limits
+
     act = FLOAT_BYTES[recipe.dtype]
-    b, n, s = recipe.max_batch_size, recipe.max_input_len, recipe.max_seq_len
+    limits = Limits.from_recipe(recipe)
+    n, s = recipe.max_input_len, recipe.max_seq_len
     out = {}
-    for name, new in (("prefill", n), ("decode", 1)):
+    for name, b, new in (("prefill", limits.prefill_batch, n), ("decode", recipe.max_batch_size, 1)):
         tokens = b * new
         out[name] = {"mlp_and_residual": tokens * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * act,
                      "attention_scores": b * cfg.num_attention_heads * new * s * act,
-                     "logits": tokens * cfg.vocab_size * act}
+                     "logits": tokens * cfg.vocab_size * LOGITS_BYTES}
         out[name]["total"] = sum(out[name].values())
     return out
 
@@ -66,7 +74,10 @@ def tensorrt_plan(cfg, target, recipe) -> dict:
                              "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
                              f"tok_s_context_{recipe.max_seq_len}":
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
+    assumes = (f"KV and activations in {recipe.dtype}, float32 logits; a float32-activation export doubles KV and "
+               "activations")
     return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
+            "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,
             "usable_bytes": usable, "verdict": verdict, "lm_head_roofline": roofline}
 
@@ -78,7 +89,7 @@ def render_lines(t: dict, dtype: str) -> list[str]:
     lines = [f"TensorRT route: weights {t['weights_bytes'] / g:.2f} GiB + KV {t['kv_bytes'] / g:.2f} GiB "
              f"({t['kv_note']}) + activations {t['activation_peak_bytes'] / g:.2f} GiB (per profile: {acts}) + runtime "
              f"{sum(t['overhead'].values()) / g:.2f} GiB = {t['total_bytes'] / g:.2f} of {t['usable_bytes'] / g:.2f} "
-             f"GiB: {t['verdict']}"]
+             f"GiB: {t['verdict']} (assumes {t['assumes']})"]
     names = {"float": f"{dtype} lm_head", "int8": "INT8 lm_head", "int4": "INT4 lm_head"}
     parts = []
     for variant, r in t["lm_head_roofline"].items():

@@ -9,7 +9,9 @@ unclassified is an error naming the input and axis: a guessed profile would buil
 Two profiles, as TensorRT Edge-LLM builds its LLM engines (a prefill and a decode profile over one network):
 - prefill: new 1..max_input_len tokens on a cache of 0..(max_seq_len - max_input_len) tokens (0 = a fresh prompt);
 - decode: 1 new token on a cache of 1..max_seq_len-1 tokens.
-Batch 1..max_batch_size in both, optimised for batch 1 (one user per edge device is the common case).
+Decode takes batch 1..max_batch_size; prefill 1..max_num_tokens // max_input_len prompts (at most max_batch_size),
+because the graph returns logits for every prompt token; both are optimised for batch 1 (one user per edge device is
+the common case).
 """
 from __future__ import annotations
 
@@ -48,10 +50,19 @@ class Limits:
     max_batch_size: int
     max_input_len: int
     max_seq_len: int
+    max_num_tokens: int | None = None  # tokens one prefill step may hold (None: max_batch_size full prompts)
 
     @classmethod
     def from_recipe(cls, recipe) -> "Limits":
-        return cls(recipe.max_batch_size, recipe.max_input_len, recipe.max_seq_len)
+        return cls(recipe.max_batch_size, recipe.max_input_len, recipe.max_seq_len, recipe.max_num_tokens)
+
+    @property
+    def prefill_batch(self) -> int:
+        """Prompts one prefill step may hold: the graph returns logits for every prompt token, so the token budget
+        (not the decode batch) bounds prefill."""
+        if self.max_num_tokens is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_num_tokens // self.max_input_len))
 
 
 def _role_from_name(dim_name: str) -> str | None:
@@ -112,7 +123,7 @@ def role_ranges(limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     decode_past = max(1, s - 1)
     opt_past = min(decode_past, max(1, s // 2))
     return {
-        "prefill": {"batch": (1, 1, b), "new": (1, opt_new, n), "past": (0, 0, prefill_past),
+        "prefill": {"batch": (1, 1, limits.prefill_batch), "new": (1, opt_new, n), "past": (0, 0, prefill_past),
                     "total": (1, opt_new, n + prefill_past)},
         "decode": {"batch": (1, 1, b), "new": (1, 1, 1), "past": (1, opt_past, decode_past),
                    "total": (2, opt_past + 1, decode_past + 1)},
