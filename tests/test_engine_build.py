@@ -318,6 +318,29 @@ def test_non_standard_operator_is_a_parse_error(tmp_path):
     assert not (tmp_path / "eng").exists()
 
 
+@needs_rtx
+def test_cli_build_engine_tensorrt_on_an_rtx_target(tmp_path, capsys):
+    """`trt-gemma build --engine tensorrt` for an RTX target: the bundle, then the TensorRT route in the same run —
+    an SM 8.6 engine where the exporter is installed, else the reason and the command for later."""
+    from trt_gemma.cli import main
+    from trt_gemma.manifest import read_manifest
+
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--target", "rtx-3090", "--set", "quant=float16", "--skip-quality", "--engine", "tensorrt",
+              "--out", str(out), "--json"])
+    assert e.value.code == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["recipe"]["engine"] == "tensorrt" and d["not_compiled_reason"].endswith("(--engine tensorrt)")
+    trt = d["tensorrt"]
+    assert trt["builder"] == "tensorrt_rtx" and read_manifest(out)["tensorrt"]["builder"] == "tensorrt_rtx"
+    if importlib.util.find_spec("trt_gemma.onnx_export") is None:
+        assert trt["engine"] is None and "ONNX exporter" in trt["reason"]
+        assert trt["on_target"] == [f"trt-gemma build --from-bundle {out} --engine tensorrt"]
+    else:
+        assert trt["engine"]["sm"] == "8.6" and (out / "tensorrt" / "model.engine").is_file()
+
+
 def test_cli_from_bundle_tensorrt_refuses_a_non_bundle(tmp_path, capsys):
     from trt_gemma.cli import main
 
