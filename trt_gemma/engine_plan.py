@@ -52,19 +52,17 @@ def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
     return out
 
 
-def tensorrt_plan(cfg, target, recipe) -> dict:
-    """Memory by class, a verdict against the target, and the decode roofline with and without lm_head quantized."""
-    from trt_gemma.plan import MARGIN, OVERHEAD, WORKSPACE, kv_bytes_per_token, weight_bytes
-
-    w = weight_bytes(cfg, recipe)
-    kv_tok = kv_bytes_per_token(cfg, recipe.kv_dtype)
+def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: dict, margin: float) -> dict:
+    """Memory by class, a verdict against the target, and the decode roofline with and without lm_head quantized.
+    plan.py passes its own weight bytes, KV bytes per token, runtime overhead and margin (so this module does not
+    import plan.py, which calls it)."""
+    w = weights
     kv = 2 * recipe.max_batch_size * recipe.max_seq_len * kv_tok
     acts = profile_activations(cfg, recipe)
     act_peak = max(p["total"] for p in acts.values())
-    overhead = {**OVERHEAD[target.family], "workspace": WORKSPACE}
     total = w["total"] + kv + act_peak + sum(overhead.values())
     usable = target.usable_bytes
-    verdict = "fits" if total <= usable * (1 - MARGIN) else "tight" if total <= usable else "does not fit"
+    verdict = "fits" if total <= usable * (1 - margin) else "tight" if total <= usable else "does not fit"
     body = w["linears"] + w["norms"] + cfg.hidden_size * FLOAT_BYTES[recipe.dtype]  # + one embedding row
     roofline = {}
     for variant in ("float", "int8", "int4"):

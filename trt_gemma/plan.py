@@ -220,7 +220,8 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
     if r.engine == "tensorrt":
         from trt_gemma.engine_plan import tensorrt_plan
 
-        p.tensorrt = tensorrt_plan(cfg, t, r)
+        overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
+        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, margin=MARGIN)
     return p
 
 

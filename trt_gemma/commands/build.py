@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from trt_gemma.console import human_size as _size
+
 
 def _out(text: str = "") -> None:
     """Plain stdout: commands meant to be copied must never be wrapped or styled."""
@@ -101,13 +103,6 @@ def _render_bundle(r: dict) -> None:
     if m["target"]["family"] == "jetson":
         _out("Jetson: see docs/jetson.md (swap, nvpmodel, the ONNX -> TensorRT route); the checkpoint also runs here "
              f"on the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _quality_lines(q: dict) -> str:

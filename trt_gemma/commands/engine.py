@@ -32,7 +32,7 @@ def compile_tensorrt(bundle: str, force: bool, as_json: bool, log: Callable[[str
 
 def render_tensorrt(t: dict) -> None:
     """The engine and the commands that check it on the device, or why it was not built and what to run there."""
-    from trt_gemma.commands.build import _size
+    from trt_gemma.console import human_size as _size
 
     _out("")
     _out(f"TensorRT route: {t['builder']} ({t['route']})")
