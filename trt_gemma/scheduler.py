@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol
+from typing import Any, AsyncGenerator, Callable, Generator, Protocol
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.serve_protocol import StopMatcher
@@ -86,6 +87,9 @@ class Admission:
         """Block the calling thread until a slot is ours (True), or `cancelled` is set while waiting (False)."""
         got = threading.Event()
         with self._lock:
+            if cancelled.is_set():  # cancelled before it ever waited
+                self.waiting -= 1
+                return False
             if self._take_free():
                 return True
             self._waiters.append(got.set)
@@ -165,6 +169,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.failure: BaseException | None = None
         self.started = False  # batches()/steps() began: from then on it owns the admission bookkeeping
+        self.slot_at: float | None = None  # perf_counter() when it got its slot (queueing time)
         self.generated = 0  # steps the worker produced (read after the fact: how soon a cancel took effect)
         self._lock = threading.Lock()
         self._items: list[Any] = []
@@ -246,15 +251,22 @@ class Generation:
             self.failure = errors[0]
         return [i for i in items if isinstance(i, Step)], bool(errors) or _END in items
 
-    async def batches(self) -> AsyncIterator[list[Step]]:
+    async def batches(self) -> AsyncGenerator[list[Step], None]:
         """Waits for a slot, starts the worker, yields the steps gathered at each flush."""
         srv = self.server
         assert srv.admission is not None
         self.started = True
         await srv.admission.wait_slot()
+        self.slot_at = time.perf_counter()
         loop = asyncio.get_running_loop()
-        self._on_final = lambda: loop.call_soon_threadsafe(self._final.set)
-        wake = lambda: loop.call_soon_threadsafe(self._ready.set)  # noqa: E731
+
+        def on_final() -> None:
+            loop.call_soon_threadsafe(self._final.set)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(self._ready.set)
+
+        self._on_final = on_final
         self._start(lambda: srv.pool.submit(self._work))
         last_flush = float("-inf")
         try:
@@ -269,7 +281,7 @@ class Generation:
         finally:
             self.cancelled.set()  # client gone or we stopped early (stop string): the worker ends at its next step
 
-    def steps(self) -> Iterator[list[Step]]:
+    def steps(self) -> Generator[list[Step], None, None]:
         """Thread side of `batches`: blocks for a slot (False from a cancel while queued ends it), then yields the
         steps that came since the last call, without an interval (no event loop to spare here)."""
         srv = self.server
@@ -277,6 +289,7 @@ class Generation:
         self.started = True
         if not srv.admission.acquire(self.cancelled):
             return
+        self.slot_at = time.perf_counter()
         ready = threading.Event()
         self._start(lambda: srv.pool.submit(self._work))
         try:
