@@ -56,11 +56,15 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
         from trt_gemma.hf import resolve_model
 
         path = resolve_model(spec)
-        if detect_kind(path) == "bundle":
+        kind = detect_kind(path)
+        if kind == "bundle":
             spec, recipe = _bundle_source(path)
             over = {**recipe, **over}
-        else:
+        elif kind == "hf":
             spec = str(path)
+        else:
+            raise InputError(f"{path} is a {kind.replace('_', ' ')}: planning needs the model's Hugging Face config",
+                             fix="plan its source model (HF dir, hub id or preset), or its bundle")
     return run(spec, name, overrides=over or None, config_file=config_file)
 
 
