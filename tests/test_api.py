@@ -292,3 +292,39 @@ def test_import_is_light_and_help_lists_the_public_names():
     assert "fastapi" not in subprocess.run(
         [sys.executable, "-c", "import sys, trt_gemma.api; print(sorted(sys.modules))"],
         capture_output=True, text=True, timeout=120).stdout  # the API works in a core-only install
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A bfloat16 bundle of the embedded model for rtx-4090, made through trt_gemma.stages.build (no engine here)."""
+    from trt_gemma.stages import build
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    b = build(None, target="rtx-4090", overrides=["quant=bfloat16", "kv_cache_dtype=auto"], out=out, skip_quality=True,
+              compile_engine=False, show_progress=False)
+    assert b.bundle_dir == out and b.engine is None
+    return out
+
+
+def test_stages_are_the_clis_functions_and_plan_a_bundle(bundle):
+    from trt_gemma import build as build_mod
+    from trt_gemma import convert as convert_mod
+    from trt_gemma import stages
+
+    assert stages.convert is convert_mod.convert_checkpoint and stages.build is build_mod.build_bundle
+    out = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--target", "jetson-orin-nano-8gb", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    mine = stages.plan(None, "jetson-orin-nano-8gb").to_dict()
+    assert (mine["total_bytes"], mine["verdict"], mine["recipe"]) == (cli["total_bytes"], cli["verdict"], cli["recipe"])
+    p = stages.plan(bundle, "jetson-orin-nano-4gb")  # the bundle's recipe (bfloat16) on another device
+    assert p.recipe.quant == "bfloat16" and p.target == "jetson-orin-nano-4gb"
+    with pytest.raises(InputError, match="planning needs"):
+        stages.plan(bundle / "checkpoint")
+
+
+def test_load_a_bundle_names_its_target(bundle, oracle):
+    with trt_gemma.load(bundle) as m:
+        assert (m.info.target, m.info.backend, m.info.dtype) == ("rtx-4090", "reference", "bfloat16")
+        assert m.generate("The Python", max_tokens=4).finish_reason in ("length", "stop")
