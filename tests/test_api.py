@@ -328,3 +328,18 @@ def test_load_a_bundle_names_its_target(bundle, oracle):
     with trt_gemma.load(bundle) as m:
         assert (m.info.target, m.info.backend, m.info.dtype) == ("rtx-4090", "reference", "bfloat16")
         assert m.generate("The Python", max_tokens=4).finish_reason in ("length", "stop")
+
+
+def test_close_cancels_running_and_waiting_streams():
+    m = trt_gemma.load(max_concurrency=1)
+    a = m.stream("The Python", max_tokens=500, ignore_eos=True)
+    next(a)
+    waiting = m.stream("Lists are", max_tokens=500, ignore_eos=True)
+    out = []
+    th = threading.Thread(target=lambda: out.append(waiting.completion()))
+    th.start()
+    _wait(lambda: m._scheduler.admission.waiting == 1 and waiting._run.gen.started)
+    m.close()
+    th.join(timeout=30)
+    assert a.completion().finish_reason == "cancelled" and a._run.gen.generated < 500
+    assert out and out[0].finish_reason == "cancelled" and out[0].token_ids == ()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
@@ -261,6 +262,7 @@ class Model:
         self._scheduler = Scheduler.create(backend, max_concurrency, max_queue)
         self._target = target
         self._closed = False
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()  # cancelled by close()
 
     # ---- what is loaded --------------------------------------------------------------------------------------------
     @property
@@ -348,7 +350,9 @@ class Model:
             raise ResourceError(f"busy: {admission.running} generations running and {admission.waiting} waiting "
                                 f"(max_queue {admission.max_queue})",
                                 fix="retry later, or load() with a larger max_queue (None: no bound)")
-        return _Run(Generation(self._scheduler, ids, params), stops)
+        gen = Generation(self._scheduler, ids, params)
+        self._live.add(gen)
+        return _Run(gen, stops)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         b = self._backend
@@ -387,10 +391,13 @@ class Model:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop taking work, let running generations end, release the model (engines free device memory)."""
+        """Stop taking work, cancel what is running or waiting (their streams end "cancelled"), wait for the worker
+        threads, release the model (engines free device memory)."""
         if self._closed:
             return
         self._closed = True
+        for gen in list(self._live):
+            gen.cancelled.set()
         self._scheduler.pool.shutdown(wait=True, cancel_futures=True)
         self._backend.close()
 

@@ -5,7 +5,7 @@
     p = plan("gemma-2-2b", target="jetson-orin-nano-8gb")      # -> Plan (p.verdict, p.total_bytes, p.suggestion)
     ckpt = convert(None, "out/ckpt")                           # -> Path of a TensorRT-LLM checkpoint
     bundle = build(target="rtx-4090", overrides=["quant=bfloat16", "kv_cache_dtype=auto"],
-          skip_quality=True)   # -> Bundle
+                   skip_quality=True)                      # -> Bundle
     report = evaluate([ckpt])                                  # -> EvalReport (perplexity, top-1, KL)
 
 They live here rather than as `trt_gemma.plan(...)` because `trt_gemma.plan`, `.convert`, `.quantize` and `.build`
