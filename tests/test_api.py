@@ -174,18 +174,22 @@ def test_cancel_from_another_thread_frees_the_slot_for_the_waiting_stream():
         b = threading.Thread(target=lambda: b_result.append(bs.completion()))
         b.start()
         _wait(lambda: adm.waiting == 1 and bs._run.gen.started)
-        gen_a = a._run.gen
-        before = gen_a.generated
-        t_cancel = time.perf_counter()
-        threading.Thread(target=a.cancel).start()
+        gen_a, marks = a._run.gen, []
+
+        def cancel() -> None:  # from a third thread; note when and how far A had come
+            marks.append((time.perf_counter(), gen_a.generated))
+            a.cancel()
+
+        threading.Thread(target=cancel).start()
         b.join(timeout=60)
         assert b_result and b_result[0].finish_reason == "length" and len(b_result[0].token_ids) == 4
+        (t_cancel, before), = marks
         handover = bs._run.gen.slot_at - t_cancel
         after = gen_a.generated - before
         rest = list(a)
         assert rest and rest[-1].finish_reason == "cancelled"
         assert a.completion().finish_reason == "cancelled"
-        assert after <= 3, f"A generated {after} tokens after cancel()"
+        assert after <= 2, f"A generated {after} tokens after cancel()"  # the one in progress (+1 racing the read)
         print(f"\ncancel() -> slot handed to the waiting stream in {handover * 1e3:.1f} ms; A made {after} more "
               f"token(s) of its 500")
         assert (adm.running, adm.waiting) == (0, 0)
