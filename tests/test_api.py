@@ -232,6 +232,14 @@ def test_asyncio_and_threads_share_one_model(model, oracle):
         async with model.astream(PROMPTS[5], max_tokens=500, ignore_eos=True) as s:
             async for _ in s:
                 break  # aclose() on exit frees the slot
+        dropped = model.astream(PROMPTS[7], max_tokens=500, ignore_eos=True)
+        gen = dropped._run.gen
+        async for _ in dropped:
+            break
+        del dropped  # no `async with`: dropping the stream cancels it
+        while model._scheduler.admission.running:
+            await asyncio.sleep(0.001)
+        assert gen.generated < 500, gen.generated
         return done, pieces
 
     side = []
