@@ -1,5 +1,7 @@
 """Serving overhead: decode tokens/s of the reference backend called directly vs through `trt-gemma serve` with one
-streaming `openai` client, same prompt, same run, repetitions interleaved. Goal: <= 5% overhead.
+streaming `openai` client (goal: <= 5% overhead) and vs the Python API's `Model.stream` over the same backend object
+(trt_gemma.load's Model: the scheduler's slot, worker thread and per-token hand-over; goal: <= 2%), same prompt,
+same run, repetitions interleaved.
 
 The server runs as its own process (as in production: `python -m trt_gemma serve CKPT`), the direct calls in this
 one; both use the same checkpoint, prompt token ids, greedy sampling and `ignore_eos` so each run makes exactly
@@ -87,6 +89,13 @@ def run_direct(backend, ids: list[int], tokens: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
+def run_api(model, ids: list[int], tokens: int) -> tuple[float, float]:
+    """(tokens/s seen by the caller of Model.stream, CPU-seconds per token of this process, worker included)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = sum(len(p.token_ids) for p in model.stream(ids, max_tokens=tokens, ignore_eos=True))
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
+
+
 def run_served(client, server, ids: list[int], tokens: int) -> tuple[float, float]:
     """(tokens/s seen by the client, server CPU-seconds per token)."""
     c0 = sum(server.cpu_times()[:2])
@@ -117,6 +126,7 @@ def main(argv=None) -> dict:
     import openai
     import psutil
 
+    from trt_gemma.api import Model
     from trt_gemma.backends.reference import ReferenceBackend
 
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -124,25 +134,26 @@ def main(argv=None) -> dict:
         model = args.model or default_model(tmp)
         ckpt = as_checkpoint(model, tmp)
         backend = ReferenceBackend.load(ckpt, slots=1)
+        api = Model(backend, max_concurrency=1)  # the API over the very backend object called directly
         ids = backend.encode(PROMPT)
         port = free_port()
         proc = start_server(ckpt, port, args.stream_interval)
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
             server = psutil.Process(proc.pid)
-            run_direct(backend, ids, 8), run_served(client, server, ids, 8)  # warm-up both paths
-            direct, served = [], []
-            for rep in range(args.reps):  # interleave, alternating which path goes first
-                order = ["d", "s"] if rep % 2 == 0 else ["s", "d"]
-                for kind in order:
-                    if kind == "d":
-                        direct.append(run_direct(backend, ids, args.tokens))
-                    else:
-                        served.append(run_served(client, server, ids, args.tokens))
+            run_direct(backend, ids, 8), run_served(client, server, ids, 8), run_api(api, ids, 8)  # warm-up
+            direct, served, via_api = [], [], []
+            runs = {"d": lambda: direct.append(run_direct(backend, ids, args.tokens)),
+                    "s": lambda: served.append(run_served(client, server, ids, args.tokens)),
+                    "a": lambda: via_api.append(run_api(api, ids, args.tokens))}
+            for rep in range(args.reps):  # interleave, rotating which path goes first
+                for kind in "dsa"[rep % 3:] + "dsa"[:rep % 3]:
+                    runs[kind]()
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     result = summarize(direct, served, model, len(ids), args)
+    result.update(summarize_api(direct, via_api))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -155,6 +166,10 @@ def main(argv=None) -> dict:
               f"-> throughput overhead {r['overhead_pct']:.1f}% (goal <= 5%)")
         print(f"CPU per token: direct {r['direct_cpu_ms_per_token']:.2f} ms, server "
               f"{r['served_cpu_ms_per_token']:.2f} ms -> CPU overhead {r['cpu_overhead_pct']:.1f}%")
+        print(f"api     {r['api_median']:8.1f} tok/s  (runs: {', '.join(f'{x:.1f}' for x in r['api_tok_s'])})")
+        print(f"api: median paired ratio {r['api_median_paired_ratio']:.3f} -> throughput overhead "
+              f"{r['api_overhead_pct']:.1f}% (goal <= 2%); CPU per token {r['api_cpu_ms_per_token']:.2f} ms "
+              f"-> CPU overhead {r['api_cpu_overhead_pct']:.1f}%")
     return result
 
 
@@ -171,6 +186,15 @@ def summarize(direct, served, model, prompt_tokens, args) -> dict:
             "direct_cpu_ms_per_token": 1e3 * dc, "served_cpu_ms_per_token": 1e3 * sc,
             "cpu_overhead_pct": 100 * (sc / dc - 1),
             "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
+def summarize_api(direct, via_api) -> dict:
+    d_tps, a_tps = [x[0] for x in direct], [x[0] for x in via_api]
+    paired = statistics.median(a / d for a, d in zip(a_tps, d_tps))
+    dc, ac = statistics.median(x[1] for x in direct), statistics.median(x[1] for x in via_api)
+    return {"api_tok_s": a_tps, "api_median": statistics.median(a_tps), "api_median_paired_ratio": paired,
+            "api_overhead_pct": 100 * (1 - paired), "api_cpu_ms_per_token": 1e3 * ac,
+            "api_cpu_overhead_pct": 100 * (ac / dc - 1)}
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ BAD = [
     ("rtx-3090", ["group_size=96"], ConfigError, ["group_size = 96", "64, 128"], "group_size="),
     ("h100", ["gemm_plugin=auto"], RecipeError, ["gemm_plugin = 'auto' with FP8"], "gemm_plugin=disable"),
     ("jetson-orin-nano-8gb", ["kv_cache_max_tokens=0"], RecipeError, ["no cap", "starves the host"],
-     "kv_cache_max_tokens=8192"),
+     "kv_cache_max_tokens=4096"),
     ("jetson-orin-nano-8gb", ["kv_cache_max_tokens=1000"], RecipeError, ["cannot hold one max_seq_len = 4096"],
      "kv_cache_max_tokens=4096"),
     ("h100", ["kv_cache_free_gpu_memory_fraction=1.5"], ConfigError, ["must be in (0, 1]"], "fraction="),

@@ -143,7 +143,7 @@ def _type_name(cfg, dtype: int) -> str:
 
 
 def test_mandatory_parameters_are_set(repo):
-    """docs/model_config.md's mandatory names, located in each parsed config independently of the exporter."""
+    """tensorrtllm_backend/docs/model_config.md's mandatory names, located in each parsed config independently of the exporter."""
     where = {
         "triton_max_batch_size": lambda c: c.max_batch_size,
         "logits_datatype": lambda c: [_type_name(c, t.data_type) for t in c.output if t.name == "generation_logits"],

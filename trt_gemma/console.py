@@ -32,3 +32,11 @@ def progress(disable: bool = False) -> Progress:
     """A progress bar on stderr (stdout stays clean for --json)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err_console, disable=disable, transient=False)
+
+
+def human_size(n: int) -> str:
+    """Bytes as the largest binary unit that keeps at least 1 (1.5 GiB, 27.0 MiB, 12 B)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -71,6 +71,7 @@ class Plan:
     suggestion: dict | None = None
     notes: list = field(default_factory=list)
     awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
+    tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine_plan.tensorrt_plan
 
     @property
     def fits(self) -> bool:
@@ -216,6 +217,11 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
                            "its groupwise layers need padded tensors (`trt-gemma convert --tp` refuses those)")
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
+    if r.engine == "tensorrt":
+        from trt_gemma.engine_plan import tensorrt_plan
+
+        overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
+        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, margin=MARGIN)
     return p
 
 

@@ -30,6 +30,9 @@ CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibrati
 DTYPES = ("bfloat16", "float16")
 KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "int8")
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")
+# tensorrt_llm: TRT-LLM checkpoint -> TRT-LLM engine; tensorrt: ONNX graph -> TensorRT / TensorRT-RTX engine
+# (trt_gemma.engine_rules picks the builder from the target)
+ENGINES = ("tensorrt_llm", "tensorrt")
 # TRT-LLM's groupwise weight-only GEMM (fpA_intB) takes group sizes 64 and 128; ModelOpt/Edge-LLM default to 128.
 GROUP_SIZES = (64, 128)
 CALIB_DEFAULT = "builtin"  # the embedded offline calibration text (trt_gemma.assets.calib_text_path())
@@ -54,6 +57,7 @@ class Recipe:
     calib_size: int = 512
     calib_max_seq_length: int = 512
     calib_seed: int = 1234
+    engine: str = "tensorrt_llm"
 
     @property
     def kv_dtype(self) -> str:
@@ -229,12 +233,16 @@ def validate(recipe: Recipe, target: Target, origin: dict | None = None) -> None
     """Raise ConfigError/RecipeError naming the field, its source and the fix."""
     origin = origin or {}
     for key, choices in (("quant", QUANTS), ("dtype", DTYPES), ("kv_cache_dtype", KV_DTYPES),
-                         ("gemm_plugin", GEMM_PLUGINS), ("group_size", GROUP_SIZES)):
+                         ("gemm_plugin", GEMM_PLUGINS), ("group_size", GROUP_SIZES), ("engine", ENGINES)):
         _choice(recipe, key, choices, origin)
     _check_limits(recipe, origin)
     _check_precisions(recipe, target, origin)
     _check_kv_cache_source(recipe, origin)
     _check_plugins_and_memory(recipe, target, origin)
+    if recipe.engine == "tensorrt":  # the builder's own precision refusals, before any export or build
+        from trt_gemma.engine_rules import check_recipe
+
+        check_recipe(recipe, target, origin)
 
 
 def _check_limits(r: Recipe, origin: dict) -> None:

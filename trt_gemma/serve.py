@@ -1,11 +1,11 @@
 """OpenAI-compatible HTTP server with memory telemetry, Prometheus metrics and backpressure (FastAPI + uvicorn).
 
-Concurrency model: the event loop only parses, validates and streams. Each admitted request holds one of
-`max_concurrency` generation slots while a worker thread runs `backend.stream()` (numpy releases the GIL in its
-matmuls); tokens cross to the loop with `call_soon_threadsafe`. At most `max_queue` more requests may wait for a
-slot; beyond that the answer is 429 with Retry-After (Ollama answers 503, vLLM queues without bound:
-docs/facts/serving-telemetry.md §6). A slot is given back when its worker thread has actually returned, so a client that
-disconnects mid-stream (its generator is cancelled -> the cancel flag the backend polls each step) frees it for real.
+Concurrency model: the event loop only parses, validates and streams; generation goes through the bounded scheduler
+the Python API uses too (trt_gemma.scheduler: `max_concurrency` slots on worker threads, stop strings, text
+pieces). At most `max_queue` more requests may wait for a slot; beyond that the answer is 429 with Retry-After
+(Ollama answers 503, vLLM queues without bound: docs/facts/serving-telemetry.md §6). A slot is given back when its worker
+thread has actually returned, so a client that disconnects mid-stream (its generator is cancelled -> the cancel
+flag the backend polls each step) frees it for real.
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
 unexpected exception inside one request is answered with a 500 for that request only, then a one-token probe
@@ -18,7 +18,6 @@ import contextlib
 import hmac
 import logging
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,11 +27,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from trt_gemma.backends.base import Backend, GenerationParams, Step
+from trt_gemma.backends.base import Backend, GenerationParams
 from trt_gemma.errors import ResourceError, TrtGemmaError
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
-from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
-                                      validate)
+from trt_gemma.scheduler import Admission, Generation, TextPieces
+from trt_gemma.serve_protocol import APIError, Completion, chat_messages, parse_json, sse, stop_list, validate
 from trt_gemma.telemetry import snapshot
 
 log = logging.getLogger("trt_gemma.serve")
@@ -43,119 +42,6 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 # A request body is held in memory whole: cap it. 8 MiB is ~100x the text of an 8192-token Gemma 2 context.
 MAX_BODY_BYTES = 8 << 20
-_END = object()
-
-
-class Admission:
-    """Bounded admission: `max_concurrency` slots plus `max_queue` waiting places. Used on the event loop only."""
-
-    def __init__(self, max_concurrency: int, max_queue: int):
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self.running = self.waiting = 0
-        self._sem = asyncio.Semaphore(max_concurrency)
-
-    def try_enter(self) -> bool:
-        if self.running + self.waiting >= self.max_concurrency + self.max_queue:
-            return False
-        self.waiting += 1
-        return True
-
-    async def wait_slot(self) -> None:
-        try:
-            await self._sem.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-
-    def leave_queue(self) -> None:
-        """An admitted request that never started waiting (failed before streaming)."""
-        self.waiting -= 1
-
-    def release(self) -> None:
-        self.running -= 1
-        self._sem.release()
-
-
-class Generation:
-    """One request's generation on a worker thread, observed from the event loop as batches of Steps.
-
-    Hand-over is a locked list: the loop wakes once per flush (its interval timer), never per token, and flushes
-    at most every `stream_interval_s` (the first token and the last one go out at once, so TTFT and end-to-end
-    latency are untouched). Measured with benchmarks/serve_overhead.py on a busy 2-core host: one chunk per token
-    cost 15-25% of decode throughput (each chunk is a GIL hand-over between the loop and the generating thread,
-    plus the client's parsing); with 50 ms intervals it is a few percent, about the run-to-run noise there."""
-
-    def __init__(self, server: "Server", prompt_ids: list[int], params: GenerationParams):
-        self.server, self.prompt_ids, self.params = server, prompt_ids, params
-        self.cancelled = threading.Event()
-        self.failure: BaseException | None = None
-        self.started = False  # batches() began: from then on it owns the admission bookkeeping
-        self._lock = threading.Lock()
-        self._items: list = []
-        self._loop_waiting = False  # the loop sleeps on _ready: the next push must wake it
-        self._ready = asyncio.Event()
-        self._final = asyncio.Event()  # the last item is in: flush without waiting for the interval
-
-    def _push(self, loop: asyncio.AbstractEventLoop, item, final: bool) -> None:
-        """Worker thread side: wake the loop only if it is idle-waiting for items (not during its interval)."""
-        with self._lock:
-            self._items.append(item)
-            wake, self._loop_waiting = self._loop_waiting, False
-        if wake:
-            loop.call_soon_threadsafe(self._ready.set)
-        if final:
-            loop.call_soon_threadsafe(self._final.set)
-
-    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            for step in self.server.backend.stream(self.prompt_ids, self.params, cancel=self.cancelled.is_set):
-                self._push(loop, step, step.finish_reason is not None)
-        except BaseException as e:  # reported to the request, never to the server
-            self._push(loop, e, True)
-        finally:
-            self._push(loop, _END, True)
-
-    async def _take(self, interval: float, last_flush: float) -> list:
-        """Sleep out the rest of the interval (the final item cuts it short), then take what came, or wait for it."""
-        delay = last_flush + interval - asyncio.get_running_loop().time()
-        if delay > 0 and not self._final.is_set():
-            try:
-                await asyncio.wait_for(self._final.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-        while True:
-            with self._lock:
-                if self._items:
-                    items, self._items = self._items, []
-                    return items
-                self._loop_waiting = True
-                self._ready.clear()
-            await self._ready.wait()
-
-    async def batches(self) -> AsyncIterator[list[Step]]:
-        """Waits for a slot, starts the worker, yields the steps gathered at each flush."""
-        srv = self.server
-        self.started = True
-        await srv.admission.wait_slot()
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(srv.pool, self._work, loop)
-        fut.add_done_callback(lambda _f: srv.admission.release())
-        last_flush = float("-inf")
-        try:
-            while True:
-                items = await self._take(srv.stream_interval_s, last_flush)
-                last_flush = loop.time()
-                steps = [i for i in items if isinstance(i, Step)]
-                if steps:
-                    yield steps
-                errors = [i for i in items if isinstance(i, BaseException)]
-                if errors:
-                    self.failure = errors[0]
-                    return
-                if _END in items:
-                    return
-        finally:
-            self.cancelled.set()  # client gone or we stopped early (stop string): the worker ends at its next step
 
 
 class Server:
@@ -268,35 +154,29 @@ class Server:
         """Yields (text delta, None) while generating, then (last text, finish_reason); records metrics once however
         the request ends (finished, stop string, client gone = "cancelled", failure)."""
         arrival = time.monotonic()
-        matcher, finish = StopMatcher(stops), None
+        pieces = TextPieces(stops)
         try:
             async with contextlib.aclosing(gen.batches()) as batches:
                 async for steps in batches:
                     if comp.completion_tokens == 0:
                         self.metrics.ttft.observe(time.monotonic() - arrival)
                         self.metrics.prompt_tokens.inc(comp.prompt_tokens)
-                    text = []
-                    for s in steps:
-                        comp.completion_tokens += 1
-                        self.metrics.generation_tokens.inc()
+                    text, used = pieces.feed(steps)
+                    comp.completion_tokens = pieces.completion_tokens
+                    self.metrics.generation_tokens.inc(len(used))
+                    for s in used:
                         if not s.is_prompt_step:
                             self.metrics.tpot.observe(s.step_seconds)
-                        out, stopped = matcher.push(s.text)
-                        text.append(out)
-                        if stopped or s.finish_reason:
-                            finish = "stop" if stopped else s.finish_reason
-                            break
-                    if finish:
-                        yield "".join(text) + matcher.flush(), finish
+                    yield text, pieces.finish
+                    if pieces.finish:
                         return
-                    yield "".join(text), None
             if gen.failure is not None:
                 raise gen.failure
         finally:
             if gen.failure is None:
                 e2e = time.monotonic() - arrival
                 self.metrics.e2e.observe(e2e)
-                self.metrics.success(finish or "cancelled")
+                self.metrics.success(pieces.finish or "cancelled")
                 self.mean_e2e = 0.8 * self.mean_e2e + 0.2 * e2e
 
     async def stream_sse(self, comp: Completion, gen: Generation, stops: list[str], include_usage: bool):

@@ -3,7 +3,7 @@
 The repository is tensorrtllm_backend's `inflight_batcher_llm` layout for TensorRT-LLM 1.x: preprocessing (tokenize),
 tensorrt_llm (the C++ in-flight batcher over our engine), postprocessing (detokenize), ensemble (the three chained)
 and tensorrt_llm_bls (the same chain as a Python "business logic" model). Tensors: trt_gemma.triton_models. Parameter
-names and which are mandatory: triton-inference-server/tensorrtllm_backend docs/model_config.md@v1.0.0 (efb8a497);
+names and which are mandatory: triton-inference-server/tensorrtllm_backend/docs/model_config.md@v1.0.0 (efb8a497);
 how the C++ model reads them: NVIDIA/TensorRT-LLM triton_backend/inflight_batcher_llm/src/model_instance_state.cc
 @0c8de69a (1.2.0rc8). Where fill_template.py leaves `${name}` for "unset" (the backend's number parsers reject it and
 fall back), we write nothing, except for the three strings that file reads without a fallback (tokenizer_dir,
@@ -37,7 +37,7 @@ from trt_gemma.triton_models import ENSEMBLE_STEPS, Raw, parameters, tensors, to
 EXPORT_MANIFEST = "trt_gemma_triton.json"
 K8S_FILE = "kubernetes.yaml"
 DEFAULT_REPO_PATH = "/models"
-# Python-model instances (pre/post-processing): docs/model_config.md "instance_count ... 5 works well".
+# Python-model instances (pre/post-processing): tensorrtllm_backend/docs/model_config.md "instance_count ... 5 works well".
 DEFAULT_INSTANCES = 5
 # Requests Triton queues per model before rejecting: trt-gemma serve's --max-queue default (trt_gemma.serve
 # DEFAULT_MAX_QUEUE; a test keeps them equal, the serve extra is not imported here).
@@ -49,7 +49,7 @@ TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # tensorrt_llm/config.pbtxt literal
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
-# docs/model_config.md@v1.0.0 "Mandatory parameters", per model (template variable names).
+# tensorrtllm_backend/docs/model_config.md@v1.0.0 "Mandatory parameters", per model (template variable names).
 MANDATORY: dict[str, tuple[str, ...]] = {
     "ensemble": ("triton_max_batch_size", "logits_datatype"),
     "preprocessing": ("triton_max_batch_size", "tokenizer_dir", "preprocessing_instance_count",

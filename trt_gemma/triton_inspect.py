@@ -1,7 +1,7 @@
 """Check a repository written by `trt-gemma export-triton` (used by `export-triton --inspect` and `trt-gemma inspect`).
 
 Each config.pbtxt is parsed by Triton's own ModelConfig schema (strict: unknown fields and wrong types fail), the
-mandatory parameters of docs/model_config.md are located in it, leftover `${...}` placeholders are listed, and the
+mandatory parameters of tensorrtllm_backend/docs/model_config.md are located in it, leftover `${...}` placeholders are listed, and the
 ensemble is walked step by step.
 """
 from __future__ import annotations

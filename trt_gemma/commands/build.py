@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from trt_gemma.console import human_size as _size
+
 
 def _out(text: str = "") -> None:
     """Plain stdout: commands meant to be copied must never be wrapped or styled."""
@@ -25,8 +27,11 @@ def _out(text: str = "") -> None:
               help="Compile a bundle made elsewhere into BUNDLE/engine (needs TensorRT-LLM and a GPU).")
 @click.option("--skip-quality", is_flag=True, help="Do not compute the quality table (large models on slow hosts).")
 @click.option("--no-compile", is_flag=True, help="Only make the bundle, even on a GPU host.")
+@click.option("--engine", type=click.Choice(["tensorrt_llm", "tensorrt"]), default=None,
+              help="Engine route (default: the recipe's `engine`): tensorrt_llm, or tensorrt = ONNX -> TensorRT "
+                   "(Jetson, data center) / TensorRT-RTX (RTX; builds on any host).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(model, target, config_file, overrides, out, force, from_bundle, skip_quality, no_compile, as_json):
+def build(model, target, config_file, overrides, out, force, from_bundle, skip_quality, no_compile, engine, as_json):
     """Build a target-tuned bundle (quantized TensorRT-LLM checkpoint, recipe, plan, quality table, manifest) and
     compile it into a TensorRT-LLM engine when this host has TensorRT-LLM and a GPU; otherwise print what to run
     on the target."""
@@ -41,12 +46,21 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
         if given:
             raise ConfigError(f"--from-bundle compiles the bundle as it is; {', '.join(given)} cannot change it",
                               fix="drop those options, or rebuild the bundle with them (without --from-bundle)")
+        if engine == "tensorrt":
+            from trt_gemma.commands.engine import compile_tensorrt
+
+            compile_tensorrt(from_bundle, force, as_json, log)
+            return
         engine = compile_bundle(from_bundle, force=force, log=log)
         emit(engine.to_dict(), as_json, _render_engine)
         return
-    result = build_bundle(model, target, config_file, list(overrides), out, force, compile_engine=not no_compile,
+    overrides = list(overrides) + ([f"engine={engine}"] if engine else [])
+    result = build_bundle(model, target, config_file, overrides, out, force,
+                          compile_engine=not no_compile and engine != "tensorrt",
                           skip_quality=skip_quality, show_progress=not as_json, log=log)
-    emit(result.to_dict(), as_json, _render_bundle)
+    from trt_gemma.commands.engine import with_tensorrt_route
+
+    emit(with_tensorrt_route(result, engine, no_compile, log), as_json, _render_bundle)
 
 
 def _render_engine(e: dict) -> None:
@@ -82,16 +96,13 @@ def _render_bundle(r: dict) -> None:
     _out(f"  {r['on_target'][1]}")
     _out("then serve it:")
     _out(f"  {r['on_target'][2]}")
+    if r.get("tensorrt"):
+        from trt_gemma.commands.engine import render_tensorrt
+
+        render_tensorrt(r["tensorrt"])
     if m["target"]["family"] == "jetson":
         _out("Jetson: see docs/jetson.md (swap, nvpmodel, the ONNX -> TensorRT route); the checkpoint also runs here "
              f"on the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _quality_lines(q: dict) -> str:

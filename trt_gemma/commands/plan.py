@@ -100,6 +100,11 @@ def render_plan(d: dict) -> None:
     console.print("decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
                                                           for k, v in d["decode_tok_s"].items())
                   + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
+    if d.get("tensorrt"):
+        from trt_gemma.engine_plan import render_lines
+
+        for line in render_lines(d["tensorrt"], r["dtype"]):
+            console.print(line, markup=False)
     if d["suggestion"]:
         console.print(f"[bold]would fit with:[/] {d['suggestion']['command']} "
                       f"({d['suggestion']['total_bytes'] / 1024**3:.2f} GiB)")

@@ -1,0 +1,88 @@
+"""The build-side stages as functions with typed results: the same functions the CLI commands call.
+
+    from trt_gemma.stages import plan, convert, quantize, build, evaluate
+
+    p = plan("gemma-2-2b", target="jetson-orin-nano-8gb")      # -> Plan (p.verdict, p.total_bytes, p.suggestion)
+    ckpt = convert(None, "out/ckpt")                           # -> Path of a TensorRT-LLM checkpoint
+    bundle = build(target="rtx-4090", overrides=["quant=bfloat16", "kv_cache_dtype=auto"],
+                   skip_quality=True)                      # -> Bundle
+    report = evaluate([ckpt])                                  # -> EvalReport (perplexity, top-1, KL)
+
+They live here rather than as `trt_gemma.plan(...)` because `trt_gemma.plan`, `.convert`, `.quantize` and `.build`
+are the stage modules themselves. `convert`, `quantize`, `build` and `evaluate` are the stage functions as they are
+(`convert_checkpoint`, `quantize_checkpoint`, `build_bundle`, `eval.evaluate`: their signatures and defaults, no
+second copy); `plan` adds what `trt-gemma plan` does around the stage function: "auto" targets and bundles.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from trt_gemma.build import BundleResult as Bundle
+from trt_gemma.build import EngineResult as Engine
+from trt_gemma.build import build_bundle as build
+from trt_gemma.build import compile_bundle
+from trt_gemma.convert import convert_checkpoint as convert
+from trt_gemma.errors import InputError
+from trt_gemma.eval import EvalReport, EvalRow, evaluate
+from trt_gemma.plan import Plan
+from trt_gemma.quantize import quantize_checkpoint as quantize
+
+__all__ = ["plan", "convert", "quantize", "build", "compile_bundle", "evaluate", "Plan", "Bundle", "Engine",
+           "EvalReport", "EvalRow"]
+
+
+def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
+         overrides: Mapping[str, Any] | Sequence[str] | None = None,
+         config_file: str | os.PathLike[str] | None = None) -> Plan:
+    """Will `model` fit `target`? Memory by class, a verdict, the largest settings that fit, a decode roofline.
+
+    `model`: None / "default" (the embedded model), a preset ("gemma-2-2b", ...), a local HF dir, a hub id, or a
+    `trt-gemma build` bundle (its source model with the bundle's recipe, for the target asked: "does this bundle
+    fit this device"). `target`: a name from `trt-gemma targets`, or "auto" (this device, else the default target,
+    as `trt-gemma plan` chooses). `overrides`: recipe fields ({"quant": "int4_awq"} or ["quant=int4_awq"]).
+    Raises InputError (model), ConfigError / RecipeError (target, recipe fields). Not fitting is a verdict, not an
+    error: `p.fits` is False (plan.require_fit(p) raises FitError, as the CLI does)."""
+    from trt_gemma.config import PRESETS
+    from trt_gemma.detect import resolve_target
+    from trt_gemma.plan import plan as run
+    from trt_gemma.recipes import parse_overrides
+
+    name, _how = resolve_target(target)
+    spec = "default" if model is None else os.fspath(model)
+    over = parse_overrides(overrides)
+    if spec not in PRESETS and spec != "default":
+        from trt_gemma.backends import detect_kind
+        from trt_gemma.hf import resolve_model
+
+        path = resolve_model(spec)
+        kind = detect_kind(path)
+        if kind == "bundle":
+            spec, recipe = _bundle_source(path)
+            over = {**recipe, **over}
+        elif kind == "hf":
+            spec = str(path)
+        else:
+            raise InputError(f"{path} is a {kind.replace('_', ' ')}: planning needs the model's Hugging Face config",
+                             fix="plan its source model (HF dir, hub id or preset), or its bundle")
+    return run(spec, name, overrides=over or None, config_file=config_file)
+
+
+# Recipe fields that describe the bundle's engine (its weights, KV cache and limits), not the target it was built for
+_BUNDLE_FIELDS = ("quant", "group_size", "kv_cache_dtype", "dtype", "max_batch_size", "max_seq_len", "max_input_len",
+                  "max_num_tokens", "share_embedding_table")
+
+
+def _bundle_source(bundle: Path) -> tuple[str, dict[str, Any]]:
+    """(the bundle's source model dir, the recipe fields to plan with) from its manifest."""
+    from trt_gemma.manifest import read_manifest
+
+    m = read_manifest(bundle)
+    source = Path(str(m.get("model", {}).get("path", "")))
+    if not (source / "config.json").is_file():
+        raise InputError(f"{bundle}: its source model {source} is not on this host, and planning needs its "
+                         "config.json", fix="plan the source model (HF dir, hub id or preset) with the bundle's "
+                                            "recipe instead")
+    recipe = m.get("recipe") or {}
+    return str(source), {k: recipe[k] for k in _BUNDLE_FIELDS if k in recipe}
