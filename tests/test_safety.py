@@ -229,3 +229,19 @@ def test_plan_guard_cli_exit_codes():
 
     assert run("--target", "jetson-orin-nano-8gb", "--quant", "bfloat16") == 3  # two bf16 2B models > 8 GB
     assert run("--target", "jetson-agx-orin-64gb") == 0
+
+
+def test_pair_suggestion_is_the_first_change_that_fits():
+    from trt_gemma.plan import plan
+    from trt_gemma.safety import PAIR_FIXES, plan_with_guard
+
+    t = "jetson-orin-nano-8gb"
+    d = plan_with_guard(plan("gemma-2-2b", t), "shieldgemma-2b", t, chat_model="gemma-2-2b")
+    assert d["combined"]["verdict"] == "does not fit"
+    sug = d["combined"]["suggestion"]
+    assert sug is not None and sug["set"] == PAIR_FIXES[0], sug
+    again = plan_with_guard(plan("gemma-2-2b", t, overrides=sug["set"]), "shieldgemma-2b", t, sug["set"])
+    assert again["combined"]["verdict"] == "fits" and again["combined"]["total_bytes"] == sug["total_bytes"]
+    small = plan_with_guard(plan("gemma-2-2b", "jetson-orin-nano-4gb"), "shieldgemma-2b", "jetson-orin-nano-4gb",
+                            chat_model="gemma-2-2b")
+    assert small["combined"]["suggestion"] is None  # nothing in PAIR_FIXES makes two 2B models fit in 4 GB

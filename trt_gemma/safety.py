@@ -290,16 +290,18 @@ def _is_embedded(path: Path) -> bool:
 
 # ---- planning chat model + guard together (`trt-gemma plan --guard`) -------------------------------------------------
 
-def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_file=None) -> dict:
+def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_file=None,
+                    chat_model: str | None = None) -> dict:
     """The chat plan plus ShieldGemma's on the same target, and whether both fit at once (an 8 GB Orin must hold
     both). The guard gets the target's recipe with one sequence per policy (max_batch_size 4: the four policies are
     one batched prefill) and decodes nothing; both engines live in the server's one process, so the runtime
-    overhead (CUDA context, OS/display reserve) is counted once."""
-    from trt_gemma.plan import MARGIN, plan, require_fit  # noqa: F401 (require_fit: same rule for the pair)
+    overhead (CUDA context, OS/display reserve) is counted once. When the pair does not fit and `chat_model` is
+    given, `suggestion` holds the first of PAIR_FIXES (applied to both models) with which it does."""
+    from trt_gemma.plan import MARGIN, plan
     from trt_gemma.recipes import parse_overrides
 
-    g_over = {**parse_overrides(overrides or {}), "max_batch_size": len(POLICIES)}
-    g = plan(guard_model, target, overrides=g_over, config_file=config_file)
+    over = parse_overrides(overrides or {})
+    g = plan(guard_model, target, overrides={**over, "max_batch_size": len(POLICIES)}, config_file=config_file)
     shared = sum(g.overhead.values())
     total = chat_plan.total_bytes + g.total_bytes - shared
     usable = chat_plan.usable_bytes
@@ -308,9 +310,40 @@ def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_
     reason = (f"chat {chat_plan.total_bytes / gib:.2f} GiB + guard {(g.total_bytes - shared) / gib:.2f} GiB "
               f"(runtime overhead counted once) = {total / gib:.2f} GiB of {usable / gib:.2f} GiB usable "
               f"({100 * total / usable:.0f}%, verdict needs <= {100 * (1 - MARGIN):.0f}% to fit with the margin)")
-    return {**chat_plan.to_dict(), "guard": {"plan": g.to_dict(), "model": g.model,
-                                             "bytes_beside_chat": g.total_bytes - shared},
-            "combined": {"total_bytes": total, "usable_bytes": usable, "verdict": verdict, "reason": reason}}
+    d = {**chat_plan.to_dict(), "guard": {"plan": g.to_dict(), "model": g.model,
+                                          "bytes_beside_chat": g.total_bytes - shared},
+         "combined": {"total_bytes": total, "usable_bytes": usable, "verdict": verdict, "reason": reason,
+                      "suggestion": None}}
+    if verdict == "does not fit" and chat_model is not None:
+        d["combined"]["suggestion"] = _pair_suggestion(chat_model, guard_model, target, over, config_file)
+    return d
+
+
+# Recipe changes tried for a pair that does not fit, best quality first: one embedding copy, then 4-bit weights,
+# then shorter sequences. Each is applied to both models.
+PAIR_FIXES = ({"share_embedding_table": True}, {"quant": "int4_awq"}, {"max_seq_len": 1024}, {"max_seq_len": 512})
+
+
+def _pair_suggestion(chat_model: str, guard_model: str, target, over: dict, config_file) -> dict | None:
+    from trt_gemma.errors import TrtGemmaError
+    from trt_gemma.plan import plan
+
+    tried: dict = {}
+    for fix in PAIR_FIXES:
+        if all(over.get(k) == v for k, v in fix.items()):
+            continue
+        tried = {**tried, **fix}
+        cand = {**over, **tried}
+        try:
+            d = plan_with_guard(plan(chat_model, target, overrides=cand, config_file=config_file), guard_model,
+                                target, cand, config_file)
+        except TrtGemmaError:  # e.g. a target that cannot run the quant: try the next change
+            continue
+        if d["combined"]["verdict"] == "fits":
+            return {"set": tried, "total_bytes": d["combined"]["total_bytes"],
+                    "command": " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
+                                        for k, v in tried.items())}
+    return None
 
 
 def require_pair_fit(d: dict) -> None:
@@ -318,8 +351,10 @@ def require_pair_fit(d: dict) -> None:
 
     c = d["combined"]
     if c["verdict"] == "does not fit":
+        fix = (f"use {c['suggestion']['command']} (both models)" if c.get("suggestion")
+               else "pick a larger target, or run the guard on another device")
         raise FitError(f"{d['model']} with guard {d['guard']['model']} does not fit {d['target']}: {c['reason']}",
-                       fix="quantize both (--quant int4_awq), shorten --max-seq-len, or run the guard elsewhere")
+                       fix=fix)
 
 
 def render_pair(render_plan):
@@ -334,4 +369,7 @@ def render_pair(render_plan):
                       f" = one sequence per policy), {g['bytes_beside_chat'] / 1024**3:.2f} GiB beside the chat model")
         color = {"fits": "green", "tight": "yellow"}.get(c["verdict"], "red")
         console.print(f"chat + guard: [{color}]{c['verdict']}[/] - {c['reason']}")
+        if c.get("suggestion"):
+            console.print(f"[bold]the pair would fit with:[/] {c['suggestion']['command']} "
+                          f"({c['suggestion']['total_bytes'] / 1024**3:.2f} GiB)")
     return render

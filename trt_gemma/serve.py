@@ -304,7 +304,7 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
     if guard is not None:  # ShieldGemma beside the chat model: /v1/moderations, guarded chat (serve_guard.py)
         from trt_gemma.serve_guard import install_guard
 
-        install_guard(app, srv, guard)
+        install_guard(app, srv, guard, read_body)
     return app
 
 

@@ -111,10 +111,11 @@ class _GuardMetrics:
         self.verdicts.labels(self.model_name, stage, "flagged" if v.flagged else "ok").inc()
 
 
-def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
-    """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`)."""
+def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig, read_body) -> Guard:
+    """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`);
+    `read_body` is the server's bounded body reader (passed in: serve imports this module, not the reverse)."""
     guard = guard if isinstance(guard, Guard) else Guard.from_config(guard)
-    routes = _GuardRoutes(srv, guard)
+    routes = _GuardRoutes(srv, guard, read_body)
     srv.extra_memory["guard_weights"] = lambda: guard.weight_bytes
     app.state.guard = guard
     app.add_api_route("/v1/moderations", routes.moderations, methods=["POST"])
@@ -125,8 +126,8 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
 
 
 class _GuardRoutes:
-    def __init__(self, srv, guard: Guard):
-        self.srv, self.guard = srv, guard
+    def __init__(self, srv, guard: Guard, read_body):
+        self.srv, self.guard, self.read_body = srv, guard, read_body
         self.metrics = _GuardMetrics(srv.metrics.registry, srv.model_name)
 
     async def moderator(self) -> Moderator:
@@ -143,10 +144,8 @@ class _GuardRoutes:
         return v
 
     async def moderations(self, request: Request):
-        from trt_gemma.serve import read_body
-
         _auth(self.srv, request)
-        inputs = moderation_inputs(parse_json(await read_body(request)))
+        inputs = moderation_inputs(parse_json(await self.read_body(request)))
         verdicts = [await self.score("moderation", text) for text in inputs]
         return {"id": f"modr-{uuid.uuid4().hex}", "model": (await self.moderator()).name,
                 "results": [moderation_result(v) for v in verdicts]}
@@ -154,10 +153,8 @@ class _GuardRoutes:
     async def chat(self, request: Request):
         """Score the prompt (block or annotate), generate through the server's own chat handler, then score the
         completion with --guard-response."""
-        from trt_gemma.serve import read_body
-
         _auth(self.srv, request)
-        raw = await read_body(request)
+        raw = await self.read_body(request)
         body = parse_json(raw)
         prompt, stream, guard = last_user_text(body), body.get("stream") is True, self.guard
         if guard.check_response and stream:

@@ -43,7 +43,7 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
     if guard is not None:  # chat model + guard on one target (trt_gemma/safety.py)
         from trt_gemma.safety import plan_with_guard, render_pair, require_pair_fit
 
-        d = plan_with_guard(p, guard, t, overrides, config_file)
+        d = plan_with_guard(p, guard, t, overrides, config_file, chat_model=model)
         emit(dict(d, target_source=source), as_json, render_pair(render_plan))
         return require_pair_fit(d)
     emit(dict(p.to_dict(), target_source=source), as_json, render_plan)
