@@ -182,3 +182,26 @@ def test_cli_serve_guard_default_answers_moderations(served_checkpoint, tmp_path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_guard_config_is_checked_before_the_port_opens(tmp_path):
+    """A guard whose tokenizer has no Yes/No, or a bad thresholds file: typed errors from `serve`, no server."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from trt_gemma.assets import default_model_dir
+    from trt_gemma.errors import ConfigError, InputError
+    from trt_gemma.serve_guard import GuardConfig
+
+    bad = tmp_path / "no-yes-no"
+    shutil.copytree(default_model_dir(), bad)
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "hello": 4}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(bad / "tokenizer.json"))
+    with pytest.raises(InputError, match="cannot encode 'Yes'"):
+        GuardConfig(str(bad)).check()
+    (tmp_path / "t.toml").write_text("[thresholds]\nviolence = 0.3\n")
+    with pytest.raises(ConfigError, match="unknown policy 'violence'"):
+        GuardConfig(None, thresholds_file=str(tmp_path / "t.toml")).check()
+    GuardConfig(None, mode="annotate").check()  # the embedded model: first-token fallback, fine

@@ -52,6 +52,19 @@ class GuardConfig:
     check_response: bool = False
     thresholds_file: str | None = None
 
+    def check(self) -> None:
+        """What can be wrong without loading the weights, as typed errors before the port opens: the mode, the
+        thresholds file, a tokenizer without usable Yes/No tokens."""
+        from trt_gemma.hf import resolve_model
+        from trt_gemma.safety import answer_tokens, load_thresholds
+        from trt_gemma.tokenizer import GemmaTokenizer
+
+        if self.mode not in GUARD_MODES:
+            raise InputError(f"--guard-mode {self.mode!r} is not one of {', '.join(GUARD_MODES)}",
+                             fix="block or annotate")
+        load_thresholds(self.thresholds_file)
+        answer_tokens(GemmaTokenizer.from_dir(resolve_model(self.model)))
+
 
 class Guard:
     def __init__(self, moderator: Moderator | Callable[[], Moderator], mode: str = "block",
@@ -82,6 +95,7 @@ class Guard:
                 log.warning("guard %s: %s", self.moderator.name, note)
         except Exception as e:  # reported on every guarded request, the chat model keeps serving /health
             self.failure = f"{type(e).__name__}: {e}"
+            log.error("the guard model failed to load: %s", self.failure)
         finally:
             self._loaded.set()
 

@@ -52,6 +52,7 @@ def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, st
         from trt_gemma.serve_guard import GuardConfig
 
         guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds)
+        guard_cfg.check()
     run_server(path, model_name=name, host=host, port=port, api_key=api_key, max_queue=max_queue,
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, guard=guard_cfg)
 
