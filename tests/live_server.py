@@ -11,17 +11,20 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from trt_gemma.serve_conn import uvicorn_config
+
 SERVE_CONTEXT = 2048  # longer than TINY's 256 so a stream can outlive a client that disconnects
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, **conn):
+        """`conn`: serve_conn.uvicorn_config's connection settings (header_timeout, max_connections, ...)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=5))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning", **conn))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
