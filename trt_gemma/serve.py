@@ -38,12 +38,12 @@ from starlette.requests import ClientDisconnect
 from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.serve_conn import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
-                                  ClientGone, check_bindable, install_repeat_filter, read_body, supervisor,
-                                  uvicorn_config)
+                                  ClientGone, check_bindable, install_repeat_filter, loop_exception_handler,
+                                  read_body, supervisor, uvicorn_config)
 from trt_gemma.serve_limits import RequestLimits, ServiceRate
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
-                                      validate)
+                                      too_long, validate)
 from trt_gemma.telemetry import snapshot
 
 log = logging.getLogger("trt_gemma.serve")
@@ -213,6 +213,7 @@ class Server:
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.admission = _MeasuredAdmission(self.max_concurrency, self.max_queue, self.rate)
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
         if self._loader is not None:
             asyncio.get_running_loop().run_in_executor(None, self._load)
 
@@ -294,6 +295,8 @@ class Server:
                 raise APIError(400, f"prompt token ids must be in [0, {backend.info.vocab_size}).", param="prompt")
             return list(prompt)
         if len(prompt) == 1 and isinstance(prompt[0], str):
+            if len(prompt[0]) > limits.prompt_chars:
+                raise too_long("prompt", prompt[0], limits.prompt_chars)
             return backend.encode(prompt[0])
         raise APIError(400, "prompt must be a string, one string in a list, or a list of token ids "
                             "(one prompt per request).", param="prompt", code="invalid_type")

@@ -45,16 +45,13 @@ def _nofile() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def default_backlog(nofile: int | None = None) -> int:
-    """asyncio accepts up to `backlog` sockets per wake-up before any of them reaches the protocol: keep that well
-    inside the file limit."""
-    return max(16, min(2048, (nofile or _nofile()) // 8))
-
-
 def default_max_connections(nofile: int | None = None) -> int:
-    """What fits in the process's file limit next to the reserve and two accept batches, at most 1024."""
+    """What fits in the process's file limit next to a reserve, at most 1024. (asyncio accepts every pending socket
+    before any reaches the protocol, so a burst can still touch the limit: asyncio then pauses accepting for 1 s and
+    logs it once, and the shedding here brings the count back down. A smaller listen backlog would cap that burst,
+    but Linux then drops SYNs and every client connecting in a burst waits a 1 s retransmit.)"""
     nofile = nofile or _nofile()
-    return max(8, min(1024, nofile - _FD_RESERVE - 2 * default_backlog(nofile)))
+    return max(8, min(1024, nofile - _FD_RESERVE))
 
 
 def guarded_h11_protocol(header_timeout: float, max_connections: int) -> type:
@@ -124,10 +121,8 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_tim
                    log_level: str = "info"):
     import uvicorn
 
-    nofile = _nofile()
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_timeout,
-                          backlog=default_backlog(nofile),
-                          http=guarded_h11_protocol(header_timeout, max_connections or default_max_connections(nofile)))
+                          http=guarded_h11_protocol(header_timeout, max_connections or default_max_connections()))
 
 
 async def read_body(request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
@@ -155,6 +150,17 @@ async def read_body(request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT_S
         raise APIError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout") from None
     except ClientDisconnect:
         raise ClientGone() from None
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's handler, except that running out of file descriptors in accept() (which asyncio reports with a
+    traceback and retries after 1 s) is one line saying what to change."""
+    exc = context.get("exception")
+    if context.get("message", "").startswith("socket.accept() out of system resource") and isinstance(exc, OSError):
+        log.warning("accepting connections paused for 1 s: %s (open-file limit %d); lower --max-connections or "
+                    "raise the limit (ulimit -n / LimitNOFILE=)", exc.strerror or exc, _nofile())
+        return
+    loop.default_exception_handler(context)
 
 
 class RepeatFilter(logging.Filter):
