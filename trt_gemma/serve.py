@@ -40,7 +40,7 @@ from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.serve_conn import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
                                   ClientGone, check_bindable, install_repeat_filter, loop_exception_handler,
                                   read_body, supervisor, uvicorn_config)
-from trt_gemma.serve_limits import RequestLimits, ServiceRate
+from trt_gemma.serve_limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
                                       too_long, validate)
@@ -52,7 +52,7 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens in between share a chunk
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-PREP_THREADS = 2  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
+PREP_THREADS = 1  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
 _END = object()
 
 
@@ -204,6 +204,7 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="trt-gemma-gen")
         self.prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="trt-gemma-prep")
         self.rate = ServiceRate(self.max_concurrency)
+        self._trim_pending = False
         self.metrics = ServerMetrics(
             model_name, running=lambda: self.admission.running if self.admission else 0,
             waiting=lambda: self.admission.waiting if self.admission else 0,
@@ -301,6 +302,16 @@ class Server:
         raise APIError(400, "prompt must be a string, one string in a list, or a list of token ids "
                             "(one prompt per request).", param="prompt", code="invalid_type")
 
+    def trim_soon(self) -> None:
+        """Return the heap a large request freed to the OS shortly after it (serve_limits.trim_heap)."""
+        if not self._trim_pending:
+            self._trim_pending = True
+            asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_pending = False
+        self.prep_pool.submit(trim_heap)
+
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained, from the measured service rate (serve_limits.ServiceRate)."""
         return self.rate.retry_after(self.admission.waiting)
@@ -379,6 +390,8 @@ class Server:
     async def handle(self, request: Request, kind: str) -> Response:
         backend = self.require_ready()  # first: the body's size bound comes from the model's context
         raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
+        if len(raw) >= TRIM_ABOVE_BYTES:
+            self.trim_soon()
         comp, ids, params, req = await asyncio.get_running_loop().run_in_executor(
             self.prep_pool, self.prepare, raw, kind, backend)
         if not self.admission.try_enter():
