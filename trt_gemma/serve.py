@@ -542,11 +542,9 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
 
     detect_kind(Path(model_path))  # a wrong path fails here, before the port opens
     check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
+    why = supervisor() if exit_on_load_failure is None else None
     if exit_on_load_failure is None:
-        why = supervisor()
         exit_on_load_failure = why is not None
-        if why:
-            log.info("supervised by %s: a model that fails to load stops the server", why)
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -563,6 +561,9 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout=header_timeout_s,
                                            keep_alive_timeout=keep_alive_timeout_s, max_connections=max_connections,
                                            log_level=log_level))
+    if why:
+        log.info("supervised by %s: a model that fails to load stops the server (--no-exit-on-load-failure: "
+                 "stay up with /health 503)", why)
     server.run()
     if failures:
         e = failures[0]

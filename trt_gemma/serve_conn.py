@@ -121,8 +121,14 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_tim
                    log_level: str = "info"):
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_timeout,
-                          http=guarded_h11_protocol(header_timeout, max_connections or default_max_connections()))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_timeout,
+                            http=guarded_h11_protocol(header_timeout, max_connections or default_max_connections()))
+    uv = logging.getLogger("uvicorn.error")  # configured by Config(): our lines get its format, level and stream
+    if uv.handlers or logging.getLogger("uvicorn").handlers:
+        log.handlers = list(uv.handlers or logging.getLogger("uvicorn").handlers)
+        log.setLevel(uv.level)
+        log.propagate = False
+    return config
 
 
 async def read_body(request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
@@ -164,7 +170,7 @@ def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> No
 
 
 class RepeatFilter(logging.Filter):
-    """Lets one record of a kind (logger, level, first line of the message) through per `interval` seconds; the next
+    """Lets one record of a kind (logger, level, first line of the message template) through per `interval` seconds; the next
     one let through says how many were dropped. 300 idle sockets under a 256-file limit wrote 42 MB of identical
     "Too many open files" lines in 10 s."""
 
@@ -174,7 +180,7 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple, list] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, record.getMessage().split("\n", 1)[0][:160])
+        key = (record.name, record.levelno, str(record.msg).split("\n", 1)[0][:160])  # the template, not the values
         now = time.monotonic()
         entry = self._seen.get(key)
         if entry is not None and now - entry[0] < self.interval:
