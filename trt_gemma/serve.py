@@ -39,7 +39,7 @@ from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.serve_conn import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
                                   ClientGone, check_bindable, install_repeat_filter, loop_exception_handler,
-                                  read_body, supervisor, uvicorn_config)
+                                  raise_nofile_limit, read_body, supervisor, uvicorn_config)
 from trt_gemma.serve_limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
@@ -558,6 +558,7 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
                      metrics_auth=metrics_auth, body_timeout_s=body_timeout_s,
                      on_failure=stop if exit_on_load_failure else None)
     install_repeat_filter()
+    raise_nofile_limit()  # before the connection limit is derived from it
     server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout=header_timeout_s,
                                            keep_alive_timeout=keep_alive_timeout_s, max_connections=max_connections,
                                            log_level=log_level))

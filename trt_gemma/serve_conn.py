@@ -8,10 +8,10 @@ for minutes, and 300 of them exhausted a 256-file limit and locked every client 
 protocol here is uvicorn's h11 one with two additions:
   * header timeout: from the moment a connection opens (or its previous response ends) the complete request headers
     must arrive within `header_timeout` seconds, or the connection is closed;
-  * connection limit: a new connection beyond `max_connections` closes the oldest connection that is still waiting
-    for its request headers (an idle socket, a slow-loris one, a keep-alive one between requests); only when every
-    connection is inside a request is the new one closed instead. A client that sends its request promptly is never
-    starved by sockets that do not.
+  * connection limit: a new connection beyond `max_connections` closes the oldest connection that has not sent a
+    complete request yet (an idle socket, a slow-loris one), else the oldest keep-alive one between two requests;
+    only when every connection is inside a request is the new one closed instead. A client that sends its request
+    promptly is never starved by sockets that do not, and a kept-alive client (a prober, a scraper) goes last.
 The body then has `body_timeout` seconds to arrive (`read_body`, answered 408).
 """
 from __future__ import annotations
@@ -59,15 +59,18 @@ def guarded_h11_protocol(header_timeout: float, max_connections: int) -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    waiting: OrderedDict = OrderedDict()  # connections waiting for request headers, oldest first
+    # connections waiting for request headers, oldest first: those that never sent a request, then kept-alive ones
+    fresh: OrderedDict = OrderedDict()
+    kept: OrderedDict = OrderedDict()
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _served = False  # has completed a request: evicted after the fresh ones
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
-                victim = next(iter(waiting), None)
+                victim = next(iter(fresh), None) or next(iter(kept), None)
                 if victim is None:  # every connection is inside a request: refuse the new one
                     log.warning("connection limit (%d) reached and every connection is busy: closing a new one",
                                 max_connections)
@@ -80,11 +83,12 @@ def guarded_h11_protocol(header_timeout: float, max_connections: int) -> type:
 
         def _await_headers(self) -> None:
             self._headers_done()
-            waiting[self] = None
+            (kept if self._served else fresh)[self] = None
             self._header_timer = self.loop.call_later(header_timeout, self._header_timeout)
 
         def _headers_done(self) -> None:
-            waiting.pop(self, None)
+            fresh.pop(self, None)
+            kept.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
@@ -106,6 +110,7 @@ def guarded_h11_protocol(header_timeout: float, max_connections: int) -> type:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            self._served = True
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self._await_headers()
 
@@ -114,6 +119,21 @@ def guarded_h11_protocol(header_timeout: float, max_connections: int) -> type:
             super().connection_lost(exc)
 
     return GuardedH11Protocol
+
+
+def raise_nofile_limit(cap: int = 65536) -> int:
+    """Raise this process's soft open-file limit to its hard limit (at most `cap`), as Go's runtime does at start:
+    systemd's default soft limit is 1024 while the hard one is 524288, and each connection costs one file.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(cap, hard if hard != resource.RLIM_INFINITY else cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
