@@ -102,7 +102,8 @@ def sockets_phase(srv, n: int, header_timeout: float) -> dict:
     finally:
         for s in socks:
             s.close()
-    return {"opened": len(socks), "new_client_health_ms": new_client_ms, "held_after_0.5s": early, f"held_after_{header_timeout + 2:g}s": late,
+    return {"opened": len(socks), "new_client_health_ms": new_client_ms, "held_after_0.5s": early,
+            f"held_after_{header_timeout + 2:g}s": late,
             **latency_row(lat)}
 
 

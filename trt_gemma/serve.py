@@ -188,12 +188,12 @@ class Server:
     def __init__(self, backend: Backend | Callable[[], Backend], model_name: str, api_key: str | None,
                  max_queue: int, max_concurrency: int, stream_interval_s: float = 0.0,
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None, metrics_auth: bool = False):
         if api_key is not None and not api_key.strip():
             raise ConfigError("the API key is empty: authentication would be off",
                               fix="set a non-empty key, or pass none (no key: no authentication)")
         self.model_name, self.api_key = model_name, api_key
-        self.body_timeout_s, self.on_failure = body_timeout_s, on_failure
+        self.body_timeout_s, self.on_failure, self.metrics_auth = body_timeout_s, on_failure, metrics_auth
         self.stream_interval_s = max(0.0, stream_interval_s)
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._loader = None if isinstance(backend, Backend) else backend
@@ -442,8 +442,7 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
     chunks of one stream (0 = one chunk per token). `metrics_auth`: /metrics needs the API key too.
     `on_failure(exc)`: called (from any thread) when the model fails to load or the backend fails its probe."""
     srv = Server(backend, model_name, api_key, max_queue, max_concurrency, stream_interval_s, body_timeout_s,
-                 on_failure)
-    srv.metrics_auth = metrics_auth
+                 on_failure, metrics_auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -529,7 +528,8 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
                log_level: str = "info", header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-               keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               keep_alive_timeout_s: int = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                max_connections: int | None = None, exit_on_load_failure: bool | None = None,
                metrics_auth: bool = False) -> None:
     """Serve `model_path` (any dir `load_backend` accepts); the port opens before the model finishes loading.
@@ -546,11 +546,11 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     if exit_on_load_failure is None:
         exit_on_load_failure = why is not None
     failures: list[BaseException] = []
-    server: uvicorn.Server | None = None
+    servers: list[uvicorn.Server] = []
 
     def stop(e: BaseException) -> None:
         failures.append(e)
-        server.should_exit = True  # uvicorn polls it; the error is raised below once it has shut down
+        servers[0].should_exit = True  # uvicorn polls it; the error is raised below once it has shut down
 
     name = model_name or Path(model_path).name
     app = create_app(lambda: load_backend(model_path, slots=max_concurrency), name, api_key=api_key,
@@ -562,6 +562,7 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout=header_timeout_s,
                                            keep_alive_timeout=keep_alive_timeout_s, max_connections=max_connections,
                                            log_level=log_level))
+    servers.append(server)
     if why:
         log.info("supervised by %s: a model that fails to load stops the server (--no-exit-on-load-failure: "
                  "stay up with /health 503)", why)

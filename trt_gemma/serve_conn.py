@@ -24,13 +24,14 @@ import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Mapping
 
 from trt_gemma.errors import ResourceError
 from trt_gemma.serve_protocol import APIError
 
 log = logging.getLogger("trt_gemma.serve")
 DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0  # trtllm-serve's value too (serving-telemetry notes: uvicorn timeout_keep_alive=5)
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5  # trtllm-serve's value too (serving-telemetry notes: uvicorn timeout_keep_alive=5)
 DEFAULT_BODY_TIMEOUT_S = 30.0
 LOG_REPEAT_INTERVAL_S = 10.0
 _FD_RESERVE = 64  # model files, log files, executor threads' pipes, the listening socket
@@ -137,7 +138,7 @@ def raise_nofile_limit(cap: int = 65536) -> int:
 
 
 def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
-                   keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S, max_connections: int | None = None,
+                   keep_alive_timeout: int = DEFAULT_KEEP_ALIVE_TIMEOUT_S, max_connections: int | None = None,
                    log_level: str = "info"):
     import uvicorn
 
@@ -190,8 +191,8 @@ def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> No
 
 
 class RepeatFilter(logging.Filter):
-    """Lets one record of a kind (logger, level, first line of the message template) through per `interval` seconds; the next
-    one let through says how many were dropped. 300 idle sockets under a 256-file limit wrote 42 MB of identical
+    """Lets one record of a kind (logger, level, first line of the message template) through per `interval`
+    seconds; the next one let through says how many were dropped. 300 idle sockets under a 256-file limit wrote 42 MB of identical
     "Too many open files" lines in 10 s."""
 
     def __init__(self, interval: float = LOG_REPEAT_INTERVAL_S):
@@ -231,11 +232,11 @@ SUPERVISOR_ENV = (("INVOCATION_ID", "systemd"), ("KUBERNETES_SERVICE_HOST", "Kub
 SUPERVISOR_FILES = ((".dockerenv", "Docker"), ("run/.containerenv", "Podman"))
 
 
-def supervisor(env: dict | None = None, root: Path = Path("/")) -> str | None:
+def supervisor(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> str | None:
     """What restarts this process when it exits (systemd, a container runtime), or None when nothing says so."""
-    env = os.environ if env is None else env
+    values = os.environ if env is None else env
     for var, what in SUPERVISOR_ENV:
-        if env.get(var):
+        if values.get(var):
             return f"{what} (${var} is set)"
     for rel, what in SUPERVISOR_FILES:
         if (root / rel).exists():

@@ -42,7 +42,7 @@ API_KEY_ENV = "TRT_GEMMA_API_KEY"
               type=click.FloatRange(0, min_open=True),
               help="Seconds a connection has to send its complete request headers, else it is closed.")
 @click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_TIMEOUT_S, show_default=True,
-              type=click.FloatRange(0, min_open=True), help="Seconds an idle keep-alive connection stays open.")
+              type=click.IntRange(1), help="Seconds an idle keep-alive connection stays open.")
 @click.option("--body-timeout", default=DEFAULT_BODY_TIMEOUT_S, show_default=True,
               type=click.FloatRange(0, min_open=True), help="Seconds a request body has to arrive (else 408).")
 @click.option("--exit-on-load-failure/--no-exit-on-load-failure", default=None,
