@@ -9,8 +9,9 @@ disconnects mid-stream (its generator is cancelled -> the cancel flag the backen
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
 unexpected exception inside one request is answered with a 500 for that request only, then a one-token probe
-(`backend.check()`) decides whether the backend itself is dead. With `exit_on_failure` (on by default under systemd
-or in a container, where a supervisor restarts the process) a failed load or probe stops the server instead.
+(`backend.check()`) decides whether the backend itself is dead. With run_server's `exit_on_load_failure` (on by
+default under systemd or in a container, where a supervisor restarts the process) a failed load or probe stops the
+server instead.
 
 No single request may stall the others: every size a client controls is bounded before any work (serve_limits.py),
 the body is parsed, validated and tokenized on a worker thread (the tokenizer releases the GIL), stop strings are
@@ -37,9 +38,9 @@ from starlette.requests import ClientDisconnect
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
-from trt_gemma.serve_conn import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S,
-                                  ClientGone, check_bindable, install_repeat_filter, loop_exception_handler,
-                                  raise_nofile_limit, read_body, supervisor, uvicorn_config)
+from trt_gemma.serve_conn import (DEFAULT_BODY_BYTES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
+                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, install_repeat_filter,
+                                  loop_exception_handler, raise_nofile_limit, read_body, supervisor, uvicorn_config)
 from trt_gemma.serve_limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
 from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.serve_protocol import (APIError, Completion, StopMatcher, chat_messages, parse_json, sse, stop_list,
@@ -53,6 +54,7 @@ DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens i
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 PREP_THREADS = 1  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
+MAX_BODY_BYTES = DEFAULT_BODY_BYTES  # read_body's default; the model routes pass RequestLimits.body_bytes
 _END = object()
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("trt_gemma.serve")
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5  # trtllm-serve's value too (serving-telemetry notes: uvicorn timeout_keep_alive=5)
 DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_BODY_BYTES = 1 << 20  # for routes without a model-derived bound (the generation routes use RequestLimits)
 LOG_REPEAT_INTERVAL_S = 10.0
 _FD_RESERVE = 64  # model files, log files, executor threads' pipes, the listening socket
 
@@ -152,7 +153,7 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_tim
     return config
 
 
-async def read_body(request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
+async def read_body(request, limit: int = DEFAULT_BODY_BYTES, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` (declared or as received), never buffered whole;
     408 when it takes longer than `timeout`; ClientGone when the client hangs up or breaks the chunked framing."""
     from starlette.requests import ClientDisconnect
