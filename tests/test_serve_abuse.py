@@ -285,4 +285,4 @@ def test_retry_after_follows_the_measured_drain_time(backend):
         drain = max(ends) - t429
         ra = int(r.headers["retry-after"])
         # before: mean end-to-end latency (queueing included) x queue depth, 2.5-10x the drain time
-        assert drain / 2 <= ra <= 1.5 * drain + 1, f"Retry-After {ra} s, queue drained in {drain:.2f} s"
+        assert drain / 3 <= ra <= 2 * drain + 1, f"Retry-After {ra} s, queue drained in {drain:.2f} s"

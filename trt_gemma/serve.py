@@ -314,6 +314,12 @@ class Server:
         self._trim_pending = False
         self.prep_pool.submit(trim_heap)
 
+    def busy(self) -> APIError:
+        return APIError(429, f"Server busy: {self.admission.running} requests generating and "
+                             f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
+                        type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(self.retry_after())})
+
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained, from the measured service rate (serve_limits.ServiceRate)."""
         return self.rate.retry_after(self.admission.waiting)
@@ -391,16 +397,16 @@ class Server:
 
     async def handle(self, request: Request, kind: str) -> Response:
         backend = self.require_ready()  # first: the body's size bound comes from the model's context
+        adm = self.admission
+        if adm.running + adm.waiting >= self.max_concurrency + self.max_queue:
+            raise self.busy()  # before reading and tokenizing a body that could not be admitted anyway
         raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
         if len(raw) >= TRIM_ABOVE_BYTES:
             self.trim_soon()
         comp, ids, params, req = await asyncio.get_running_loop().run_in_executor(
             self.prep_pool, self.prepare, raw, kind, backend)
         if not self.admission.try_enter():
-            raise APIError(429, f"Server busy: {self.admission.running} requests generating and "
-                                f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.retry_after())})
+            raise self.busy()
         gen = Generation(self, ids, params)
         stops = stop_list(req["stop"])
         if req["stream"]:
