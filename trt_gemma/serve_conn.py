@@ -31,7 +31,7 @@ from trt_gemma.serve_protocol import APIError
 
 log = logging.getLogger("trt_gemma.serve")
 DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5  # trtllm-serve's value too (serving-telemetry notes: uvicorn timeout_keep_alive=5)
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5  # uvicorn's own default
 DEFAULT_BODY_TIMEOUT_S = 30.0
 DEFAULT_BODY_BYTES = 1 << 20  # for routes without a model-derived bound (the generation routes use RequestLimits)
 LOG_REPEAT_INTERVAL_S = 10.0
