@@ -146,3 +146,25 @@ def test_without_a_supervisor_the_failed_server_stays_up_with_503(served_checkpo
         assert r.status_code == 503
     finally:
         p.stop()
+
+
+def test_a_backend_that_fails_its_probe_calls_on_failure(served_checkpoint):
+    """The other half of --exit-on-load-failure: after an unexpected error the one-token probe fails too, and the
+    app reports it to run_server's hook (which stops uvicorn) instead of only turning /health to 503."""
+    import threading
+
+    from live_server import LiveServer
+    from trt_gemma.backends.reference import ReferenceBackend
+    from trt_gemma.serve import create_app
+
+    class DeadBackend(ReferenceBackend):
+        def stream(self, prompt_ids, params, cancel=lambda: False):
+            raise RuntimeError("device lost")
+
+    failed, seen = threading.Event(), []
+    b = DeadBackend.load(served_checkpoint, slots=1)
+    with LiveServer(create_app(b, "m", on_failure=lambda e: (seen.append(e), failed.set()))) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500
+        assert failed.wait(20), "on_failure was not called after the probe failed"
+        assert isinstance(seen[0], RuntimeError) and httpx.get(s.url + "/health").status_code == 503
