@@ -103,17 +103,17 @@ class ServerProcess:
         self.nofile = nofile
         self.proc = None
 
-    def _limit(self) -> None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
-
     def start(self) -> "ServerProcess":
         import subprocess
+        import sys
 
+        args = self.args
+        if self.nofile:  # set by a tiny launcher that then execs the server (no preexec_fn in a threaded parent)
+            launcher = ("import os, resource, sys; n = int(sys.argv[1]); "
+                        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.executable, sys.argv[2:])")
+            args = [sys.executable, "-c", launcher, str(self.nofile), *self.args]
         self._out = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._out, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=self._limit if self.nofile else None)
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def wait_healthy(self, timeout: float = 90.0) -> "ServerProcess":
