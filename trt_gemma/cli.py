@@ -63,6 +63,9 @@ def cli():
 
 def main(argv=None) -> None:
     """Entry point: typed errors become a message, the fix and an exit code; never a traceback."""
+    from trt_gemma.fsutil import Terminated, die_by_sigterm, raise_on_sigterm, restore_sigterm
+
+    previous = raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C (temp dirs), then ends the process as SIGTERM
     try:
         cli.main(args=argv, standalone_mode=False)
     except TrtGemmaError as e:
@@ -70,14 +73,19 @@ def main(argv=None) -> None:
         if e.fix:
             click.echo(f"  fix: {e.fix}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            die_by_sigterm()
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        click.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
+        if isinstance(e, Terminated):
+            die_by_sigterm()
         sys.exit(130)
     except Exception as e:  # a bug of ours: one line, plus how to see the traceback
         if os.environ.get("TRT_GEMMA_DEBUG"):
@@ -85,4 +93,6 @@ def main(argv=None) -> None:
         click.secho(f"internal error: {type(e).__name__}: {e}", fg="red", err=True)
         click.echo("  fix: rerun with TRT_GEMMA_DEBUG=1 for the traceback and report it", err=True)
         sys.exit(1)
+    finally:
+        restore_sigterm(previous)
     sys.exit(0)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.fsutil import marked_temp_dir
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_CONTEXT = 512
@@ -136,7 +136,7 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
     given_base = None if baseline is None else reference_checkpoint(baseline)
     if given_base is not None:
         names.setdefault(given_base, Path(baseline).name)
-    with tempfile.TemporaryDirectory(prefix="trt-gemma-eval-") as tmp:
+    with marked_temp_dir(prefix="trt-gemma-eval-") as tmp:
         base_path, how = resolve_baseline(paths, given_base, Path(tmp))
         base = ReferenceModel.load(base_path)
         tok = GemmaTokenizer.from_dir(base_path)

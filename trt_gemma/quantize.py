@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from trt_gemma.config import ModelConfig
 from trt_gemma.errors import ConfigError, DependencyError, InputError, ResourceError
-from trt_gemma.fsutil import check_output_target, sha256_file
+from trt_gemma.fsutil import check_output_target, marked_temp_dir, sha256_file
 
 QUANTS = {"int4_awq": ("INT4_AWQ_CFG", "W4A16_AWQ"), "fp8": ("FP8_DEFAULT_CFG", "FP8")}
 KV_CACHES = {"fp8": "FP8_KV_CFG"}
@@ -355,7 +354,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log)
     prepare_for_export(torch_model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.modelopt-", dir=out.parent) as tmp:
+    with marked_temp_dir(out.parent, prefix=f".{out.name}.modelopt-") as tmp:
         export_unified(torch_model, Path(tmp), tokenizer_dir=model_dir)
         del torch_model
         convert_checkpoint(Path(tmp), out, dtype=dtype or hf.source_dtype, force=force, show_progress=show_progress)
