@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from trt_gemma.config import CHECKPOINT_NAMES, check_ranges
 from trt_gemma.dtypes import to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.st_io import TensorInfo, read_header, read_tensor
@@ -125,6 +126,7 @@ class CheckpointConfig:
 
     def _validate(self, source: str, d: dict, mapping: dict) -> None:
         fix = "re-create the checkpoint with `trt-gemma convert`"
+        check_ranges(vars(self), source, fix, names=CHECKPOINT_NAMES)  # the same value ranges as an HF config
         # sizes first: the divisibility checks below (and the loader) divide by them
         for name in POSITIVE:
             value = getattr(self, name)
