@@ -143,9 +143,6 @@ def calibration_batches(tokenizer_dir: Path, text_file: Path, samples: int, seq_
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"calibration file {text_file} is not UTF-8 text", fix="pass a UTF-8 text file") from e
-    if samples < 1 or seq_len < 2:
-        raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
-                          fix="use e.g. --calib-samples 32 --calib-seq-len 256")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows are cut below
     step = seq_len - 1
@@ -289,6 +286,50 @@ def _check_options(quant, group_size, kv_cache, cfg: ModelConfig | None) -> None
                               "use --quant fp8")
 
 
+def _check_calibration_size(samples: int, seq_len: int, cfg: ModelConfig) -> None:
+    if samples < 1 or seq_len < 2:
+        raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
+                          fix=f"use e.g. --calib-samples {DEFAULT_CALIB_SAMPLES} --calib-seq-len "
+                              f"{min(DEFAULT_CALIB_SEQ_LEN, cfg.max_position_embeddings)}")
+    if seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--calib-seq-len {seq_len} is longer than the model's context "
+                          f"(max_position_embeddings {cfg.max_position_embeddings})",
+                          fix=f"use --calib-seq-len {min(DEFAULT_CALIB_SEQ_LEN, cfg.max_position_embeddings)} "
+                              f"(at most {cfg.max_position_embeddings})")
+
+
+# TensorRT-LLM's groupwise INT4 (W4A16_AWQ) GEMM plugin is built for 16-bit activations only: its init() picks a
+# half (later also bf16) CUTLASS runner and throws "Unsupported data type" otherwise (NVIDIA/TensorRT-LLM
+# cpp/tensorrt_llm/plugins/weightOnlyGroupwiseQuantMatmulPlugin/weightOnlyGroupwiseQuantMatmulPlugin.cpp
+# @027cd518e3b63809a5c5799187991e7f1164fb12). A float32 source quantized with --dtype auto would not build.
+SIXTEEN_BIT_ONLY = ("W4A16_AWQ",)
+
+
+def checkpoint_dtype(dtype: str | None, source_dtype: str, quant_algo: str | None, log) -> str:
+    """--dtype (None = auto: the source's), except that auto maps a float32 source to bfloat16 for the formats
+    TensorRT-LLM runs in 16 bits only, and says so. An explicit --dtype float32 stays (reference runtime, tests)."""
+    if dtype is not None:
+        return dtype
+    if source_dtype == "float32" and quant_algo in SIXTEEN_BIT_ONLY:
+        log(f"dtype: the source is float32 and TensorRT-LLM runs {quant_algo} in fp16/bf16 only: writing bfloat16 "
+            "(--dtype float16 for fp16; --dtype float32 keeps float32 for the reference runtime only)")
+        return "bfloat16"
+    return source_dtype
+
+
+def check_finite_weights(model, hf) -> None:
+    """NaN/Inf weights make ModelOpt fail deep inside calibration ("detected nan values in amax"): name the tensor
+    first, with the converter's message."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                file = hf.tensors[name][0] if name in hf.tensors else hf.path
+                raise InputError(f"{file}: tensor {name} contains NaN/Inf values",
+                                 fix="use an intact checkpoint (calibration cannot run on NaN/Inf weights)")
+
+
 def _check_memory(est: MemoryEstimate, device: str, allow_low_memory: bool, log) -> None:
     gib = 1 << 30
     avail = available_memory()
@@ -332,32 +373,38 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     log = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))  # stderr, also with --json
     t0 = time.time()
     out = Path(out)
-    check_output_target(out, force)
+    # cheap checks first, the minute of calibration last: OUT, the model (config, every tensor header), the options
+    check_output_target(out, force, command="quantize")
     model_dir = resolve_model(None if model is None else str(model))
+    check_output_target(out, force, source=model_dir, command="quantize")
     spec = _unquantized_source(model_dir)
+    hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
     if spec is not None:
         _check_prequantized(spec, quant, kv_cache, group_size, model_dir)
         log(f"{model_dir} is already quantized by ModelOpt ({spec.quant_algo}, KV {spec.kv_cache_quant_algo}); "
             "converting without recalibration")
+        dtype = checkpoint_dtype(dtype, hf.source_dtype, spec.quant_algo, log)
         convert_checkpoint(model_dir, out, dtype=dtype, force=force, show_progress=show_progress)
         _add_provenance(out / PROVENANCE_FILE, {"prequantized": True, "quant_algo": spec.quant_algo,
                                                 "kv_cache_quant_algo": spec.kv_cache_quant_algo})
         return out
-    hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
     group_size = GROUP_SIZES[0] if group_size is None else group_size
     _check_options(quant, group_size, kv_cache, hf.config)
+    _check_calibration_size(calib_samples, calib_seq_len, hf.config)
+    dtype = checkpoint_dtype(dtype, hf.source_dtype, QUANTS[quant][1], log)
     dev = resolve_device(device)
     _check_memory(memory_estimate(hf.config, dev, calib_seq_len), dev, allow_low_memory, log)
     calib_path = Path(calib_file) if calib_file else _default_calib_text()
     batches = calibration_batches(model_dir, calib_path, calib_samples, calib_seq_len)
     torch_model = load_model(model_dir, dev)
+    check_finite_weights(torch_model, hf)
     torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log)
     prepare_for_export(torch_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     with marked_temp_dir(out.parent, prefix=f".{out.name}.modelopt-") as tmp:
         export_unified(torch_model, Path(tmp), tokenizer_dir=model_dir)
         del torch_model
-        convert_checkpoint(Path(tmp), out, dtype=dtype or hf.source_dtype, force=force, show_progress=show_progress)
+        convert_checkpoint(Path(tmp), out, dtype=dtype, force=force, show_progress=show_progress)
     _add_provenance(out / PROVENANCE_FILE, {
         "tool": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "quant": quant,
         "group_size": group_size if quant == "int4_awq" else None, "kv_cache": kv_cache, "device": dev,
