@@ -103,7 +103,7 @@ def modelopt_config(quant: str, group_size: int = 128, kv_cache: str | None = No
 
 
 class _quiet:
-    """ModelOpt prints, logs and warns freely (version checks, per-layer summaries, "Large KV activations" for the
+    """ModelOpt (and transformers under it) print, log and warn freely (version checks, per-layer summaries, "Large KV activations" for the
     KV scale we clamp to 1 on purpose); keep stdout for our --json and stderr for our progress bar. Errors still
     raise."""
 
@@ -121,9 +121,12 @@ class _quiet:
             self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        logger = logging.getLogger("modelopt")
-        level, logger.level = logger.level, logging.ERROR
-        self._stack.callback(logger.setLevel, level)
+        # transformers logs through its own stderr handler, which redirect_stderr does not reach (e.g. "`torch_dtype`
+        # is deprecated" while ModelOpt's export saves the config): raise its level too
+        for name in ("modelopt", "transformers"):
+            logger = logging.getLogger(name)
+            level, logger.level = logger.level, logging.ERROR
+            self._stack.callback(logger.setLevel, level)
         return self
 
     def __exit__(self, *exc):
