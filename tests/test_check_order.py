@@ -116,6 +116,7 @@ def test_int4_awq_from_float32_with_dtype_auto_is_bfloat16(tiny_model_dir, tmp_p
     assert json.loads(stdout)["dtype"] == "bfloat16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert "source is float32" in err and "writing bfloat16" in err
+    assert "4 forwards in 2 passes, estimated" in err and "thread" in err  # said also with --json (on stderr)
 
 
 def test_checkpoint_dtype_rule():

@@ -169,7 +169,8 @@ _TOKEN = Range(0, why="a token id (also < vocab_size)")
 RANGES: dict[str, Range] = {
     **{k: _SIZE for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")},
-    "rms_norm_eps": Range(0.0, low_open=True, high=1.0, why="added to the mean square before the 1/sqrt; Gemma 2: 1e-6"),
+    "rms_norm_eps": Range(0.0, low_open=True, high=1.0,
+                          why="added to the mean square before the 1/sqrt; Gemma 2: 1e-6"),
     "rope_theta": Range(0.0, low_open=True, why="the RoPE base: 0 or less gives NaN angles; Gemma 2: 10000"),
     "query_pre_attn_scalar": Range(0.0, low_open=True, why="q is scaled by its inverse square root"),
     "attn_logit_softcapping": Range(0.0, low_open=True, nullable=True,

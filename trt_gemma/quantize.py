@@ -38,10 +38,6 @@ GROUP_SIZES = (128, 64)
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CALIB_SAMPLES = 32   # ModelOpt's quantize.py caps AWQ calibration at 32 samples (reference §4)
 DEFAULT_CALIB_SEQ_LEN = 256
-# One calibration pass costs one forward per sample; awq_lite runs a statistics pass and a search pass that re-runs
-# every linear for each of its 11 alpha values (alpha_step 0.1): measured ~6 forwards per sample on CPU (embedded
-# model, 32 x 256 tokens), FP8 max calibration ~1.5 (quantizer overhead).
-PASSES = {"int4_awq": 6.0, "fp8": 1.5}
 
 
 @dataclass(frozen=True)
@@ -103,9 +99,9 @@ def modelopt_config(quant: str, group_size: int = 128, kv_cache: str | None = No
 
 
 class _quiet:
-    """ModelOpt (and transformers under it) print, log and warn freely (version checks, per-layer summaries, "Large KV activations" for the
-    KV scale we clamp to 1 on purpose); keep stdout for our --json and stderr for our progress bar. Errors still
-    raise."""
+    """ModelOpt (and transformers under it) print, log and warn freely (version checks, per-layer summaries,
+    "Large KV activations" for the KV scale we clamp to 1 on purpose); keep stdout for our --json and stderr for our
+    progress bar. Errors still raise."""
 
     def __init__(self, stderr: bool = False):
         self.stderr = stderr
@@ -185,33 +181,32 @@ def load_model(model_dir: Path, device: str):
 
 
 def calibrate(model, quant: str, batches: list[list[int]], group_size: int = 128, kv_cache: str | None = None,
-              show_progress: bool = True, log=print):
-    """mtq.quantize with ModelOpt's recipe; a time estimate from one timed forward first."""
+              show_progress: bool = True, log=print, threads: int | None = None, timings: list | None = None):
+    """mtq.quantize with ModelOpt's recipe, on `threads` torch threads (None: chosen from the free cores), with a
+    determinate progress bar and ETA (trt_gemma/calibration.py). `timings`, when given, receives (pass, seconds)
+    per calibration forward."""
     import torch
 
-    from trt_gemma.console import progress
+    from trt_gemma.calibration import CalibrationProgress, choose_threads, torch_threads
 
     with _quiet():  # modelopt warns at import that it was not tested with this transformers version
         import modelopt.torch.quantization as mtq
     device = next(model.parameters()).device
     tensors = [torch.tensor([b], device=device) for b in batches]
-    with torch.no_grad():
-        model(tensors[0])  # the first call pays one-off setup costs; time the second
-        t0 = time.perf_counter()
-        model(tensors[0])
-    per = time.perf_counter() - t0
-    log(f"calibration: {len(batches)} samples x {len(batches[0])} tokens on {device.type}; one forward {per:.2f} s, "
-        f"estimated {PASSES[quant] * per * len(batches):.0f} s for {quant}")
-    with progress(disable=not show_progress) as bar:
-        task = bar.add_task(f"calibrating {quant}", total=None)
+    n_threads, why = choose_threads(threads)
+    log(f"calibration: {len(batches)} samples x {len(batches[0])} tokens on {device.type}"
+        + (f", {why}" if device.type == "cpu" else ""))
+    with torch_threads(n_threads), CalibrationProgress(quant, len(tensors), log, show=show_progress) as bar:
 
         def forward_loop(m):
             for t in tensors:
                 m(t)
-                bar.advance(task)
+                bar.step()
 
         with _quiet(), torch.no_grad():
             model = mtq.quantize(model, modelopt_config(quant, group_size, kv_cache), forward_loop)
+    if timings is not None:
+        timings.extend(bar.times)
     return model
 
 
@@ -364,7 +359,8 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
                         kv_cache: str | None = None, calib_file: str | Path | None = None,
                         calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                         device: str = "auto", dtype: str | None = None, force: bool = False,
-                        allow_low_memory: bool = False, show_progress: bool = True, log=None) -> Path:
+                        allow_low_memory: bool = False, show_progress: bool = True, log=None,
+                        threads: int | None = None) -> Path:
     """Quantize MODEL (HF dir, hub id, None = embedded) with ModelOpt and write a TRT-LLM checkpoint at OUT.
     `dtype` is the checkpoint dtype (None: the source's). A ModelOpt unified-HF dir is converted without
     recalibration (quant/kv_cache, when given, must match what it declares; its group size is its own, so
@@ -393,6 +389,8 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
         return out
     group_size = GROUP_SIZES[0] if group_size is None else group_size
     _check_options(quant, group_size, kv_cache, hf.config)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: need at least 1", fix="use --threads 1 or more, or leave it out")
     _check_calibration_size(calib_samples, calib_seq_len, hf.config)
     dtype = checkpoint_dtype(dtype, hf.source_dtype, QUANTS[quant][1], log)
     dev = resolve_device(device)
@@ -401,7 +399,7 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     batches = calibration_batches(model_dir, calib_path, calib_samples, calib_seq_len)
     torch_model = load_model(model_dir, dev)
     check_finite_weights(torch_model, hf)
-    torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log)
+    torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log, threads)
     prepare_for_export(torch_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     with marked_temp_dir(out.parent, prefix=f".{out.name}.modelopt-") as tmp:
