@@ -160,12 +160,13 @@ def marked_temp_dir(parent: Path | None = None, prefix: str = "trt-gemma-") -> I
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False,
+                      markers: dict[str, Callable[[dict], bool]] | None = None) -> Iterator[Path]:
     """Yield a fresh dir (the payload of a marked temp dir beside `out`); on success it replaces `out`, on any error
     (and on Ctrl-C or SIGTERM) it is deleted. The temp dir lives in the same parent so the final step is a rename
-    on one filesystem."""
+    on one filesystem. `markers`: see check_output_target (a new command's own output marker)."""
     out = Path(out)
-    check_output_target(out, force)
+    check_output_target(out, force, markers=markers)
     parent = out.resolve().parent
     name = out.resolve().name
     try:
