@@ -172,3 +172,23 @@ def test_sigterm_cleans_up_like_ctrl_c(tiny_model_dir, tmp_path):
     assert proc.returncode == -signal.SIGTERM, err
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == [], "no temp dir and no OUT left behind"
+
+
+def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
+    import trt_gemma.fsutil as fs
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as d:
+        (d / "trt_gemma_provenance.json").write_text('{"tool": "trt_gemma convert"}')
+        (d / "v").write_text("1")
+    real = os.rename
+
+    def busy(src, dst):  # the new output cannot take OUT's place (EBUSY, as for a mount point)
+        if ".tmp-" in Path(src).parent.name and Path(dst) == out:
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(fs.os, "rename", busy)
+    with pytest.raises(OSError, match="busy"), atomic_output_dir(out, force=True) as d:
+        (d / "v").write_text("2")
+    assert (out / "v").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -73,20 +73,18 @@ def main(argv=None) -> None:
         if e.fix:
             click.echo(f"  fix: {e.fix}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our SIGTERM) into Abort
-        if isinstance(e.__cause__, Terminated):
-            click.echo("terminated", err=True)
-            die_by_sigterm()
+    except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except KeyboardInterrupt as e:
-        click.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
-        if isinstance(e, Terminated):
-            die_by_sigterm()
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:  # cleaned up on the way here; end as SIGTERM would have
+        click.echo("terminated", err=True)
+        die_by_sigterm()
     except Exception as e:  # a bug of ours: one line, plus how to see the traceback
         if os.environ.get("TRT_GEMMA_DEBUG"):
             raise

@@ -101,8 +101,8 @@ def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path)
 
     if baseline is not None:
         return Path(baseline), "given"
-    unquantized = [Path(ck) for ck in checkpoints if _quantization(CheckpointConfig.from_file(Path(ck) / "config.json"))
-                   is None]
+    configs = {Path(ck): CheckpointConfig.from_file(Path(ck) / "config.json") for ck in checkpoints}
+    unquantized = [ck for ck, cfg in configs.items() if _label(cfg.quant_algo, cfg.kv_cache_quant_algo) is None]
     if unquantized and len(checkpoints) > 1:
         return unquantized[0], "first unquantized checkpoint"
     for ck in checkpoints:
@@ -121,9 +121,9 @@ def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path)
                       fix="pass --baseline with an unquantized checkpoint (`trt-gemma convert MODEL OUT`)")
 
 
-def _quantization(cfg) -> str | None:
-    """'W4A16_AWQ', 'FP8 + FP8 KV', ... or None for an unquantized checkpoint config."""
-    parts = [a for a in (cfg.quant_algo, cfg.kv_cache_quant_algo and f"{cfg.kv_cache_quant_algo} KV") if a]
+def _label(quant_algo: str | None, kv_cache_quant_algo: str | None) -> str | None:
+    """'W4A16_AWQ', 'FP8 + FP8 KV', ... or None when unquantized."""
+    parts = [a for a in (quant_algo, kv_cache_quant_algo and f"{kv_cache_quant_algo} KV") if a]
     return " + ".join(parts) or None
 
 
@@ -140,12 +140,12 @@ def check_baseline(baseline: Path, allow_quantized: bool = False) -> None:
     where = baseline / "checkpoint" if kind == "bundle" else baseline
     if kind == "hf":
         spec = read_quant_spec(where, json.loads((where / "config.json").read_text()))
-        quant = spec and " + ".join(a for a in (spec.quant_algo, spec.kv_cache_quant_algo and
-                                                f"{spec.kv_cache_quant_algo} KV") if a)
+        quant = spec and _label(spec.quant_algo, spec.kv_cache_quant_algo)
     elif kind == "trtllm_engine":
         quant = None  # reference_checkpoint refuses engines with its own fix
     else:
-        quant = _quantization(CheckpointConfig.from_file(where / "config.json"))
+        cfg = CheckpointConfig.from_file(where / "config.json")
+        quant = _label(cfg.quant_algo, cfg.kv_cache_quant_algo)
     if quant and not allow_quantized:
         raise ConfigError(f"--baseline {baseline} is quantized ({quant}): the table would measure the distance "
                           "between two approximations", fix="pass the unquantized model as --baseline (`trt-gemma "

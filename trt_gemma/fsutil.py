@@ -181,9 +181,15 @@ def atomic_output_dir(out: Path, force: bool = False,
         yield payload
         if out.exists():
             old = _make_marked_dir(parent, f".{name}.old-")
-            os.rename(out, old / PAYLOAD)
-            os.rename(payload, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(out, old / PAYLOAD)
+                try:
+                    os.rename(payload, out)
+                except BaseException:
+                    os.rename(old / PAYLOAD, out)  # the previous output goes back where it was
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(payload, out)
     finally:
@@ -192,8 +198,9 @@ def atomic_output_dir(out: Path, force: bool = False,
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------------
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally` and context manager cleans up (temp dirs above)."""
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so every `finally` and context manager cleans up (temp dirs above). Not a
+    KeyboardInterrupt: code that treats Ctrl-C as "stop quietly" (uvicorn, `telemetry --watch`) must not swallow it."""
 
 
 def _on_sigterm(signum, frame):
