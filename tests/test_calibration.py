@@ -82,3 +82,13 @@ def test_terminal_bar_is_determinate():
     bar, _ = _run("int4_awq", 2, [1.0, 9.0], [], interactive=True)
     task = bar._bar.tasks[0]
     assert task.total == 4 and task.completed == 4 and "pass 2/2" in task.description
+
+
+def test_quantize_threads_are_checked_before_work(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from trt_gemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(tiny_model_dir), str(tmp_path / "q"), "--quant", "fp8", "--threads", "0"])
+    assert e.value.code == ConfigError.exit_code and "--threads 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -284,7 +284,9 @@ def _check_options(quant, group_size, kv_cache, cfg: ModelConfig | None) -> None
                               "use --quant fp8")
 
 
-def _check_calibration_size(samples: int, seq_len: int, cfg: ModelConfig) -> None:
+def _check_calibration(samples: int, seq_len: int, threads: int | None, cfg: ModelConfig) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: need at least 1", fix="use --threads 1 or more, or leave it out")
     if samples < 1 or seq_len < 2:
         raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
                           fix=f"use e.g. --calib-samples {DEFAULT_CALIB_SAMPLES} --calib-seq-len "
@@ -389,9 +391,8 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
         return out
     group_size = GROUP_SIZES[0] if group_size is None else group_size
     _check_options(quant, group_size, kv_cache, hf.config)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads {threads}: need at least 1", fix="use --threads 1 or more, or leave it out")
-    _check_calibration_size(calib_samples, calib_seq_len, hf.config)
+    _check_calibration(calib_samples, calib_seq_len, threads, hf.config)
+    assert quant is not None  # _check_options refused a missing --quant
     dtype = checkpoint_dtype(dtype, hf.source_dtype, QUANTS[quant][1], log)
     dev = resolve_device(device)
     _check_memory(memory_estimate(hf.config, dev, calib_seq_len), dev, allow_low_memory, log)
