@@ -66,6 +66,22 @@ def test_force_refuses_a_look_alike_marker(tiny_model_dir, tmp_path):
         assert (d / name).is_file()
 
 
+def test_other_commands_records_make_their_outputs_replaceable(tmp_path):
+    """The TensorRT engine build writes manifest.json of kind tensorrt-engine; exports write trt_gemma_<what>.json."""
+    for name, content in (("manifest.json", {"kind": "tensorrt-engine"}), ("trt_gemma_onnx.json", {"opset": 21}),
+                          ("trt_gemma_triton.json", {"format": "trt_gemma.triton/1"})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / name).write_text(json.dumps(content))
+        (d / "model.bin").write_bytes(b"x")
+        assert is_tool_output(d), name
+        check_output_target(d, force=True)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "export.json").write_text("{}")
+    assert is_tool_output(tmp_path / "own", markers={"export.json": lambda d: True})
+    assert not is_tool_output(tmp_path / "own")
+
+
 def test_build_force_uses_the_same_rule(tiny_model_dir, home, tmp_path):
     from trt_gemma.build import build_bundle
 

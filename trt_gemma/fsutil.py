@@ -32,22 +32,31 @@ from trt_gemma.errors import OutputError
 
 # File inside a directory -> test of its JSON content: a directory holding one that passes was written by this tool
 # and --force may replace it. convert and quantize write a provenance record ("tool": "trt_gemma convert" /
-# "trt_gemma quantize"); build writes bundle and engine manifests ("format": "trt_gemma.bundle/1"). A new command
-# (export-onnx, export-triton, ...) is recognised by writing one of these, or by passing its own `markers`.
+# "trt_gemma quantize"); build writes bundle and engine manifests ("format": "trt_gemma.bundle/1"), the TensorRT
+# engine build one of kind "tensorrt-engine". Any other record named trt_gemma_<what>.json (OWN_RECORDS: e.g. an
+# export's trt_gemma_onnx.json / trt_gemma_triton.json) counts too: no other tool writes that name. A command can
+# also pass its own `markers`.
 OUTPUT_MARKERS: dict[str, Callable[[dict], bool]] = {
     "trt_gemma_provenance.json": lambda d: str(d.get("tool", "")).startswith("trt_gemma"),
-    "manifest.json": lambda d: str(d.get("format", "")).startswith("trt_gemma."),
+    "manifest.json": lambda d: (str(d.get("format", "")).startswith("trt_gemma.")
+                                or d.get("kind") == "tensorrt-engine"),
 }
+OWN_RECORDS = "trt_gemma_*.json"
 TEMP_MARKER = ".trt_gemma_tmp.json"  # inside every temp dir we make: owner pid + host
 PAYLOAD = "payload"                  # the part of an output temp dir that becomes OUT
 
 
 def is_tool_output(path: Path, markers: dict[str, Callable[[dict], bool]] | None = None) -> bool:
     """Whether `path` holds one of our marker files with our content (not just a file of that name)."""
-    for name, test in (markers or OUTPUT_MARKERS).items():
-        f = Path(path) / name
+    tests = dict(markers or OUTPUT_MARKERS)
+    try:
+        for f in Path(path).glob(OWN_RECORDS):
+            tests.setdefault(f.name, lambda d: True)  # our name: any JSON object in it will do
+    except OSError:
+        pass
+    for name, test in tests.items():
         try:
-            data = json.loads(f.read_text())
+            data = json.loads((Path(path) / name).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and test(data):
@@ -81,7 +90,7 @@ def check_output_target(out: Path, force: bool, source: Path | None = None, comm
     if out.exists() and not force:
         raise OutputError(f"output {out} already exists", fix="choose another path or pass --force to replace it")
     if out.exists() and not (_is_empty_dir(out) or is_tool_output(out, markers)):
-        names = " or ".join(markers or OUTPUT_MARKERS)
+        names = " or ".join([*(markers or OUTPUT_MARKERS), OWN_RECORDS])
         fix = f"choose another path, or delete {out} yourself if nothing in it is needed"
         if (out / "config.json").is_file():  # most likely MODEL typed without OUT: MODEL became OUT
             fix = f"pass both paths: `trt-gemma {command or 'convert'} {out} OUT`, or {fix}"
