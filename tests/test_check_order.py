@@ -66,9 +66,10 @@ def test_quantize_nan_weights_names_the_tensor(tiny_model_dir, tmp_path, capsys,
 def test_quantize_onto_its_own_model_is_refused_first(tiny_model_dir, tmp_path, capsys, no_calibration):
     d = shutil.copytree(tiny_model_dir, tmp_path / "m")
     before = sorted(p.name for p in d.iterdir())
-    for args in ([d, d, "--force"], [d, "--force"]):  # `quantize M M --force`, and OUT forgotten (M becomes OUT)
+    for args, why in (([d, d, "--force"], "would replace the model being read"),  # `quantize M M --force`
+                      ([d, "--force"], "not written by trt-gemma")):  # OUT forgotten: M becomes OUT
         code, _, err = run_cli(["quantize", *args, "--quant", "fp8"], capsys)
-        assert code == OutputError.exit_code and f"trt-gemma quantize {d} OUT" in err, err
+        assert code == OutputError.exit_code and why in err and f"trt-gemma quantize {d} OUT" in err, err
         assert "trt-gemma convert" not in err
     code, _, err = run_cli(["quantize", d.parent / "m", d.parent, "--quant", "fp8", "--force"], capsys)
     assert code == OutputError.exit_code  # OUT above the model

@@ -375,9 +375,11 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     t0 = time.time()
     out = Path(out)
     # cheap checks first, the minute of calibration last: OUT, the model (config, every tensor header), the options
-    check_output_target(out, force, command="quantize")
+    local = Path(model) if model is not None and Path(model).is_dir() else None  # a hub id is not fetched yet
+    check_output_target(out, force, source=local, command="quantize")
     model_dir = resolve_model(None if model is None else str(model))
-    check_output_target(out, force, source=model_dir, command="quantize")
+    if local is None:
+        check_output_target(out, force, source=model_dir, command="quantize")
     spec = _unquantized_source(model_dir)
     hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
     if spec is not None:
