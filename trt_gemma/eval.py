@@ -150,8 +150,12 @@ def check_baseline(baseline: Path, allow_quantized: bool = False) -> None:
         raise ConfigError(f"--baseline {baseline} is quantized ({quant}): the table would measure the distance "
                           "between two approximations", fix="pass the unquantized model as --baseline (`trt-gemma "
                           "convert MODEL OUT --dtype float32`), or add --allow-quantized-baseline to compare anyway")
+    if kind != "trtllm_engine" and not (where / "tokenizer.json").is_file():
+        raise InputError(f"--baseline {baseline}: {where / 'tokenizer.json'} not found (the text is tokenized with "
+                         "the baseline's tokenizer)", fix=f"copy the model's tokenizer files (tokenizer.json, "
+                         f"tokenizer_config.json) into {where}, or pass a baseline that has them")
     if kind != "trtllm_engine":
-        GemmaTokenizer.from_dir(where)  # InputError naming tokenizer.json, before any conversion
+        GemmaTokenizer.from_dir(where)  # a tokenizer.json that does not load: named, before any conversion
 
 
 def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: Path | None = None,
