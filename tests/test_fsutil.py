@@ -208,3 +208,18 @@ def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="busy"), atomic_output_dir(out, force=True) as d:
         (d / "v").write_text("2")
     assert (out / "v").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bundle_and_its_checkpoint_honour_the_umask(tiny_model_dir, tmp_path):
+    """A bundle copied to a device or served by another user must stay readable (they were drwx------)."""
+    from trt_gemma.build import build_bundle
+    from trt_gemma.detect import Detection
+
+    old = os.umask(0o022)
+    try:
+        build_bundle(str(tiny_model_dir), "t4", out=tmp_path / "b", skip_quality=True, show_progress=False,
+                     detection=Detection("none", why="test host without NVIDIA GPU"))
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "b", tmp_path / "b" / "checkpoint"):
+        assert d.stat().st_mode & 0o777 == 0o755, f"{d}: {oct(d.stat().st_mode & 0o777)}"
