@@ -170,20 +170,20 @@ def test_failed_conversion_with_force_keeps_old_out(tiny_model_dir, tmp_path, ca
     t = load_file(d / "model.safetensors")
     t["model.norm.weight"][0] = np.nan  # the last tensor: fails after most of the output was written
     save_file(t, d / "model.safetensors")
-    out = tmp_path / "out" / "ckpt"
-    out.mkdir(parents=True)
+    out = convert_checkpoint(tiny_model_dir, tmp_path / "out" / "ckpt", show_progress=False)  # ours: replaceable
     (out / "keep.txt").write_text("old checkpoint")
     assert_failed_cleanly(d, out, InputError, r"model\.norm\.weight", capsys, force=True)
     assert (out / "keep.txt").read_text() == "old checkpoint"
 
 
-def test_force_replaces(tiny_model_dir, tmp_path):
-    out = tmp_path / "ckpt"
-    out.mkdir()
+def test_force_replaces_our_own_output_or_an_empty_dir(tiny_model_dir, tmp_path):
+    out = convert_checkpoint(tiny_model_dir, tmp_path / "ckpt", show_progress=False)
     (out / "old.txt").write_text("x")
     convert_checkpoint(tiny_model_dir, out, force=True, show_progress=False)
     assert not (out / "old.txt").exists() and (out / "rank0.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "empty").mkdir()
+    convert_checkpoint(tiny_model_dir, tmp_path / "empty", force=True, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "empty"]
 
 
 def test_bad_options(tiny_model_dir, tmp_path, capsys):
@@ -244,7 +244,7 @@ def test_out_over_the_source_is_refused_even_with_force(tiny_model_dir, tmp_path
     d = copy(tiny_model_dir, tmp_path / "src" / "m")
     out = d if where == "model" else d.parent
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    with pytest.raises(OutputError, match="would replace the model") as e:
+    with pytest.raises(OutputError, match="would replace the model|not written by trt-gemma") as e:
         convert_checkpoint(d, out, force=True, show_progress=False)
     assert e.value.fix
     code, err = run_cli(["convert", d, out, "--force"], capsys)
@@ -257,7 +257,8 @@ def test_force_does_not_replace_a_hf_model_dir(tiny_model_dir, tmp_path, capsys)
     d = copy(tiny_model_dir, tmp_path / "m")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     code, err = run_cli(["convert", d, "--force"], capsys)
-    assert code == OutputError.exit_code and "holds a Hugging Face model" in err and "fix:" in err
+    assert code == OutputError.exit_code and "not written by trt-gemma" in err
+    assert f"fix: pass both paths: `trt-gemma convert {d} OUT`" in err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 

@@ -67,6 +67,9 @@ def cli():
 
 def main(argv=None) -> None:
     """Entry point: typed errors become a message, the fix and an exit code; never a traceback."""
+    from trt_gemma.fsutil import Terminated, die_by_sigterm, raise_on_sigterm, restore_sigterm
+
+    previous = raise_on_sigterm()  # SIGTERM cleans up like Ctrl-C (temp dirs), then ends the process as SIGTERM
     try:
         cli.main(args=argv, standalone_mode=False)
     except TrtGemmaError as e:
@@ -83,10 +86,15 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:  # cleaned up on the way here; end as SIGTERM would have
+        click.echo("terminated", err=True)
+        die_by_sigterm()
     except Exception as e:  # a bug of ours: one line, plus how to see the traceback
         if os.environ.get("TRT_GEMMA_DEBUG"):
             raise
         click.secho(f"internal error: {type(e).__name__}: {e}", fg="red", err=True)
         click.echo("  fix: rerun with TRT_GEMMA_DEBUG=1 for the traceback and report it", err=True)
         sys.exit(1)
+    finally:
+        restore_sigterm(previous)
     sys.exit(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class ModelConfig:
         for key in cls.REQUIRED:
             if key not in d or d[key] is None:
                 raise ConfigError(f"{source}: required field {key!r} is missing", fix=f"add {key!r} to {source}")
-        n_layers = int(d["num_hidden_layers"])
+        n_layers = _int(d["num_hidden_layers"])
         rope = d.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         layer_types = tuple(d.get("layer_types") or ())
@@ -81,12 +82,12 @@ class ModelConfig:
                               fix="fix layer_types or delete it (even layers then slide, as in the Hub's files)")
         eos = d.get("eos_token_id", 1)
         return cls(
-            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]), num_hidden_layers=n_layers,
-            num_attention_heads=int(d["num_attention_heads"]), num_key_value_heads=int(d["num_key_value_heads"]),
-            head_dim=int(d["head_dim"]),
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),  # Gemma2Config's default
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            vocab_size=_int(d["vocab_size"]), hidden_size=_int(d["hidden_size"]),
+            intermediate_size=_int(d["intermediate_size"]), num_hidden_layers=n_layers,
+            num_attention_heads=_int(d["num_attention_heads"]), num_key_value_heads=_int(d["num_key_value_heads"]),
+            head_dim=_int(d["head_dim"]),
+            query_pre_attn_scalar=float(_default(d.get("query_pre_attn_scalar"), 256)),  # Gemma2Config's default
+            max_position_embeddings=_int(d.get("max_position_embeddings", 8192)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
             # absent (not null) keys: the field defaults, which are transformers' Gemma2Config defaults
             attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping", cls.attn_logit_softcapping)),
@@ -96,9 +97,9 @@ class ModelConfig:
             hidden_activation=d.get("hidden_activation") or cls.hidden_activation,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"), architecture=arch,
-            bos_token_id=int(d.get("bos_token_id", 2)),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-            pad_token_id=int(d.get("pad_token_id", 0) or 0),
+            bos_token_id=_int(d.get("bos_token_id", 2)),
+            eos_token_id=_int(eos[0] if isinstance(eos, list) else eos),
+            pad_token_id=_int(d.get("pad_token_id", 0) or 0),
         )
 
     @classmethod
@@ -115,11 +116,8 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
     def validate(self, source: str = "config.json") -> None:
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if getattr(self, key) < 1:  # a 0 or negative size divides by zero or plans negative bytes downstream
-                raise ConfigError(f"{source}: {key} = {getattr(self, key)} must be >= 1",
-                                  fix="check the model's config.json")
+        check_ranges({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source,
+                     fix="check the model's config.json (or re-download it)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}", fix="check the model's config.json")
@@ -153,12 +151,82 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field. Floats must also be finite (JSON allows NaN and Infinity)."""
+
+    low: float
+    low_open: bool = False        # True: the bound itself is refused (> low), else >= low
+    high: float | None = None     # exclusive upper bound
+    nullable: bool = False        # null is allowed (the feature is off)
+    why: str = "a size or count"
+
+
+_SIZE = Range(1)
+_TOKEN = Range(0, why="a token id (also < vocab_size)")
+# Every numeric field of ModelConfig (HF names), checked once where a config is read, for every command. Values
+# outside these ranges convert "fine" and then compute NaN or only pad tokens (rms_norm_eps NaN, rope_theta 0, ...).
+RANGES: dict[str, Range] = {
+    **{k: _SIZE for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")},
+    "rms_norm_eps": Range(0.0, low_open=True, high=1.0,
+                          why="added to the mean square before the 1/sqrt; Gemma 2: 1e-6"),
+    "rope_theta": Range(0.0, low_open=True, why="the RoPE base: 0 or less gives NaN angles; Gemma 2: 10000"),
+    "query_pre_attn_scalar": Range(0.0, low_open=True, why="q is scaled by its inverse square root"),
+    "attn_logit_softcapping": Range(0.0, low_open=True, nullable=True,
+                                    why="cap * tanh(x / cap): 0 divides by zero; null turns the cap off"),
+    "final_logit_softcapping": Range(0.0, low_open=True, nullable=True,
+                                     why="cap * tanh(x / cap): 0 divides by zero; null turns the cap off"),
+    "sliding_window": Range(1, nullable=True, why="tokens a sliding layer sees; null: no sliding window"),
+    "bos_token_id": _TOKEN, "eos_token_id": _TOKEN, "pad_token_id": _TOKEN,
+}
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# A TensorRT-LLM checkpoint's config.json names for the same fields (reference/checkpoint.py reads it).
+CHECKPOINT_NAMES = {"norm_epsilon": "rms_norm_eps", "rotary_base": "rope_theta", "head_size": "head_dim"}
+
+
+def check_ranges(values: dict, source: str, fix: str, names: dict[str, str] | None = None) -> None:
+    """Raise ConfigError naming the first field of `values` outside its RANGES entry. `names` maps the keys of
+    `values` to RANGES keys (a TensorRT-LLM checkpoint says norm_epsilon for rms_norm_eps, ...)."""
+    names = names or {}
+    for key, v in values.items():
+        r = RANGES.get(names.get(key, key))
+        if r is None:
+            continue
+        if v is None:
+            if r.nullable:
+                continue
+            raise ConfigError(f"{source}: {key} is null; it must be a number ({r.why})", fix=fix)
+        bad = not math.isfinite(v) or v < r.low or (r.low_open and v == r.low) or (r.high is not None and v >= r.high)
+        vocab = values.get("vocab_size")
+        if names.get(key, key) in TOKEN_FIELDS and isinstance(vocab, int) and v >= vocab:
+            bad = True
+        if bad:
+            rng = f"{'>' if r.low_open else '>='} {r.low:g}" + (f" and < {r.high:g}" if r.high is not None else "")
+            rng += " (or null)" if r.nullable else ""
+            rng += f" and < vocab_size {vocab}" if names.get(key, key) in TOKEN_FIELDS else ""
+            rng = ("finite and " if isinstance(r.low, float) else "") + rng
+            raise ConfigError(f"{source}: {key} = {v} must be {rng} ({r.why})", fix=fix)
+
+
+def _int(v) -> int:
+    """int() that refuses what it would silently change: 2.5 -> 2, true -> 1."""
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(f"{v!r} is not an integer")
+    return int(v)
+
+
+def _default(v, default):
+    """`v` unless it is null (`v or default` would turn a 0 into the default and hide it from the range check)."""
+    return default if v is None else v
+
+
 def _opt_float(v):
     return None if v is None else float(v)
 
 
 def _opt_int(v):
-    return None if v is None else int(v)
+    return None if v is None else _int(v)
 
 
 # Real HF config values of the Gemma 2 family (docs/tensorrt-llm-contract.md §1; 9b/27b recalled HF values).

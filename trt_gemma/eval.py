@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.fsutil import marked_temp_dir
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_CONTEXT = 512
@@ -57,7 +57,8 @@ class EvalReport:
                 "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
 
     def to_markdown(self) -> str:
-        lines = [f"Baseline: {self.baseline['name']} (perplexity {self.baseline['perplexity']:.4f}); "
+        lines = [f"Baseline: {self.baseline['name']} ({self.baseline['how']}; perplexity "
+                 f"{self.baseline['perplexity']:.4f}); "
                  f"{self.tokens} predicted tokens of {Path(self.text_file).name}.", "",
                  "| checkpoint | quant_algo | KV | dtype | perplexity | Δppl vs baseline | top-1 agree | mean KL "
                  "| weights (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -93,16 +94,17 @@ def _scores(model, windows: list[np.ndarray]):
 
 
 def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path) -> tuple[Path, str]:
-    """Explicit baseline; else the first unquantized checkpoint given; else the unquantized source model named in a
-    checkpoint's provenance, converted to float32 into `work`."""
+    """Explicit baseline; else, among several checkpoints, the first unquantized one; else the unquantized source
+    model named in a checkpoint's provenance, converted to float32 into `work`. A single checkpoint is never its own
+    baseline (every figure would be trivially perfect)."""
     from trt_gemma.reference import CheckpointConfig
 
     if baseline is not None:
         return Path(baseline), "given"
-    for ck in checkpoints:
-        cfg = CheckpointConfig.from_file(Path(ck) / "config.json")
-        if cfg.quant_algo is None and cfg.kv_cache_quant_algo is None:
-            return Path(ck), "first unquantized checkpoint"
+    configs = {Path(ck): CheckpointConfig.from_file(Path(ck) / "config.json") for ck in checkpoints}
+    unquantized = [ck for ck, cfg in configs.items() if _label(cfg.quant_algo, cfg.kv_cache_quant_algo) is None]
+    if unquantized and len(checkpoints) > 1:
+        return unquantized[0], "first unquantized checkpoint"
     for ck in checkpoints:
         prov = Path(ck) / "trt_gemma_provenance.json"
         src = json.loads(prov.read_text()).get("source_path") if prov.is_file() else None
@@ -111,14 +113,56 @@ def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path)
 
             out = convert_checkpoint(Path(src), work / "baseline", dtype="float32", show_progress=False)
             return out, f"{src} converted to float32"
+    if unquantized:
+        raise ConfigError(f"{unquantized[0]} is the only checkpoint and its provenance names no source model: it "
+                          "would be compared with itself", fix="pass --baseline with the unquantized float32 model "
+                          "(`trt-gemma convert MODEL OUT --dtype float32`), or more checkpoints")
     raise ConfigError("no unquantized baseline: every checkpoint is quantized and none names its source model",
                       fix="pass --baseline with an unquantized checkpoint (`trt-gemma convert MODEL OUT`)")
 
 
+def _label(quant_algo: str | None, kv_cache_quant_algo: str | None) -> str | None:
+    """'W4A16_AWQ', 'FP8 + FP8 KV', ... or None when unquantized."""
+    parts = [a for a in (quant_algo, kv_cache_quant_algo and f"{kv_cache_quant_algo} KV") if a]
+    return " + ".join(parts) or None
+
+
+def check_baseline(baseline: Path, allow_quantized: bool = False) -> None:
+    """Before anything is converted into the cache: the baseline must bring a tokenizer (the text is tokenized with
+    it) and be unquantized (a quantized baseline makes every row a comparison with an approximation)."""
+    from trt_gemma.backends import detect_kind
+    from trt_gemma.quant_codecs import read_quant_spec
+    from trt_gemma.reference import CheckpointConfig
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    baseline = Path(baseline)
+    kind = detect_kind(baseline)
+    where = baseline / "checkpoint" if kind == "bundle" else baseline
+    if kind == "hf":
+        spec = read_quant_spec(where, json.loads((where / "config.json").read_text()))
+        quant = spec and _label(spec.quant_algo, spec.kv_cache_quant_algo)
+    elif kind == "trtllm_engine":
+        quant = None  # reference_checkpoint refuses engines with its own fix
+    else:
+        cfg = CheckpointConfig.from_file(where / "config.json")
+        quant = _label(cfg.quant_algo, cfg.kv_cache_quant_algo)
+    if quant and not allow_quantized:
+        raise ConfigError(f"--baseline {baseline} is quantized ({quant}): the table would measure the distance "
+                          "between two approximations", fix="pass the unquantized model as --baseline (`trt-gemma "
+                          "convert MODEL OUT --dtype float32`), or add --allow-quantized-baseline to compare anyway")
+    if kind != "trtllm_engine" and not (where / "tokenizer.json").is_file():
+        raise InputError(f"--baseline {baseline}: {where / 'tokenizer.json'} not found (the text is tokenized with "
+                         "the baseline's tokenizer)", fix=f"copy the model's tokenizer files (tokenizer.json, "
+                         f"tokenizer_config.json) into {where}, or pass a baseline that has them")
+    if kind != "trtllm_engine":
+        GemmaTokenizer.from_dir(where)  # a tokenizer.json that does not load: named, before any conversion
+
+
 def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: Path | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, max_context: int = MAX_CONTEXT,
-             show_progress: bool = False) -> EvalReport:
-    """Score each checkpoint against the baseline on `text_file` (default: the shipped held-out eval text)."""
+             show_progress: bool = False, allow_quantized_baseline: bool = False) -> EvalReport:
+    """Score each checkpoint against the baseline on `text_file` (default: the shipped held-out eval text).
+    Cheap checks (options, text, the baseline's tokenizer and quantization) come before any conversion."""
     from trt_gemma.backends import reference_checkpoint
     from trt_gemma.console import progress
     from trt_gemma.reference import ReferenceModel
@@ -130,13 +174,15 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
         raise ConfigError(f"--max-tokens {max_tokens}: need at least 2", fix="use e.g. --max-tokens 1024")
     text_path = Path(text_file) if text_file else _default_text()
     text = _read_text(text_path)
+    if baseline is not None:
+        check_baseline(baseline, allow_quantized_baseline)
     # like `generate`: a bundle runs its checkpoint/, an HF dir is converted once into the cache
     paths = [reference_checkpoint(c) for c in checkpoints]
     names = {p: Path(c).name for p, c in zip(paths, checkpoints)}
     given_base = None if baseline is None else reference_checkpoint(baseline)
     if given_base is not None:
         names.setdefault(given_base, Path(baseline).name)
-    with tempfile.TemporaryDirectory(prefix="trt-gemma-eval-") as tmp:
+    with marked_temp_dir(prefix="trt-gemma-eval-") as tmp:
         base_path, how = resolve_baseline(paths, given_base, Path(tmp))
         base = ReferenceModel.load(base_path)
         tok = GemmaTokenizer.from_dir(base_path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from trt_gemma.config import ModelConfig
 from trt_gemma.errors import ConfigError, DependencyError, InputError, ResourceError
-from trt_gemma.fsutil import check_output_target, sha256_file
+from trt_gemma.fsutil import check_output_target, marked_temp_dir, sha256_file
 
 QUANTS = {"int4_awq": ("INT4_AWQ_CFG", "W4A16_AWQ"), "fp8": ("FP8_DEFAULT_CFG", "FP8")}
 KV_CACHES = {"fp8": "FP8_KV_CFG"}
@@ -39,10 +38,6 @@ GROUP_SIZES = (128, 64)
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CALIB_SAMPLES = 32   # ModelOpt's quantize.py caps AWQ calibration at 32 (docs/tensorrt-llm-contract.md §4)
 DEFAULT_CALIB_SEQ_LEN = 256
-# One calibration pass costs one forward per sample; awq_lite runs a statistics pass and a search pass that re-runs
-# every linear for each of its 11 alpha values (alpha_step 0.1): measured ~6 forwards per sample on CPU (embedded
-# model, 32 x 256 tokens), FP8 max calibration ~1.5 (quantizer overhead).
-PASSES = {"int4_awq": 6.0, "fp8": 1.5}
 
 
 @dataclass(frozen=True)
@@ -104,9 +99,9 @@ def modelopt_config(quant: str, group_size: int = 128, kv_cache: str | None = No
 
 
 class _quiet:
-    """ModelOpt prints, logs and warns freely (version checks, per-layer summaries, "Large KV activations" for the
-    KV scale we clamp to 1 on purpose); keep stdout for our --json and stderr for our progress bar. Errors still
-    raise."""
+    """ModelOpt (and transformers under it) print, log and warn freely (version checks, per-layer summaries,
+    "Large KV activations" for the KV scale we clamp to 1 on purpose); keep stdout for our --json and stderr for our
+    progress bar. Errors still raise."""
 
     def __init__(self, stderr: bool = False):
         self.stderr = stderr
@@ -122,9 +117,12 @@ class _quiet:
             self._stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
         self._stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-        logger = logging.getLogger("modelopt")
-        level, logger.level = logger.level, logging.ERROR
-        self._stack.callback(logger.setLevel, level)
+        # transformers logs through its own stderr handler, which redirect_stderr does not reach (e.g. "`torch_dtype`
+        # is deprecated" while ModelOpt's export saves the config): raise its level too
+        for name in ("modelopt", "transformers"):
+            logger = logging.getLogger(name)
+            level, logger.level = logger.level, logging.ERROR
+            self._stack.callback(logger.setLevel, level)
         return self
 
     def __exit__(self, *exc):
@@ -144,9 +142,6 @@ def calibration_batches(tokenizer_dir: Path, text_file: Path, samples: int, seq_
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"calibration file {text_file} is not UTF-8 text", fix="pass a UTF-8 text file") from e
-    if samples < 1 or seq_len < 2:
-        raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
-                          fix="use e.g. --calib-samples 32 --calib-seq-len 256")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows are cut below
     step = seq_len - 1
@@ -186,33 +181,32 @@ def load_model(model_dir: Path, device: str):
 
 
 def calibrate(model, quant: str, batches: list[list[int]], group_size: int = 128, kv_cache: str | None = None,
-              show_progress: bool = True, log=print):
-    """mtq.quantize with ModelOpt's recipe; a time estimate from one timed forward first."""
+              show_progress: bool = True, log=print, threads: int | None = None, timings: list | None = None):
+    """mtq.quantize with ModelOpt's recipe, on `threads` torch threads (None: chosen from the free cores), with a
+    determinate progress bar and ETA (trt_gemma/calibration.py). `timings`, when given, receives (pass, seconds)
+    per calibration forward."""
     import torch
 
-    from trt_gemma.console import progress
+    from trt_gemma.calibration import CalibrationProgress, choose_threads, torch_threads
 
     with _quiet():  # modelopt warns at import that it was not tested with this transformers version
         import modelopt.torch.quantization as mtq
     device = next(model.parameters()).device
     tensors = [torch.tensor([b], device=device) for b in batches]
-    with torch.no_grad():
-        model(tensors[0])  # the first call pays one-off setup costs; time the second
-        t0 = time.perf_counter()
-        model(tensors[0])
-    per = time.perf_counter() - t0
-    log(f"calibration: {len(batches)} samples x {len(batches[0])} tokens on {device.type}; one forward {per:.2f} s, "
-        f"estimated {PASSES[quant] * per * len(batches):.0f} s for {quant}")
-    with progress(disable=not show_progress) as bar:
-        task = bar.add_task(f"calibrating {quant}", total=None)
+    n_threads, why = choose_threads(threads)
+    log(f"calibration: {len(batches)} samples x {len(batches[0])} tokens on {device.type}"
+        + (f", {why}" if device.type == "cpu" else ""))
+    with torch_threads(n_threads), CalibrationProgress(quant, len(tensors), log, show=show_progress) as bar:
 
         def forward_loop(m):
             for t in tensors:
                 m(t)
-                bar.advance(task)
+                bar.step()
 
         with _quiet(), torch.no_grad():
             model = mtq.quantize(model, modelopt_config(quant, group_size, kv_cache), forward_loop)
+    if timings is not None:
+        timings.extend(bar.times)
     return model
 
 
@@ -290,6 +284,52 @@ def _check_options(quant, group_size, kv_cache, cfg: ModelConfig | None) -> None
                               "use --quant fp8")
 
 
+def _check_calibration(samples: int, seq_len: int, threads: int | None, cfg: ModelConfig) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: need at least 1", fix="use --threads 1 or more, or leave it out")
+    if samples < 1 or seq_len < 2:
+        raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
+                          fix=f"use e.g. --calib-samples {DEFAULT_CALIB_SAMPLES} --calib-seq-len "
+                              f"{min(DEFAULT_CALIB_SEQ_LEN, cfg.max_position_embeddings)}")
+    if seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--calib-seq-len {seq_len} is longer than the model's context "
+                          f"(max_position_embeddings {cfg.max_position_embeddings})",
+                          fix=f"use --calib-seq-len {min(DEFAULT_CALIB_SEQ_LEN, cfg.max_position_embeddings)} "
+                              f"(at most {cfg.max_position_embeddings})")
+
+
+# TensorRT-LLM's groupwise INT4 (W4A16_AWQ) GEMM plugin is built for 16-bit activations only: its init() picks a
+# half (later also bf16) CUTLASS runner and throws "Unsupported data type" otherwise (NVIDIA/TensorRT-LLM
+# cpp/tensorrt_llm/plugins/weightOnlyGroupwiseQuantMatmulPlugin/weightOnlyGroupwiseQuantMatmulPlugin.cpp
+# @027cd518e3b63809a5c5799187991e7f1164fb12). A float32 source quantized with --dtype auto would not build.
+SIXTEEN_BIT_ONLY = ("W4A16_AWQ",)
+
+
+def checkpoint_dtype(dtype: str | None, source_dtype: str, quant_algo: str | None, log) -> str:
+    """--dtype (None = auto: the source's), except that auto maps a float32 source to bfloat16 for the formats
+    TensorRT-LLM runs in 16 bits only, and says so. An explicit --dtype float32 stays (reference runtime, tests)."""
+    if dtype is not None:
+        return dtype
+    if source_dtype == "float32" and quant_algo in SIXTEEN_BIT_ONLY:
+        log(f"dtype: the source is float32 and TensorRT-LLM runs {quant_algo} in fp16/bf16 only: writing bfloat16 "
+            "(--dtype float16 for fp16; --dtype float32 keeps float32 for the reference runtime only)")
+        return "bfloat16"
+    return source_dtype
+
+
+def check_finite_weights(model, hf) -> None:
+    """NaN/Inf weights make ModelOpt fail deep inside calibration ("detected nan values in amax"): name the tensor
+    first, with the converter's message."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                file = hf.tensors[name][0] if name in hf.tensors else hf.path
+                raise InputError(f"{file}: tensor {name} contains NaN/Inf values",
+                                 fix="use an intact checkpoint (calibration cannot run on NaN/Inf weights)")
+
+
 def _check_memory(est: MemoryEstimate, device: str, allow_low_memory: bool, log) -> None:
     gib = 1 << 30
     avail = available_memory()
@@ -321,7 +361,8 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
                         kv_cache: str | None = None, calib_file: str | Path | None = None,
                         calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                         device: str = "auto", dtype: str | None = None, force: bool = False,
-                        allow_low_memory: bool = False, show_progress: bool = True, log=None) -> Path:
+                        allow_low_memory: bool = False, show_progress: bool = True, log=None,
+                        threads: int | None = None) -> Path:
     """Quantize MODEL (HF dir, hub id, None = embedded) with ModelOpt and write a TRT-LLM checkpoint at OUT.
     `dtype` is the checkpoint dtype (None: the source's). A ModelOpt unified-HF dir is converted without
     recalibration (quant/kv_cache, when given, must match what it declares; its group size is its own, so
@@ -333,32 +374,41 @@ def quantize_checkpoint(model: str | Path | None, out: Path, quant: str | None =
     log = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))  # stderr, also with --json
     t0 = time.time()
     out = Path(out)
-    check_output_target(out, force)
+    # cheap checks first, the minute of calibration last: OUT, the model (config, every tensor header), the options
+    local = Path(model) if model is not None and Path(model).is_dir() else None  # a hub id is not fetched yet
+    check_output_target(out, force, source=local, command="quantize")
     model_dir = resolve_model(None if model is None else str(model))
+    if local is None:
+        check_output_target(out, force, source=model_dir, command="quantize")
     spec = _unquantized_source(model_dir)
+    hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
     if spec is not None:
         _check_prequantized(spec, quant, kv_cache, group_size, model_dir)
         log(f"{model_dir} is already quantized by ModelOpt ({spec.quant_algo}, KV {spec.kv_cache_quant_algo}); "
             "converting without recalibration")
+        dtype = checkpoint_dtype(dtype, hf.source_dtype, spec.quant_algo, log)
         convert_checkpoint(model_dir, out, dtype=dtype, force=force, show_progress=show_progress)
         _add_provenance(out / PROVENANCE_FILE, {"prequantized": True, "quant_algo": spec.quant_algo,
                                                 "kv_cache_quant_algo": spec.kv_cache_quant_algo})
         return out
-    hf = HFModel.open(model_dir)  # validates config + every tensor before the long work
     group_size = GROUP_SIZES[0] if group_size is None else group_size
     _check_options(quant, group_size, kv_cache, hf.config)
+    _check_calibration(calib_samples, calib_seq_len, threads, hf.config)
+    assert quant is not None  # _check_options refused a missing --quant
+    dtype = checkpoint_dtype(dtype, hf.source_dtype, QUANTS[quant][1], log)
     dev = resolve_device(device)
     _check_memory(memory_estimate(hf.config, dev, calib_seq_len), dev, allow_low_memory, log)
     calib_path = Path(calib_file) if calib_file else _default_calib_text()
     batches = calibration_batches(model_dir, calib_path, calib_samples, calib_seq_len)
     torch_model = load_model(model_dir, dev)
-    torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log)
+    check_finite_weights(torch_model, hf)
+    torch_model = calibrate(torch_model, quant, batches, group_size, kv_cache, show_progress, log, threads)
     prepare_for_export(torch_model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.modelopt-", dir=out.parent) as tmp:
+    with marked_temp_dir(out.parent, prefix=f".{out.name}.modelopt-") as tmp:
         export_unified(torch_model, Path(tmp), tokenizer_dir=model_dir)
         del torch_model
-        convert_checkpoint(Path(tmp), out, dtype=dtype or hf.source_dtype, force=force, show_progress=show_progress)
+        convert_checkpoint(Path(tmp), out, dtype=dtype, force=force, show_progress=show_progress)
     _add_provenance(out / PROVENANCE_FILE, {
         "tool": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "quant": quant,
         "group_size": group_size if quant == "int4_awq" else None, "kv_cache": kv_cache, "device": dev,

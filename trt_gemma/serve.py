@@ -9,7 +9,15 @@ flag the backend polls each step) frees it for real.
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
 unexpected exception inside one request is answered with a 500 for that request only, then a one-token probe
-(`backend.check()`) decides whether the backend itself is dead.
+(`backend.check()`) decides whether the backend itself is dead. With run_server's `exit_on_load_failure` (on by
+default under systemd or in a container, where a supervisor restarts the process) a failed load or probe stops the
+server instead.
+
+No single request may stall the others: every size a client controls is bounded before any work (serve_limits.py),
+the body is parsed, validated and tokenized on a worker thread (the tokenizer releases the GIL), stop strings are
+matched in linear time (serve_protocol.StopMatcher), and sockets that never send a request are closed
+(serve_conn.py). A client that hangs up before its request is read counts as request_error_total{http_code="499"}
+(nginx's "client closed request"), not as a server error.
 """
 from __future__ import annotations
 
@@ -17,7 +25,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,12 +33,17 @@ from typing import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 
 from trt_gemma.backends.base import Backend, GenerationParams
-from trt_gemma.errors import ResourceError, TrtGemmaError
-from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
+from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.scheduler import Admission, Generation, TextPieces
-from trt_gemma.serve_protocol import APIError, Completion, chat_messages, parse_json, sse, stop_list, validate
+from trt_gemma.serve_conn import (DEFAULT_BODY_BYTES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
+                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, install_repeat_filter,
+                                  loop_exception_handler, raise_nofile_limit, read_body, supervisor, uvicorn_config)
+from trt_gemma.serve_limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
+from trt_gemma.serve_metrics import CONTENT_TYPE, ServerMetrics
+from trt_gemma.serve_protocol import APIError, Completion, chat_messages, parse_json, sse, stop_list, too_long, validate
 from trt_gemma.telemetry import snapshot
 
 log = logging.getLogger("trt_gemma.serve")
@@ -40,14 +52,42 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens in between share a chunk
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-# A request body is held in memory whole: cap it. 8 MiB is ~100x the text of an 8192-token Gemma 2 context.
-MAX_BODY_BYTES = 8 << 20
+PREP_THREADS = 1  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
+MAX_BODY_BYTES = DEFAULT_BODY_BYTES  # read_body's default; the model routes pass RequestLimits.body_bytes
+
+
+class _MeasuredAdmission(Admission):
+    """Admission that tells the service-rate estimate when a slot is taken and given back (for Retry-After)."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, rate: ServiceRate):
+        super().__init__(max_concurrency, max_queue)
+        self.rate = rate
+
+    async def wait_slot(self) -> None:
+        await super().wait_slot()
+        self.rate.started()
+
+    def acquire(self, cancelled) -> bool:  # threads (the Python API's path), same bookkeeping
+        got = super().acquire(cancelled)
+        if got:
+            self.rate.started()
+        return got
+
+    def release(self) -> None:
+        self.rate.finished()
+        super().release()
 
 
 class Server:
     def __init__(self, backend: Backend | Callable[[], Backend], model_name: str, api_key: str | None,
-                 max_queue: int, max_concurrency: int, stream_interval_s: float = 0.0):
+                 max_queue: int, max_concurrency: int, stream_interval_s: float = 0.0,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 on_failure: Callable[[BaseException], None] | None = None, metrics_auth: bool = False):
+        if api_key is not None and not api_key.strip():
+            raise ConfigError("the API key is empty: authentication would be off",
+                              fix="set a non-empty key, or pass none (no key: no authentication)")
         self.model_name, self.api_key = model_name, api_key
+        self.body_timeout_s, self.on_failure, self.metrics_auth = body_timeout_s, on_failure, metrics_auth
         self.stream_interval_s = max(0.0, stream_interval_s)
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._loader = None if isinstance(backend, Backend) else backend
@@ -56,7 +96,9 @@ class Server:
         self.max_concurrency, self.max_queue = max(1, max_concurrency), max(0, max_queue)
         self.admission: Admission | None = None
         self.pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="trt-gemma-gen")
-        self.mean_e2e = 1.0
+        self.prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="trt-gemma-prep")
+        self.rate = ServiceRate(self.max_concurrency)
+        self._trim_pending = False
         self.extra_memory: dict[str, Callable[[], int]] = {}  # memory_bytes kinds added by plug-ins (serve_guard)
         self.metrics = ServerMetrics(
             model_name, running=lambda: self.admission.running if self.admission else 0,
@@ -67,7 +109,8 @@ class Server:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.admission = Admission(self.max_concurrency, self.max_queue)
+        self.admission = _MeasuredAdmission(self.max_concurrency, self.max_queue, self.rate)
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
         if self._loader is not None:
             asyncio.get_running_loop().run_in_executor(None, self._load)
 
@@ -76,12 +119,15 @@ class Server:
             self.backend = self._loader()
             self.state = "ready"
             log.info("serving %s: %s backend, %s", self.model_name, self.backend.name, self.backend.info.path)
-        except Exception as e:  # the server stays up and says why on /health
+        except Exception as e:  # the server stays up and says why on /health (or stops, with on_failure)
             log.error("model failed to load: %s", e)
             self.state, self.failure_reason = "failed", str(e)
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.prep_pool.shutdown(wait=False, cancel_futures=True)
         if self._loader is not None and self.backend is not None:  # close only what this app loaded
             self.backend.close()
 
@@ -92,6 +138,8 @@ class Server:
         except Exception as e:
             log.error("backend failed its health probe after %r: %s", error, e)
             self.state, self.failure_reason = "failed", f"{type(e).__name__}: {e}"
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     # ---- request preparation ---------------------------------------------------------------------------------------
     def require_ready(self) -> Backend:
@@ -100,17 +148,18 @@ class Server:
             raise APIError(503, msg, type="unavailable_error", code="service_unavailable")
         return self.backend
 
-    def prepare(self, body: dict, kind: str) -> tuple[Completion, list[int], GenerationParams, dict]:
-        req = validate(body, kind)
+    def prepare(self, raw: bytes, kind: str, backend: Backend) -> tuple[Completion, list[int], GenerationParams, dict]:
+        """Parse, bound, validate and tokenize: runs on a prep thread, never on the event loop."""
+        limits = RequestLimits(backend.info.context_length)
+        req = validate(parse_json(raw), kind, limits)
         if req["model"] != self.model_name:
             raise APIError(404, f"The model `{req['model']}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
-        backend = self.require_ready()
         try:
             if kind == "chat":
-                ids = backend.encode_chat(chat_messages(req["messages"]))
+                ids = backend.encode_chat(chat_messages(req["messages"], limits))
             else:
-                ids = self._completion_prompt(backend, req["prompt"])
+                ids = self._completion_prompt(backend, req["prompt"], limits)
         except TrtGemmaError as e:
             raise APIError(400, e.message, param="messages" if kind == "chat" else "prompt") from None
         ctx = backend.info.context_length
@@ -132,22 +181,43 @@ class Server:
         return Completion(kind, self.model_name, len(ids)), ids, params, req
 
     @staticmethod
-    def _completion_prompt(backend: Backend, prompt) -> list[int]:
+    def _completion_prompt(backend: Backend, prompt, limits: RequestLimits) -> list[int]:
         if isinstance(prompt, str):
             return backend.encode(prompt)
+        ctx = limits.context_length
+        if len(prompt) >= ctx:  # before looking at the items: such a list cannot fit, whatever it holds
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt "
+                                f"resulted in {len(prompt)} tokens.", param="prompt", code="context_length_exceeded")
         if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if not all(0 <= t < backend.info.vocab_size for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {backend.info.vocab_size}).", param="prompt")
             return list(prompt)
         if len(prompt) == 1 and isinstance(prompt[0], str):
+            if len(prompt[0]) > limits.prompt_chars:
+                raise too_long("prompt", prompt[0], limits.prompt_chars)
             return backend.encode(prompt[0])
         raise APIError(400, "prompt must be a string, one string in a list, or a list of token ids "
                             "(one prompt per request).", param="prompt", code="invalid_type")
 
+    def trim_soon(self) -> None:
+        """Return the heap a large request freed to the OS shortly after it (serve_limits.trim_heap)."""
+        if not self._trim_pending:
+            self._trim_pending = True
+            asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_pending = False
+        self.prep_pool.submit(trim_heap)
+
+    def busy(self) -> APIError:
+        return APIError(429, f"Server busy: {self.admission.running} requests generating and "
+                             f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
+                        type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(self.retry_after())})
+
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: mean request time x queue depth / slots."""
-        depth = (self.admission.waiting + 1) / self.max_concurrency
-        return max(1, math.ceil(self.mean_e2e * depth))
+        """Seconds until the queue has likely drained, from the measured service rate (serve_limits.ServiceRate)."""
+        return self.rate.retry_after(self.admission.waiting)
 
     # ---- generation ------------------------------------------------------------------------------------------------
     async def run(self, comp: Completion, gen: Generation, stops: list[str]) -> AsyncIterator[tuple[str, str | None]]:
@@ -177,7 +247,6 @@ class Server:
                 e2e = time.monotonic() - arrival
                 self.metrics.e2e.observe(e2e)
                 self.metrics.success(pieces.finish or "cancelled")
-                self.mean_e2e = 0.8 * self.mean_e2e + 0.2 * e2e
 
     async def stream_sse(self, comp: Completion, gen: Generation, stops: list[str], include_usage: bool):
         if comp.kind == "chat":
@@ -216,12 +285,17 @@ class Server:
         return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
     async def handle(self, request: Request, kind: str) -> Response:
-        comp, ids, params, req = self.prepare(parse_json(await read_body(request)), kind)
+        backend = self.require_ready()  # first: the body's size bound comes from the model's context
+        adm = self.admission
+        if adm.running + adm.waiting >= self.max_concurrency + self.max_queue:
+            raise self.busy()  # before reading and tokenizing a body that could not be admitted anyway
+        raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
+        if len(raw) >= TRIM_ABOVE_BYTES:
+            self.trim_soon()
+        comp, ids, params, req = await asyncio.get_running_loop().run_in_executor(
+            self.prep_pool, self.prepare, raw, kind, backend)
         if not self.admission.try_enter():
-            raise APIError(429, f"Server busy: {self.admission.running} requests generating and "
-                                f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
-                           type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.retry_after())})
+            raise self.busy()
         gen = Generation(self, ids, params)
         stops = stop_list(req["stop"])
         if req["stream"]:
@@ -246,21 +320,6 @@ class Server:
                 return {}  # nobody is listening
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (declared or as received), never buffered whole."""
-    too_large = APIError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _close_stream(body, gen: Generation) -> None:
     """Runs after the response ends, also when the client left: stop the worker, finalize the generator now."""
     gen.cancelled.set()
@@ -272,11 +331,15 @@ async def _close_stream(body, gen: Generation) -> None:
 
 def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-               stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S, guard=None) -> FastAPI:
+               stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S, metrics_auth: bool = False,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               on_failure: Callable[[BaseException], None] | None = None, guard=None) -> FastAPI:
     """The ASGI app. `backend` is a loaded Backend, or a zero-argument loader run in a thread at startup (then
     /health answers 503 "Loading model" until it returns). `stream_interval_s`: minimum time between two SSE
-    chunks of one stream (0 = one chunk per token)."""
-    srv = Server(backend, model_name, api_key, max_queue, max_concurrency, stream_interval_s)
+    chunks of one stream (0 = one chunk per token). `metrics_auth`: /metrics needs the API key too.
+    `on_failure(exc)`: called (from any thread) when the model fails to load or the backend fails its probe."""
+    srv = Server(backend, model_name, api_key, max_queue, max_concurrency, stream_interval_s, body_timeout_s,
+                 on_failure, metrics_auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -293,6 +356,13 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
             srv.metrics.error(e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: Exception):
+        log.info("client hung up before its request to %s was read", request.url.path)
+        srv.metrics.error(499)
+        return Response(status_code=499)  # nobody reads it: the status is for the access log
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
         log.exception("unexpected error in %s", request.url.path, exc_info=e)
@@ -304,14 +374,16 @@ def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_ke
     if guard is not None:  # ShieldGemma beside the chat model: /v1/moderations, guarded chat (serve_guard.py)
         from trt_gemma.serve_guard import install_guard
 
-        install_guard(app, srv, guard, read_body)
+        install_guard(app, srv, guard)
     return app
 
 
 def _add_routes(app: FastAPI, srv: Server) -> None:
     async def auth(request: Request) -> None:
-        """--api-key guards /v1 only (as vLLM does): /health and /metrics stay open for probes and scrapers.
-        A dependency rather than an HTTP middleware, which would sit in the path of every streamed chunk."""
+        """--api-key guards /v1 (and /metrics with metrics_auth); /health stays open for probes, /metrics by
+        default (as vLLM and NIM do: it holds counts and byte sizes, no request text; Prometheus can send the key
+        with `authorization: {credentials_file: ...}`). A dependency rather than an HTTP middleware, which would
+        sit in the path of every streamed chunk."""
         sent = request.headers.get("authorization", "").encode("utf-8", "replace")
         if srv.api_key and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
             raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
@@ -341,7 +413,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     async def completions(request: Request):
         return await srv.handle(request, "completion")
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(auth)] if srv.metrics_auth else [])
     async def metrics():
         body = await asyncio.get_running_loop().run_in_executor(None, srv.metrics.render)
         return Response(body, media_type=CONTENT_TYPE)
@@ -356,32 +428,53 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     app.include_router(v1)
 
 
-def _check_bindable(host: str, port: int) -> None:
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            sock.bind(infos[0][4])
-    except OSError as e:
-        raise ResourceError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                            fix="choose another --port (or --host), or stop the server already using it") from e
-
-
 def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
-               log_level: str = "info", guard=None) -> None:
-    """Serve `model_path` (any dir `load_backend` accepts); the port opens before the model finishes loading."""
+               log_level: str = "info", header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+               keep_alive_timeout_s: int = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               max_connections: int | None = None, exit_on_load_failure: bool | None = None,
+               metrics_auth: bool = False, guard=None) -> None:
+    """Serve `model_path` (any dir `load_backend` accepts); the port opens before the model finishes loading.
+    `exit_on_load_failure`: None = on when a supervisor restarts the process (serve_conn.supervisor); then a model
+    that fails to load (or a backend that fails its health probe) stops the server and raises the error here, instead
+    of leaving it up with /health 503. `max_connections`: None = from the process's file limit."""
     import uvicorn
 
     from trt_gemma.backends import detect_kind, load_backend
 
     detect_kind(Path(model_path))  # a wrong path fails here, before the port opens
-    _check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
+    check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
+    why = supervisor() if exit_on_load_failure is None else None
+    if exit_on_load_failure is None:
+        exit_on_load_failure = why is not None
+    failures: list[BaseException] = []
+    servers: list[uvicorn.Server] = []
+
+    def stop(e: BaseException) -> None:
+        failures.append(e)
+        servers[0].should_exit = True  # uvicorn polls it; the error is raised below once it has shut down
+
     name = model_name or Path(model_path).name
     app = create_app(lambda: load_backend(model_path, slots=max_concurrency), name, api_key=api_key,
                      max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s,
-                     guard=guard)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+                     metrics_auth=metrics_auth, body_timeout_s=body_timeout_s,
+                     on_failure=stop if exit_on_load_failure else None, guard=guard)
+    install_repeat_filter()
+    raise_nofile_limit()  # before the connection limit is derived from it
+    server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout=header_timeout_s,
+                                           keep_alive_timeout=keep_alive_timeout_s, max_connections=max_connections,
+                                           log_level=log_level))
+    servers.append(server)
+    if why:
+        log.info("supervised by %s: a model that fails to load stops the server (--no-exit-on-load-failure: "
+                 "stay up with /health 503)", why)
+    server.run()
+    if failures:
+        e = failures[0]
+        if isinstance(e, TrtGemmaError):
+            raise e
+        raise ResourceError(f"the model backend failed: {type(e).__name__}: {e}",
+                            fix="see the log above; with --no-exit-on-load-failure the server stays up "
+                                "with /health 503 instead") from e

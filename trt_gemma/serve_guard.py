@@ -36,7 +36,8 @@ from prometheus_client import Counter, Histogram
 
 from trt_gemma.errors import InputError, TrtGemmaError
 from trt_gemma.safety import POLICIES, Moderator, Verdict
-from trt_gemma.serve_protocol import APIError, chat_messages, parse_json
+from trt_gemma.serve_conn import DEFAULT_BODY_BYTES, read_body
+from trt_gemma.serve_protocol import APIError, parse_json
 
 log = logging.getLogger("trt_gemma.serve")
 MAX_MODERATION_INPUTS = 32
@@ -125,11 +126,10 @@ class _GuardMetrics:
         self.verdicts.labels(self.model_name, stage, "flagged" if v.flagged else "ok").inc()
 
 
-def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig, read_body) -> Guard:
-    """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`);
-    `read_body` is the server's bounded body reader (passed in: serve imports this module, not the reverse)."""
+def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
+    """Add /v1/moderations and the guarded chat route to `app` (built by serve.create_app around `srv`)."""
     guard = guard if isinstance(guard, Guard) else Guard.from_config(guard)
-    routes = _GuardRoutes(srv, guard, read_body)
+    routes = _GuardRoutes(srv, guard)
     srv.extra_memory["guard_weights"] = lambda: guard.weight_bytes
     app.state.guard = guard
     app.add_api_route("/v1/moderations", routes.moderations, methods=["POST"])
@@ -140,9 +140,14 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig, read_body) -> G
 
 
 class _GuardRoutes:
-    def __init__(self, srv, guard: Guard, read_body):
-        self.srv, self.guard, self.read_body = srv, guard, read_body
+    def __init__(self, srv, guard: Guard):
+        self.srv, self.guard = srv, guard
         self.metrics = _GuardMetrics(srv.metrics.registry, srv.model_name)
+
+    async def read_body(self, request: Request) -> bytes:
+        """The server's bounded reader (413 over the limit, 408 when too slow); the chat handler re-checks the
+        replayed body against the model's own limit."""
+        return await read_body(request, DEFAULT_BODY_BYTES, self.srv.body_timeout_s)
 
     async def moderator(self) -> Moderator:
         return await asyncio.get_running_loop().run_in_executor(None, self.guard.ready)
@@ -229,17 +234,19 @@ def _blocked(what: str, verdict: Verdict) -> APIError:
 
 
 def last_user_text(body: dict) -> str | None:
-    """The text the guard checks: the last user message (None when there is none, e.g. invalid messages; the chat
-    handler then answers the validation error itself)."""
+    """The text the guard checks: the last user message's content (a string, or its text parts joined as the chat
+    handler joins them). None when there is none or it is malformed: the chat handler then answers the validation
+    error itself."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
         return None
-    try:
-        msgs = chat_messages(messages)
-    except APIError:
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
         return None
-    users = [m["content"] for m in msgs if m["role"] == "user"]
-    return users[-1] if users else None
+    content = users[-1].get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    return content if isinstance(content, str) else None
 
 
 def moderation_inputs(body: dict) -> list[str]:

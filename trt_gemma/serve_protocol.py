@@ -1,6 +1,9 @@
 """OpenAI wire format for the server: request validation (one field table), error envelopes, response and chunk
 shapes, stop-string matching. No I/O here, so every rule is unit-testable.
 
+Every string, list and object field has a size bound (`Field.bound`, see serve_limits.py), checked before its value
+is looked at: the work a request causes is bounded by its size, and its size is bounded by the model's context.
+
 Error envelope (docs/facts/serving-telemetry.md §6, the `openai` client's APIError fields):
   {"error": {"message": str, "type": str, "param": str|None, "code": str|None}}
 """
@@ -12,6 +15,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from trt_gemma.serve_limits import (MAX_CONTENT_PARTS, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                                    RequestLimits)
 
 _NUMBER = (int, float)
 
@@ -33,6 +39,13 @@ class Field:
     default: Any = None
     check: Callable[[Any], str | None] | None = None  # returns why the value is invalid
     required: bool = False
+    # most characters (str) / items (list) / keys (dict): an int, a function of the request limits, or a dict of
+    # those by type when the field takes several
+    bound: int | Callable[[RequestLimits], int] | dict | None = None
+
+    def limit(self, value, limits: RequestLimits) -> int | None:
+        b = self.bound.get(type(value)) if isinstance(self.bound, dict) else self.bound
+        return b(limits) if callable(b) else b
 
 
 def _range(lo, hi, lo_open=False):
@@ -51,9 +64,10 @@ def _zero_only(what):
 def _stop(v):
     if v is None or isinstance(v, str):
         return None
-    if isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v):
-        return None
-    return "must be a string or a list of at most 4 strings"
+    if not all(isinstance(s, str) for s in v):
+        return f"must be a string or a list of at most {MAX_STOP_STRINGS} strings"
+    long = [i for i, s in enumerate(v) if len(s) > MAX_STOP_CHARS]
+    return f"stop[{long[0]}] is longer than {MAX_STOP_CHARS} characters" if long else None
 
 
 def _stream_options(v):
@@ -65,7 +79,7 @@ def _stream_options(v):
 
 
 _COMMON = {
-    "model": Field((str,), required=True),
+    "model": Field((str,), required=True, bound=MAX_ID_CHARS),
     "max_tokens": Field((int, type(None)), check=lambda v: None if v is None or v >= 1 else "must be >= 1"),
     "temperature": Field(_NUMBER + (type(None),), 1.0, _range(0, 2)),
     "top_p": Field(_NUMBER + (type(None),), 1.0, _range(0, 1, lo_open=True)),
@@ -73,25 +87,28 @@ _COMMON = {
     # unsigned 64-bit: TRT-LLM's SamplingConfig seed and numpy's Generator both refuse negatives
     "seed": Field((int, type(None)), check=lambda v: None if v is None or 0 <= v < 2**64 else "must be in [0, 2^64)"),
     "stream": Field((bool, type(None)), False),
-    "stream_options": Field((dict, type(None)),
-                            check=_stream_options),
-    "stop": Field((str, list, type(None)), check=_stop),
+    "stream_options": Field((dict, type(None)), check=_stream_options, bound=1),
+    "stop": Field((str, list, type(None)), check=_stop,  # each string of a list is checked by _stop
+                  bound={str: MAX_STOP_CHARS, list: MAX_STOP_STRINGS}),
     "n": Field((int, type(None)), 1, lambda v: None if v in (None, 1) else "only n=1 is supported"),
-    "user": Field((str, type(None))),
+    "user": Field((str, type(None)), bound=MAX_ID_CHARS),
     "ignore_eos": Field((bool, type(None)), False),  # TRT-LLM / vLLM extension
     "presence_penalty": Field(_NUMBER + (type(None),), 0, _zero_only("presence_penalty")),
     "frequency_penalty": Field(_NUMBER + (type(None),), 0, _zero_only("frequency_penalty")),
     "logprobs": Field((bool, int, type(None)), check=lambda v: None if not v else "logprobs are not supported"),
-    "logit_bias": Field((dict, type(None)), check=lambda v: None if not v else "logit_bias is not supported"),
+    "logit_bias": Field((dict, type(None)), check=lambda v: None if not v else "logit_bias is not supported",
+                        bound=MAX_ID_CHARS),
 }
 SCHEMAS = {
-    "chat": {**_COMMON, "messages": Field((list,), required=True),
+    "chat": {**_COMMON, "messages": Field((list,), required=True, bound=lambda lim: lim.messages),
              "max_completion_tokens": Field((int, type(None)),
                                             check=lambda v: None if v is None or v >= 1 else "must be >= 1"),
              "top_logprobs": Field((int, type(None)), check=_zero_only("top_logprobs"))},
-    "completion": {**_COMMON, "prompt": Field((str, list), required=True),
+    # a list prompt is token ids (the context check follows in the server) or one string (checked there too)
+    "completion": {**_COMMON, "prompt": Field((str, list), required=True, bound=lambda lim: lim.prompt_chars),
                    "echo": Field((bool, type(None)), False, lambda v: None if not v else "echo is not supported"),
-                   "suffix": Field((str, type(None)), check=lambda v: None if v is None else "suffix is not supported"),
+                   "suffix": Field((str, type(None)), check=lambda v: None if v is None else "suffix is not supported",
+                                   bound=lambda lim: lim.prompt_chars),
                    "best_of": Field((int, type(None)), check=lambda v: None if v in (None, 1) else "only best_of=1")},
 }
 
@@ -111,12 +128,21 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-def validate(body: dict, kind: str) -> dict:
-    """Typed, range-checked fields with defaults filled in; APIError(400, param=field) otherwise."""
+def too_long(param: str, value, limit: int) -> APIError:
+    """OpenAI's codes for an over-long string / array (its own 400s use these names)."""
+    what, code = ("characters", "string_above_max_length") if isinstance(value, str) else \
+        ("items", "array_above_max_length")
+    return APIError(400, f"Invalid '{param}': {len(value)} {what}, more than the maximum of {limit}.",
+                    param=param, code=code)
+
+
+def validate(body: dict, kind: str, limits: RequestLimits) -> dict:
+    """Typed, size-bounded, range-checked fields with defaults filled in; APIError(400, param=field) otherwise."""
     schema = SCHEMAS[kind]
     for name in body:
         if name not in schema:
-            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name)
+            raise APIError(400, f"Unrecognized request argument supplied: {name[:MAX_ID_CHARS]}",
+                           param=name[:MAX_ID_CHARS])
     out = {}
     for name, f in schema.items():
         if name not in body:
@@ -130,6 +156,9 @@ def validate(body: dict, kind: str) -> dict:
             names = "/".join(t.__name__.replace("NoneType", "null") for t in f.types)
             raise APIError(400, f"Invalid type for '{name}': expected {names}, got {type(v).__name__}.",
                            param=name, code="invalid_type")
+        limit = f.limit(v, limits) if isinstance(v, (str, list, dict)) else None
+        if limit is not None and len(v) > limit:
+            raise too_long(name, v, limit)
         why = f.check(v) if f.check else None
         if why:
             raise APIError(400, f"Invalid value for '{name}': {why}.", param=name, code="invalid_value")
@@ -139,22 +168,47 @@ def validate(body: dict, kind: str) -> dict:
     return out
 
 
-def chat_messages(messages: list) -> list[dict]:
-    """Messages as {"role", "content": str}; text content parts are joined (images etc. are refused)."""
-    out = []
+_MESSAGE_KEYS = {"role", "content", "name"}
+
+
+def _message_content(i: int, m) -> str:
+    """One message's text, its keys and sizes checked before its parts are read."""
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        raise APIError(400, f"messages[{i}] needs a role of system, user or assistant.", param=f"messages.[{i}]")
+    if not _MESSAGE_KEYS.issuperset(m):  # stops at the first unknown key
+        key = next(k for k in m if k not in _MESSAGE_KEYS)[:MAX_ID_CHARS]
+        raise APIError(400, f"messages[{i}]: unrecognized key '{key}' (allowed: content, name, role).",
+                       param=f"messages.[{i}].{key}")
+    name = m.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
+        raise APIError(400, f"messages[{i}].name must be a string of at most {MAX_NAME_CHARS} characters.",
+                       param=f"messages.[{i}].name", code="invalid_value")
+    content = m.get("content")
+    param = f"messages.[{i}].content"
+    if isinstance(content, list):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise too_long(param, content, MAX_CONTENT_PARTS)
+        if not all(isinstance(p, dict) and len(p) == 2 and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise APIError(400, f"messages[{i}].content: only text parts ({{type: text, text}}) are supported.",
+                           param=param)
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, f"messages[{i}].content must be a string.", param=param, code="invalid_type")
+    return content
+
+
+def chat_messages(messages: list, limits: RequestLimits) -> list[dict]:
+    """Messages as {"role", "content": str}; text content parts are joined (images etc. are refused). The total text
+    is bounded by `limits.prompt_chars` (the message count was bounded by `validate`)."""
+    out, total = [], 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}] needs a role of system, user or assistant.", param=f"messages.[{i}]")
-        content = m.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported.",
-                               param=f"messages.[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string.", param=f"messages.[{i}].content",
-                           code="invalid_type")
+        content = _message_content(i, m)
+        total += len(content)
+        if total > limits.prompt_chars:
+            raise APIError(400, f"Invalid 'messages': more than {limits.prompt_chars} characters of text in all, "
+                                f"which cannot fit in this model's {limits.context_length}-token context.",
+                           param="messages", code="context_length_exceeded")
         out.append({"role": m["role"], "content": content})
     if not out:
         raise APIError(400, "messages must not be empty.", param="messages")
@@ -165,27 +219,61 @@ def stop_list(stop) -> list[str]:
     return [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
 
 
+def _failure(s: str) -> list[int]:
+    """Knuth-Morris-Pratt failure table: f[k] = length of the longest proper prefix of s[:k+1] that is also its
+    suffix."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
 class StopMatcher:
-    """Withholds text that could still become a stop string; cuts the text before the first stop string."""
+    """Streaming stop-string search, linear in the text generated.
+
+    One Knuth-Morris-Pratt automaton per stop string; its state is the length of the longest prefix of that stop
+    string the text so far ends with. Text that could still become a stop string (the largest state) is withheld; at
+    the first character where a stop string completes, the text is cut before it (before the longest one, if several
+    end there), whatever way the text was split into pushes. Each character costs O(1) amortized per stop string.
+    (The previous matcher compared every prefix of every stop string at each token: quadratic in the stop string's
+    length, and a 1 MB stop string froze the event loop for 30 s.)"""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.buf = stops, ""
+        self.stops = stops
+        self._fail = [_failure(s) for s in stops]
+        self._state = [0] * len(stops)
+        self._held = ""  # the last max(state) characters: not emitted yet
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit now, stopped)."""
         if not self.stops:
             return text, False
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[:min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
-        return out, False
+        buf, base = self._held + text, len(self._held)
+        for i, ch in enumerate(text):
+            cut = None
+            for j, (s, fail) in enumerate(zip(self.stops, self._fail)):
+                k = self._state[j]
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    start = base + i + 1 - k
+                    cut = start if cut is None else min(cut, start)
+                self._state[j] = k
+            if cut is not None:
+                self._held, self._state = "", [0] * len(self.stops)
+                return buf[:cut], True
+        keep = max(self._state)
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
 
     def flush(self) -> str:
-        out, self.buf = self.buf, ""
+        out, self._held = self._held, ""
         return out
 
 

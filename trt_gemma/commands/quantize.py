@@ -28,12 +28,15 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(quantize_checkpoint).par
 @click.option("--device", type=click.Choice(list(DEVICES)), default=_DEFAULTS["device"], show_default=True,
               help="Where ModelOpt calibrates (auto: CUDA when torch sees one).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32", "auto"]), default="auto",
-              show_default=True, help="Checkpoint dtype (scales, norms, embedding); auto keeps the source's.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+              show_default=True, help="Checkpoint dtype (scales, norms, embedding); auto keeps the source's, "
+              "except float32 -> bfloat16 for int4_awq (TensorRT-LLM runs it in 16 bits only).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads for calibration on CPU [default: the cores available minus the current load].")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only a trt-gemma output or an empty dir).")
 @click.option("--allow-low-memory", is_flag=True, help="Calibrate even if available host memory looks too small.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def quantize(paths, quant, group_size, kv_cache, calib_file, calib_samples, calib_seq_len, device, dtype, force,
-             allow_low_memory, as_json):
+def quantize(paths, quant, group_size, kv_cache, calib_file, calib_samples, calib_seq_len, device, dtype, threads,
+             force, allow_low_memory, as_json):
     """Quantize MODEL (a local HF dir, a hub id, or the embedded model when omitted) with NVIDIA ModelOpt and write
     a TensorRT-LLM checkpoint at OUT. An already-quantized ModelOpt unified checkpoint is converted as is."""
     from trt_gemma.console import emit
@@ -41,10 +44,11 @@ def quantize(paths, quant, group_size, kv_cache, calib_file, calib_samples, cali
     if len(paths) > 2:
         raise click.UsageError("expected [MODEL] OUT")
     model, out = (None, paths[0]) if len(paths) == 1 else paths
-    path = quantize_checkpoint(model, Path(out), quant=quant, group_size=None if group_size is None else int(group_size), kv_cache=kv_cache,
+    group_size = None if group_size is None else int(group_size)
+    path = quantize_checkpoint(model, Path(out), quant=quant, group_size=group_size, kv_cache=kv_cache,
                                calib_file=calib_file, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                                device=device, dtype=None if dtype == "auto" else dtype, force=force,
-                               allow_low_memory=allow_low_memory, show_progress=not as_json)
+                               allow_low_memory=allow_low_memory, show_progress=not as_json, threads=threads)
     cfg = json.loads((path / "config.json").read_text())
     prov = json.loads((path / "trt_gemma_provenance.json").read_text())
     summary = {"checkpoint": str(path), "source": prov.get("source"), "dtype": cfg["dtype"],

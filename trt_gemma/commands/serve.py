@@ -9,6 +9,10 @@ import click
 
 from trt_gemma.console import console, emit
 from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
+from trt_gemma.serve_conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
+
+
+API_KEY_ENV = "TRT_GEMMA_API_KEY"
 
 
 @click.command()
@@ -16,7 +20,14 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Bind address (0.0.0.0 exposes it to the network).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", default=None, envvar="TRT_GEMMA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1.")
+@click.option("--api-key", default=None, envvar=API_KEY_ENV, show_envvar=True,
+              help=f"Require 'Authorization: Bearer KEY' on /v1. A key given here shows in `ps`: prefer "
+                   f"--api-key-file or ${API_KEY_ENV}. An empty key is refused.")
+@click.option("--api-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (one line; surrounding whitespace ignored).")
+@click.option("--metrics-auth", is_flag=True,
+              help="Require the API key on /metrics too (by default /metrics is open, as in vLLM and NIM: it "
+                   "holds counts and sizes, no request text).")
 @click.option("--max-queue", default=DEFAULT_MAX_QUEUE, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; beyond that: 429 + Retry-After.")
 @click.option("--max-concurrency", default=DEFAULT_MAX_CONCURRENCY, show_default=True, type=click.IntRange(1),
@@ -24,6 +35,21 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
 @click.option("--stream-interval", default=DEFAULT_STREAM_INTERVAL_S, show_default=True, type=click.FloatRange(0),
               help="Minimum seconds between SSE chunks of a stream; tokens in between share a chunk (0: per token).")
+@click.option("--max-connections", default=None, type=click.IntRange(1),
+              help="Open connections at most; beyond it the oldest one that has not sent its request is closed. "
+                   "[default: from the open-file limit, at most 1024]")
+@click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds a connection has to send its complete request headers, else it is closed.")
+@click.option("--keep-alive-timeout", default=DEFAULT_KEEP_ALIVE_TIMEOUT_S, show_default=True,
+              type=click.IntRange(1), help="Seconds an idle keep-alive connection stays open.")
+@click.option("--body-timeout", default=DEFAULT_BODY_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="Seconds a request body has to arrive (else 408).")
+@click.option("--print-k8s", is_flag=True, help="Print a Kubernetes Deployment + Service running this server and exit.")
+@click.option("--exit-on-load-failure/--no-exit-on-load-failure", default=None,
+              help="Exit (non-zero) when the model fails to load or the backend fails its health probe, so a "
+                   "supervisor restarts it, instead of staying up with /health 503. "
+                   "[default: on under systemd or in a container]")
 @click.option("--guard", default=None, metavar="SHIELD",
               help="ShieldGemma beside the chat model (dir / hub id, `default`: the embedded model, no safety "
                    "model): adds /v1/moderations and checks chat prompts.")
@@ -32,9 +58,9 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--guard-response", is_flag=True, help="Also check each completion (prompt-response template).")
 @click.option("--guard-thresholds", type=click.Path(dir_okay=False), default=None,
               help="TOML [thresholds] table for the guard (default 0.5 per policy).")
-@click.option("--print-k8s", is_flag=True, help="Print a Kubernetes Deployment + Service running this server and exit.")
-def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval, guard, guard_mode,
-          guard_response, guard_thresholds, print_k8s):
+def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max_concurrency, model_name,
+          stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout, exit_on_load_failure,
+          print_k8s, guard, guard_mode, guard_response, guard_thresholds):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.k8s import print_serve_manifests
@@ -45,6 +71,7 @@ def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, st
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
 
+    key = resolve_api_key(api_key, api_key_file)  # before anything slow: a bad key is a typo to fix now
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
     guard_cfg = None
@@ -53,8 +80,35 @@ def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, st
 
         guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds)
         guard_cfg.check()
-    run_server(path, model_name=name, host=host, port=port, api_key=api_key, max_queue=max_queue,
-               max_concurrency=max_concurrency, stream_interval_s=stream_interval, guard=guard_cfg)
+    run_server(path, model_name=name, host=host, port=port, api_key=key, max_queue=max_queue,
+               max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
+               keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
+               exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg)
+
+
+def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key from --api-key / $TRT_GEMMA_API_KEY or --api-key-file; an empty one is an error, never "no auth".
+    (click reads an empty environment variable as unset, so that case is checked here.)"""
+    import os
+
+    from trt_gemma.errors import ConfigError, InputError
+
+    source = "--api-key"
+    if api_key is None and API_KEY_ENV in os.environ:
+        api_key, source = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    if api_key is not None and api_key_file is not None:
+        raise ConfigError("both an API key and --api-key-file were given",
+                          fix=f"use one: --api-key-file, or --api-key / ${API_KEY_ENV}")
+    if api_key_file is not None:
+        try:
+            api_key, source = api_key_file.read_text(encoding="utf-8").strip(), f"--api-key-file {api_key_file}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the API key file {api_key_file}: {e}",
+                             fix="pass a readable UTF-8 text file holding the key") from e
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(f"the API key from {source} is empty: that would turn authentication off",
+                          fix=f"set a non-empty key, or unset {API_KEY_ENV} and drop --api-key to serve without one")
+    return api_key
 
 
 @click.command()

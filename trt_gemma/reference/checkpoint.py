@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trt_gemma.config import CHECKPOINT_NAMES, check_ranges
 from trt_gemma.dtypes import to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.quant_block import effective_excludes
@@ -128,6 +129,7 @@ class CheckpointConfig:
 
     def _validate(self, source: str, d: dict, mapping: dict) -> None:
         fix = "re-create the checkpoint with `trt-gemma convert`"
+        check_ranges(vars(self), source, fix, names=CHECKPOINT_NAMES)  # the same value ranges as an HF config
         # sizes first: the divisibility checks below (and the loader) divide by them
         for name in POSITIVE:
             value = getattr(self, name)
