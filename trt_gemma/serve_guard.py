@@ -24,14 +24,13 @@ import hmac
 import json
 import logging
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 
 from trt_gemma.errors import InputError, TrtGemmaError
