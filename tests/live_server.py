@@ -18,14 +18,15 @@ SERVE_CONTEXT = 2048  # longer than TINY's 256 so a stream can outlive a client 
 
 
 class LiveServer:
-    def __init__(self, app, **conn):
-        """`conn`: serve_conn.uvicorn_config's connection settings (header_timeout, max_connections, ...)."""
+    def __init__(self, app, log_level: str = "warning", **conn):
+        """`conn`: serve_conn.uvicorn_config's connection settings (header_timeout, max_connections, ...).
+        `log_level` also becomes trt_gemma.serve's level (uvicorn_config routes that logger to uvicorn's handlers)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, log_level="warning", **conn))
+        self.server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **conn))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
