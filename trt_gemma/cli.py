@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("trt_gemma.commands.generate", "generate", "Generate text from a checkpoint (numpy reference)."),
     "quantize": ("trt_gemma.commands.quantize", "quantize", "INT4-AWQ / FP8 quantization through ModelOpt."),
     "eval": ("trt_gemma.commands.eval", "eval_", "Perplexity / top-1 / KL of checkpoints vs the unquantized model."),
+    "export-onnx": ("trt_gemma.commands.export_onnx", "export_onnx", "Checkpoint -> standard-operator ONNX graph."),
     "build": ("trt_gemma.commands.build", "build", "Target-tuned bundle, compiled to an engine where possible."),
     "inspect": ("trt_gemma.commands.build", "inspect", "Describe bundles and engines."),
     "serve": ("trt_gemma.commands.serve", "serve", "OpenAI-compatible server with memory telemetry."),

@@ -191,15 +191,14 @@ def soft_cap(g: Graph, x: str, cap: float | None) -> str:
 
 
 def gelu_tanh(g: Graph, x: str) -> str:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (reference `gelu_tanh`), in elementary ops so every parser
-    takes it (Gelu(approximate='tanh') is opset 20)."""
-    x3 = g.op("Mul", g.op("Mul", x, x), x)
-    inner = g.op("Mul", g.op("Add", x, g.op("Mul", x3, g.const(0.044715))), g.const(GELU_C))
-    return g.op("Mul", g.op("Mul", x, g.const(0.5)), g.op("Add", g.op("Tanh", inner), g.const(1.0)))
+    """GELU with the tanh approximation (reference `gelu_tanh`): ONNX Gelu(approximate='tanh'), opset 20, one node
+    that onnxruntime and the TensorRT parsers implement natively."""
+    return g.op("Gelu", x, approximate="tanh")
 
 
 def rope(g: Graph, x: str, cos: str, sin: str) -> str:
-    """rotate_half RoPE on [B, heads, T, d] (reference `apply_rope`): x*cos + concat(-x2, x1)*sin."""
+    """rotate_half RoPE (reference `apply_rope`): x*cos + concat(-x2, x1)*sin, on [B, T, heads, d] with cos/sin
+    [T, 1, d], so query and key heads rotate in one pass."""
     x1, x2 = g.op("Split", x, axis=-1, num_outputs=2, outputs=2)
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
@@ -218,12 +217,14 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int) -> _Shared:
     past = g.op("Shape", "past_key_values.0.key", start=2, end=3)
     new = g.op("Shape", "input_ids", start=1, end=2)
     total = g.op("Add", past, new)
-    scalar = g.const([], np.int64)  # Reshape to a scalar for Range
-    q_pos = g.op("Range", g.op("Reshape", past, scalar), g.op("Reshape", total, scalar), g.const(1, np.int64))
-    k_pos = g.op("Range", g.const(0, np.int64), g.op("Reshape", total, scalar), g.const(1, np.int64))
+    axis0 = g.const([0], np.int64)
+    start, stop = g.op("Squeeze", past, axis0), g.op("Squeeze", total, axis0)  # Range takes scalars
+    q_pos = g.op("Range", start, stop, g.const(1, np.int64))
+    k_pos = g.op("Range", g.const(0, np.int64), stop, g.const(1, np.int64))
     # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
     freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
     emb = np.concatenate([freqs, freqs], -1)
+    emb = emb[:, None, :]  # [max_seq_len, 1, d]: gathered rows broadcast over heads in [B, T, heads, d]
     cos = g.op("Gather", g.tensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
     sin = g.op("Gather", g.tensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
@@ -243,28 +244,31 @@ def _attention(ctx: _Ctx, i: int, x: str, sh: _Shared) -> str:
     g, c = ctx.g, ctx.cfg
     p = f"transformer.layers.{i}.attention"
     d, nq, nkv = c.head_size, c.num_attention_heads, c.num_key_value_heads
-    qkv = _linear(ctx, f"{p}.qkv", x)
-    q, k, v = g.op("Split", qkv, g.const([nq * d, nkv * d, nkv * d], np.int64), axis=-1, outputs=3)
-
-    def heads(t: str, n: int) -> str:  # [B, T, n*d] -> [B, n, T, d]
-        return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, d], np.int64)), perm=[0, 2, 1, 3])
-
-    q, k, v = rope(g, heads(q, nq), sh.cos, sh.sin), rope(g, heads(k, nkv), sh.cos, sh.sin), heads(v, nkv)
+    qkv = g.op("Reshape", _linear(ctx, f"{p}.qkv", x), g.const([0, 0, nq + 2 * nkv, d], np.int64))
+    qk, v = g.op("Split", qkv, g.const([nq + nkv, nkv], np.int64), axis=2, outputs=2)
+    q, k = g.op("Split", rope(g, qk, sh.cos, sh.sin), g.const([nq, nkv], np.int64), axis=2, outputs=2)
     if c.kv_cache_quant_algo == "FP8":
         from trt_gemma.reference.quantized import FP8Quant, _scalar
 
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
-    k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
-    v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
+    heads_first = [0, 2, 1, 3]  # [B, T, heads, d] -> [B, heads, T, d]
+    k = g.op("Concat", f"past_key_values.{i}.key", g.op("Transpose", k, perm=heads_first), axis=2,
+             name=f"present.{i}.key")
+    v = g.op("Concat", f"past_key_values.{i}.value", g.op("Transpose", v, perm=heads_first), axis=2,
+             name=f"present.{i}.value")
     g.output(k, f"present.{i}.key", "FLOAT", ["batch", nkv, "total_sequence", d])
     g.output(v, f"present.{i}.value", "FLOAT", ["batch", nkv, "total_sequence", d])
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
-    qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
+    qg = g.op("Reshape", g.op("Transpose", q, perm=heads_first), g.const([0, nkv, -1, d], np.int64))
     scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
-    scores = soft_cap(g, g.op("Mul", scores, g.const(float(attention_scale(c.query_pre_attn_scalar)))),
-                      c.attn_logit_softcapping)
+    scale = float(attention_scale(c.query_pre_attn_scalar))
+    cap = c.attn_logit_softcapping
+    if cap is None:
+        scores = g.op("Mul", scores, g.const(scale))
+    else:  # tanh(scores * scale / cap) * cap: the scale folded into the soft-cap's division
+        scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.const(scale / cap))), g.const(cap))
     window = c.sliding_window if c.is_sliding(i) else None
     scores = g.op("Where", sh.masks[window], scores, g.const(-np.inf))
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kv, group*T, d]
@@ -415,9 +419,7 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
     newest = onnx.defs.onnx_opset_version()
     int4 = cfg.quant_algo in ("W4A16_AWQ", "W4A16") or lm_head == "int4"
     need, why = (MIN_OPSET, "INT4 / blocked DequantizeLinear") if int4 else \
-        (19, "float8 Q/DQ") if "FP8" in (cfg.quant_algo, cfg.kv_cache_quant_algo) else (18, "Split num_outputs")
-    if lm_head == "int8":
-        need = max(need, 19)  # int8 per-axis DQ -> MatMul is fine from 13; 19 keeps one DQ signature
+        (20, "Gelu(approximate='tanh')")
     if opset < need or opset > newest:
         raise ConfigError(f"--opset {opset}: this graph needs opset >= {need} ({why}) and the installed onnx "
                           f"knows up to {newest}", fix=f"use --opset {max(MIN_OPSET, need)}")

@@ -482,8 +482,9 @@ def _check_bindable(host: str, port: int) -> None:
 def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S,
-               log_level: str = "info") -> None:
-    """Serve `model_path` (any dir `load_backend` accepts); the port opens before the model finishes loading."""
+               log_level: str = "info", backend: str = "auto") -> None:
+    """Serve `model_path` (any dir `load_backend` accepts) on `backend` (backends.BACKENDS); the port opens before
+    the model finishes loading."""
     import uvicorn
 
     from trt_gemma.backends import detect_kind, load_backend
@@ -491,6 +492,6 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
     detect_kind(Path(model_path))  # a wrong path fails here, before the port opens
     _check_bindable(host, port)  # a busy port is a typed error here, not uvicorn's exit after the model loads
     name = model_name or Path(model_path).name
-    app = create_app(lambda: load_backend(model_path, slots=max_concurrency), name, api_key=api_key,
+    app = create_app(lambda: load_backend(model_path, slots=max_concurrency, backend=backend), name, api_key=api_key,
                      max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

@@ -24,7 +24,10 @@ from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_
 @click.option("--model-name", default=None, help="Model id clients send (default: the directory name).")
 @click.option("--stream-interval", default=DEFAULT_STREAM_INTERVAL_S, show_default=True, type=click.FloatRange(0),
               help="Minimum seconds between SSE chunks of a stream; tokens in between share a chunk (0: per token).")
-def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval):
+@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
+              show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
+                                      "numpy reference.")
+def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, stream_interval, backend):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     from trt_gemma.hf import resolve_model
     from trt_gemma.serve import run_server
@@ -32,7 +35,7 @@ def serve(model, host, port, api_key, max_queue, max_concurrency, model_name, st
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
     run_server(path, model_name=name, host=host, port=port, api_key=api_key, max_queue=max_queue,
-               max_concurrency=max_concurrency, stream_interval_s=stream_interval)
+               max_concurrency=max_concurrency, stream_interval_s=stream_interval, backend=backend)
 
 
 @click.command()
