@@ -281,3 +281,19 @@ def test_missing_tensor_is_named(ckpt, tmp_path):
     with pytest.raises(InputError, match=r"transformer\.layers\.1\.mlp\.gate\.weight"):
         export_onnx(bad, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "awq"])
+def test_tensorrt_rtx_parser_accepts_the_graph(kind, ckpt, tmp_path):
+    """The graph the TensorRT route builds from: tensorrt_rtx's own ONNX parser must take it without errors
+    (engine building is `trt-gemma build --engine tensorrt`'s part)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+    export_onnx(ckpt(kind), tmp_path / "onnx", show_progress=False)
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(tmp_path / "onnx" / "model.onnx"))
+    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert ok and not errors, f"{kind}: tensorrt_rtx rejects the graph: {errors}"
+    names = {network.get_output(i).name for i in range(network.num_outputs)}
+    assert "logits" in names and "present.2.value" in names
