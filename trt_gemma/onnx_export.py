@@ -42,7 +42,7 @@ MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opse
 LM_HEAD_CHOICES = ("none", "int8", "int4")
 # INT4 block sizes TensorRT's blocked DequantizeLinear takes along the input dimension (docs/onnx.md).
 TRT_INT4_BLOCK_SIZES = (32, 64, 128)
-LM_HEAD_GROUP = 128
+LM_HEAD_GROUP = 128  # INT4 block along the input dimension where we choose it (lm_head, per-channel W4A16)
 ROW_BLOCK = 8192  # vocab rows per block when streaming the embedding / lm_head
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
@@ -105,12 +105,20 @@ def _weight_only(bits: int) -> Callable[[_Ctx, str, str], str]:
 def _dq_matmul_per_channel(g: Graph, prefix: str, x: str, q: np.ndarray, scale: np.ndarray, bits: int) -> str:
     """y = x @ (q * scale).T for int codes q [out, in] and a per-output-channel scale [out]."""
     out, inp = q.shape
+    scale = np.asarray(scale, np.float32).reshape(out)
     if bits == 8:
         w = g.tensor(f"{prefix}.weight", np.ascontiguousarray(q.T).astype(np.int8))
-    else:
-        w = g.tensor(f"{prefix}.weight", pack_int4_rows(np.ascontiguousarray(q.T)), "INT4", (inp, out))
-    sc = g.tensor(f"{prefix}.weight_scale", np.asarray(scale, np.float32).reshape(out))
-    return g.op("MatMul", x, g.op("DequantizeLinear", w, sc, axis=1, name=f"{prefix}.dq"), name=prefix)
+        sc = g.tensor(f"{prefix}.weight_scale", scale)
+        return g.op("MatMul", x, g.op("DequantizeLinear", w, sc, axis=1, name=f"{prefix}.dq"), name=prefix)
+    w = g.tensor(f"{prefix}.weight", pack_int4_rows(np.ascontiguousarray(q.T)), "INT4", (inp, out))
+    if inp % LM_HEAD_GROUP:
+        sc = g.tensor(f"{prefix}.weight_scale", scale)
+        return g.op("MatMul", x, g.op("DequantizeLinear", w, sc, axis=1, name=f"{prefix}.dq"), name=prefix)
+    # The same per-channel math as blocks of 128 along the input (the channel scale repeated per block): the
+    # layout TensorRT's INT4 GEMMs and onnxruntime's fast MatMulNBits kernels take (a whole-row block is neither).
+    sc = g.tensor(f"{prefix}.weight_scale", np.repeat(scale[None], inp // LM_HEAD_GROUP, axis=0))
+    wd = g.op("DequantizeLinear", w, sc, axis=0, block_size=LM_HEAD_GROUP, name=f"{prefix}.dq")
+    return g.op("MatMul", x, wd, name=prefix)
 
 
 def pack_int4_rows(q: np.ndarray) -> np.ndarray:
@@ -373,12 +381,19 @@ def _gemm_head(g: Graph, table: str, V: int, H: int) -> Callable[[str], str]:
     return head
 
 
-def _embedding_and_head(ctx: _Ctx, lm_head: str) -> tuple[str, Callable[[str], str]]:
-    """(gather table as float32 value, lm_head function). A tied float head shares the embedding's table."""
+def _embedding_and_head(ctx: _Ctx, lm_head: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(gather: ids -> float32 rows, lm_head: x -> logits). A tied float head shares one float32 table with the
+    gather; otherwise the gather reads the stored table and casts only the rows it took (onnxruntime would fold a
+    Cast of the whole table into a float32 copy)."""
     g, c, s = ctx.g, ctx.cfg, ctx.shards
     V, H, emb_name = c.vocab_size, c.hidden_size, "transformer.vocab_embedding.weight"
     emb = _copy_rows(ctx, emb_name, V)
-    emb_f32 = emb if s.info(emb_name).dtype == "F32" else g.op("Cast", emb, to=_f32(), name="embedding.cast")
+    cast = s.info(emb_name).dtype != "F32"
+
+    def gather_rows(ids: str) -> str:
+        rows = g.op("Gather", emb, ids, axis=0, name="embedding")
+        return g.op("Cast", rows, to=_f32()) if cast else rows
+
     head_src = "lm_head.weight" if s.has("lm_head.weight") else emb_name
     head_quantized = s.has("lm_head.weight") and not is_excluded("lm_head", c) and c.quant_algo is not None
     if lm_head != "none":
@@ -387,15 +402,16 @@ def _embedding_and_head(ctx: _Ctx, lm_head: str) -> tuple[str, Callable[[str], s
                               f"({c.quant_algo})", fix="drop --lm-head")
         if head_src != emb_name:
             s.used.add(head_src)
-        return emb_f32, _quantized_head(ctx, head_src, 8 if lm_head == "int8" else 4)
+        return gather_rows, _quantized_head(ctx, head_src, 8 if lm_head == "int8" else 4)
     if head_quantized:
-        return emb_f32, lambda x: _linear(ctx, "lm_head", x)
+        return gather_rows, lambda x: _linear(ctx, "lm_head", x)
     if head_src == emb_name or _same_rows(ctx, head_src, emb_name, V):
-        s.used.add(head_src)
-        return emb_f32, _gemm_head(g, emb_f32, V, H)  # tied: one table for the gather and the head
+        s.used.add(head_src)  # tied: one float32 table for the gather and the head
+        emb_f32 = g.op("Cast", emb, to=_f32(), name="embedding.cast") if cast else emb
+        return (lambda ids: g.op("Gather", emb_f32, ids, axis=0, name="embedding")), _gemm_head(g, emb_f32, V, H)
     head = _copy_rows(ctx, head_src, V)
     head_f32 = head if s.info(head_src).dtype == "F32" else g.op("Cast", head, to=_f32())
-    return emb_f32, _gemm_head(g, head_f32, V, H)
+    return gather_rows, _gemm_head(g, head_f32, V, H)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
@@ -438,7 +454,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     from trt_gemma.console import progress
     from trt_gemma.fsutil import atomic_output_dir, check_output_target
     from trt_gemma.reference.checkpoint import check_all_used
-    from trt_gemma.reference.generate import peak_rss_bytes
 
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
@@ -452,9 +467,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
         with progress(disable=not show_progress) as bar:
             task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
             _declare_io(g, cfg)
-            table, head = _embedding_and_head(ctx, lm_head)
-            x = g.op("Gather", table, "input_ids", axis=0, name="embedding")
-            x = g.op("Mul", x, g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype))), name="embed_scale")
+            gather, head = _embedding_and_head(ctx, lm_head)
+            x = g.op("Mul", gather("input_ids"), g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype))), name="embed_scale")
             bar.advance(task)
             sh = _shared(g, cfg, max_seq_len)
             for i in range(cfg.num_hidden_layers):
@@ -524,6 +538,20 @@ def _copy_tokenizer(ckpt: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, dst / name)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process: VmHWM (per address space, so a child spawned by a big parent reports its
+    own peak, unlike ru_maxrss, which survives exec), else getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from trt_gemma.reference.generate import peak_rss_bytes as ru_maxrss
+
+    return ru_maxrss()
 
 
 def read_manifest(onnx_dir: Path) -> dict:
