@@ -229,8 +229,14 @@ def test_bad_options_are_typed_errors_and_leave_no_output(ckpt, tmp_path):
 
 
 def test_unrepresentable_checkpoints_name_the_tensor(ckpt, tmp_path):
-    bad = make_awq(ckpt("fp32"), tmp_path / "g16", group=16)  # not a TensorRT block size
-    with pytest.raises(ConfigError, match=r"attention\.qkv\.weights_scaling_factor: INT4 group size 16"):
+    from safetensors.numpy import load_file
+
+    bad = shutil.copytree(ckpt("awq"), tmp_path / "g3")
+    t = load_file(str(bad / "rank0.safetensors"))
+    name = "transformer.layers.1.mlp.fc.weights_scaling_factor"
+    t[name] = np.repeat(t[name][:, :1], 3, axis=1)  # 3 groups over in_features 256: not whole blocks
+    _save(t, bad / "rank0.safetensors", fp8=False)
+    with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.fc\.weights_scaling_factor: 3 groups over in_features 256"):
         export_onnx(bad, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     odd = shutil.copytree(ckpt("fp32"), tmp_path / "odd")

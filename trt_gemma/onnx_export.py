@@ -40,8 +40,6 @@ from trt_gemma.reference.model import attention_scale, embedding_normalizer, rop
 
 MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opset 21
 LM_HEAD_CHOICES = ("none", "int8", "int4")
-# INT4 block sizes TensorRT's blocked DequantizeLinear takes along the input dimension (docs/onnx.md).
-TRT_INT4_BLOCK_SIZES = (32, 64, 128)
 LM_HEAD_GROUP = 128  # INT4 block along the input dimension where we choose it (lm_head, per-channel W4A16)
 ROW_BLOCK = 8192  # vocab rows per block when streaming the embedding / lm_head
 MANIFEST = "trt_gemma_onnx.json"
@@ -79,12 +77,11 @@ def _linear_awq(ctx: _Ctx, prefix: str, x: str) -> str:
     wsf = s.get_f32(f"{prefix}.weights_scaling_factor")  # [out, in/group]
     pqs = s.get_f32(f"{prefix}.prequant_scaling_factor")  # [in]
     out, inp = packed.shape[0] * 2, packed.shape[1]
-    if wsf.ndim != 2 or wsf.shape[0] != out or inp % max(1, wsf.shape[1]) or pqs.shape != (inp,):
+    if wsf.ndim != 2 or wsf.shape[0] != out or wsf.shape[1] == 0 or pqs.shape != (inp,):
         raise InputError(f"{s.files[0]}: {prefix} has weight {list(packed.shape)}, weights_scaling_factor "
                          f"{list(wsf.shape)}, prequant_scaling_factor {list(pqs.shape)}: expected [out/2, in], "
                          "[out, in/group], [in]", fix=FIX_CKPT)
-    group = inp // wsf.shape[1]
-    _check_block(f"{prefix}.weights_scaling_factor", group)
+    group = _check_block(f"{prefix}.weights_scaling_factor", inp, wsf.shape[1])
     w = g.tensor(f"{prefix}.weight", np.ascontiguousarray(packed.T).view(np.uint8), "INT4", (inp, out))
     sc = g.tensor(f"{prefix}.weights_scaling_factor", np.ascontiguousarray(wsf.T))
     wd = g.op("DequantizeLinear", w, sc, axis=0, block_size=group, name=f"{prefix}.dq")
@@ -163,11 +160,14 @@ LINEAR_EXPORTS: dict[str | None, Callable[[_Ctx, str, str], str]] = {
 KV_CACHE_EXPORTS = (None, "FP8")
 
 
-def _check_block(what: str, group: int) -> None:
-    if group not in TRT_INT4_BLOCK_SIZES:
-        raise ConfigError(f"{what}: INT4 group size {group} cannot be block-quantized by TensorRT (blocks of "
-                          f"{', '.join(map(str, TRT_INT4_BLOCK_SIZES))} along the input dimension)",
+def _check_block(what: str, in_features: int, groups: int) -> int:
+    """The INT4 block size along the input dimension; blocked DequantizeLinear (and TensorRT's INT4 GEMMs) need
+    whole blocks: in_features % group == 0."""
+    if in_features % groups:
+        raise ConfigError(f"{what}: {groups} groups over in_features {in_features} are not whole blocks, which "
+                          "blocked DequantizeLinear / TensorRT INT4 weights cannot represent",
                           fix="re-quantize with `trt-gemma quantize --group-size 128`")
+    return in_features // groups
 
 
 def _linear(ctx: _Ctx, prefix: str, x: str) -> str:
@@ -427,8 +427,6 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
     if cfg.kv_cache_quant_algo not in KV_CACHE_EXPORTS:
         raise UnsupportedModelError(f"{where}: kv_cache_quant_algo {cfg.kv_cache_quant_algo!r} cannot be exported "
                                     "(supported: float, FP8)", fix="quantize with a float or FP8 KV cache")
-    if cfg.tp_size > 1 and cfg.quant_algo == "W4A16_AWQ" and cfg.group_size not in TRT_INT4_BLOCK_SIZES:
-        _check_block("quantization.group_size", cfg.group_size)
     if lm_head not in LM_HEAD_CHOICES:
         raise ConfigError(f"--lm-head {lm_head!r} is not one of {', '.join(LM_HEAD_CHOICES)}",
                           fix="use --lm-head none, int8 or int4")
