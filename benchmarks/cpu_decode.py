@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 PROMPT_TOKENS = 32
+ROOFLINE_MIN_BYTES = 256 << 20
 
 
 def bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -112,8 +113,12 @@ def run_child(args: list[str], what: str) -> dict | None:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(kind: str, path: Path, tokens: int) -> dict | None:
-    return run_child(["--child", kind, "--model", str(path), "--tokens", str(tokens)], f"{kind} on {path.name}")
+def measure(kind: str, path: Path, tokens: int, repeats: int = 1) -> dict | None:
+    """Best of `repeats` runs (a shared host's other jobs only ever slow a run down)."""
+    runs = [run_child(["--child", kind, "--model", str(path), "--tokens", str(tokens)], f"{kind} on {path.name}")
+            for _ in range(repeats)]
+    runs = [r for r in runs if r]
+    return max(runs, key=lambda r: r["tok_s"]) if runs else None
 
 
 # ---- model preparation ---------------------------------------------------------------------------------------------
@@ -212,6 +217,7 @@ def mib(b) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per row")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds on the embedded model (best of)")
     ap.add_argument("--2b", dest="two_b", action="store_true", help="also the synthetic 2B-shaped INT4-AWQ model")
     ap.add_argument("--peer-2b", action="store_true", help="also onnxruntime-genai on the 2B shape (~21 GB RSS)")
     ap.add_argument("--reference-2b", action="store_true", help="also the numpy reference on the 2B shape (~10 GB)")
@@ -244,11 +250,17 @@ def bench(work: Path, args) -> None:
     exports = {"fp32": (work / "onnx-fp32", export(ck32, work / "onnx-fp32")),
                "int4 weight-only": (work / "onnx-int4", export(ck4, work / "onnx-int4")),
                "int4 + lm_head int4": (work / "onnx-int4h", export(ck4, work / "onnx-int4h", "--lm-head", "int4"))}
-    for tag, (d, _) in exports.items():
-        rows.append(("embedded", f"(a) ours onnxruntime {tag}", measure("ours", d, args.tokens), d))
-    if genai_build(emb, work / "genai-emb", work / "genai-cache") is not None:
-        rows.append(("embedded", "(b) onnxruntime-genai int4", measure("genai", work / "genai-emb", args.tokens), None))
-    rows.append(("embedded", "(c) numpy reference fp32", measure("reference", ck32, args.tokens), None))
+    genai = genai_build(emb, work / "genai-emb", work / "genai-cache") is not None
+    best = {}
+    for _ in range(args.repeats):  # rounds interleave the runtimes, so a busy spell hits them alike
+        runs = [(f"(a) ours onnxruntime {tag}", "ours", d) for tag, (d, _) in exports.items()]
+        runs += [("(b) onnxruntime-genai int4", "genai", work / "genai-emb")] if genai else []
+        runs += [("(c) numpy reference fp32", "reference", ck32)]
+        for name, kind, d in runs:
+            r = measure(kind, d, args.tokens)
+            if r and (name not in best or r["tok_s"] > best[name][0]["tok_s"]):
+                best[name] = (r, d if kind == "ours" else None)
+    rows += [("embedded", name, r, d) for name, (r, d) in best.items()]
     exp_2b = None
     if args.two_b:
         exp_2b = bench_2b(work, args, rows)
@@ -300,8 +312,8 @@ def report(rows: list, bw: float, tokens: int, exports: dict, exp_2b: dict | Non
         vs_c = f"{r['tok_s'] / ref:7.1f}x" if ref and name.startswith("(a)") else "       -"
         vs_b = f"{r['tok_s'] / peer:7.2f}x" if peer and name.startswith("(a)") else "       -"
         roof = "        -"
-        if d is not None:
-            need = bytes_read_per_token(d, PROMPT_TOKENS + tokens // 2)
+        need = bytes_read_per_token(d, PROMPT_TOKENS + tokens // 2) if d is not None else 0
+        if need > ROOFLINE_MIN_BYTES:  # smaller models sit in the CPU caches: DRAM bandwidth does not bound them
             roof = f"{100 * r['tok_s'] * need / (bw * 1e9):8.0f}%"
         print(f"{model:18} {name:32} {r['tok_s']:9.1f} {mib(r['peak_rss_bytes'])} {vs_c} {vs_b} {roof}")
     for tag, (_, s) in exports.items():
