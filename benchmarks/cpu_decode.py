@@ -298,7 +298,7 @@ def bench_2b(work: Path, args, rows: list) -> dict:
 
 
 def report(rows: list, bw: float, tokens: int, exports: dict, exp_2b: dict | None) -> None:
-    print(f"\n{'model':18} {'runtime':32} {'tok/s':>9} {'peak RSS':>12} {'vs (c)':>8} {'vs (b)':>8} "
+    print(f"\n{'model':18} {'runtime':40} {'tok/s':>9} {'peak RSS':>12} {'vs (c)':>8} {'vs (b)':>8} "
           f"{'roofline':>9}")
     by_model: dict[str, dict] = {}
     for model, name, r, _ in rows:
@@ -306,7 +306,7 @@ def report(rows: list, bw: float, tokens: int, exports: dict, exp_2b: dict | Non
             by_model.setdefault(model, {})[name[:3]] = by_model.get(model, {}).get(name[:3]) or r["tok_s"]
     for model, name, r, d in rows:
         if not r:
-            print(f"{model:18} {name:32} {'failed':>9}")
+            print(f"{model:18} {name:40} {'failed':>9}")
             continue
         ref, peer = by_model[model].get("(c)"), by_model[model].get("(b)")
         vs_c = f"{r['tok_s'] / ref:7.1f}x" if ref and name.startswith("(a)") else "       -"
@@ -315,7 +315,7 @@ def report(rows: list, bw: float, tokens: int, exports: dict, exp_2b: dict | Non
         need = bytes_read_per_token(d, PROMPT_TOKENS + tokens // 2) if d is not None else 0
         if need > ROOFLINE_MIN_BYTES:  # smaller models sit in the CPU caches: DRAM bandwidth does not bound them
             roof = f"{100 * r['tok_s'] * need / (bw * 1e9):8.0f}%"
-        print(f"{model:18} {name:32} {r['tok_s']:9.1f} {mib(r['peak_rss_bytes'])} {vs_c} {vs_b} {roof}")
+        print(f"{model:18} {name:40} {r['tok_s']:9.1f} {mib(r['peak_rss_bytes'])} {vs_c} {vs_b} {roof}")
     for tag, (_, s) in exports.items():
         print(f"export embedded {tag}: wall {s['wall_s']:.1f} s, peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB")
     print("\ngoals: (a) >= 10x (c) everywhere; (a) >= 1.0x (b) and >= 50% of the roofline on the 2B shape; "
