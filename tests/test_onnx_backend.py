@@ -50,7 +50,8 @@ def test_greedy_tokens_equal_the_reference_on_the_embedded_model(embedded):
     ids = ref.encode(eval_text_path().read_text()[:400])
     want, _ = _tokens(ref, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
     got, steps = _tokens(ob, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
-    assert len(want) == 32 and got == want, f"first difference at step {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert len(want) == 32 and got == want, f"greedy tokens differ from step {first}: {got} vs {want}"
     assert steps[0].is_prompt_step and steps[-1].finish_reason == "length"
     assert ob.decode(got) == ref.decode(want)
 

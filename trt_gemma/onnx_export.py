@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.dtypes import NAME_TO_ST
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.onnx_graph import Graph
 from trt_gemma.onnx_weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
@@ -209,25 +208,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
         g = Graph(tmp / f"{MODEL_FILE}.data")
-        ctx = Ctx(g, shards, cfg, NAME_TO_ST.get(cfg.dtype, "F32"))
-        with progress(disable=not show_progress) as bar:
-            task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
-            _declare_io(g, cfg)
-            gather, head = embedding_and_head(ctx, lm_head)
-            x = g.op("Mul", gather("input_ids"), g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype))), name="embed_scale")
-            bar.advance(task)
-            sh = _shared(g, cfg, max_seq_len)
-            for i in range(cfg.num_hidden_layers):
-                bar.update(task, description=f"layer {i}")
-                x = _block(ctx, i, x, sh)
-                bar.advance(task)
-            ln_f = g.tensor("transformer.ln_f.weight", shards.get_f32("transformer.ln_f.weight"))
-            logits = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
-            g.output(logits, "logits", "FLOAT", ["batch", "sequence", cfg.vocab_size])
-            g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
+        try:
+            with progress(disable=not show_progress) as bar:
+                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, bar)
             check_all_used(shards)
-            bar.update(task, description="writing", completed=cfg.num_hidden_layers + 2)
-        g.close_data()
+        finally:
+            g.close_data()
         summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, g)
         model = g.model("gemma2", opset, f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
@@ -238,6 +224,27 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
         (tmp / MANIFEST).write_text(json.dumps(summary, indent=2))
     summary["path"] = str(out)
     return summary
+
+
+def _build(ctx: Ctx, lm_head: str, max_seq_len: int, bar) -> None:
+    """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap."""
+    g, cfg = ctx.g, ctx.cfg
+    task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
+    _declare_io(g, cfg)
+    gather, head = embedding_and_head(ctx, lm_head)
+    normalizer = g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
+    x = g.op("Mul", gather("input_ids"), normalizer, name="embed_scale")
+    bar.advance(task)
+    sh = _shared(g, cfg, max_seq_len)
+    for i in range(cfg.num_hidden_layers):
+        bar.update(task, description=f"layer {i}")
+        x = _block(ctx, i, x, sh)
+        bar.advance(task)
+    ln_f = g.tensor("transformer.ln_f.weight", ctx.shards.get_f32("transformer.ln_f.weight"))
+    logits = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
+    g.output(logits, "logits", "FLOAT", ["batch", "sequence", cfg.vocab_size])
+    g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
+    bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
 
 
 def _declare_io(g: Graph, cfg: CheckpointConfig) -> None:

@@ -122,9 +122,10 @@ class Graph:
             os.pwrite(fd, block[r].data, offset + r * row_bytes + col_offset)
 
     def close_data(self) -> None:
-        self._data.flush()
-        os.fsync(self._data.fileno())
-        self._data.close()
+        if not self._data.closed:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+            self._data.close()
 
     def model(self, name: str, opset: int, doc: str, metadata: dict[str, str]):
         from onnx import helper

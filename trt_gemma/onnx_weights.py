@@ -27,10 +27,11 @@ FIX_CKPT = "re-create the checkpoint with `trt-gemma convert` / `trt-gemma quant
 
 @dataclass
 class Ctx:
+    """What every exporter needs: the graph being built, the checkpoint's (TP-merged) tensors and its config."""
+
     g: Graph
     shards: ShardSet
     cfg: CheckpointConfig
-    st: str  # storage dtype of float tensors (safetensors name)
 
 
 # ---- linear layers, one exporter per quant_algo -----------------------------------------------------------------
