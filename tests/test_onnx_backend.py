@@ -22,11 +22,12 @@ from trt_gemma.onnx_export import export_onnx  # noqa: E402
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """The embedded trained model as a float32 checkpoint and its ONNX export."""
+    """The embedded trained model as a float32 checkpoint and its ONNX exports in both KV layouts."""
     work = tmp_path_factory.mktemp("embedded_onnx")
     ckpt = convert_checkpoint(None, work / "ckpt", dtype="float32", show_progress=False)
-    export_onnx(ckpt, work / "onnx", show_progress=False)
-    return ckpt, work / "onnx"
+    for layout in ("concat", "inplace"):
+        export_onnx(ckpt, work / layout, kv_cache=layout, show_progress=False)
+    return ckpt, work
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,12 @@ def _tokens(backend, ids, **kw) -> tuple[list[int], list]:
     return [s.token_id for s in steps], steps
 
 
-def test_greedy_tokens_equal_the_reference_on_the_embedded_model(embedded):
+@pytest.mark.parametrize("layout", ["concat", "inplace"])
+def test_greedy_tokens_equal_the_reference_on_the_embedded_model(embedded, layout):
     from trt_gemma.assets import eval_text_path
 
-    ckpt, onnx_dir = embedded
-    ref, ob = ReferenceBackend.load(ckpt), OnnxRuntimeBackend.load(onnx_dir)
+    ckpt, work = embedded
+    ref, ob = ReferenceBackend.load(ckpt), OnnxRuntimeBackend.load(work / layout)
     ids = ref.encode(eval_text_path().read_text()[:400])
     want, _ = _tokens(ref, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
     got, steps = _tokens(ob, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
@@ -62,6 +64,25 @@ def test_seeded_sampling_draws_what_the_reference_draws(tiny):
     ids = ref.encode("The quick brown fox")
     kw = dict(max_tokens=12, temperature=0.8, top_k=40, top_p=0.95, seed=7, ignore_eos=True)
     assert _tokens(ob, ids, **kw)[0] == _tokens(ref, ids, **kw)[0]
+
+
+def test_inplace_buffers_grow_and_keep_their_rows(tiny, tmp_path):
+    """The in-place layout: one buffer per layer, bound as past and present; it grows by doubling and a decode step
+    writes into the same numpy memory (nothing is copied back per step)."""
+    ckpt, concat_dir = tiny
+    export_onnx(ckpt, tmp_path / "inplace", kv_cache="inplace", show_progress=False)
+    model, ref = OrtModel(tmp_path / "inplace", accuracy_level=0), OrtModel(concat_dir, accuracy_level=0)
+    cache, ref_cache = model.new_cache(200), ref.new_cache(200)
+    ids = np.arange(10, 70)  # 60 tokens: the first buffer holds 64
+    np.testing.assert_allclose(model.forward(ids, cache), ref.forward(ids, ref_cache), atol=1e-5)
+    first = cache.arrays[0]
+    assert first.shape[2] == 64 and np.abs(first[0, :, 59]).sum() > 0 and not first[0, :, 60:].any()
+    for t in range(10):  # crosses 64: the buffers double to 128, rows copied
+        np.testing.assert_allclose(model.forward([t + 7], cache, last_only=True),
+                                   ref.forward([t + 7], ref_cache, last_only=True), atol=1e-5)
+    assert cache.arrays[0].shape[2] == 128 and cache.length == 70
+    np.testing.assert_array_equal(cache.arrays[0][0, :, :64], first[0])
+    np.testing.assert_allclose(cache.arrays[0][0, :, :70], ref_cache.values[0].numpy()[0], atol=1e-5)
 
 
 def test_kv_cache_stays_in_onnxruntime_between_steps(tiny):
@@ -101,7 +122,7 @@ def test_load_backend_defaults_to_onnxruntime_and_caches_the_export(tiny, tmp_pa
     b = load_backend(ckpt, cache_dir=cache)
     entry = onnx_cache_dir(ckpt, cache)
     assert isinstance(b, OnnxRuntimeBackend) and b.name == "onnxruntime" and b.info.path == str(ckpt)
-    assert entry.parent == tmp_path / "onnx" and detect_kind(entry) == "onnx"
+    assert entry.parent == tmp_path / "onnx" and detect_kind(entry) == "onnx" and b.model.inplace
     stamp = (entry / "model.onnx").stat().st_mtime_ns
     load_backend(ckpt, cache_dir=cache)  # reused, not exported again
     assert (entry / "model.onnx").stat().st_mtime_ns == stamp

@@ -142,22 +142,28 @@ def _max(a, b) -> tuple[float, float]:
 
 def compare_run(model: ReferenceModel, sess, ids: np.ndarray, decode: int, tol: float, what: str) -> float:
     """Prefill `ids` then greedy-decode `decode` tokens through past/present; every step's logits and every layer's
-    present K/V must be within `tol` of the reference. Returns the largest logits difference seen."""
+    present K/V must be within `tol` of the reference. Returns the largest logits difference seen. An "inplace"
+    graph (it has a `past_length` input) gets fixed-capacity buffers; the rows written so far are compared."""
     c = model.config
-    cache = model.new_cache(len(ids) + decode + 1)
+    capacity = len(ids) + decode + 1
+    cache = model.new_cache(capacity)
+    inplace = "past_length" in {i.name for i in sess.get_inputs()}
     feeds = {"input_ids": ids[None].astype(np.int64)}
     for i in range(c.num_hidden_layers):
         for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_size), np.float32)
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros(
+                (1, c.num_key_value_heads, capacity if inplace else 0, c.head_size), np.float32)
     names = [o.name for o in sess.get_outputs()]
     worst, feed = 0.0, ids
     for step in range(decode + 1):
+        if inplace:
+            feeds["past_length"] = np.array([cache.length], np.int64)
         want = model.forward(feed, cache)
         outs = dict(zip(names, sess.run(None, feeds)))
         label = "prefill" if step == 0 else f"decode step {step}"
         for i in range(c.num_hidden_layers):  # locate drift: the first layer whose cache disagrees
             for kv, ref in (("key", cache.k), ("value", cache.v)):
-                got = outs[f"present.{i}.{kv}"][0]
+                got = outs[f"present.{i}.{kv}"][0, :, :cache.length]
                 mx, mean = _max(got, ref[i, :, :cache.length])
                 assert mx <= tol, f"{what} {label}: layer {i} present {kv} max |Δ| {mx:.3g} > {tol} (mean {mean:.3g})"
         mx, mean = _max(outs["logits"][0], want)
@@ -170,10 +176,14 @@ def compare_run(model: ReferenceModel, sess, ids: np.ndarray, decode: int, tol: 
     return worst
 
 
-@pytest.mark.parametrize("kind", list(TOL))
-def test_onnxruntime_matches_reference(kind, ckpt, tmp_path):
+CASES = [(kind, "concat") for kind in TOL] + [(kind, "inplace") for kind in ("fp32", "awq", "fp8")]
+
+
+@pytest.mark.parametrize("kind,kv_cache", CASES)
+def test_onnxruntime_matches_reference(kind, kv_cache, ckpt, tmp_path):
     src = ckpt(kind)
-    summary = export_onnx(src, tmp_path / "onnx", show_progress=False)
+    summary = export_onnx(src, tmp_path / "onnx", kv_cache=kv_cache, show_progress=False)
+    assert summary["model"]["kv_cache"] == kv_cache
     assert summary["model"]["quant_algo"] == json.loads((src / "config.json").read_text())["quantization"]["quant_algo"]
     ids = np.random.default_rng(1).integers(6, 380, PREFILL)
     compare_run(ReferenceModel.load(src), session(tmp_path / "onnx"), ids, DECODE, TOL[kind], kind)
@@ -225,6 +235,8 @@ def test_bad_options_are_typed_errors_and_leave_no_output(ckpt, tmp_path):
         export_onnx(ckpt("fp32"), out, max_seq_len=100000, show_progress=False)
     with pytest.raises(ConfigError, match="--lm-head"):
         export_onnx(ckpt("fp32"), out, lm_head="int2", show_progress=False)
+    with pytest.raises(ConfigError, match="--kv-cache"):
+        export_onnx(ckpt("fp32"), out, kv_cache="paged", show_progress=False)
     assert not out.exists()
 
 
@@ -289,12 +301,12 @@ def test_missing_tensor_is_named(ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["bf16", "awq"])
-def test_tensorrt_rtx_parser_accepts_the_graph(kind, ckpt, tmp_path):
+@pytest.mark.parametrize("kind,kv_cache", [("bf16", "concat"), ("awq", "concat"), ("awq", "inplace")])
+def test_tensorrt_rtx_parser_accepts_the_graph(kind, kv_cache, ckpt, tmp_path):
     """The graph the TensorRT route builds from: tensorrt_rtx's own ONNX parser must take it without errors
     (engine building is `trt-gemma build --engine tensorrt`'s part)."""
     trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
-    export_onnx(ckpt(kind), tmp_path / "onnx", show_progress=False)
+    export_onnx(ckpt(kind), tmp_path / "onnx", kv_cache=kv_cache, show_progress=False)
     logger = trt.Logger(trt.Logger.ERROR)
     network = trt.Builder(logger).create_network(0)
     parser = trt.OnnxParser(network, logger)

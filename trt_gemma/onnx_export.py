@@ -38,6 +38,9 @@ from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
 from trt_gemma.reference.model import attention_scale, embedding_normalizer, rope_inv_freq
 
 MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opset 21
+# "concat": present = past ++ new (the standard layout); "inplace": past/present are one fixed-capacity buffer per
+# layer that the new rows are scattered into, so a runtime can bind both to the same memory (docs/onnx.md).
+KV_CACHE_LAYOUTS = ("concat", "inplace")
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
 
@@ -75,21 +78,36 @@ def rope(g: Graph, x: str, cos: str, sin: str) -> str:
 
 @dataclass(frozen=True)
 class _Shared:
-    """Values every layer reuses: rotary cos/sin of the new positions and the two attention masks."""
+    """Values every layer reuses: rotary cos/sin of the new positions, the attention masks and, for an in-place KV
+    cache, where the new keys/values go."""
 
     cos: str
     sin: str
     masks: dict  # window (None = global) -> bool [group*T, S]
+    scatter_idx: str | None  # int64 [B, kv_heads, T, d]: the new positions, for ScatterElements on axis 2
 
 
-def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int) -> _Shared:
-    past = g.op("Shape", "past_key_values.0.key", start=2, end=3)
+def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
+    """(query positions [T], key positions [S], scatter indices or None). "concat": the past length is the past
+    tensor's; "inplace": it is the `past_length` input and the keys are the whole buffer (unwritten slots lie in
+    the future of every query, so the causal mask hides them)."""
     new = g.op("Shape", "input_ids", start=1, end=2)
-    total = g.op("Add", past, new)
+    past = g.op("Shape", "past_key_values.0.key", start=2, end=3) if kv_cache == "concat" else "past_length"
     axis0 = g.const([0], np.int64)
-    start, stop = g.op("Squeeze", past, axis0), g.op("Squeeze", total, axis0)  # Range takes scalars
+    start, stop = g.op("Squeeze", past, axis0), g.op("Squeeze", g.op("Add", past, new), axis0)  # Range: scalars
     q_pos = g.op("Range", start, stop, g.const(1, np.int64))
-    k_pos = g.op("Range", g.const(0, np.int64), stop, g.const(1, np.int64))
+    if kv_cache == "concat":
+        return q_pos, g.op("Range", g.const(0, np.int64), stop, g.const(1, np.int64)), None
+    capacity = g.op("Squeeze", g.op("Shape", "past_key_values.0.key", start=2, end=3), axis0)
+    k_pos = g.op("Range", g.const(0, np.int64), capacity, g.const(1, np.int64))
+    shape = g.op("Concat", g.op("Shape", "input_ids", start=0, end=1), g.const([cfg.num_key_value_heads], np.int64),
+                 new, g.const([cfg.head_size], np.int64), axis=0)
+    idx = g.op("Expand", g.op("Reshape", q_pos, g.const([1, 1, -1, 1], np.int64)), shape)
+    return q_pos, k_pos, idx
+
+
+def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) -> _Shared:
+    q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
     freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
     emb = np.concatenate([freqs, freqs], -1)
@@ -106,7 +124,7 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int) -> _Shared:
     for w in windows:
         m = causal if w is None else g.op("And", causal, g.op("Less", diff, g.const(w, np.int64)))
         masks[w] = g.op("Tile", m, reps)
-    return _Shared(cos, sin, masks)
+    return _Shared(cos, sin, masks, scatter_idx)
 
 
 def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
@@ -122,12 +140,17 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
     heads_first = [0, 2, 1, 3]  # [B, T, heads, d] -> [B, heads, T, d]
-    k = g.op("Concat", f"past_key_values.{i}.key", g.op("Transpose", k, perm=heads_first), axis=2,
-             name=f"present.{i}.key")
-    v = g.op("Concat", f"past_key_values.{i}.value", g.op("Transpose", v, perm=heads_first), axis=2,
-             name=f"present.{i}.value")
-    g.output(k, f"present.{i}.key", "FLOAT", ["batch", nkv, "total_sequence", d])
-    g.output(v, f"present.{i}.value", "FLOAT", ["batch", nkv, "total_sequence", d])
+    k, v = g.op("Transpose", k, perm=heads_first), g.op("Transpose", v, perm=heads_first)
+    if sh.scatter_idx is None:  # present = past ++ new
+        k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
+        v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
+    else:  # the new rows written into the buffer (in place where the runtime binds present to past)
+        k = g.op("ScatterElements", f"past_key_values.{i}.key", sh.scatter_idx, k, axis=2, name=f"present.{i}.key")
+        v = g.op("ScatterElements", f"past_key_values.{i}.value", sh.scatter_idx, v, axis=2,
+                 name=f"present.{i}.value")
+    length = "total_sequence" if sh.scatter_idx is None else "capacity"
+    g.output(k, f"present.{i}.key", "FLOAT", ["batch", nkv, length, d])
+    g.output(v, f"present.{i}.value", "FLOAT", ["batch", nkv, length, d])
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", g.op("Transpose", q, perm=heads_first), g.const([0, nkv, -1, d], np.int64))
@@ -163,10 +186,14 @@ def _block(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
-def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, max_seq_len: int | None) -> int:
+def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, max_seq_len: int | None,
+                  kv_cache: str = "concat") -> int:
     """Refuse what the graph cannot represent before any work; returns the max_seq_len to use."""
     import onnx
 
+    if kv_cache not in KV_CACHE_LAYOUTS:
+        raise ConfigError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_CACHE_LAYOUTS)}",
+                          fix="use --kv-cache concat (standard past/present) or inplace")
     if cfg.quant_algo not in LINEAR_EXPORTS:
         raise UnsupportedModelError(f"{where}: quant_algo {cfg.quant_algo!r} cannot be exported to ONNX (supported: "
                                     f"{', '.join(str(k) for k in LINEAR_EXPORTS)})",
@@ -193,7 +220,8 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
-                lm_head: str = "none", force: bool = False, show_progress: bool = True) -> dict:
+                lm_head: str = "none", kv_cache: str = "concat", force: bool = False,
+                show_progress: bool = True) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
     checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all."""
     from trt_gemma.console import progress
@@ -203,18 +231,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
-    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len)
+    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache)
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
         g = Graph(tmp / f"{MODEL_FILE}.data")
         try:
             with progress(disable=not show_progress) as bar:
-                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, bar)
+                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, bar)
             check_all_used(shards)
         finally:
             g.close_data()
-        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, g)
+        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, g)
         model = g.model("gemma2", opset, f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
@@ -226,16 +254,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     return summary
 
 
-def _build(ctx: Ctx, lm_head: str, max_seq_len: int, bar) -> None:
+def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, bar) -> None:
     """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap."""
     g, cfg = ctx.g, ctx.cfg
     task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
-    _declare_io(g, cfg)
+    _declare_io(g, cfg, kv_cache)
     gather, head = embedding_and_head(ctx, lm_head)
     normalizer = g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
     x = g.op("Mul", gather("input_ids"), normalizer, name="embed_scale")
     bar.advance(task)
-    sh = _shared(g, cfg, max_seq_len)
+    sh = _shared(g, cfg, max_seq_len, kv_cache)
     for i in range(cfg.num_hidden_layers):
         bar.update(task, description=f"layer {i}")
         x = _block(ctx, i, x, sh)
@@ -247,30 +275,36 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, bar) -> None:
     bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
 
 
-def _declare_io(g: Graph, cfg: CheckpointConfig) -> None:
+def _declare_io(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> None:
     g.input("input_ids", "INT64", ["batch", "sequence"])
+    if kv_cache == "inplace":
+        g.input("past_length", "INT64", [1])
+    length = "past_sequence" if kv_cache == "concat" else "capacity"
     for i in range(cfg.num_hidden_layers):
         for kv in ("key", "value"):
-            g.input(f"past_key_values.{i}.{kv}", "FLOAT",
-                    ["batch", cfg.num_key_value_heads, "past_sequence", cfg.head_size])
+            g.input(f"past_key_values.{i}.{kv}", "FLOAT", ["batch", cfg.num_key_value_heads, length, cfg.head_size])
 
 
-def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, g: Graph) -> dict:
+def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, kv_cache: str,
+             g: Graph) -> dict:
     from trt_gemma import __version__
 
     model = {"num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
              "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
              "max_seq_len": max_seq_len, "dtype": cfg.dtype, "activation_dtype": "float32",
              "quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "lm_head": lm_head,
+             "kv_cache": kv_cache,
              "sliding_window": cfg.sliding_window,
              "layer_types": [t if cfg.is_sliding(i) else FULL for i, t in enumerate(cfg.layer_types)]}
     return {"format": "trt_gemma-onnx/1", "producer": f"trt_gemma {__version__}", "source": str(ckpt),
             "opset": opset, "model_file": MODEL_FILE, "data_file": g.data_path.name, "model": model,
             "nodes": len(g.nodes), "initializers": len(g.initializers), "external_bytes": g.external_bytes,
-            "inputs": ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(cfg.num_hidden_layers)
-                                       for kv in ("key", "value")],
-            "outputs": ["logits"] + [f"present.{i}.{kv}" for i in range(cfg.num_hidden_layers)
-                                     for kv in ("key", "value")]}
+            "inputs": ["input_ids"] + (["past_length"] if kv_cache == "inplace" else []) + _kv_names(
+                "past_key_values", cfg), "outputs": ["logits"] + _kv_names("present", cfg)}
+
+
+def _kv_names(prefix: str, cfg: CheckpointConfig) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(cfg.num_hidden_layers) for kv in ("key", "value")]
 
 
 def _save(model, path: Path) -> None:

@@ -24,6 +24,7 @@ from trt_gemma.errors import DependencyError, InputError
 
 DEFAULT_ACCURACY_LEVEL = 4
 SMALL_MODEL_BYTES = 64 << 20
+GROW_MIN = 64  # tokens: the first in-place KV buffer holds at least this many
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,16 @@ class OrtConfig:
 
 
 class OrtCache:
-    """One sequence's KV cache: the last step's present OrtValues (None before the first step)."""
+    """One sequence's KV cache. "concat" graphs: the last step's present OrtValues (None before the first step).
+    "inplace" graphs: one zeroed [1, kv_heads, capacity, head_size] buffer per past input, bound as both the past
+    input and the present output, plus a decode binding whose token / position / logits buffers are numpy arrays
+    shared with onnxruntime, so a decode step is one `run_with_iobinding` call."""
 
     def __init__(self, capacity: int):
         self.capacity, self.length = capacity, 0
         self.values: list | None = None
+        self.arrays: list[np.ndarray] = []  # the numpy memory behind OrtValues made by ortvalue_from_numpy
+        self.decode = None  # (binding, ids [1, 1], position [1], logits [1, 1, vocab]) of an inplace graph
 
 
 def session_options(accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None):
@@ -82,6 +88,7 @@ class OrtModel:
         self.session = ort.InferenceSession(str(self.path / man["model_file"]),
                                             session_options(accuracy_level, threads),
                                             providers=providers or ["CPUExecutionProvider"])
+        self.inplace = m.get("kv_cache", "concat") == "inplace"
         self._past = [n for n in man["inputs"] if n.startswith("past_key_values.")]
         self._present = [n for n in man["outputs"] if n.startswith("present.")]
         self._empty = ort.OrtValue.ortvalue_from_numpy(
@@ -104,6 +111,11 @@ class OrtModel:
         if cache.length + ids.shape[1] > cache.capacity:
             raise InputError(f"KV cache overflow: {cache.length} cached + {ids.shape[1]} new tokens > capacity "
                              f"{cache.capacity}", fix="create the cache with a larger capacity")
+        logits = self._step_inplace(ids, cache) if self.inplace else self._step_concat(ids, cache)
+        cache.length += ids.shape[1]
+        return logits[-1:] if last_only else logits
+
+    def _step_concat(self, ids: np.ndarray, cache: OrtCache) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         for i, name in enumerate(self._past):
@@ -114,9 +126,59 @@ class OrtModel:
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         cache.values = outs[1:]  # stays inside onnxruntime: next step's past
-        cache.length += ids.shape[1]
-        logits = outs[0].numpy()[0]
-        return logits[-1:] if last_only else logits
+        return outs[0].numpy()[0]
+
+    def _step_inplace(self, ids: np.ndarray, cache: OrtCache) -> np.ndarray:
+        need = cache.length + ids.shape[1]
+        if cache.values is None or need > cache.arrays[0].shape[2]:
+            self._grow(cache, need)
+        if ids.shape[1] == 1 and cache.decode is None:
+            cache.decode = self._decode_binding(cache)
+        if ids.shape[1] == 1:
+            binding, ids_buf, pos_buf, logits_buf = cache.decode
+            ids_buf[0, 0], pos_buf[0] = ids[0, 0], cache.length
+            self.session.run_with_iobinding(binding)
+            return logits_buf[0].copy()
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        self._bind_buffers(cache, binding)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("past_length", np.array([cache.length], np.int64))
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0]
+
+    def _grow(self, cache: OrtCache, need: int) -> None:
+        """(Re)allocate the buffers for at least `need` tokens, doubling (attention reads the whole buffer, so it
+        stays within 2x the tokens held instead of the request's full capacity); the rows so far are copied."""
+        import onnxruntime as ort
+
+        c, old = self.config, cache.arrays[:len(self._past)]
+        size = min(cache.capacity, max(need, GROW_MIN, 2 * (old[0].shape[2] if old else 0)))
+        cache.arrays = [np.zeros((1, c.num_key_value_heads, size, c.head_size), np.float32) for _ in self._past]
+        for new, prev in zip(cache.arrays, old):
+            new[:, :, :prev.shape[2]] = prev
+        cache.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in cache.arrays]
+        cache.decode = None  # its binding points at the old buffers
+
+    def _bind_buffers(self, cache: OrtCache, binding=None):
+        """Each layer's buffer bound as its past input and its present output: written in place."""
+        binding = binding or self.session.io_binding()
+        for past, present, value in zip(self._past, self._present, cache.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        return binding
+
+    def _decode_binding(self, cache: OrtCache):
+        import onnxruntime as ort
+
+        ids_buf, pos_buf = np.zeros((1, 1), np.int64), np.zeros(1, np.int64)
+        logits_buf = np.zeros((1, 1, self.config.vocab_size), np.float32)
+        binding = self._bind_buffers(cache)
+        for name, arr in (("input_ids", ids_buf), ("past_length", pos_buf)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_buf))
+        cache.arrays += [ids_buf, pos_buf, logits_buf]
+        return binding, ids_buf, pos_buf, logits_buf
 
 
 class OnnxRuntimeBackend(ReferenceBackend):
