@@ -272,6 +272,8 @@ def bench(work: Path, args) -> None:
 
 
 def bench_2b(work: Path, args, rows: list) -> dict:
+    from trt_gemma.assets import default_model_dir
+
     t0 = time.perf_counter()
     size = write_synthetic_awq(work / "2b-awq")
     print(f"synthetic gemma-2-2b INT4-AWQ g128 checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
@@ -280,7 +282,8 @@ def bench_2b(work: Path, args, rows: list) -> dict:
     print(f"export (--lm-head int4): {exp['external_bytes'] / 1e9:.2f} GB of weights, wall {exp['wall_s']:.0f} s, "
           f"peak RSS {exp['peak_rss_bytes'] / 1e9:.2f} GB (goal <= 1.5 GB: {exp['peak_rss_bytes'] <= 1.5e9})",
           flush=True)
-    shutil.rmtree(work / "2b-awq")  # disk: the export holds what the decoders need
+    if not args.reference_2b:
+        shutil.rmtree(work / "2b-awq")  # disk: the export holds what (a) needs
     rows.append(("gemma-2-2b shape", "(a) ours onnxruntime int4-awq",
                  measure("ours", work / "onnx-2b", args.tokens, repeats=args.repeats), work / "onnx-2b"))
     if args.peer_2b:
@@ -289,6 +292,8 @@ def bench_2b(work: Path, args, rows: list) -> dict:
         from trt_gemma.config import PRESETS
 
         write_synthetic_model(work / "2b-hf", PRESETS["gemma-2-2b"], shards=3)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # its builder copies them
+            shutil.copy2(default_model_dir() / f, work / "2b-hf" / f)
         built = genai_build(work / "2b-hf", work / "genai-2b", work / "genai-cache-2b")
         shutil.rmtree(work / "2b-hf")
         if built:
@@ -297,7 +302,8 @@ def bench_2b(work: Path, args, rows: list) -> dict:
             rows.append(("gemma-2-2b shape", "(b) onnxruntime-genai int4", measure("genai", work / "genai-2b",
                                                                                    args.tokens), None))
     if args.reference_2b:
-        print("(c) on the 2B shape needs the AWQ checkpoint, which was removed after export; rerun with --keep")
+        rows.append(("gemma-2-2b shape", "(c) numpy reference int4-awq", measure("reference", work / "2b-awq",
+                                                                                 args.tokens), None))
     return exp
 
 
