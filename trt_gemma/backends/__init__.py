@@ -94,14 +94,14 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
         from trt_gemma.backends.onnxruntime import OnnxRuntimeBackend
 
-        backend_ = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path)
+        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path)
     else:
         from trt_gemma.backends.reference import ReferenceBackend
 
-        backend_ = ReferenceBackend.load(path, slots=slots)
+        loaded = ReferenceBackend.load(path, slots=slots)
     if kind == "hf":  # name the model after what the user passed, not the cache entry
-        backend_.info = ModelInfo(**{**backend_.info.__dict__, "name": Path(model_path).name})
-    return backend_
+        loaded.info = ModelInfo(**{**loaded.info.__dict__, "name": Path(model_path).name})
+    return loaded
 
 
 def onnxruntime_available() -> bool:
@@ -128,6 +128,11 @@ def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
 
 def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
     """The ONNX export of checkpoint `ckpt`, exporting into the cache on first use (atomic: no half-written entry)."""
+    if not onnxruntime_available():
+        from trt_gemma.errors import DependencyError
+
+        raise DependencyError("the onnxruntime backend needs the onnx and onnxruntime packages",
+                              fix="pip install 'trt-gemma[onnx]', or use --backend reference")
     out = onnx_cache_dir(ckpt, cache_dir)
     if (out / "trt_gemma_onnx.json").is_file():
         return out
