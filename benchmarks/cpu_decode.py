@@ -146,16 +146,16 @@ def genai_build(hf_dir: Path, out: Path, cache: Path) -> dict | None:
     return {"wall_s": time.perf_counter() - t0, "peak_rss_bytes": peak_kb * 1024}
 
 
-def write_synthetic_awq(ckpt: Path, preset: str = "gemma-2-2b", group: int = 128, seed: int = 0) -> int:
-    """A TensorRT-LLM W4A16_AWQ checkpoint of the preset's shapes with random codes and scales, written tensor by
-    tensor (tied lm_head: no lm_head.weight). Returns the bytes written."""
+def write_synthetic_awq(ckpt: Path, hf_config: dict | str = "gemma-2-2b", group: int = 128, seed: int = 0) -> int:
+    """A TensorRT-LLM W4A16_AWQ checkpoint of an HF config's (or preset's) shapes with random codes and scales,
+    written tensor by tensor (tied lm_head: no lm_head.weight). Returns the bytes written."""
     from trt_gemma.config import PRESETS, ModelConfig
     from trt_gemma.convert import trtllm_config
     from trt_gemma.dtypes import f32_to_bf16
     from trt_gemma.quant_formats import FORMATS
     from trt_gemma.st_io import StreamingWriter
 
-    cfg = ModelConfig.from_dict(PRESETS[preset])
+    cfg = ModelConfig.from_dict(PRESETS[hf_config] if isinstance(hf_config, str) else hf_config)
     H, F, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     awq = FORMATS["int4_awq"]

@@ -20,7 +20,7 @@ from trt_gemma.reference.checkpoint import CheckpointConfig, ShardSet, is_exclud
 
 LM_HEAD_CHOICES = ("none", "int8", "int4")
 LM_HEAD_GROUP = 128  # INT4 block along the input dimension where we choose it (lm_head, per-channel W4A16)
-ROW_BLOCK = 8192  # vocab rows per block when streaming the embedding / lm_head
+BLOCK_BYTES = 8 << 20  # float32 bytes of one row block when streaming the embedding / lm_head
 ST_TO_ONNX = {"F32": "FLOAT", "F16": "FLOAT16", "BF16": "BFLOAT16"}
 FIX_CKPT = "re-create the checkpoint with `trt-gemma convert` / `trt-gemma quantize`"
 
@@ -166,15 +166,16 @@ def _row_blocks(ctx: Ctx, name: str, rows: int):
     from trt_gemma.st_io import read_tensor
 
     s = ctx.shards
+    info = s.info(name)
+    step = max(2, BLOCK_BYTES // (4 * math.prod(info.shape[1:])) // 2 * 2)  # even: int4 packs row pairs
     if len(s.files) > 1:
         full = s.get(name)[:rows]
-        for r0 in range(0, rows, ROW_BLOCK):
-            yield r0, full[r0:r0 + ROW_BLOCK]
+        for r0 in range(0, rows, step):
+            yield r0, full[r0:r0 + step]
         return
-    info = s.info(name)
     s.used.add(name)
-    for r0 in range(0, rows, ROW_BLOCK):
-        yield r0, read_tensor(s.files[0], info, rows=slice(r0, min(rows, r0 + ROW_BLOCK)))
+    for r0 in range(0, rows, step):
+        yield r0, read_tensor(s.files[0], info, rows=slice(r0, min(rows, r0 + step)))
 
 
 def _copy_rows(ctx: Ctx, name: str, rows: int) -> str:
@@ -203,9 +204,9 @@ def _quantized_head(ctx: Ctx, src: str, bits: int) -> Callable[[str], str]:
     from trt_gemma.reference.quantized import rtn_codes
 
     g, V, H, info = ctx.g, ctx.cfg.vocab_size, ctx.cfg.hidden_size, ctx.shards.info(src)
-    if bits == 4 and H % LM_HEAD_GROUP:
-        raise ConfigError(f"--lm-head int4: hidden_size {H} is not a multiple of {LM_HEAD_GROUP}",
-                          fix="use --lm-head int8")
+    if bits == 4 and (H % LM_HEAD_GROUP or V % 2):
+        raise ConfigError(f"--lm-head int4: hidden_size {H} must be a multiple of {LM_HEAD_GROUP} and vocab_size {V} "
+                          "even (int4 packs two vocab rows per byte)", fix="use --lm-head int8")
     name = "lm_head.weight"
     if bits == 8:
         w_off = g.reserve(name, "INT8", (H, V), H * V)
