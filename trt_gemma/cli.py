@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "doctor": ("trt_gemma.commands.doctor", "doctor", "Versions, extras and what this host can do."),
     "plan": ("trt_gemma.commands.plan", "plan", "Will a Gemma 2 model fit a target? Memory and speed estimate."),
     "convert": ("trt_gemma.commands.convert", "convert", "Hugging Face Gemma 2 -> TensorRT-LLM checkpoint."),
-    "generate": ("trt_gemma.commands.generate", "generate", "Generate text on the CPU (onnxruntime or numpy reference)."),
+    "generate": ("trt_gemma.commands.generate", "generate", "Generate text on the CPU (onnxruntime or the reference)."),
     "quantize": ("trt_gemma.commands.quantize", "quantize", "INT4-AWQ / FP8 quantization through ModelOpt."),
     "eval": ("trt_gemma.commands.eval", "eval_", "Perplexity / top-1 / KL of checkpoints vs the unquantized model."),
     "export-onnx": ("trt_gemma.commands.export_onnx", "export_onnx", "Checkpoint -> standard-operator ONNX graph."),
