@@ -8,8 +8,14 @@
                                                                                 (see `converted_cache_dir`), then
                                                                                 the reference runtime
 
+  ONNX export dir          (trt_gemma_onnx.json + model.onnx)                 -> onnxruntime backend
+
 On-the-fly conversion is what lets `trt-gemma serve` (no argument: the embedded HF-format model) just work. The cache
 key hashes the HF config plus every file's name, size and mtime and our version, so an edited model converts again.
+
+Which CPU runtime runs a checkpoint is the `backend` choice: "auto" (the default) takes onnxruntime when it and the
+onnx package are installed, exporting the checkpoint once into an ONNX cache beside the checkpoint cache
+(`onnx_cache_dir`), else the numpy reference; "reference" / "onnxruntime" force one; "trtllm" needs an engine.
 """
 from __future__ import annotations
 
@@ -30,8 +36,16 @@ KINDS = (
 )
 
 
+BACKENDS = ("auto", "reference", "onnxruntime", "trtllm")
+# Cached exports use in-place KV buffers: the onnxruntime backend binds past and present to one buffer per layer
+# and a decode step is one call (docs/onnx.md); `export-onnx` defaults to the standard concat layout.
+ONNX_KV_CACHE = "inplace"
+
+
 def detect_kind(path: Path) -> str:
     path = Path(path)
+    if (path / "trt_gemma_onnx.json").is_file():
+        return "onnx"
     if (path / "manifest.json").is_file() and (path / "checkpoint" / "config.json").is_file():
         return "bundle"
     cfg_path = path / "config.json"
@@ -50,24 +64,83 @@ def detect_kind(path: Path) -> str:
                      fix="point at the directory that holds the weights")
 
 
-def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | None = None) -> Backend:
+def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | None = None,
+                 backend: str = "auto") -> Backend:
     """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
     path = Path(model_path)
+    if backend not in BACKENDS:
+        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
     kind = detect_kind(path)
     if kind == "bundle":
-        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir)
+        if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
+            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend)
+        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend)
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.backends.trtllm import TrtLlmBackend
 
         return TrtLlmBackend.load(path, slots=slots)
+    if backend == "trtllm":
+        raise InputError(f"{path} is not a TensorRT-LLM engine: --backend trtllm runs engines",
+                         fix="build one with `trt-gemma build`, or use --backend auto")
+    if kind == "onnx":
+        if backend == "reference":
+            raise InputError(f"{path} is an ONNX export: the reference runtime runs checkpoints",
+                             fix="pass the checkpoint it was exported from, or use --backend onnxruntime")
+        from trt_gemma.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend.load(path, slots=slots)
     if kind == "hf":
         path = ensure_converted(path, cache_dir)
-    from trt_gemma.backends.reference import ReferenceBackend
+    if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
+        from trt_gemma.backends.onnxruntime import OnnxRuntimeBackend
 
-    backend = ReferenceBackend.load(path, slots=slots)
+        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path)
+    else:
+        from trt_gemma.backends.reference import ReferenceBackend
+
+        loaded = ReferenceBackend.load(path, slots=slots)
     if kind == "hf":  # name the model after what the user passed, not the cache entry
-        backend.info = ModelInfo(**{**backend.info.__dict__, "name": Path(model_path).name})
-    return backend
+        loaded.info = ModelInfo(**{**loaded.info.__dict__, "name": Path(model_path).name})
+    return loaded
+
+
+def onnxruntime_available() -> bool:
+    """onnxruntime runs the graph and onnx writes it: both make onnxruntime the default CPU backend."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
+    """Where the ONNX export of checkpoint `ckpt` is cached: `onnx/` beside the converted-checkpoint cache, keyed
+    by our version and the checkpoint's config and weight files (name, size, mtime)."""
+    from trt_gemma import __version__
+
+    root = Path(cache_dir).parent if cache_dir else Path(os.environ.get("TRT_GEMMA_CACHE",
+                                                                        Path.home() / ".cache" / "trt_gemma"))
+    h = hashlib.sha256(f"{__version__}:{ONNX_KV_CACHE}".encode())
+    for f in sorted(p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update((Path(ckpt) / "config.json").read_bytes())
+    return root / "onnx" / f"{Path(ckpt).resolve().name}-{h.hexdigest()[:16]}"
+
+
+def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
+    """The ONNX export of checkpoint `ckpt`, exporting into the cache on first use (atomic: no half-written entry)."""
+    if not onnxruntime_available():
+        from trt_gemma.errors import DependencyError
+
+        raise DependencyError("the onnxruntime backend needs the onnx and onnxruntime packages",
+                              fix="pip install 'trt-gemma[onnx]', or use --backend reference")
+    out = onnx_cache_dir(ckpt, cache_dir)
+    if (out / "trt_gemma_onnx.json").is_file():
+        return out
+    from trt_gemma.onnx_export import export_onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, force=True, show_progress=False)
+    return out
 
 
 def bundle_runnable(bundle: Path) -> Path:

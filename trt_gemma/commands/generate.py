@@ -1,4 +1,5 @@
-"""`trt-gemma generate CHECKPOINT --prompt TEXT`: text from a TensorRT-LLM checkpoint on the numpy reference."""
+"""`trt-gemma generate CHECKPOINT --prompt TEXT`: text from a checkpoint on a CPU runtime (onnxruntime or the numpy
+reference)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,29 @@ def resolve_checkpoint(spec: str | None) -> Path:
     return reference_checkpoint(resolve_model(spec))
 
 
+def load_cpu_model(spec: str | None, backend: str):
+    """(model dir, model with the reference generation interface, backend name) for a CPU runtime."""
+    from trt_gemma.backends import detect_kind, ensure_onnx, onnxruntime_available, reference_checkpoint
+    from trt_gemma.hf import resolve_model
+
+    path = resolve_model(spec)
+    if Path(path).is_dir() and detect_kind(path) == "onnx":
+        if backend == "reference":
+            raise click.UsageError(f"{path} is an ONNX export: use --backend onnxruntime (or pass its checkpoint)")
+        backend, ckpt = "onnxruntime", path
+    else:
+        ckpt = reference_checkpoint(path)
+        if backend == "auto":
+            backend = "onnxruntime" if onnxruntime_available() else "reference"
+    if backend == "reference":
+        from trt_gemma.reference import ReferenceModel
+
+        return ckpt, ReferenceModel.load(ckpt), backend
+    from trt_gemma.backends.onnxruntime import OrtModel
+
+    return ckpt, OrtModel(ckpt if detect_kind(ckpt) == "onnx" else ensure_onnx(ckpt)), backend
+
+
 @click.command("generate")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=str))
 @click.option("--prompt", required=True, help="Prompt text (with --chat: the user message).")
@@ -31,27 +55,28 @@ def resolve_checkpoint(spec: str | None) -> Path:
 @click.option("--top-p", type=float, default=_DEFAULTS["top_p"], show_default=True, help="1.0 = off.")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], help="Seed for sampling (reproducible output).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record at the end instead of streaming text.")
-def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, seed, as_json):
-    """Generate text from CHECKPOINT with the numpy reference runtime.
+@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime"]), default="auto", show_default=True,
+              help="CPU runtime; auto: onnxruntime where installed (the checkpoint exported once into the cache), "
+                   "else the numpy reference.")
+def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, seed, as_json, backend):
+    """Generate text from CHECKPOINT on the CPU (onnxruntime or the numpy reference runtime).
 
     CHECKPOINT: a TensorRT-LLM checkpoint, a `trt-gemma build` bundle, an HF Gemma 2 dir or hub id (converted once
-    into the cache); omitted: the embedded default model."""
+    into the cache), an `export-onnx` dir; omitted: the embedded default model."""
     from trt_gemma.console import emit
-    from trt_gemma.reference import ReferenceModel
     from trt_gemma.reference.generate import generate as run
     from trt_gemma.tokenizer import GemmaTokenizer
 
     # every argument is checked before the model is converted (an HF dir: into the cache) or loaded
     params = checked_params(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
-    ckpt = resolve_checkpoint(checkpoint)
-    model = ReferenceModel.load(ckpt)
+    ckpt, model, backend = load_cpu_model(checkpoint, backend)
     tok = GemmaTokenizer.from_dir(ckpt)
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
     params = dataclasses.replace(params, stop_token_ids=tok.stop_token_ids)
     on_text = None if as_json else _stream
     result = run(model, ids, params, tokenizer=tok, on_text=on_text)
-    record = dict(result.to_dict(), checkpoint=str(ckpt), chat=chat)
+    record = dict(result.to_dict(), checkpoint=str(ckpt), chat=chat, backend=backend)
     emit(record, as_json, _summary)
 
 

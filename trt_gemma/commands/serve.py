@@ -58,9 +58,12 @@ API_KEY_ENV = "TRT_GEMMA_API_KEY"
 @click.option("--guard-response", is_flag=True, help="Also check each completion (prompt-response template).")
 @click.option("--guard-thresholds", type=click.Path(dir_okay=False), default=None,
               help="TOML [thresholds] table for the guard (default 0.5 per policy).")
+@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
+              show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
+                                      "numpy reference.")
 def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max_concurrency, model_name,
           stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout, exit_on_load_failure,
-          print_k8s, guard, guard_mode, guard_response, guard_thresholds):
+          print_k8s, guard, guard_mode, guard_response, guard_thresholds, backend):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.k8s import print_serve_manifests
@@ -83,7 +86,8 @@ def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max
     run_server(path, model_name=name, host=host, port=port, api_key=key, max_queue=max_queue,
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
                keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
-               exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg)
+               exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg,
+               backend=backend)
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:

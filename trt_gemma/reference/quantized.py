@@ -101,14 +101,20 @@ def load_fp8(shards: ShardSet, prefix: str) -> Linear:
 
 
 def rtn_weight_only(w: np.ndarray, bits: int, scale_dtype: str) -> np.ndarray:
-    """TRT-LLM `symmetric_quantize` then dequantize: per output row scale max|w|/2^(bits-1), stored in the model dtype;
-    round half away from zero (C `round`), clip to the signed range."""
+    """TRT-LLM `symmetric_quantize` then dequantize (see `rtn_codes`)."""
+    q, scale = rtn_codes(w, bits, scale_dtype)
+    return (q * scale[:, None]).astype(np.float32)
+
+
+def rtn_codes(w: np.ndarray, bits: int, scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """TRT-LLM `symmetric_quantize`: per output row scale max|w|/2^(bits-1), stored in the model dtype (returned as
+    float32 [out]); round half away from zero (C `round`), clip to the signed range (int8 codes [out, in])."""
     q_max = float(1 << (bits - 1))
     scale = (np.max(np.abs(w), axis=1, keepdims=True) * np.float32(1.0 / q_max)).astype(np.float32)
     safe = np.where(scale == 0, np.float32(1.0), scale)
     t = w / safe
     q = np.clip(np.sign(t) * np.floor(np.abs(t) + np.float32(0.5)), -q_max, q_max - 1)
-    return (q * round_to(scale, scale_dtype)).astype(np.float32)
+    return q.astype(np.int8), round_to(scale, scale_dtype)[:, 0]
 
 
 def _weight_only(bits: int) -> Callable[[ShardSet, str], Linear]:
