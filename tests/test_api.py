@@ -253,14 +253,22 @@ def test_asyncio_and_threads_share_one_model(model, oracle):
     _wait(lambda: model._scheduler.admission.running == 0)
 
 
+def _auto_cpu_backend() -> str:
+    """What backend="auto" runs a checkpoint on without a GPU (backends.load_backend)."""
+    from trt_gemma.backends import onnxruntime_available
+
+    return "onnxruntime" if onnxruntime_available() else "reference"
+
+
 def test_info_tokenizer_and_telemetry(model):
+    auto = _auto_cpu_backend()
     i = model.info
-    assert (i.backend, i.precision, i.max_concurrency) == ("reference", i.dtype, 2)
+    assert (i.backend, i.precision, i.max_concurrency) == (auto, i.dtype, 2)
     assert i.context_length == 512 and i.vocab_size == len(model.tokenizer._tok.get_vocab())
     assert i.memory.weights_bytes > 0
     snap = model.telemetry()
     assert snap["memory_bytes"]["weights"] == i.memory.weights_bytes
-    assert snap["model"]["backend"] == "reference"
+    assert snap["model"]["backend"] == auto
     assert model.tokenizer.decode(model.tokenizer.encode("print('hi')")) == "print('hi')"
 
 
@@ -285,7 +293,7 @@ def test_load_errors_and_closed_model(tmp_path):
         trt_gemma.load(backend="tpu")
     with pytest.raises(InputError):
         trt_gemma.load(tmp_path / "missing")
-    with pytest.raises(InputError, match="no TensorRT-LLM engine"):
+    with pytest.raises(InputError, match="not a TensorRT-LLM engine"):
         trt_gemma.load(backend="trtllm")
     m = trt_gemma.load(backend="reference")
     m.close()
@@ -338,7 +346,7 @@ def test_stages_are_the_clis_functions_and_plan_a_bundle(bundle):
 
 def test_load_a_bundle_names_its_target(bundle, oracle):
     with trt_gemma.load(bundle) as m:
-        assert (m.info.target, m.info.backend, m.info.dtype) == ("rtx-4090", "reference", "bfloat16")
+        assert (m.info.target, m.info.backend, m.info.dtype) == ("rtx-4090", _auto_cpu_backend(), "bfloat16")
         assert m.generate("The Python", max_tokens=4).finish_reason in ("length", "stop")
 
 

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[int], Sequence[Message]]
-BACKENDS = ("auto", "reference", "trtllm")
 DEFAULT_MAX_TOKENS = SamplingParams.max_tokens  # `trt-gemma generate`'s default, one source of truth
 
 
@@ -419,10 +418,11 @@ def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", 
 
     `model`: a `trt-gemma build` bundle, a TensorRT-LLM engine dir or checkpoint, a Hugging Face Gemma 2 dir or hub
     id (converted once into the cache), or None for the embedded model. `backend`: "auto" picks by what the
-    directory holds (a bundle's engine on a GPU host with TensorRT-LLM, else its checkpoint on the reference
-    runtime); "reference" forces the numpy runtime, "trtllm" the engine. `max_concurrency`: generations at once
+    directory holds (a bundle's engine on a GPU host with TensorRT-LLM, else its checkpoint on onnxruntime where
+    installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one. `max_concurrency`: generations at once
     (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
     model), ConfigError (unknown backend), DependencyError (trtllm without a GPU / tensorrt_llm)."""
+    from trt_gemma.backends import BACKENDS, load_backend
     from trt_gemma.hf import resolve_model
 
     if backend not in BACKENDS:
@@ -432,29 +432,8 @@ def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", 
                          fix="e.g. max_concurrency=2")
     path = resolve_model(None if model is None else os.fspath(model))
     cache = None if cache_dir is None else Path(cache_dir)
-    loaded = _load_backend(path, backend, max_concurrency, cache)
+    loaded = load_backend(path, slots=max_concurrency, cache_dir=cache, backend=backend)
     return Model(loaded, max_concurrency=max_concurrency, max_queue=max_queue, target=_target_of(path))
-
-
-def _load_backend(path: Path, backend: str, slots: int, cache: Path | None) -> Backend:
-    from trt_gemma.backends import detect_kind, load_backend, reference_checkpoint
-
-    if backend == "auto":
-        return load_backend(path, slots=slots, cache_dir=cache)
-    if backend == "reference":
-        from trt_gemma.backends.reference import ReferenceBackend
-
-        loaded = ReferenceBackend.load(reference_checkpoint(path, cache), slots=slots)
-        if detect_kind(path) == "hf":  # name it after what the user passed, not the cache entry
-            loaded.info = type(loaded.info)(**{**loaded.info.__dict__, "name": path.name})
-        return loaded
-    engine = path / "engine" if detect_kind(path) == "bundle" else path
-    if not (engine / "rank0.engine").is_file():
-        raise InputError(f"{path} holds no TensorRT-LLM engine",
-                         fix=f"compile one (`trt-gemma build --from-bundle {path}`) or use backend='auto'")
-    from trt_gemma.backends.trtllm import TrtLlmBackend
-
-    return TrtLlmBackend.load(engine, slots=slots)
 
 
 def _target_of(path: Path) -> str | None:

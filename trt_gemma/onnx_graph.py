@@ -2,7 +2,7 @@
 
 `onnx.helper` builds the nodes; the weights never sit in the ModelProto: each initializer's bytes are appended to
 `<model>.onnx.data` as soon as they are made and the TensorProto only records (location, offset, length), the
-documented external-data layout (onnx/onnx docs/ExternalData.md). Peak memory is therefore one tensor (or one row
+documented external-data layout (onnx/onnx/docs/ExternalData.md). Peak memory is therefore one tensor (or one row
 block of a big one, through `reserve` + `write_at`), not the model. Tiny tensors (shapes, scalars) stay inline.
 """
 from __future__ import annotations
