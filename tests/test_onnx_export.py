@@ -270,8 +270,13 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         export_onnx(ckpt("fp32"), out, show_progress=False)
     assert (out / "keep").exists()
-    export_onnx(ckpt("fp32"), out, force=True, show_progress=False)
-    assert not (out / "keep").exists() and (out / "model.onnx").is_file()
+    with pytest.raises(OutputError, match="not written by trt-gemma"):  # --force never replaces a user's folder
+        export_onnx(ckpt("fp32"), out, force=True, show_progress=False)
+    assert (out / "keep").exists()
+    export_onnx(ckpt("fp32"), out / "mine", show_progress=False)
+    (out / "mine" / "keep").write_text("x")
+    export_onnx(ckpt("fp32"), out / "mine", force=True, show_progress=False)  # our own export: replaced
+    assert not (out / "mine" / "keep").exists() and (out / "mine" / "model.onnx").is_file()
 
 
 def test_cli_json_summary(ckpt, tmp_path, capsys):
