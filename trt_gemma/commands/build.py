@@ -101,8 +101,8 @@ def _render_bundle(r: dict) -> None:
 
         render_tensorrt(r["tensorrt"])
     if m["target"]["family"] == "jetson":
-        _out("Jetson: see docs/jetson.md (swap, nvpmodel, the ONNX -> TensorRT route); the checkpoint also runs here "
-             f"on the reference backend: trt-gemma serve {r['bundle_dir']}/checkpoint")
+        _out("Jetson: see docs/jetson.md (swap, nvpmodel, the ONNX -> TensorRT route); the bundle also runs here "
+             f"on the CPU (onnxruntime where installed, else the numpy reference): trt-gemma serve {r['bundle_dir']}")
 
 
 def _quality_lines(q: dict) -> str:
