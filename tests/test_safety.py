@@ -92,7 +92,7 @@ def _transformers_scores(model_dir: Path, prompts: dict[str, str], yes_no=None) 
 @pytest.mark.parametrize("response", [None, "I will not do that. Here is a kind message instead."],
                          ids=["prompt-only", "prompt-response"])
 def test_scores_equal_softmax_of_transformers_logits(yes_no_model, response, tmp_path):
-    mod = load_moderator(yes_no_model, cache_dir=tmp_path)
+    mod = load_moderator(yes_no_model, cache_dir=tmp_path, backend="reference")  # the oracle; onnxruntime: below
     assert not mod.tokens.first_token_fallback, mod.tokens
     text = FIXTURE["vectors"][0]["user_content"]
     got = mod.score(text, response)
@@ -106,7 +106,7 @@ def test_embedded_model_uses_first_tokens_and_matches_transformers(tmp_path):
     from trt_gemma.assets import default_model_dir
 
     transformers = pytest.importorskip("transformers")
-    mod = load_moderator(None, cache_dir=tmp_path)
+    mod = load_moderator(None, cache_dir=tmp_path, backend="reference")
     assert mod.tokens.first_token_fallback and "first token" in mod.notices[-1]
     assert any("not a safety classifier" in n for n in mod.notices)
     hf_tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
@@ -120,6 +120,45 @@ def test_embedded_model_uses_first_tokens_and_matches_transformers(tmp_path):
     assert max(diffs.values()) <= TOL, diffs
     ids = hf_tok(make_prompt("hate", prompt, response)).input_ids
     assert mod.encode(make_prompt("hate", prompt, response)) == ids, "token ids differ from transformers' tokenizer"
+
+
+# ---- the onnxruntime backend against the reference ----------------------------------------------------------------
+
+def _default_backend() -> str:
+    from trt_gemma.backends import onnxruntime_available
+
+    return "onnxruntime" if onnxruntime_available() else "reference"
+
+
+@pytest.mark.parametrize("which", ["embedded", "yes-no-tokens"])
+def test_onnxruntime_scores_equal_the_reference(which, yes_no_model, tmp_path):
+    """The same Moderator over the cached ONNX export (the default CPU backend) and over the reference runtime:
+    same ids, same Yes/No tokens, P("Yes") within 1e-5 (fp32), prompt-only and prompt-response."""
+    if _default_backend() != "onnxruntime":
+        pytest.skip("onnxruntime / onnx are not installed (pip install 'trt-gemma[onnx]')")
+    model, cache = (None if which == "embedded" else yes_no_model), tmp_path / "checkpoints"
+    ref = load_moderator(model, cache_dir=cache, backend="reference")
+    ort = load_moderator(model, cache_dir=cache, backend="onnxruntime")
+    assert (ref.backend, ort.backend) == ("reference", "onnxruntime")
+    assert ort.tokens == ref.tokens and ort.context_length == ref.context_length and ort.name == ref.name
+    assert ort.notices == ref.notices
+    text = FIXTURE["vectors"][0]["user_content"]
+    for response in (None, "I will not do that. Here is a kind message instead."):
+        want, got = ref.score(text, response), ort.score(text, response)
+        assert got.prompt_tokens == want.prompt_tokens, "the export's tokenizer encodes differently"
+        diffs = {p: abs(got.scores[p] - want.scores[p]) for p in POLICIES}
+        assert max(diffs.values()) <= TOL, f"{got.mode}: |p_yes onnxruntime - reference| per policy: {diffs}"
+
+
+def test_backend_choice_follows_load_backend(tmp_path, monkeypatch):
+    """auto is load_backend's choice: onnxruntime where installed, else the reference; engines are refused."""
+    import trt_gemma.backends as backends
+
+    assert load_moderator(None, cache_dir=tmp_path).backend == _default_backend()
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)  # a host without the onnx extra
+    assert load_moderator(None, cache_dir=tmp_path).backend == "reference"
+    with pytest.raises(InputError, match="not one of auto, reference, onnxruntime"):
+        load_moderator(None, cache_dir=tmp_path, backend="trtllm")
 
 
 # ---- thresholds and bad input ---------------------------------------------------------------------------------------
@@ -197,12 +236,15 @@ def test_moderate_cli_json(tmp_path, monkeypatch):
     from trt_gemma.cli import cli
 
     monkeypatch.setenv("TRT_GEMMA_CACHE", str(tmp_path))
-    r = CliRunner().invoke(cli, ["moderate", "--prompt", "hello there", "--policy", "hate", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)
-    direct = load_moderator(None, cache_dir=tmp_path / "checkpoints").score("hello there", policies=["hate"])
-    assert abs(d["scores"]["hate"] - direct.scores["hate"]) < 1e-12
-    assert any("not a safety classifier" in n for n in d["notices"]) and d["flagged"] is direct.flagged
+    for flag, backend in (((), _default_backend()), (("--backend", "reference"), "reference")):
+        r = CliRunner().invoke(cli, ["moderate", "--prompt", "hello there", "--policy", "hate", "--json", *flag])
+        assert r.exit_code == 0, r.output
+        d = json.loads(r.stdout)
+        assert d["backend"] == backend, d
+        direct = load_moderator(None, cache_dir=tmp_path / "checkpoints", backend=backend)
+        want = direct.score("hello there", policies=["hate"])
+        assert abs(d["scores"]["hate"] - want.scores["hate"]) < 1e-12
+        assert any("not a safety classifier" in n for n in d["notices"]) and d["flagged"] is want.flagged
 
 
 # ---- plan --guard ---------------------------------------------------------------------------------------------------

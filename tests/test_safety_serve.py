@@ -32,7 +32,7 @@ def moderator(tmp_path_factory):
 
 def steered(mod: Moderator, **thresholds) -> Moderator:
     m = Moderator(mod.last_logits, mod.tokenizer, mod.context_length, {**mod.thresholds, **thresholds},
-                  name=mod.name, weight_bytes=mod.weight_bytes)
+                  name=mod.name, weight_bytes=mod.weight_bytes, backend=mod.backend)
     return m
 
 
@@ -46,6 +46,10 @@ def chat(server, **extra):
 
 
 def test_moderations_through_the_openai_client(backend, moderator):
+    from trt_gemma.backends import onnxruntime_available
+
+    # the guard on the default backend, as `serve --guard` loads it
+    assert moderator.backend == ("onnxruntime" if onnxruntime_available() else "reference")
     guard_mod = steered(moderator, harassment=0.0, hate=1.0)
     with serve(backend, Guard(guard_mod)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -204,4 +208,6 @@ def test_guard_config_is_checked_before_the_port_opens(tmp_path):
     (tmp_path / "t.toml").write_text("[thresholds]\nviolence = 0.3\n")
     with pytest.raises(ConfigError, match="unknown policy 'violence'"):
         GuardConfig(None, thresholds_file=str(tmp_path / "t.toml")).check()
+    with pytest.raises(InputError, match="backend 'trtllm' is not one of"):
+        GuardConfig(None, backend="trtllm").check()
     GuardConfig(None, mode="annotate").check()  # the embedded model: first-token fallback, fine

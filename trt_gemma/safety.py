@@ -8,8 +8,10 @@ time" (so one prefill per policy), and the score = softmax over the logits of th
 position, i.e. sigmoid(logit_yes - logit_no). Gemma 2's final logits are soft-capped (tanh, 30) before that, in HF
 and in TensorRT-LLM alike, so any backend's post-cap last-position logits give the same score.
 
-Scoring only needs `last_logits(ids) -> [vocab]`: the numpy reference runtime here, any backend that returns the
-last position's logits elsewhere (onnxruntime; TensorRT-LLM with context logits gathered).
+Scoring only needs `last_logits(ids) -> [vocab]`. `load_moderator` takes it from the CPU backend that
+backends.load_backend chooses (`auto`: onnxruntime where installed, over the ONNX export it caches; else the numpy
+reference runtime, which stays the oracle); any other backend that returns the last position's logits (TensorRT-LLM
+with context logits gathered) fits the same `Moderator`.
 """
 from __future__ import annotations
 
@@ -235,11 +237,12 @@ class Moderator:
 
     def __init__(self, last_logits: Callable[[list[int]], np.ndarray], tokenizer, context_length: int,
                  thresholds: dict[str, float] | None = None, name: str = "guard", weight_bytes: int = 0,
-                 notices: Sequence[str] = ()):
+                 notices: Sequence[str] = (), backend: str | None = None):
         self.last_logits, self.tokenizer, self.context_length = last_logits, tokenizer, context_length
         self.tokens = answer_tokens(tokenizer)
         self.thresholds = thresholds or load_thresholds()
         self.name, self.weight_bytes = name, weight_bytes
+        self.backend = backend  # the runtime behind last_logits ("reference", "onnxruntime"; None: a caller's own)
         self.notices = list(notices) + [self.tokens.describe()]
 
     def encode(self, text: str) -> list[int]:
@@ -258,25 +261,34 @@ class Moderator:
                        time.perf_counter() - t0, [len(i) for i in ids_by_policy.values()])
 
 
-def load_moderator(model: str | Path | None = None, thresholds_file: str | Path | None = None,
-                   cache_dir: Path | None = None) -> Moderator:
-    """A Moderator over the numpy reference runtime for MODEL (HF dir / hub id / checkpoint / bundle; None: the
-    embedded model, which is no safety model: its notice says so)."""
-    from trt_gemma.backends import reference_checkpoint
-    from trt_gemma.hf import resolve_model
-    from trt_gemma.reference import ReferenceModel
-    from trt_gemma.tokenizer import GemmaTokenizer
+# The runtimes that return last-position logits on this host; "trtllm" engines need context logits gathered at build
+# time (`--gather_context_logits`), which our engines do not do: refused with the fix.
+MODERATION_BACKENDS = ("auto", "reference", "onnxruntime")
 
+
+def load_moderator(model: str | Path | None = None, thresholds_file: str | Path | None = None,
+                   cache_dir: Path | None = None, backend: str = "auto") -> Moderator:
+    """A Moderator for MODEL (HF dir / hub id / checkpoint / bundle / ONNX export; None: the embedded model, which
+    is no safety model: its notice says so) on the CPU runtime `backend` picks as backends.load_backend does
+    ("auto": onnxruntime where installed, exporting once into the ONNX cache, else the numpy reference)."""
+    from trt_gemma.backends import load_backend, reference_checkpoint
+    from trt_gemma.hf import resolve_model
+
+    if backend not in MODERATION_BACKENDS:
+        raise InputError(f"the guard's backend {backend!r} is not one of {', '.join(MODERATION_BACKENDS)}",
+                         fix="use auto, reference or onnxruntime (TensorRT-LLM engines do not return prompt logits)")
     path = resolve_model(None if model in (None, "default") else str(model))
-    ckpt = reference_checkpoint(path, cache_dir)
-    ref = ReferenceModel.load(ckpt)
+    # A bundle's checkpoint, an HF dir converted once; an ONNX export as it is. Never a bundle's engine: load_backend
+    # would pick it on a GPU host, and it returns no prompt logits.
+    runner = load_backend(reference_checkpoint(path, cache_dir), cache_dir=cache_dir, backend=backend)
+    net = runner.model  # ReferenceModel or OrtModel: forward(ids, cache=None, last_only) -> [1, vocab]
     notices = []
     if _is_embedded(path):
         notices.append(f"{path.name} is the small embedded demo model, not a safety classifier: the scores show the "
                        "mechanism, not a judgement (use google/shieldgemma-2b for real moderation)")
-    return Moderator(lambda ids: ref.forward(ids, last_only=True)[0], GemmaTokenizer.from_dir(ckpt),
-                     ref.config.max_position_embeddings, load_thresholds(thresholds_file), name=path.name,
-                     weight_bytes=ref.weight_bytes, notices=notices)
+    return Moderator(lambda ids: net.forward(ids, last_only=True)[0], runner.tokenizer, runner.info.context_length,
+                     load_thresholds(thresholds_file), name=path.name, weight_bytes=net.weight_bytes,
+                     notices=notices, backend=runner.name)
 
 
 def _is_embedded(path: Path) -> bool:

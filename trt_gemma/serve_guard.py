@@ -51,17 +51,21 @@ class GuardConfig:
     mode: str = "block"
     check_response: bool = False
     thresholds_file: str | None = None
+    backend: str = "auto"  # safety.MODERATION_BACKENDS; auto: onnxruntime where installed, as the chat model's
 
     def check(self) -> None:
         """What can be wrong without loading the weights, as typed errors before the port opens: the mode, the
         thresholds file, a tokenizer without usable Yes/No tokens."""
         from trt_gemma.hf import resolve_model
-        from trt_gemma.safety import answer_tokens, load_thresholds
+        from trt_gemma.safety import MODERATION_BACKENDS, answer_tokens, load_thresholds
         from trt_gemma.tokenizer import GemmaTokenizer
 
         if self.mode not in GUARD_MODES:
             raise InputError(f"--guard-mode {self.mode!r} is not one of {', '.join(GUARD_MODES)}",
                              fix="block or annotate")
+        if self.backend not in MODERATION_BACKENDS:
+            raise InputError(f"the guard's backend {self.backend!r} is not one of {', '.join(MODERATION_BACKENDS)}",
+                             fix="use auto, reference or onnxruntime")
         load_thresholds(self.thresholds_file)
         answer_tokens(GemmaTokenizer.from_dir(resolve_model(self.model)))
 
@@ -86,11 +90,13 @@ class Guard:
         from trt_gemma.safety import load_moderator
 
         model = None if cfg.model in (None, "default") else cfg.model
-        return cls(lambda: load_moderator(model, cfg.thresholds_file), cfg.mode, cfg.check_response)
+        return cls(lambda: load_moderator(model, cfg.thresholds_file, backend=cfg.backend), cfg.mode,
+                   cfg.check_response)
 
     def _load(self, loader) -> None:
         try:
             self.moderator = loader()
+            log.info("guard %s loaded on the %s backend", self.moderator.name, self.moderator.backend)
             for note in self.moderator.notices:  # e.g. "the embedded model is not a safety classifier"
                 log.warning("guard %s: %s", self.moderator.name, note)
         except Exception as e:  # reported on every guarded request, the chat model keeps serving /health

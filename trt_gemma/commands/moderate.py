@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from trt_gemma.safety import POLICIES
+from trt_gemma.safety import MODERATION_BACKENDS, POLICIES
 
 
 @click.command("moderate")
@@ -17,16 +17,19 @@ from trt_gemma.safety import POLICIES
               help="Policy to score (repeatable; default: all four). One forward pass each.")
 @click.option("--thresholds", type=click.Path(dir_okay=False), default=None,
               help="TOML with a [thresholds] table (policy = probability); default 0.5 each.")
+@click.option("--backend", type=click.Choice(list(MODERATION_BACKENDS)), default="auto", show_default=True,
+              help="CPU runtime that scores: auto = onnxruntime where installed (the ONNX export is cached), else "
+                   "the numpy reference.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def moderate(model, prompt, response, policies, thresholds, as_json):
+def moderate(model, prompt, response, policies, thresholds, backend, as_json):
     """P(violation) for each harm policy: softmax of the 'Yes'/'No' logits at the last position of ShieldGemma's
     prompt (Google's gemma-cookbook templates), and the verdict against the per-policy thresholds."""
     from trt_gemma.console import emit
     from trt_gemma.safety import load_moderator
 
-    mod = load_moderator(model, thresholds)
+    mod = load_moderator(model, thresholds, backend=backend)
     verdict = mod.score(prompt, response, list(policies) or None)
-    record = dict(verdict.to_dict(), model=mod.name, notices=mod.notices)
+    record = dict(verdict.to_dict(), model=mod.name, backend=mod.backend, notices=mod.notices)
     emit(record, as_json, _render)
 
 
@@ -37,7 +40,7 @@ def _render(d: dict) -> None:
 
     for note in d["notices"]:
         console.print(f"note: {note}")
-    t = Table(title=f"{d['model']} - {d['mode'].replace('_', '-')}")
+    t = Table(title=f"{d['model']} ({d['backend']}) - {d['mode'].replace('_', '-')}")
     for col in ("policy", "P(violation)", "threshold", "verdict"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     for p, s in d["scores"].items():
