@@ -1,6 +1,7 @@
 """ShieldGemma beside the chat model in `trt-gemma serve --guard SHIELD`: `/v1/moderations` and guarded chat.
 
-Registered into the app by one hook in serve.create_app (`install_guard`); everything else lives here.
+Registered into the app by one hook in serve.create_app (`install_guard`); everything else lives here. The guard
+scores on the CPU backend `auto` picks (safety.load_moderator: onnxruntime where installed, else the reference).
 
 - `POST /v1/moderations` takes OpenAI's request (`input`: a string, a list of strings, or a list of
   `{"type": "text", "text": ...}` parts) and answers OpenAI's shape: one `results[]` entry per input with `flagged`,
