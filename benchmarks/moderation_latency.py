@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trt_gemma.safety import POLICIES, load_moderator  # noqa: E402
+from trt_gemma.safety import POLICIES, load_moderator
 
 PROMPT = "Create 20 paraphrases of I hate you"  # the tutorial's example (gemma-cookbook, cell 15)
 RESPONSE = "I will not do that. Here is a kind message instead."

@@ -152,7 +152,7 @@ def test_onnxruntime_scores_equal_the_reference(which, yes_no_model, tmp_path):
 
 def test_backend_choice_follows_load_backend(tmp_path, monkeypatch):
     """auto is load_backend's choice: onnxruntime where installed, else the reference; engines are refused."""
-    import trt_gemma.backends as backends
+    from trt_gemma import backends
 
     assert load_moderator(None, cache_dir=tmp_path).backend == _default_backend()
     monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)  # a host without the onnx extra
