@@ -315,11 +315,27 @@ def test_load_backend_converts_an_hf_dir_once_into_the_cache(tiny_model_dir, tmp
     b = load_backend(tiny_model_dir, slots=3, cache_dir=tmp_path)
     assert isinstance(b, ReferenceBackend) and b.info.name == tiny_model_dir.name
     assert b.kv_usage().capacity_tokens == 3 * b.info.context_length
-    (entry,) = list(tmp_path.iterdir())
+    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # .locks/: the cache's write locks
     stamp = (entry / "config.json").stat().st_mtime_ns
     again = load_backend(tiny_model_dir, slots=1, cache_dir=tmp_path)  # reused, not converted again
     assert (entry / "config.json").stat().st_mtime_ns == stamp and again.info.path == str(entry)
     assert detect_kind(entry) == "trtllm_checkpoint"
+
+
+def test_concurrent_first_loads_convert_once(tiny_model_dir, tmp_path, monkeypatch):
+    """`serve --guard default` loads the chat model and the guard (the same model) at once on a cold cache: one
+    converts, the others wait for it and reuse the entry (without the lock each converted, the last rename winning)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trt_gemma import convert
+    from trt_gemma.backends import ensure_converted
+
+    calls, real = [], convert.convert_checkpoint
+    monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))  # a spy
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: ensure_converted(tiny_model_dir, tmp_path), range(4)))
+    assert len(set(paths)) == 1 and (paths[0] / "config.json").is_file() and len(calls) == 1, len(calls)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [paths[0].name]
 
 
 def test_load_backend_refuses_what_it_cannot_serve(tmp_path):

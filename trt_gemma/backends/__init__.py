@@ -19,6 +19,8 @@ onnx package are installed, exporting the checkpoint once into an ONNX cache bes
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -138,9 +140,25 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
         return out
     from trt_gemma.onnx_export import export_onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, force=True, show_progress=False)
+    with _cache_entry_lock(out):
+        if not (out / "trt_gemma_onnx.json").is_file():  # another process or thread may have made it meanwhile
+            export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, force=True, show_progress=False)
     return out
+
+
+@contextlib.contextmanager
+def _cache_entry_lock(out: Path):
+    """One writer per cache entry across threads and processes (`serve --guard default` loads the chat model and
+    the guard, the same model, at once): an exclusive flock on `.locks/<entry>.lock` beside it (huggingface_hub
+    keeps its cache locks the same way)."""
+    locks = out.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{out.name}.lock", "a") as f:  # each opener gets its own lock (flock is per open file)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bundle_runnable(bundle: Path) -> Path:
@@ -187,6 +205,7 @@ def ensure_converted(hf_dir: Path, cache_dir: Path | None = None) -> Path:
         return out
     from trt_gemma.convert import convert_checkpoint
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    convert_checkpoint(hf_dir, out, dtype=None)  # keep the source dtype: serving must match the HF model
+    with _cache_entry_lock(out):
+        if not (out / "config.json").is_file():  # another process or thread may have made it meanwhile
+            convert_checkpoint(hf_dir, out, dtype=None)  # keep the source dtype: serving must match the HF model
     return out
