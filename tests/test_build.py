@@ -106,15 +106,15 @@ def _sets(items: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def jetson_bundle(model_dir, tmp_path_factory):
-    """`trt-gemma build --target jetson-orin-nano-8gb` on this GPU-less host: (bundle dir, stdout, exit code)."""
+    """`trt-gemma build --target jetson-orin-nano-8gb` on this GPU-less host: (bundle dir, stdout, exit code, stderr)."""
     from trt_gemma.cli import main
 
     out = tmp_path_factory.mktemp("jetson") / "nano"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as e:
-        main(["build", "--model", str(model_dir), "--target", "jetson-orin-nano-8gb", "--out", str(out)]
-             + _sets(FAST_CALIB))
-    return out, buf.getvalue(), e.value.code
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(model_dir), "--target", "jetson-orin-nano-8gb", "--out", str(out),
+              "--threads", "1"] + _sets(FAST_CALIB))
+    return out, buf.getvalue(), e.value.code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def h100_bundle(model_dir, tmp_path_factory):
 
 
 def test_jetson_int4_awq_bundle(jetson_bundle, model_dir):
-    out, stdout, code = jetson_bundle
+    out, stdout, code, stderr = jetson_bundle
     assert code == 0, stdout
     m = _check_layout(out)
     _check_manifest(m, model_dir, "jetson-orin-nano-8gb", "int4_awq")
@@ -134,6 +134,7 @@ def test_jetson_int4_awq_bundle(jetson_bundle, model_dir):
     assert m["quant_algo"] == {"weights": "W4A16_AWQ", "kv_cache": None}
     _check_printed_commands(stdout, out)
     assert "--gemm_plugin auto" in stdout and "not compiled here" in stdout
+    assert "1 thread (--threads)" in stderr, stderr  # issue 10: build offers --threads for calibration too
     # issue 10 defect 6: the build output itself says no TensorRT-LLM release runs Gemma 2 on Orin, and names the route
     assert "warning: no TensorRT-LLM release for Jetson Orin Nano 8GB is known to run Gemma 2" in stdout, stdout
     assert "ONNX -> TensorRT: see docs/jetson.md" in stdout

@@ -96,8 +96,10 @@ def bundle_recipe(target: str | Target, config_file, overrides, max_positions: i
     return resolve_recipe(target, config_file, overrides, max_positions)
 
 
-def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool) -> Path:
-    """The bundle's TRT-LLM checkpoint: ModelOpt for INT4-AWQ / FP8, else the streaming converter."""
+def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool,
+                    threads: int | None = None) -> Path:
+    """The bundle's TRT-LLM checkpoint: ModelOpt for INT4-AWQ / FP8 (on `threads` torch threads; None: chosen from
+    the free cores), else the streaming converter."""
     if recipe.quant in CALIBRATED_QUANTS:
         from trt_gemma.quantize import quantize_checkpoint
 
@@ -105,7 +107,7 @@ def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: b
         return quantize_checkpoint(model_dir, out, quant=recipe.quant, group_size=recipe.group_size,
                                    kv_cache="fp8" if recipe.kv_dtype == "fp8" else None, calib_file=calib,
                                    calib_samples=recipe.calib_size, calib_seq_len=recipe.calib_max_seq_length,
-                                   dtype=recipe.dtype, show_progress=show_progress)
+                                   dtype=recipe.dtype, show_progress=show_progress, threads=threads)
     from trt_gemma.convert import convert_checkpoint
 
     dtype = recipe.quant if recipe.quant in ("bfloat16", "float16") else recipe.dtype
@@ -188,8 +190,9 @@ def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
 def build_bundle(model: str | None = None, target: str | Target | None = "auto", config_file: str | Path | None = None,
                  overrides=(), out: str | Path | None = None, force: bool = False, compile_engine: bool = True,
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
-                 detection=None) -> BundleResult:
-    """Make the bundle for `target` and compile it when this host can; see the module docstring."""
+                 detection=None, threads: int | None = None) -> BundleResult:
+    """Make the bundle for `target` and compile it when this host can; see the module docstring. `threads`: torch
+    threads for calibration (None: from the free cores, trt_gemma.calibration.choose_threads)."""
     from trt_gemma.config import ModelConfig
     from trt_gemma.gpu_probe import gpu_unavailable_reason
     from trt_gemma.hf import resolve_model
@@ -209,7 +212,7 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
     check_output_target(out, force)
     with atomic_output_dir(out, force) as tmp:
         _say(log, f"{'quantizing' if recipe.quant in CALIBRATED_QUANTS else 'converting'} -> {recipe.quant}")
-        ckpt = make_checkpoint(model_dir, tmp / "checkpoint", recipe, show_progress)
+        ckpt = make_checkpoint(model_dir, tmp / "checkpoint", recipe, show_progress, threads)
         if recipe.share_embedding_table:
             share_embedding_table(ckpt)
         quality = None

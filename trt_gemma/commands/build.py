@@ -30,8 +30,11 @@ def _out(text: str = "") -> None:
 @click.option("--engine", type=click.Choice(["tensorrt_llm", "tensorrt"]), default=None,
               help="Engine route (default: the recipe's `engine`): tensorrt_llm, or tensorrt = ONNX -> TensorRT "
                    "(Jetson, data center) / TensorRT-RTX (RTX; builds on any host).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Torch threads for calibration on CPU [default: the cores available minus the current load].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(model, target, config_file, overrides, out, force, from_bundle, skip_quality, no_compile, engine, as_json):
+def build(model, target, config_file, overrides, out, force, from_bundle, skip_quality, no_compile, engine, threads,
+          as_json):
     """Build a target-tuned bundle (quantized TensorRT-LLM checkpoint, recipe, plan, quality table, manifest) and
     compile it into a TensorRT-LLM engine when this host has TensorRT-LLM and a GPU; otherwise print what to run
     on the target."""
@@ -41,8 +44,8 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
 
     log = None if as_json else (lambda msg: err_console.print(f"[dim]build:[/] {msg}"))
     if from_bundle:
-        given = [n for n, v in (("--model", model), ("--config", config_file), ("--set", overrides),
-                                ("--out", out)) if v] + (["--target"] if target != "auto" else [])
+        given = [n for n, v in (("--model", model), ("--config", config_file), ("--set", overrides), ("--out", out),
+                                ("--threads", threads)) if v] + (["--target"] if target != "auto" else [])
         if given:
             raise ConfigError(f"--from-bundle compiles the bundle as it is; {', '.join(given)} cannot change it",
                               fix="drop those options, or rebuild the bundle with them (without --from-bundle)")
@@ -57,7 +60,7 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
     overrides = list(overrides) + ([f"engine={engine}"] if engine else [])
     result = build_bundle(model, target, config_file, overrides, out, force,
                           compile_engine=not no_compile and engine != "tensorrt",
-                          skip_quality=skip_quality, show_progress=not as_json, log=log)
+                          skip_quality=skip_quality, show_progress=not as_json, log=log, threads=threads)
     from trt_gemma.commands.engine import with_tensorrt_route
 
     emit(with_tensorrt_route(result, engine, no_compile, log), as_json, _render_bundle)
