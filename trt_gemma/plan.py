@@ -164,14 +164,15 @@ def _memory(cfg: ModelConfig, t: Target, r: Recipe) -> dict:
             "total": fixed + tokens * kv_tok}
 
 
-def _verdict(total: int, usable: int) -> str:
+def fit_verdict(total: int, usable: int) -> str:
+    """fits (within the margin), tight (without it), does not fit: one rule for a model and a chat + guard pair."""
     if total <= usable * (1 - MARGIN):
         return "fits"
     return "tight" if total <= usable else "does not fit"
 
 
 def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
-    return _verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
+    return fit_verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
 
 
 def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
@@ -187,7 +188,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         r = recipe
     m = _memory(cfg, t, r)
     budget = int(t.usable_bytes * (1 - MARGIN))
-    verdict = _verdict(m["total"], t.usable_bytes)
+    verdict = fit_verdict(m["total"], t.usable_bytes)
     kv_tok, w = m["kv_tok"], m["weights"]
     room = budget - (m["fixed"])
     seq_limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
