@@ -26,12 +26,10 @@ def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_jso
     from trt_gemma.scope import features as run, load_for_features, render_html
 
     m, tok, s = load_for_features(model, sae, sae_path, layer)
+    if html_out and feature is None:  # shade by the feature with the largest activation anywhere in the text
+        feature = "strongest"
     report = run(m, tok, s, layer, text, top_k=top_k, feature=feature)
     if html_out:
-        if feature is None:  # the feature with the largest activation anywhere in the text
-            best = max((f for e in report["tokens"] for f in e["top"]), key=lambda f: f["activation"],
-                       default={"feature": 0})
-            report = run(m, tok, s, layer, text, top_k=top_k, feature=best["feature"])
         _write_atomic(Path(html_out), render_html(report))
         report["html"] = html_out
     emit(report, as_json, _render)
