@@ -23,6 +23,7 @@ def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_jso
     from pathlib import Path
 
     from trt_gemma.console import emit
+    from trt_gemma.fsutil import atomic_write_text
     from trt_gemma.scope import features as run, load_for_features, render_html
 
     m, tok, s = load_for_features(model, sae, sae_path, layer)
@@ -30,25 +31,9 @@ def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_jso
         feature = "strongest"
     report = run(m, tok, s, layer, text, top_k=top_k, feature=feature)
     if html_out:
-        _write_atomic(Path(html_out), render_html(report))
+        atomic_write_text(Path(html_out), render_html(report), fix="choose a writable --html path")
         report["html"] = html_out
     emit(report, as_json, _render)
-
-
-def _write_atomic(path, text: str) -> None:
-    import os
-    import tempfile
-
-    from trt_gemma.errors import OutputError
-
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}", fix="choose a writable --html path") from e
 
 
 def _render(d: dict) -> None:
