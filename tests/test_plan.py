@@ -207,12 +207,12 @@ def test_default_model_is_the_embedded_model(capsys):
 @pytest.mark.parametrize("target", ["h100", "jetson-orin-nano-8gb"])
 def test_recipe_clamped_to_model_context_like_build(target):
     """The embedded model has max_position_embeddings 512: plan sizes the engine build would make, and says so."""
-    from trt_gemma.build import bundle_recipe
+    from trt_gemma.recipes import resolve_recipe  # what build_bundle resolves and hands to plan
 
     cfg, _ = model_config("default")
     assert cfg.max_position_embeddings == 512
     p = plan("default", target, overrides={"max_seq_len": 4096})
-    built, _, _ = bundle_recipe(target, None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
+    built, _, _ = resolve_recipe(target, None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
     assert p.recipe == built and p.recipe.max_seq_len == 512 and p.recipe.max_input_len <= 512
     assert any("max_seq_len 4096 -> 512" in n and "max_position_embeddings is 512" in n for n in p.notes), p.notes
     assert p.max_seq_len_fit == 512 and "context_512" in p.decode_tok_s
