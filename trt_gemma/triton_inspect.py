@@ -1,8 +1,8 @@
 """Check a repository written by `trt-gemma export-triton` (used by `export-triton --inspect` and `trt-gemma inspect`).
 
 Each config.pbtxt is parsed by Triton's own ModelConfig schema (strict: unknown fields and wrong types fail), the
-mandatory parameters of tensorrtllm_backend/docs/model_config.md are located in it, leftover `${...}` placeholders are listed, and the
-ensemble is walked step by step.
+mandatory parameters of tensorrtllm_backend/docs/model_config.md are located in it, leftover `${...}` placeholders
+are listed, the ensemble is walked step by step, and the engine dir must hold an engine (config.json + rank0.engine).
 """
 from __future__ import annotations
 
@@ -136,7 +136,10 @@ def inspect_repository(path: str | Path) -> dict:
     if not record_file.is_file():
         raise InputError(f"{path} has no {EXPORT_MANIFEST}: not a repository written by `trt-gemma export-triton`",
                          fix="export one: trt-gemma export-triton BUNDLE OUT")
-    record = json.loads(record_file.read_text())
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{record_file} cannot be read as JSON: {e}", fix="export the repository again") from e
     try:
         model_config_pb2()
         schema = "tritonclient model_config_pb2"
@@ -157,10 +160,12 @@ def inspect_repository(path: str | Path) -> dict:
             except Exception as e:  # text_format.ParseError: the message names line, column and field
                 row.update(schema_ok=False, error=str(e))
         models[model] = row
+    from trt_gemma.backends.trtllm import is_engine_dir
+
     graph = ensemble_problems(parsed) if len(parsed) == len(MODELS) else None
-    ok = all(r["config"] and r["version_dir"] and not r["placeholders"] and r.get("schema_ok", True)
-             and not r.get("missing") for r in models.values()) and not graph
     engine = path / "tensorrt_llm" / "1" / "engine"
+    ok = all(r["config"] and r["version_dir"] and not r["placeholders"] and r.get("schema_ok", True)
+             and not r.get("missing") for r in models.values()) and not graph and is_engine_dir(engine)
     return {"path": str(path), "kind": "triton-repository", "bundle": record.get("bundle"), "tp": record.get("tp"),
             "trtllm_version": record.get("trtllm_version"), "triton_image": record.get("triton_image"),
             "schema": schema or f"not checked: {schema_reason}", "models": models, "ensemble_problems": graph,
