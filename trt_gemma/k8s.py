@@ -176,9 +176,9 @@ def print_serve_manifests(model: str | None, port: int, max_queue: int, max_conc
             "--stream-interval", str(stream_interval)]
     if model_name:
         args += ["--model-name", model_name]
-    size = 0
-    if model and Path(model).is_dir():
-        size = sum(f.stat().st_size for f in Path(model).rglob("*") if f.is_file())
+    from trt_gemma.manifest import dir_bytes
+
+    size = dir_bytes(Path(model)) if model and Path(model).is_dir() else 0
     header = ("# trt-gemma serve on Kubernetes: copy the model into the PVC, then kubectl apply -f this file."
               + ("\n# API key: kubectl create secret generic trt-gemma-api-key --from-literal=api-key=KEY"
                  if api_key else ""))
