@@ -89,9 +89,9 @@ def seconds_left(times: list[tuple[int, float]], costs: list[float], n: int) -> 
     for p, s in steady:
         by_pass.setdefault(p, []).append(s)
     mean = {p: sum(v) / len(v) for p, v in by_pass.items()}
-    first = mean[min(mean)] / costs[min(mean)] * costs[0]
+    unit = mean[min(mean)] / costs[min(mean)]  # seconds per unit of PASS_COST, from the earliest measured pass
     total = len(costs) * n
-    return sum(mean.get(i // n, first * costs[i // n] / costs[0]) for i in range(len(times), total))
+    return sum(mean.get(i // n, unit * costs[i // n]) for i in range(len(times), total))
 
 
 class CalibrationProgress:
