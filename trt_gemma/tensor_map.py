@@ -165,8 +165,6 @@ def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
     return exp
 
 
-
-
 # --- what TensorRT-LLM's groupwise (INT4-AWQ) layers accept --------------------------------------------------------
 
 AWQ_PAD_MIN = 64  # WeightOnlyGroupwiseQuant{,Row}Linear: multiple = max(64, group_size) * tp_size (W4A16; W4A8: 128)
@@ -174,10 +172,11 @@ TP_CANDIDATES = (1, 2, 4, 8)
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it (TABLE's LINEAR rows)."""
-    h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
-    return {"attention.qkv": (q + 2 * kv, h), "attention.dense": (h, q), "mlp.fc": (f, h), "mlp.gate": (f, h),
-            "mlp.proj": (h, f)}
+    """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it, read off TABLE's LINEAR
+    rows for layer 0 ({"attention.qkv": (q + 2 kv, hidden), ...})."""
+    prefix = _T.format(n=0) + "."
+    return {job.target[len(prefix):]: job.rank_shape(1) for job in plan(config)
+            if job.entry.kind == LINEAR and job.target.startswith(prefix)}
 
 
 def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple[int, int]]:
