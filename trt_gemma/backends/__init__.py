@@ -26,7 +26,7 @@ from pathlib import Path
 
 from trt_gemma.backends.base import (Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo,  # noqa: F401
                                      Step)
-from trt_gemma.errors import InputError
+from trt_gemma.errors import ConfigError, InputError
 
 # kind -> (predicate on (dir, config dict)); first match wins, most specific first.
 KINDS = (
@@ -69,7 +69,7 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
     path = Path(model_path)
     if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
     kind = detect_kind(path)
     if kind == "bundle":
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
