@@ -23,7 +23,7 @@ from trt_gemma.errors import ConfigError
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:{tag}-trtllm-python-py3"
 TRITON_TRTLLM_RELEASES = {(1, 0): "25.09", (1, 1): "25.12"}  # (TensorRT-LLM major, minor) -> Triton release
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002  # tritonserver defaults (launch_triton_server.py)
-SERVE_IMAGE = "trt-gemma:r36.4"  # the tag Dockerfile.jetson's header builds
+SERVE_IMAGE = "trt-gemma:jp6"  # the JetPack 6 (Orin) tag Dockerfile.jetson's header builds
 SHM_SIZE = "2Gi"  # the Python backend moves tensors through /dev/shm; the backend README runs --shm-size=2g
 MODEL_MOUNT = "/models"
 GPU = "nvidia.com/gpu"  # extended resource advertised by the NVIDIA device plugin (k8s-device-plugin)
