@@ -40,12 +40,17 @@ def available_cores(root: Path = Path("/")) -> int:
     return max(1, cores)
 
 
+def check_threads(requested: int | None) -> None:
+    """--threads, checked before any work (quantize) and again where it is used."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--threads {requested}: need at least 1", fix="use --threads 1 or more, or leave it out")
+
+
 def choose_threads(requested: int | None = None, cores: int | None = None,
                    load: float | None = None) -> tuple[int, str]:
     """(threads, why): `requested` when given, else the available cores not already busy."""
+    check_threads(requested)
     if requested is not None:
-        if requested < 1:
-            raise ConfigError(f"--threads {requested}: need at least 1", fix="use --threads 1 or more, or leave it out")
         return requested, f"{requested} thread{'s' * (requested > 1)} (--threads)"
     cores = available_cores() if cores is None else cores
     if load is None:
