@@ -23,7 +23,7 @@ from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
-from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes
+from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -116,9 +116,8 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (docs/tensorrt-llm-contract.md §3)."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
+    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint: the tensor table's (tensor_map)."""
+    return list(linear_shapes(cfg).values())
 
 
 def _group_misfit(cfg: ModelConfig, quant: str, group_size: int) -> int | None:

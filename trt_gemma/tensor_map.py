@@ -8,6 +8,7 @@ The table is read from TensorRT-LLM's models/gemma/convert.py (see docs/tensorrt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
@@ -174,9 +175,14 @@ TP_CANDIDATES = (1, 2, 4, 8)
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it, read off TABLE's LINEAR
     rows for layer 0 ({"attention.qkv": (q + 2 kv, hidden), ...})."""
+    return dict(_linear_shapes(config))
+
+
+@lru_cache(maxsize=32)  # the planner asks for every candidate recipe it tries; ModelConfig is frozen (hashable)
+def _linear_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     prefix = _T.format(n=0) + "."
-    return {job.target[len(prefix):]: job.rank_shape(1) for job in plan(config)
-            if job.entry.kind == LINEAR and job.target.startswith(prefix)}
+    return tuple((job.target[len(prefix):], job.rank_shape(1)) for job in plan(config)
+                 if job.entry.kind == LINEAR and job.target.startswith(prefix))
 
 
 def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple[int, int]]:
