@@ -41,8 +41,8 @@ from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
 # The mapping table and its codecs live in trt_gemma.tensor_map (importable without the converter); re-exported here.
 from trt_gemma.tensor_map import (EMBEDDING, FLOAT_CODEC, LINEAR, LM_HEAD, NORM, TABLE, TRANSFORMS,  # noqa: F401
-                                  AWQ_PAD_MIN, Entry, FloatCodec, Job, LinearCodec, awq_padded, awq_tp_sizes,
-                                  codec_for, gemma_norm, plan, source_expectations)
+                                  AWQ_PAD_MIN, TP_SPLIT_FIELDS, Entry, FloatCodec, Job, LinearCodec, awq_padded,
+                                  awq_tp_sizes, codec_for, gemma_norm, plan, source_expectations)
 
 BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
 PROVENANCE_FILE = "trt_gemma_provenance.json"
@@ -178,8 +178,7 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
 def check_tp(cfg: ModelConfig, tp: int, allowed: list[int] | None = None) -> None:
     """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; docs/tensorrt-llm-contract.md §3).
     `allowed`: the tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
-    dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+    dims = {f: getattr(cfg, f) for f in TP_SPLIT_FIELDS}
     if tp < 1:
         raise ConfigError(f"--tp {tp}: must be at least 1", fix="use --tp 1 (one GPU) or more")
     for name, v in dims.items():

@@ -168,6 +168,8 @@ def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
 
 # --- what TensorRT-LLM's groupwise (INT4-AWQ) layers accept --------------------------------------------------------
 
+# The dimensions TensorRT-LLM splits across tp ranks (evenly: split_matrix_tp): heads, KV heads, MLP width, vocab
+TP_SPLIT_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 AWQ_PAD_MIN = 64  # WeightOnlyGroupwiseQuant{,Row}Linear: multiple = max(64, group_size) * tp_size (W4A16; W4A8: 128)
 TP_CANDIDATES = (1, 2, 4, 8)
 
@@ -197,6 +199,6 @@ def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple
 def awq_tp_sizes(config: ModelConfig, group_size: int, candidates=TP_CANDIDATES) -> list[int]:
     """The tp sizes at which an INT4-AWQ checkpoint of this model loads in TensorRT-LLM as written: no padding, and
     every split dimension divides (heads, KV heads, intermediate, vocab)."""
-    splits = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+    splits = [getattr(config, f) for f in TP_SPLIT_FIELDS]
     return [tp for tp in candidates
             if all(d % tp == 0 for d in splits) and not awq_padded(config, tp, group_size)]
