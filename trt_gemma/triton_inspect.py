@@ -16,6 +16,7 @@ from trt_gemma.errors import DependencyError, InputError
 from trt_gemma.triton_export import DEFAULT_REPO_PATH, EXPORT_MANIFEST, K8S_FILE, MANDATORY, next_steps
 from trt_gemma.triton_models import MODELS
 
+
 def model_config_pb2():
     """Triton's own ModelConfig schema, shipped by tritonclient as generated Python (tritonclient/grpc/
     model_config_pb2.py). Loaded from its file: importing tritonclient.grpc would also need grpcio, which the
@@ -38,14 +39,19 @@ def model_config_pb2():
 _PB2 = None
 
 
-def parse_config(text: str):
-    """Parse a config.pbtxt strictly (unknown fields and wrong types raise) into Triton's ModelConfig."""
+def _schema():
+    """model_config_pb2(), executed once per process (DependencyError when it cannot be loaded)."""
     global _PB2
-    from google.protobuf import text_format
-
     if _PB2 is None:
         _PB2 = model_config_pb2()
-    return text_format.Parse(text, _PB2.ModelConfig())
+    return _PB2
+
+
+def parse_config(text: str):
+    """Parse a config.pbtxt strictly (unknown fields and wrong types raise) into Triton's ModelConfig."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _schema().ModelConfig())
 
 
 def _param(name: str):
@@ -141,7 +147,7 @@ def inspect_repository(path: str | Path) -> dict:
     except (OSError, ValueError) as e:
         raise InputError(f"{record_file} cannot be read as JSON: {e}", fix="export the repository again") from e
     try:
-        model_config_pb2()
+        _schema()
         schema = "tritonclient model_config_pb2"
     except DependencyError as e:
         schema = None
