@@ -198,7 +198,7 @@ def test_cancel_from_another_thread_frees_the_slot_for_the_waiting_stream():
 def test_leaving_a_for_loop_frees_the_slot_at_once():
     with trt_gemma.load(max_concurrency=1) as m:
         adm = m._scheduler.admission
-        for piece in m.stream("The Python", max_tokens=500, ignore_eos=True):
+        for _piece in m.stream("The Python", max_tokens=500, ignore_eos=True):
             break
         t = _wait(lambda: adm.running == 0)
         print(f"\nbreak -> slot free after {t * 1e3:.1f} ms")

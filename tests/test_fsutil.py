@@ -223,3 +223,18 @@ def test_bundle_and_its_checkpoint_honour_the_umask(tiny_model_dir, tmp_path):
         os.umask(old)
     for d in (tmp_path / "b", tmp_path / "b" / "checkpoint"):
         assert d.stat().st_mode & 0o777 == 0o755, f"{d}: {oct(d.stat().st_mode & 0o777)}"
+
+
+def test_atomic_write_text_is_whole_or_nothing(tmp_path):
+    """A file replaced whole (mode 0644), and a failed rename (the path is a directory) leaves no temp file behind."""
+    from trt_gemma.fsutil import atomic_write_text
+
+    f = tmp_path / "page.html"
+    f.write_text("old")
+    atomic_write_text(f, "new")
+    assert f.read_text() == "new" and (f.stat().st_mode & 0o777) == 0o644
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputError, match="cannot write") as e:
+        atomic_write_text(tmp_path / "dir", "x", fix="pick a file path")
+    assert e.value.fix == "pick a file path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "page.html"]

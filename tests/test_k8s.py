@@ -111,3 +111,15 @@ def test_yaml_round_trip_and_cli(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and _by_kind([d for d in yaml.safe_load_all(out) if d])["Service"]["spec"]["ports"][0][
         "port"] == 9000
+
+
+def test_serve_image_is_the_tag_dockerfile_jetson_builds():
+    """The default image of `serve --print-k8s` is one that Dockerfile.jetson's header tells the user to build."""
+    import re
+    from pathlib import Path
+
+    from trt_gemma.k8s import SERVE_IMAGE
+
+    header = (Path(__file__).resolve().parents[1] / "Dockerfile.jetson").read_text()
+    tags = re.findall(r"docker build .*?-t (\S+)", header)
+    assert SERVE_IMAGE in tags, (SERVE_IMAGE, tags)

@@ -207,12 +207,12 @@ def test_default_model_is_the_embedded_model(capsys):
 @pytest.mark.parametrize("target", ["h100", "jetson-orin-nano-8gb"])
 def test_recipe_clamped_to_model_context_like_build(target):
     """The embedded model has max_position_embeddings 512: plan sizes the engine build would make, and says so."""
-    from trt_gemma.build import bundle_recipe
+    from trt_gemma.recipes import resolve_recipe  # what build_bundle resolves and hands to plan
 
     cfg, _ = model_config("default")
     assert cfg.max_position_embeddings == 512
     p = plan("default", target, overrides={"max_seq_len": 4096})
-    built, _, _ = bundle_recipe(target, None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
+    built, _, _ = resolve_recipe(target, None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
     assert p.recipe == built and p.recipe.max_seq_len == 512 and p.recipe.max_input_len <= 512
     assert any("max_seq_len 4096 -> 512" in n and "max_position_embeddings is 512" in n for n in p.notes), p.notes
     assert p.max_seq_len_fit == 512 and "context_512" in p.decode_tok_s
@@ -299,3 +299,36 @@ def test_hub_id_from_the_local_cache(tiny_model_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/not-cached", "--target", "h100"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_plans_a_bundle_as_the_api_does(tmp_path, capsys):
+    """`trt-gemma plan --model BUNDLE` plans the bundle's source model with the bundle's recipe (trt_gemma.stages.plan),
+    on the target asked."""
+    from trt_gemma.stages import build, plan as api_plan
+
+    bundle = tmp_path / "b"
+    build(None, target="rtx-4090", overrides=["quant=bfloat16", "kv_cache_dtype=auto"], out=bundle,
+          skip_quality=True, compile_engine=False, show_progress=False)
+    code, out, err = run_cli(["plan", "--model", str(bundle), "--target", "jetson-orin-nano-4gb", "--json"], capsys)
+    assert code == 0, err
+    d, want = json.loads(out), api_plan(bundle, "jetson-orin-nano-4gb").to_dict()
+    assert d["recipe"]["quant"] == "bfloat16" and d["target"] == "jetson-orin-nano-4gb"
+    assert (d["recipe"], d["total_bytes"], d["verdict"]) == (want["recipe"], want["total_bytes"], want["verdict"])
+
+
+def test_api_plan_of_a_hub_id_fetches_config_json_only(monkeypatch):
+    """Planning needs config.json: trt_gemma.stages.plan must not download a hub model's weights (GBs). The hub is
+    not reachable here, so the download function records what it was asked for and stops."""
+    from trt_gemma import hf
+    from trt_gemma.stages import plan as api_plan
+
+    asked = []
+
+    def download(repo_id, patterns=hf.HUB_PATTERNS):
+        asked.append((repo_id, list(patterns)))
+        raise InputError("stop here", fix="-")
+
+    monkeypatch.setattr(hf, "_download", download)
+    with pytest.raises(InputError, match="stop here"):
+        api_plan("google/gemma-2-2b-it", "h100")
+    assert asked == [("google/gemma-2-2b-it", ["config.json"])], asked

@@ -93,3 +93,46 @@ def test_quality_table_rows_are_the_eval_commands_checkpoints():
     rows = [r.split("|")[1].strip().strip("`") for r in section.splitlines() if r.startswith("| ") and "---" not in r]
     assert rows[1:] == scored, (rows, scored)  # rows[0] is the header
     assert f"{ev[ev.index('--max-tokens') + 1]} tokens" in section and "bfloat16" in section
+
+
+# Options of the README's commands that take no value (every other --option consumes the next word).
+_FLAGS = {"--force", "--json", "--chat", "--k8s", "--print-k8s", "--watch", "--streaming"}
+# subcommand -> (positionals, options) -> the paths it reads / writes
+_READS = {
+    "generate": lambda p, o: p[:1], "serve": lambda p, o: p[:1], "export-triton": lambda p, o: p[:1],
+    "export-onnx": lambda p, o: p[:1] if len(p) == 2 else [],  # [CKPT] OUT
+    "eval": lambda p, o: p + ([o["--baseline"]] if "--baseline" in o else []), "inspect": lambda p, o: p,
+    "build": lambda p, o: [o["--from-bundle"]] if "--from-bundle" in o else [],
+}
+_WRITES = {
+    "convert": lambda p, o: p[-1:], "quantize": lambda p, o: p[-1:], "export-onnx": lambda p, o: p[-1:],
+    "export-triton": lambda p, o: p[1:2], "build": lambda p, o: [o["--out"]] if "--out" in o else [],
+}
+
+
+def _args(cmd: str) -> tuple[list[str], dict[str, str]]:
+    """(positionals, {option: value}) of one README command, without `trt-gemma SUB`."""
+    words, pos, opts = shlex.split(cmd)[2:], [], {}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w.startswith("--") and w not in _FLAGS:
+            opts[w], i = (words[i + 1] if i + 1 < len(words) else ""), i + 2
+            continue
+        if not w.startswith("--"):
+            pos.append(w)
+        i += 1
+    return pos, opts
+
+
+def test_readme_commands_read_what_earlier_commands_wrote():
+    """A directory a README command reads was written by a command above it (an example that reads `q-awq/` after
+    the commands were renamed to write `int4_awq/` cannot run). Placeholders (BUNDLE), globs and hub ids aside."""
+    made: set[str] = set()
+    for cmd, _ in readme_commands():
+        sub, (pos, opts) = _sub(cmd), _args(cmd)
+        for path in _READS.get(sub, lambda p, o: [])(pos, opts):
+            if path.isupper() or "*" in path or path.startswith("google/"):
+                continue
+            assert path.rstrip("/") in made, f"`{cmd}` reads {path}, which no README command above it writes"
+        made |= {path.rstrip("/") for path in _WRITES.get(sub, lambda p, o: [])(pos, opts)}

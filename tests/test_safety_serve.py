@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from live_server import LiveServer, make_backend, served_checkpoint  # noqa: F401 (fixture)
+from live_server import LiveServer, ServerProcess, make_backend, served_checkpoint  # noqa: F401 (fixture)
 from trt_gemma.safety import POLICIES, Moderator, load_moderator
 from trt_gemma.serve import create_app
 from trt_gemma.serve_guard import MAX_MODERATION_INPUTS, Guard
@@ -151,41 +151,15 @@ def test_guard_keeps_api_key_and_validation(backend, moderator):
 
 def test_cli_serve_guard_default_answers_moderations(served_checkpoint, tmp_path):
     """`trt-gemma serve MODEL --guard default` as a user runs it: the embedded model as guard, the openai client."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRT_GEMMA_CACHE=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", str(port),
-                             "--guard", "default", "--guard-mode", "annotate"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
-            time.sleep(0.1)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    with ServerProcess([str(served_checkpoint), "--guard", "default", "--guard-mode", "annotate"],
+                       tmp_path / "serve.log", env={"TRT_GEMMA_CACHE": str(tmp_path)}) as p:
+        c = openai.OpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0, timeout=120)
         r = c.moderations.create(model="guard", input="How do I sort a list?")
         want = load_moderator(None, cache_dir=tmp_path / "checkpoints").score("How do I sort a list?")
         assert r.results[0].category_scores.hate == pytest.approx(want.scores["hate"], abs=TOL)
         d = c.chat.completions.create(model=served_checkpoint.name, messages=MESSAGES, max_tokens=2)
         assert set(d.moderation.input.results[0].category_scores) == set(POLICIES)
         assert d.moderation.output.type == "error"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_guard_config_is_checked_before_the_port_opens(tmp_path):

@@ -233,6 +233,8 @@ def test_features_cli_json_and_html(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["html"] == str(out) and "feature" in d and len(d["tokens"]) >= 3
+    strongest = max((f for e in d["tokens"] for f in e["top"]), key=lambda f: f["activation"])
+    assert d["feature"] == strongest["feature"], (d["feature"], strongest)  # no --feature: the strongest one
     page = out.read_text()
     assert page.count('class="tok"') == len(d["tokens"]) and "<script" not in page and "http" not in page
     assert render_html(d) == page

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from live_server import LiveServer, make_backend, served_checkpoint  # noqa: F401 (fixture)
+from live_server import LiveServer, ServerProcess, make_backend, served_checkpoint  # noqa: F401 (fixture)
 from trt_gemma.backends import detect_kind, load_backend
 from trt_gemma.backends.base import GenerationParams
 from trt_gemma.errors import DependencyError, InputError
@@ -354,34 +353,12 @@ def test_binds_loopback_by_default():
 
 
 def test_cli_serve_answers_the_openai_client(served_checkpoint, tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(served_checkpoint), "--port", str(port),
-                             "--max-concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy in 60 s"
-            time.sleep(0.1)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+    with ServerProcess([str(served_checkpoint), "--max-concurrency", "1"], tmp_path / "serve.log") as p:
+        c = openai.OpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = c.chat.completions.create(model=served_checkpoint.name, messages=MESSAGES, max_tokens=3)
         assert r.usage.completion_tokens >= 1
-        metrics = httpx.get(url + "/metrics").text
+        metrics = httpx.get(p.url + "/metrics").text
         assert any(l.startswith("memory_bytes{") and 'kind="weights"' in l for l in metrics.splitlines())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_busy_port_is_a_typed_error_before_loading(served_checkpoint):

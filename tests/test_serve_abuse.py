@@ -271,7 +271,7 @@ def test_retry_after_follows_the_measured_drain_time(backend):
     list(backend.stream(backend.encode("fox"), GenerationParams(max_tokens=32, ignore_eos=True)))
     tokens = int(min(1500, max(8, 0.4 * 32 / (time.perf_counter() - t0))))  # ~0.4 s per request
     with LiveServer(create_app(backend, MODEL, max_queue=3, max_concurrency=1)) as s:
-        for burst in range(2):
+        for _burst_no in range(2):
             async def run():
                 task = asyncio.ensure_future(_burst(s.url, 4, tokens))
                 await asyncio.to_thread(s.wait_for, lambda m: m[("num_requests_waiting", ())] == 3, 60,

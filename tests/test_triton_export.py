@@ -229,6 +229,22 @@ def test_inspect_finds_a_broken_repository(repo, tmp_path):
     assert any("_TOKENS" in p for p in x["ensemble_problems"]), x["ensemble_problems"]
 
 
+def test_inspect_needs_the_engine(repo, tmp_path):
+    """Configs alone do not make a servable repository: no rank0.engine is not ok; an unreadable record is typed."""
+    import shutil
+
+    from trt_gemma.errors import InputError
+
+    broken = tmp_path / "no-engine"
+    shutil.copytree(repo, broken)
+    (broken / "tensorrt_llm" / "1" / "engine" / "rank0.engine").unlink()
+    x = inspect_repository(broken)
+    assert not x["ok"] and "rank0.engine" not in x["engine_files"], x["engine_files"]
+    (broken / "trt_gemma_triton.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot be read as JSON"):
+        inspect_repository(broken)
+
+
 def test_streaming_and_tp(bundle, tmp_path):
     fake_engine(bundle, tp=2)
     try:

@@ -28,6 +28,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
 from trt_gemma.quant_block import with_shared_embedding
 from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
@@ -37,7 +38,6 @@ from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
 COPY_BLOCK_BYTES = 64 << 20  # row blocks when rewriting a rank file
 QUALITY_MAX_TOKENS = 512  # eval-text tokens scored for the quality table (keeps a CPU build quick)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 # Recipe weight format -> how the bundle's checkpoint is made: ModelOpt calibration or the streaming converter.
 WEIGHT_ONLY = {"int8_wo": "int8", "int4_wo": "int4"}  # converter --weight-only (TRT-LLM quantizes at build)
@@ -89,11 +89,6 @@ def model_name(spec: str | None, model_dir: Path) -> str:
 
         return DEFAULT_MODEL_NAME
     return Path(str(spec).rstrip("/")).name or model_dir.name
-
-
-def bundle_recipe(target: str | Target, config_file, overrides, max_positions: int) -> tuple[Recipe, dict, list]:
-    """The resolved recipe (file < --set < context clamp), the overrides that make it, and notes."""
-    return resolve_recipe(target, config_file, overrides, max_positions)
 
 
 def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: bool,
@@ -203,7 +198,7 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
     _say(log, f"target {t.name} ({how})")
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir / "config.json")
-    recipe, _, notes = bundle_recipe(t, config_file, overrides, cfg.max_position_embeddings)
+    recipe, _, notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)  # file < --set < context
     p = plan(model_dir, t, recipe=recipe, recipe_notes=notes)
     require_fit(p)
     _say(log, f"plan: {p.verdict} — {p.reason}")

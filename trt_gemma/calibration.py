@@ -40,12 +40,17 @@ def available_cores(root: Path = Path("/")) -> int:
     return max(1, cores)
 
 
+def check_threads(requested: int | None) -> None:
+    """--threads, checked before any work (quantize) and again where it is used."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--threads {requested}: need at least 1", fix="use --threads 1 or more, or leave it out")
+
+
 def choose_threads(requested: int | None = None, cores: int | None = None,
                    load: float | None = None) -> tuple[int, str]:
     """(threads, why): `requested` when given, else the available cores not already busy."""
+    check_threads(requested)
     if requested is not None:
-        if requested < 1:
-            raise ConfigError(f"--threads {requested}: need at least 1", fix="use --threads 1 or more, or leave it out")
         return requested, f"{requested} thread{'s' * (requested > 1)} (--threads)"
     cores = available_cores() if cores is None else cores
     if load is None:
@@ -89,9 +94,9 @@ def seconds_left(times: list[tuple[int, float]], costs: list[float], n: int) -> 
     for p, s in steady:
         by_pass.setdefault(p, []).append(s)
     mean = {p: sum(v) / len(v) for p, v in by_pass.items()}
-    first = mean[min(mean)] / costs[min(mean)] * costs[0]
+    unit = mean[min(mean)] / costs[min(mean)]  # seconds per unit of PASS_COST, from the earliest measured pass
     total = len(costs) * n
-    return sum(mean.get(i // n, first * costs[i // n] / costs[0]) for i in range(len(times), total))
+    return sum(mean.get(i // n, unit * costs[i // n]) for i in range(len(times), total))
 
 
 class CalibrationProgress:

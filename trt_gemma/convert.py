@@ -41,8 +41,8 @@ from trt_gemma.console import progress
 from trt_gemma.st_io import StreamingWriter
 # The mapping table and its codecs live in trt_gemma.tensor_map (importable without the converter); re-exported here.
 from trt_gemma.tensor_map import (EMBEDDING, FLOAT_CODEC, LINEAR, LM_HEAD, NORM, TABLE, TRANSFORMS,  # noqa: F401
-                                  AWQ_PAD_MIN, Entry, FloatCodec, Job, LinearCodec, awq_padded, awq_tp_sizes,
-                                  codec_for, gemma_norm, plan, source_expectations)
+                                  AWQ_PAD_MIN, TP_SPLIT_FIELDS, Entry, FloatCodec, Job, LinearCodec, awq_padded,
+                                  awq_tp_sizes, codec_for, gemma_norm, plan, source_expectations)
 
 BLOCK_BYTES = 16 << 20  # row-block budget, counted as float32 (the widest intermediate)
 PROVENANCE_FILE = "trt_gemma_provenance.json"
@@ -178,8 +178,7 @@ def trtllm_config(cfg: ModelConfig, dtype: str, tp: int, quant_algo: str | None)
 def check_tp(cfg: ModelConfig, tp: int, allowed: list[int] | None = None) -> None:
     """Every split dimension must divide by tp (TRT's split_matrix_tp splits evenly; docs/tensorrt-llm-contract.md §3).
     `allowed`: the tp sizes to suggest instead of every divisor (INT4-AWQ sources: tensor_map.awq_tp_sizes)."""
-    dims = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size}
+    dims = {f: getattr(cfg, f) for f in TP_SPLIT_FIELDS}
     if tp < 1:
         raise ConfigError(f"--tp {tp}: must be at least 1", fix="use --tp 1 (one GPU) or more")
     for name, v in dims.items():
@@ -233,14 +232,23 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     t0 = time.time()
     _check_options(dtype, weight_only)
     out = Path(out)
-    check_output_target(out, force)
+    # OUT before reading anything (as quantize): a local model is its own source; a hub id is not fetched yet
+    if isinstance(model, HFModel):
+        local = model.path
+    elif model is None or Path(model).expanduser().exists():
+        local = resolve_model(None if model is None else str(model))
+    else:
+        local = None
+    check_output_target(out, force, source=local, command="convert")
     source = str(model.path) if isinstance(model, HFModel) else model
-    hf = model if isinstance(model, HFModel) else HFModel.open(resolve_model(None if model is None else str(model)))
+    hf = model if isinstance(model, HFModel) else HFModel.open(local or resolve_model(str(model)))
     dtype = dtype or hf.source_dtype
     if weight_only and dtype == "float32":
         raise ConfigError("--weight-only needs a 16-bit model dtype (TRT-LLM's weight-only GEMMs take fp16/bf16)",
                           fix="add --dtype bfloat16 (or float16)")
-    _check_out_not_a_model(out, hf.path)
+    if local is None:  # the hub id's download dir
+        check_output_target(out, force, source=hf.path, command="convert")
+    _check_out_not_a_hf_model(out)
     codec, jobs = codec_for(hf), plan(hf.config)
     check_tp(hf.config, tp, _awq_tp_allowed(hf.config, codec))
     if weight_only and codec is not FLOAT_CODEC:
@@ -273,13 +281,9 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
     return out
 
 
-def _check_out_not_a_model(out: Path, source: Path) -> None:
-    """--force replaces OUT wholesale: OUT being the model dir or a folder above it would delete the source, and
-    OUT holding some HF model is most likely `convert MODEL` typed without OUT (MODEL then is OUT)."""
-    o, s = out.resolve(), source.resolve()
-    if s == o or o in s.parents:
-        raise OutputError(f"output {out} would replace the model being converted ({source})",
-                          fix="choose an output path outside the model directory")
+def _check_out_not_a_hf_model(out: Path) -> None:
+    """--force replaces OUT wholesale (OUT over the source is check_output_target's refusal): OUT holding some HF
+    model is most likely `convert MODEL` typed without OUT (MODEL then is OUT)."""
     if (out / "config.json").is_file() and any((out / n).is_file() for n in (SINGLE_FILE, INDEX_FILE)):
         raise OutputError(f"output {out} holds a Hugging Face model; --force will not replace it",
                           fix=f"pass both paths: `trt-gemma convert {out} OUT`, or delete {out} yourself")

@@ -205,6 +205,24 @@ def atomic_output_dir(out: Path, force: bool = False,
         shutil.rmtree(box, ignore_errors=True)
 
 
+def atomic_write_text(path: Path, text: str, fix: str = "choose a writable path") -> None:
+    """One file written whole or not at all: a hidden temp file beside `path`, renamed over it (removed on error).
+    Mode 0644 as a plain open() would give under the usual umask (mkstemp makes 0600)."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}", fix=fix) from e
+
+
 # --- SIGTERM ------------------------------------------------------------------------------------------------------
 
 class Terminated(BaseException):

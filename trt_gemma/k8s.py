@@ -23,7 +23,7 @@ from trt_gemma.errors import ConfigError
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:{tag}-trtllm-python-py3"
 TRITON_TRTLLM_RELEASES = {(1, 0): "25.09", (1, 1): "25.12"}  # (TensorRT-LLM major, minor) -> Triton release
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002  # tritonserver defaults (launch_triton_server.py)
-SERVE_IMAGE = "trt-gemma:r36.4"  # the tag Dockerfile.jetson's header builds
+SERVE_IMAGE = "trt-gemma:jp6"  # the JetPack 6 (Orin) tag Dockerfile.jetson's header builds
 SHM_SIZE = "2Gi"  # the Python backend moves tensors through /dev/shm; the backend README runs --shm-size=2g
 MODEL_MOUNT = "/models"
 GPU = "nvidia.com/gpu"  # extended resource advertised by the NVIDIA device plugin (k8s-device-plugin)
@@ -176,9 +176,9 @@ def print_serve_manifests(model: str | None, port: int, max_queue: int, max_conc
             "--stream-interval", str(stream_interval)]
     if model_name:
         args += ["--model-name", model_name]
-    size = 0
-    if model and Path(model).is_dir():
-        size = sum(f.stat().st_size for f in Path(model).rglob("*") if f.is_file())
+    from trt_gemma.manifest import dir_bytes
+
+    size = dir_bytes(Path(model)) if model and Path(model).is_dir() else 0
     header = ("# trt-gemma serve on Kubernetes: copy the model into the PVC, then kubectl apply -f this file."
               + ("\n# API key: kubectl create secret generic trt-gemma-api-key --from-literal=api-key=KEY"
                  if api_key else ""))

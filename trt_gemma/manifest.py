@@ -235,7 +235,7 @@ def _next_step(path: Path, kind: str, manifest: dict, can_run: bool) -> str:
         if can_run:
             return f"trt-gemma build --from-bundle {path}"
         return (f"on the target (with tensorrt_llm and its GPU): trt-gemma build --from-bundle {path}; "
-                f"here the checkpoint runs on the reference backend: trt-gemma serve {path / 'checkpoint'}")
+                f"here the checkpoint runs on the CPU: trt-gemma serve {path / 'checkpoint'}")
     engine = path if kind == "engine" else path / "engine"
     if can_run:
         return f"trt-gemma serve {engine}"

@@ -23,7 +23,7 @@ from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
-from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes
+from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -116,9 +116,8 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint (docs/tensorrt-llm-contract.md §3)."""
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    return [(cfg.q_dim + 2 * cfg.kv_dim, h), (h, cfg.q_dim), (f, h), (f, h), (h, f)]
+    """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint: the tensor table's (tensor_map)."""
+    return list(linear_shapes(cfg).values())
 
 
 def _group_misfit(cfg: ModelConfig, quant: str, group_size: int) -> int | None:
@@ -164,14 +163,15 @@ def _memory(cfg: ModelConfig, t: Target, r: Recipe) -> dict:
             "total": fixed + tokens * kv_tok}
 
 
-def _verdict(total: int, usable: int) -> str:
+def fit_verdict(total: int, usable: int) -> str:
+    """fits (within the margin), tight (without it), does not fit: one rule for a model and a chat + guard pair."""
     if total <= usable * (1 - MARGIN):
         return "fits"
     return "tight" if total <= usable else "does not fit"
 
 
 def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
-    return _verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
+    return fit_verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
 
 
 def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
@@ -187,7 +187,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         r = recipe
     m = _memory(cfg, t, r)
     budget = int(t.usable_bytes * (1 - MARGIN))
-    verdict = _verdict(m["total"], t.usable_bytes)
+    verdict = fit_verdict(m["total"], t.usable_bytes)
     kv_tok, w = m["kv_tok"], m["weights"]
     room = budget - (m["fixed"])
     seq_limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)

@@ -285,8 +285,9 @@ def _check_options(quant, group_size, kv_cache, cfg: ModelConfig | None) -> None
 
 
 def _check_calibration(samples: int, seq_len: int, threads: int | None, cfg: ModelConfig) -> None:
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads {threads}: need at least 1", fix="use --threads 1 or more, or leave it out")
+    from trt_gemma.calibration import check_threads
+
+    check_threads(threads)
     if samples < 1 or seq_len < 2:
         raise ConfigError(f"--calib-samples {samples} / --calib-seq-len {seq_len}: need >= 1 sample of >= 2 tokens",
                           fix=f"use e.g. --calib-samples {DEFAULT_CALIB_SAMPLES} --calib-seq-len "

@@ -309,7 +309,7 @@ def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_
     one batched prefill) and decodes nothing; both engines live in the server's one process, so the runtime
     overhead (CUDA context, OS/display reserve) is counted once. When the pair does not fit and `chat_model` is
     given, `suggestion` holds the first of PAIR_FIXES (applied to both models) with which it does."""
-    from trt_gemma.plan import MARGIN, plan
+    from trt_gemma.plan import MARGIN, fit_verdict, plan
     from trt_gemma.recipes import parse_overrides
 
     over = parse_overrides(overrides or {})
@@ -317,7 +317,7 @@ def plan_with_guard(chat_plan, guard_model: str, target, overrides=None, config_
     shared = sum(g.overhead.values())
     total = chat_plan.total_bytes + g.total_bytes - shared
     usable = chat_plan.usable_bytes
-    verdict = "fits" if total <= usable * (1 - MARGIN) else ("tight" if total <= usable else "does not fit")
+    verdict = fit_verdict(total, usable)
     gib = 1024 ** 3
     reason = (f"chat {chat_plan.total_bytes / gib:.2f} GiB + guard {(g.total_bytes - shared) / gib:.2f} GiB "
               f"(runtime overhead counted once) = {total / gib:.2f} GiB of {usable / gib:.2f} GiB usable "

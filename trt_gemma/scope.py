@@ -142,12 +142,13 @@ def default_sae_dir(layer: int | None) -> Path:
 # ---- features of a text ----------------------------------------------------------------------------------------------
 
 def features(model, tokenizer, sae: JumpReLUSAE, layer: int, text: str, top_k: int = 5,
-             feature: int | None = None) -> dict:
+             feature: int | str | None = None) -> dict:
     """Per token (after <bos>): the top-k features and activations, L0 and the relative reconstruction error
-    ||x - x_hat|| / ||x||; with `feature`, that feature's activation per token and the tokens ranked by it."""
+    ||x - x_hat|| / ||x||; with `feature`, that feature's activation per token and the tokens ranked by it.
+    feature="strongest": the feature with the largest activation anywhere in the text (one forward pass)."""
     cfg = model.config
     sae.check_model(cfg.hidden_size, "the model")
-    if feature is not None and not 0 <= feature < sae.d_sae:
+    if feature != "strongest" and feature is not None and not 0 <= feature < sae.d_sae:
         raise InputError(f"--feature {feature} is out of range: the SAE has features 0..{sae.d_sae - 1}",
                          fix="pick a feature index below d_sae")
     if top_k < 1:
@@ -160,7 +161,10 @@ def features(model, tokenizer, sae: JumpReLUSAE, layer: int, text: str, top_k: i
                          f"{cfg.max_position_embeddings}", fix="pass a shorter text")
     x = model.residual(ids, layer)[1:]  # <bos> excluded: Gemma Scope is not trained on it
     f = sae.encode(x)
-    err = np.linalg.norm(x - sae.decode(f), axis=-1) / np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
+    if feature == "strongest":  # first token, then lowest id among ties: the order of the per-token top lists
+        feature = int(np.unravel_index(np.argmax(f), f.shape)[1])
+    x_hat = sae.decode(f)
+    err = np.linalg.norm(x - x_hat, axis=-1) / np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
     pieces = [tokenizer.decode([i], skip_special=False) for i in ids[1:]]
     k = min(top_k, sae.d_sae)
     top = np.argsort(-f, axis=-1, kind="stable")[:, :k]
@@ -174,7 +178,7 @@ def features(model, tokenizer, sae: JumpReLUSAE, layer: int, text: str, top_k: i
         tokens.append(entry)
     out = {"layer": layer, "sae": sae.source, "d_model": sae.d_model, "d_sae": sae.d_sae, "top_k": k,
            "tokens": tokens, "mean_l0": float(np.mean([e["l0"] for e in tokens])),
-           "mean_rel_error": float(np.mean(err)), "fvu": fvu(x, sae.decode(f)), "l0_definition": "features with f > 0",
+           "mean_rel_error": float(np.mean(err)), "fvu": fvu(x, x_hat), "l0_definition": "features with f > 0",
            "bos_excluded": True}
     if feature is not None:
         out["feature"] = feature

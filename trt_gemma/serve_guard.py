@@ -45,6 +45,11 @@ GUARD_MODES = ("block", "annotate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def check_mode(mode: str) -> None:
+    if mode not in GUARD_MODES:
+        raise InputError(f"--guard-mode {mode!r} is not one of {', '.join(GUARD_MODES)}", fix="block or annotate")
+
+
 @dataclass(frozen=True)
 class GuardConfig:
     """What `trt-gemma serve --guard ...` asks for; the model loads in a background thread at startup."""
@@ -61,9 +66,7 @@ class GuardConfig:
         from trt_gemma.safety import MODERATION_BACKENDS, answer_tokens, load_thresholds
         from trt_gemma.tokenizer import GemmaTokenizer
 
-        if self.mode not in GUARD_MODES:
-            raise InputError(f"--guard-mode {self.mode!r} is not one of {', '.join(GUARD_MODES)}",
-                             fix="block or annotate")
+        check_mode(self.mode)
         if self.backend not in MODERATION_BACKENDS:
             raise InputError(f"the guard's backend {self.backend!r} is not one of {', '.join(MODERATION_BACKENDS)}",
                              fix="use auto, reference or onnxruntime")
@@ -74,8 +77,7 @@ class GuardConfig:
 class Guard:
     def __init__(self, moderator: Moderator | Callable[[], Moderator], mode: str = "block",
                  check_response: bool = False):
-        if mode not in GUARD_MODES:
-            raise InputError(f"--guard-mode {mode!r} is not one of {', '.join(GUARD_MODES)}", fix="block or annotate")
+        check_mode(mode)
         self.mode, self.check_response = mode, check_response
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trt-gemma-guard")
         self.moderator: Moderator | None = moderator if isinstance(moderator, Moderator) else None

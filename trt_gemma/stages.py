@@ -52,12 +52,15 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     name, _how = resolve_target(target)
     spec = "default" if model is None else os.fspath(model)
     over = parse_overrides(overrides)
-    if spec not in PRESETS and spec != "default":
+    path = Path(spec).expanduser()
+    # a local dir may be a bundle; a hub id is left to the planner, which fetches its config.json only
+    if spec not in PRESETS and spec != "default" and path.is_dir():
         from trt_gemma.backends import detect_kind
-        from trt_gemma.hf import resolve_model
 
-        path = resolve_model(spec)
-        kind = detect_kind(path)
+        try:
+            kind = detect_kind(path)
+        except InputError:  # no weights beside config.json: planning needs the config only (the planner checks it)
+            kind = "hf"
         if kind == "bundle":
             spec, recipe = _bundle_source(path)
             over = {**recipe, **over}

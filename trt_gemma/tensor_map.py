@@ -8,6 +8,7 @@ The table is read from TensorRT-LLM's models/gemma/convert.py (see docs/tensorrt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
@@ -165,19 +166,25 @@ def source_expectations(model: HFModel) -> dict[str, TensorExpect]:
     return exp
 
 
-
-
 # --- what TensorRT-LLM's groupwise (INT4-AWQ) layers accept --------------------------------------------------------
 
+# The dimensions TensorRT-LLM splits across tp ranks (evenly: split_matrix_tp): heads, KV heads, MLP width, vocab
+TP_SPLIT_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 AWQ_PAD_MIN = 64  # WeightOnlyGroupwiseQuant{,Row}Linear: multiple = max(64, group_size) * tp_size (W4A16; W4A8: 128)
 TP_CANDIDATES = (1, 2, 4, 8)
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it (TABLE's LINEAR rows)."""
-    h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_dim, config.kv_dim
-    return {"attention.qkv": (q + 2 * kv, h), "attention.dense": (h, q), "mlp.fc": (f, h), "mlp.gate": (f, h),
-            "mlp.proj": (h, f)}
+    """Full (unsplit) [out, in] of each decoder linear as the TRT-LLM checkpoint stores it, read off TABLE's LINEAR
+    rows for layer 0 ({"attention.qkv": (q + 2 kv, hidden), ...})."""
+    return dict(_linear_shapes(config))
+
+
+@lru_cache(maxsize=32)  # the planner asks for every candidate recipe it tries; ModelConfig is frozen (hashable)
+def _linear_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    prefix = _T.format(n=0) + "."
+    return tuple((job.target[len(prefix):], job.rank_shape(1)) for job in plan(config)
+                 if job.entry.kind == LINEAR and job.target.startswith(prefix))
 
 
 def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple[int, int]]:
@@ -192,6 +199,6 @@ def awq_padded(config: ModelConfig, tp: int, group_size: int) -> dict[str, tuple
 def awq_tp_sizes(config: ModelConfig, group_size: int, candidates=TP_CANDIDATES) -> list[int]:
     """The tp sizes at which an INT4-AWQ checkpoint of this model loads in TensorRT-LLM as written: no padding, and
     every split dimension divides (heads, KV heads, intermediate, vocab)."""
-    splits = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+    splits = [getattr(config, f) for f in TP_SPLIT_FIELDS]
     return [tp for tp in candidates
             if all(d % tp == 0 for d in splits) and not awq_padded(config, tp, group_size)]

@@ -32,6 +32,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
+from trt_gemma.hf import TOKENIZER_FILES
 from trt_gemma.triton_models import ENSEMBLE_STEPS, Raw, parameters, tensors, to_pbtxt
 
 EXPORT_MANIFEST = "trt_gemma_triton.json"
@@ -47,7 +48,6 @@ MAX_QUEUE_DELAY_US = 0  # the backend README's value: batch what is there, wait 
 SUPPORTED_TRTLLM = ((1, 0), (1, 3))
 TRITON_DTYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # tensorrt_llm/config.pbtxt literal
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 # tensorrtllm_backend/docs/model_config.md@v1.0.0 "Mandatory parameters", per model (template variable names).
 MANDATORY: dict[str, tuple[str, ...]] = {

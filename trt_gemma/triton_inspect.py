@@ -1,8 +1,8 @@
 """Check a repository written by `trt-gemma export-triton` (used by `export-triton --inspect` and `trt-gemma inspect`).
 
 Each config.pbtxt is parsed by Triton's own ModelConfig schema (strict: unknown fields and wrong types fail), the
-mandatory parameters of tensorrtllm_backend/docs/model_config.md are located in it, leftover `${...}` placeholders are listed, and the
-ensemble is walked step by step.
+mandatory parameters of tensorrtllm_backend/docs/model_config.md are located in it, leftover `${...}` placeholders
+are listed, the ensemble is walked step by step, and the engine dir must hold an engine (config.json + rank0.engine).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Callable
 from trt_gemma.errors import DependencyError, InputError
 from trt_gemma.triton_export import DEFAULT_REPO_PATH, EXPORT_MANIFEST, K8S_FILE, MANDATORY, next_steps
 from trt_gemma.triton_models import MODELS
+
 
 def model_config_pb2():
     """Triton's own ModelConfig schema, shipped by tritonclient as generated Python (tritonclient/grpc/
@@ -38,14 +39,19 @@ def model_config_pb2():
 _PB2 = None
 
 
-def parse_config(text: str):
-    """Parse a config.pbtxt strictly (unknown fields and wrong types raise) into Triton's ModelConfig."""
+def _schema():
+    """model_config_pb2(), executed once per process (DependencyError when it cannot be loaded)."""
     global _PB2
-    from google.protobuf import text_format
-
     if _PB2 is None:
         _PB2 = model_config_pb2()
-    return text_format.Parse(text, _PB2.ModelConfig())
+    return _PB2
+
+
+def parse_config(text: str):
+    """Parse a config.pbtxt strictly (unknown fields and wrong types raise) into Triton's ModelConfig."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _schema().ModelConfig())
 
 
 def _param(name: str):
@@ -136,9 +142,12 @@ def inspect_repository(path: str | Path) -> dict:
     if not record_file.is_file():
         raise InputError(f"{path} has no {EXPORT_MANIFEST}: not a repository written by `trt-gemma export-triton`",
                          fix="export one: trt-gemma export-triton BUNDLE OUT")
-    record = json.loads(record_file.read_text())
     try:
-        model_config_pb2()
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{record_file} cannot be read as JSON: {e}", fix="export the repository again") from e
+    try:
+        _schema()
         schema = "tritonclient model_config_pb2"
     except DependencyError as e:
         schema = None
@@ -157,10 +166,12 @@ def inspect_repository(path: str | Path) -> dict:
             except Exception as e:  # text_format.ParseError: the message names line, column and field
                 row.update(schema_ok=False, error=str(e))
         models[model] = row
+    from trt_gemma.backends.trtllm import is_engine_dir
+
     graph = ensemble_problems(parsed) if len(parsed) == len(MODELS) else None
-    ok = all(r["config"] and r["version_dir"] and not r["placeholders"] and r.get("schema_ok", True)
-             and not r.get("missing") for r in models.values()) and not graph
     engine = path / "tensorrt_llm" / "1" / "engine"
+    ok = all(r["config"] and r["version_dir"] and not r["placeholders"] and r.get("schema_ok", True)
+             and not r.get("missing") for r in models.values()) and not graph and is_engine_dir(engine)
     return {"path": str(path), "kind": "triton-repository", "bundle": record.get("bundle"), "tp": record.get("tp"),
             "trtllm_version": record.get("trtllm_version"), "triton_image": record.get("triton_image"),
             "schema": schema or f"not checked: {schema_reason}", "models": models, "ensemble_problems": graph,

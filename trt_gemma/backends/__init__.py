@@ -28,7 +28,7 @@ from pathlib import Path
 
 from trt_gemma.backends.base import (Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo,  # noqa: F401
                                      Step)
-from trt_gemma.errors import InputError
+from trt_gemma.errors import ConfigError, InputError
 
 # kind -> (predicate on (dir, config dict)); first match wins, most specific first.
 KINDS = (
@@ -71,7 +71,7 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
     path = Path(model_path)
     if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
     kind = detect_kind(path)
     if kind == "bundle":
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
@@ -118,14 +118,9 @@ def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
     by our version and the checkpoint's config and weight files (name, size, mtime)."""
     from trt_gemma import __version__
 
-    root = Path(cache_dir).parent if cache_dir else Path(os.environ.get("TRT_GEMMA_CACHE",
-                                                                        Path.home() / ".cache" / "trt_gemma"))
-    h = hashlib.sha256(f"{__version__}:{ONNX_KV_CACHE}".encode())
-    for f in sorted(p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update((Path(ckpt) / "config.json").read_bytes())
-    return root / "onnx" / f"{Path(ckpt).resolve().name}-{h.hexdigest()[:16]}"
+    root = Path(cache_dir).parent if cache_dir else _cache_root()
+    files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")]
+    return _cache_entry(root / "onnx", Path(ckpt), f"{__version__}:{ONNX_KV_CACHE}", files)
 
 
 def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
@@ -189,13 +184,23 @@ def reference_checkpoint(model_path: str | Path, cache_dir: Path | None = None) 
 def converted_cache_dir(hf_dir: Path, cache_dir: Path | None = None) -> Path:
     from trt_gemma import __version__
 
-    base = cache_dir or Path(os.environ.get("TRT_GEMMA_CACHE", Path.home() / ".cache" / "trt_gemma")) / "checkpoints"
-    h = hashlib.sha256(__version__.encode())
-    for f in sorted(p for p in Path(hf_dir).iterdir() if p.is_file()):
+    base = cache_dir or _cache_root() / "checkpoints"
+    return _cache_entry(Path(base), Path(hf_dir), __version__, [p for p in Path(hf_dir).iterdir() if p.is_file()])
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TRT_GEMMA_CACHE", Path.home() / ".cache" / "trt_gemma"))
+
+
+def _cache_entry(base: Path, src: Path, seed: str, files: list[Path]) -> Path:
+    """base/<src name>-<hash>: the hash covers `seed` (our version, ...), each file's name, size and mtime, and
+    src/config.json's bytes, so an edited source gets a new entry."""
+    h = hashlib.sha256(seed.encode())
+    for f in sorted(files):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update((Path(hf_dir) / "config.json").read_bytes())
-    return Path(base) / f"{Path(hf_dir).resolve().name}-{h.hexdigest()[:16]}"
+    h.update((src / "config.json").read_bytes())
+    return base / f"{src.resolve().name}-{h.hexdigest()[:16]}"
 
 
 def ensure_converted(hf_dir: Path, cache_dir: Path | None = None) -> Path:

@@ -6,6 +6,7 @@ import sys
 import click
 
 from trt_gemma.console import human_size as _size
+from trt_gemma.recipes import ENGINES
 
 
 def _out(text: str = "") -> None:
@@ -27,7 +28,7 @@ def _out(text: str = "") -> None:
               help="Compile a bundle made elsewhere into BUNDLE/engine (needs TensorRT-LLM and a GPU).")
 @click.option("--skip-quality", is_flag=True, help="Do not compute the quality table (large models on slow hosts).")
 @click.option("--no-compile", is_flag=True, help="Only make the bundle, even on a GPU host.")
-@click.option("--engine", type=click.Choice(["tensorrt_llm", "tensorrt"]), default=None,
+@click.option("--engine", type=click.Choice(ENGINES), default=None,
               help="Engine route (default: the recipe's `engine`): tensorrt_llm, or tensorrt = ONNX -> TensorRT "
                    "(Jetson, data center) / TensorRT-RTX (RTX; builds on any host).")
 @click.option("--threads", type=click.IntRange(1), default=None,

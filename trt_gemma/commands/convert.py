@@ -30,14 +30,10 @@ def convert(paths, dtype, tp, weight_only, force, allow_nonfinite, as_json):
     """Convert MODEL (a local HF dir, a hub id; omitted or `default`: the embedded model) into a TensorRT-LLM
     checkpoint at OUT (config.json, rank*.safetensors, tokenizer, provenance)."""
     from trt_gemma.console import emit
-    from trt_gemma.fsutil import check_output_target
-    from trt_gemma.hf import resolve_model
 
     if len(paths) > 2:
         raise click.UsageError(f"expected [MODEL] OUT, got {len(paths)} paths")
     model, out = (None, Path(paths[0])) if len(paths) == 1 else (paths[0], Path(paths[1]))
-    local = None if model and not Path(model).exists() else resolve_model(model)  # a hub id is never fetched here
-    check_output_target(out, force, source=local, command="convert")  # before reading anything
     path = convert_checkpoint(model, out, dtype=None if dtype == "auto" else dtype, tp=tp, weight_only=weight_only,
                               force=force, allow_nonfinite=allow_nonfinite, show_progress=True)
     prov = json.loads((path / PROVENANCE_FILE).read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import click
@@ -9,17 +10,19 @@ import click
 from trt_gemma.errors import DependencyError
 
 # Defaults are the stage's own; trt_gemma.onnx_export imports onnx lazily, so --help works without the extra.
-from trt_gemma.onnx_export import KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, MIN_OPSET
+from trt_gemma.onnx_export import KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, export_onnx as run
+
+_DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 
 
 @click.command("export-onnx")
 @click.argument("paths", nargs=-1, required=True, metavar="[CKPT] OUT")
 @click.option("--max-seq-len", type=click.IntRange(1), default=None,
               help="Longest prompt + generation the graph serves (rotary table size) [default: the model's].")
-@click.option("--opset", type=int, default=MIN_OPSET, show_default=True, help="ONNX opset (INT4 needs >= 21).")
-@click.option("--lm-head", type=click.Choice(LM_HEAD_CHOICES), default="none", show_default=True,
+@click.option("--opset", type=int, default=_DEFAULTS["opset"], show_default=True, help="ONNX opset (INT4 needs >= 21).")
+@click.option("--lm-head", type=click.Choice(LM_HEAD_CHOICES), default=_DEFAULTS["lm_head"], show_default=True,
               help="Quantize the (tied) lm_head: int8 per vocab row or int4 in blocks of 128 (docs/onnx.md).")
-@click.option("--kv-cache", type=click.Choice(KV_CACHE_LAYOUTS), default="concat", show_default=True,
+@click.option("--kv-cache", type=click.Choice(KV_CACHE_LAYOUTS), default=_DEFAULTS["kv_cache"], show_default=True,
               help="concat: standard past/present (present = past ++ new); inplace: fixed-capacity buffers the new "
                    "rows are scattered into, bound as past and present at once (the onnxruntime backend's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -30,7 +33,6 @@ def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, force, as_json):
     from trt_gemma.backends import reference_checkpoint
     from trt_gemma.console import emit
     from trt_gemma.hf import resolve_model
-    from trt_gemma.onnx_export import export_onnx as run
 
     if len(paths) > 2:
         raise click.UsageError(f"expected [CKPT] OUT, got {len(paths)} paths")

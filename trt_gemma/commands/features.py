@@ -23,34 +23,17 @@ def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_jso
     from pathlib import Path
 
     from trt_gemma.console import emit
+    from trt_gemma.fsutil import atomic_write_text
     from trt_gemma.scope import features as run, load_for_features, render_html
 
     m, tok, s = load_for_features(model, sae, sae_path, layer)
+    if html_out and feature is None:  # shade by the feature with the largest activation anywhere in the text
+        feature = "strongest"
     report = run(m, tok, s, layer, text, top_k=top_k, feature=feature)
     if html_out:
-        if feature is None:  # the feature with the largest activation anywhere in the text
-            best = max((f for e in report["tokens"] for f in e["top"]), key=lambda f: f["activation"],
-                       default={"feature": 0})
-            report = run(m, tok, s, layer, text, top_k=top_k, feature=best["feature"])
-        _write_atomic(Path(html_out), render_html(report))
+        atomic_write_text(Path(html_out), render_html(report), fix="choose a writable --html path")
         report["html"] = html_out
     emit(report, as_json, _render)
-
-
-def _write_atomic(path, text: str) -> None:
-    import os
-    import tempfile
-
-    from trt_gemma.errors import OutputError
-
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}", fix="choose a writable --html path") from e
 
 
 def _render(d: dict) -> None:

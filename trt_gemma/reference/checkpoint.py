@@ -22,8 +22,8 @@ from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS, 
 from trt_gemma.st_io import TensorInfo, read_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
-POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size",
-            "intermediate_size", "max_position_embeddings", "tp_size", "pp_size", "group_size", "sliding_window")
+# Checkpoint-only sizes; the model's own (vocab_size, hidden_size, ...) are config.RANGES', checked by check_ranges
+POSITIVE = ("tp_size", "pp_size", "group_size")
 SLIDING, FULL = "sliding_attention", "full_attention"
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 NORMS = ("input_layernorm", "post_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -129,8 +129,8 @@ class CheckpointConfig:
 
     def _validate(self, source: str, d: dict, mapping: dict) -> None:
         fix = "re-create the checkpoint with `trt-gemma convert`"
-        check_ranges(vars(self), source, fix, names=CHECKPOINT_NAMES)  # the same value ranges as an HF config
         # sizes first: the divisibility checks below (and the loader) divide by them
+        check_ranges(vars(self), source, fix, names=CHECKPOINT_NAMES)  # the same value ranges as an HF config
         for name in POSITIVE:
             value = getattr(self, name)
             if value is not None and value < 1:
