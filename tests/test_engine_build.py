@@ -443,7 +443,7 @@ def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
     assert int4["lm_head_bytes"] == vocab * h // 2 + vocab * (h // 128) * 2 + h * 2
     assert fp16["tok_s_context_0"] < int8["tok_s_context_0"] < int4["tok_s_context_0"]
     assert t["kv_bytes"] == 2 * 1 * 4096 * (2 * layers * 4 * 256 * 2)  # past + present buffers
-    assert t["activations"]["prefill"]["logits"] == 1 * 1024 * vocab * 4  # float32 logits for every prompt token
+    assert t["activations"]["prefill"]["logits"] == 1 * vocab * 4  # float32 logits of each prompt's last position
     assert t["activations"]["decode"]["logits"] == vocab * 4
     assert t["verdict"] == "fits" and t["total_bytes"] < t["usable_bytes"]
 

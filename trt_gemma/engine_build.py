@@ -269,7 +269,8 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
         raise DependencyError(f"the ONNX exporter cannot be imported ({e})",
                               fix="pip install 'trt-gemma[onnx]'") from None
     _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len})")
-    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21)
+    # last-position logits: a prefill profile neither computes nor returns [batch, max_input_len, vocab] float32
+    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last")
     return _onnx_path(result, onnx_dir)
 
 

@@ -7,9 +7,9 @@ What the engine holds, by class [INF: derived from the graph's shape, not measur
   layer, so a runtime that keeps both holds 2 x max_batch_size x max_seq_len x KV bytes per token;
 - activations per optimization profile: the MLP (gate, up, product) and residual stream for every token of the
   profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the
-  float32 logits [batch, new, vocab] the graph returns for every new token — at a 1024-token prefill on a 256k
-  vocabulary the logits alone are ~1 GB per prompt, which is why prefill takes max_num_tokens // max_input_len
-  prompts at once and the 8 GB Jetson recipes keep batch 1 and max_input_len 1024;
+  float32 logits [batch, 1, vocab] of the last position (the route exports with logits="last": the final norm and
+  the lm_head run on one row per prompt; an all-positions graph would return ~1 GB per 1024-token prompt on a 256k
+  vocabulary);
 - KV and activations are counted in the recipe's dtype (the graph the TensorRT route wants); a graph exported with
   float32 activations doubles both, and the plan says so;
 - runtime overhead: trt_gemma.plan.OVERHEAD for the target family plus a workspace.
@@ -25,6 +25,7 @@ from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS
 
 LM_HEAD_FORMATS = {"int8": "int8_wo", "int4": "int4_awq"}  # lm_head variant -> the weight format that sizes it
 LOGITS_BYTES = 4  # the exported graph returns float32 logits (trt_gemma.onnx_export)
+LOGITS_ROWS = 1  # per sequence: the route's graph returns the last position only (export_onnx logits="last")
 
 
 def lm_head_bytes(cfg, recipe, variant: str) -> int:
@@ -47,7 +48,7 @@ def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
         tokens = b * new
         out[name] = {"mlp_and_residual": tokens * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * act,
                      "attention_scores": b * cfg.num_attention_heads * new * s * act,
-                     "logits": tokens * cfg.vocab_size * LOGITS_BYTES}
+                     "logits": b * LOGITS_ROWS * cfg.vocab_size * LOGITS_BYTES}
         out[name]["total"] = sum(out[name].values())
     return out
 
@@ -72,8 +73,8 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
                              "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
                              f"tok_s_context_{recipe.max_seq_len}":
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
-    assumes = (f"KV and activations in {recipe.dtype}, float32 logits; a float32-activation export doubles KV and "
-               "activations")
+    assumes = (f"KV and activations in {recipe.dtype}, float32 logits of the last position; a float32-activation "
+               "export doubles KV and activations")
     return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
             "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,

@@ -2,7 +2,8 @@
 standard-operator ONNX graph with past/present KV cache, for onnxruntime and the TensorRT / TensorRT-RTX parsers.
 
 One graph serves prefill and decode: `input_ids` [batch, sequence] and per layer `past_key_values.{i}.key/value`
-[batch, kv_heads, past_sequence, head_size] in; `logits` [batch, sequence, vocab] (float32) and
+[batch, kv_heads, past_sequence, head_size] in; `logits` [batch, 1, vocab] (float32; the last position, or
+[batch, sequence, vocab] with logits="all") and
 `present.{i}.key/value` [batch, kv_heads, past_sequence + sequence, head_size] out. Positions are past_sequence ..
 past_sequence + sequence - 1 (no padding inside a batch). The math is the numpy reference's (trt_gemma/reference/
 model.py), quirk by quirk; activations are float32, weights keep the checkpoint's storage:
@@ -41,6 +42,10 @@ MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opse
 # "concat": present = past ++ new (the standard layout); "inplace": past/present are one fixed-capacity buffer per
 # layer that the new rows are scattered into, so a runtime can bind both to the same memory (docs/onnx.md).
 KV_CACHE_LAYOUTS = ("concat", "inplace")
+# "last": logits of the last new position only, [batch, 1, vocab] (generation, scoring: the final norm and the lm_head
+# run on one row, so a 1024-token prefill neither computes nor returns 1024 x vocab float32 logits);
+# "all": every new position, [batch, sequence, vocab] (perplexity / eval over a window).
+LOGITS_CHOICES = ("last", "all")
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
 
@@ -187,10 +192,13 @@ def _block(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, max_seq_len: int | None,
-                  kv_cache: str = "concat") -> int:
+                  kv_cache: str = "concat", logits: str = "last") -> int:
     """Refuse what the graph cannot represent before any work; returns the max_seq_len to use."""
     import onnx
 
+    if logits not in LOGITS_CHOICES:
+        raise ConfigError(f"--logits {logits!r} is not one of {', '.join(LOGITS_CHOICES)}",
+                          fix="use --logits last (generation) or all (perplexity over every position)")
     if kv_cache not in KV_CACHE_LAYOUTS:
         raise ConfigError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_CACHE_LAYOUTS)}",
                           fix="use --kv-cache concat (standard past/present) or inplace")
@@ -220,7 +228,7 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
-                lm_head: str = "none", kv_cache: str = "concat", force: bool = False,
+                lm_head: str = "none", kv_cache: str = "concat", logits: str = "last", force: bool = False,
                 show_progress: bool = True) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
     checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all."""
@@ -231,18 +239,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
-    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache)
+    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits)
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
         g = Graph(tmp / f"{MODEL_FILE}.data")
         try:
             with progress(disable=not show_progress) as bar:
-                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, bar)
+                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
             check_all_used(shards)
         finally:
             g.close_data()
-        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, g)
+        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, logits, g)
         model = g.model("gemma2", opset, f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
@@ -254,8 +262,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     return summary
 
 
-def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, bar) -> None:
-    """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap."""
+def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str, bar) -> None:
+    """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap. With
+    logits="last" the hidden state is sliced to the last position before the final norm, so the norm and the lm_head
+    MatMul run on one row per sequence (Slice, not Gather with -1: every ONNX parser takes negative Slice starts)."""
     g, cfg = ctx.g, ctx.cfg
     task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
     _declare_io(g, cfg, kv_cache)
@@ -268,9 +278,12 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, bar) -> None
         bar.update(task, description=f"layer {i}")
         x = _block(ctx, i, x, sh)
         bar.advance(task)
+    if logits == "last":
+        x = g.op("Slice", x, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64),
+                 g.const([1], np.int64), name="last_position")
     ln_f = g.tensor("transformer.ln_f.weight", ctx.shards.get_f32("transformer.ln_f.weight"))
-    logits = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
-    g.output(logits, "logits", "FLOAT", ["batch", "sequence", cfg.vocab_size])
+    out = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
+    g.output(out, "logits", "FLOAT", ["batch", 1 if logits == "last" else "sequence", cfg.vocab_size])
     g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
     bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
 
@@ -286,14 +299,14 @@ def _declare_io(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> None:
 
 
 def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, kv_cache: str,
-             g: Graph) -> dict:
+             logits: str, g: Graph) -> dict:
     from trt_gemma import __version__
 
     model = {"num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
              "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
              "max_seq_len": max_seq_len, "dtype": cfg.dtype, "activation_dtype": "float32",
              "quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "lm_head": lm_head,
-             "kv_cache": kv_cache,
+             "kv_cache": kv_cache, "logits": logits,
              "sliding_window": cfg.sliding_window,
              "layer_types": [t if cfg.is_sliding(i) else FULL for i, t in enumerate(cfg.layer_types)]}
     return {"format": "trt_gemma-onnx/1", "producer": f"trt_gemma {__version__}", "source": str(ckpt),

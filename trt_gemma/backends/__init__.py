@@ -40,6 +40,7 @@ BACKENDS = ("auto", "reference", "onnxruntime", "trtllm")
 # Cached exports use in-place KV buffers: the onnxruntime backend binds past and present to one buffer per layer
 # and a decode step is one call (docs/onnx.md); `export-onnx` defaults to the standard concat layout.
 ONNX_KV_CACHE = "inplace"
+ONNX_LOGITS = "last"  # generation reads the last position only: the graph's norm + lm_head run on one row
 
 
 def detect_kind(path: Path) -> str:
@@ -118,7 +119,7 @@ def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
 
     root = Path(cache_dir).parent if cache_dir else Path(os.environ.get("TRT_GEMMA_CACHE",
                                                                         Path.home() / ".cache" / "trt_gemma"))
-    h = hashlib.sha256(f"{__version__}:{ONNX_KV_CACHE}".encode())
+    h = hashlib.sha256(f"{__version__}:{ONNX_KV_CACHE}:{ONNX_LOGITS}".encode())
     for f in sorted(p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -139,7 +140,7 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
     from trt_gemma.onnx_export import export_onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, force=True, show_progress=False)
+    export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS, force=True, show_progress=False)
     return out
 
 

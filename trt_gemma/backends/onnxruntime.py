@@ -89,6 +89,7 @@ class OrtModel:
                                             session_options(accuracy_level, threads),
                                             providers=providers or ["CPUExecutionProvider"])
         self.inplace = m.get("kv_cache", "concat") == "inplace"
+        self.all_logits = m.get("logits", "all") == "all"  # exports before the option returned every position
         self._past = [n for n in man["inputs"] if n.startswith("past_key_values.")]
         self._present = [n for n in man["outputs"] if n.startswith("present.")]
         self._empty = ort.OrtValue.ortvalue_from_numpy(
@@ -107,6 +108,9 @@ class OrtModel:
         if ids.size == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise InputError(f"token ids must be non-empty and in 0..{self.config.vocab_size - 1}",
                              fix="use the model's own tokenizer")
+        if not (last_only or self.all_logits or ids.shape[1] == 1):
+            raise InputError(f"{self.path} returns the last position's logits only, and logits for all {ids.shape[1]} "
+                             "tokens were asked for", fix="re-export with `trt-gemma export-onnx --logits all`")
         cache = cache if cache is not None else self.new_cache(ids.shape[1])
         if cache.length + ids.shape[1] > cache.capacity:
             raise InputError(f"KV cache overflow: {cache.length} cached + {ids.shape[1]} new tokens > capacity "
