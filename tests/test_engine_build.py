@@ -491,6 +491,24 @@ def _checkpoint(kind: str, out):
                                dtype="float16", show_progress=False, log=lambda msg: None)
 
 
+@pytest.mark.parametrize("kind,activations", [("int4_awq", "float16"), ("bfloat16", "bfloat16")])
+def test_half_precision_graph_builds_for_sm86_and_sm89(exporter, tmp_path, kind, activations):
+    """The graph the TensorRT route exports (the recipe's dtype as activations: INT4-AWQ weight-only with fp16
+    activations is the Orin recipe) through the real builder for SM 8.6 and 8.9; the engine's I/O is fp16/bf16 KV."""
+    import onnx
+
+    ckpt = _checkpoint(kind, tmp_path / "ckpt")
+    s = exporter(ckpt, tmp_path / "onnx", max_seq_len=256, opset=21, activations=activations)
+    onnx_path = E._onnx_path(s, tmp_path / "onnx")
+    kv = onnx.load(str(onnx_path), load_external_data=False).graph.input[-1].type.tensor_type.elem_type
+    assert onnx.helper.tensor_dtype_to_np_dtype(kv) == (np.float16 if activations == "float16" else
+                                                        onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+    for target in ("rtx-3090", "rtx-4090"):
+        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", target, Limits(1, 64, 256),
+                           precisions=(kind, activations))
+        assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str, (kind, activations, target)
+
+
 @pytest.mark.parametrize("kind,targets", [("bfloat16", ("rtx-3090", "rtx-4090")),
                                           ("int4_awq", ("rtx-3090", "rtx-4090")), ("fp8", ("rtx-4090",))])
 def test_exported_embedded_model_builds_for_sm86_and_sm89(exporter, tmp_path, kind, targets):

@@ -164,3 +164,23 @@ def test_generate_cli_on_both_backends(tiny, tmp_path):
     auto = run(ckpt)
     assert auto["backend"] == "onnxruntime" and auto["token_ids"] == ref["token_ids"]
     assert list((tmp_path / "onnx").iterdir()), "auto should export into $TRT_GEMMA_CACHE/onnx"
+
+
+def test_float16_export_runs_in_the_backend_and_bfloat16_is_refused(embedded, tmp_path):
+    """A float16-activation export decodes through the backend with float16 KV buffers (half the bytes per token) and
+    the reference's greedy tokens on the embedded model; a bfloat16 one (TensorRT only) is a typed error."""
+    from trt_gemma.assets import eval_text_path
+
+    ckpt, work = embedded
+    export_onnx(ckpt, tmp_path / "fp16", kv_cache="inplace", activations="float16", show_progress=False)
+    ref, ob = ReferenceBackend.load(ckpt), OnnxRuntimeBackend.load(tmp_path / "fp16")
+    f32 = OrtModel(work / "inplace")
+    assert ob.model.kv_dtype == np.float16 and ob.model.kv_bytes_per_token * 2 == f32.kv_bytes_per_token
+    ids = ref.encode(eval_text_path().read_text()[:400])
+    want, _ = _tokens(ref, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
+    got, _ = _tokens(ob, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert got == want, f"float16 greedy tokens differ from the reference's from step {first}"
+    export_onnx(ckpt, tmp_path / "bf16", activations="bfloat16", show_progress=False)
+    with pytest.raises(InputError, match="--activations float32"):
+        OrtModel(tmp_path / "bf16")

@@ -257,8 +257,10 @@ def run_engine(engine_path: str | Path, feeds: dict, profile: int = 0) -> dict:
 
 # --- the bundle route: checkpoint -> ONNX -> engine --------------------------------------------------------------
 
-def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], None] | None = None) -> Path:
-    """BUNDLE/onnx/*.onnx, exported from BUNDLE/checkpoint by trt_gemma.onnx_export.export_onnx unless present."""
+def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], None] | None = None,
+                           activations: str = "float16") -> Path:
+    """BUNDLE/onnx/*.onnx, exported from BUNDLE/checkpoint by trt_gemma.onnx_export.export_onnx unless present,
+    computing in `activations` (the recipe's dtype: the engine's activations and KV cache are the graph's)."""
     onnx_dir = bundle / ONNX_DIR
     existing = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
     if existing:
@@ -268,9 +270,11 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
     except ImportError as e:  # the exporter module itself, or the onnx package it needs
         raise DependencyError(f"the ONNX exporter cannot be imported ({e})",
                               fix="pip install 'trt-gemma[onnx]'") from None
-    _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len})")
+    _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len}, {activations} "
+              "activations)")
     # last-position logits: a prefill profile neither computes nor returns [batch, max_input_len, vocab] float32
-    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last")
+    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last",
+                         activations=activations)
     return _onnx_path(result, onnx_dir)
 
 
@@ -307,7 +311,7 @@ def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
-        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log)
+        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype)
         status["onnx"] = str(onnx_path)
         built = build_engine(onnx_path, bundle / ENGINE_DIR, recipe.target, recipe,
                              precisions=(recipe.quant, recipe.dtype), force=force,

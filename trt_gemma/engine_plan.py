@@ -10,8 +10,9 @@ What the engine holds, by class [INF: derived from the graph's shape, not measur
   float32 logits [batch, 1, vocab] of the last position (the route exports with logits="last": the final norm and
   the lm_head run on one row per prompt; an all-positions graph would return ~1 GB per 1024-token prompt on a 256k
   vocabulary);
-- KV and activations are counted in the recipe's dtype (the graph the TensorRT route wants); a graph exported with
-  float32 activations doubles both, and the plan says so;
+- KV and activations are counted in the recipe's dtype: the route exports its graph with the recipe's dtype as
+  activations (engine_build.tensorrt_route -> export_onnx(activations=recipe.dtype)); a graph exported by hand with
+  float32 activations would double both, and the plan says so;
 - runtime overhead: trt_gemma.plan.OVERHEAD for the target family plus a workspace.
 TensorRT sizes an execution context for the largest profile it may run, so the plan takes the larger profile.
 
@@ -73,8 +74,8 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
                              "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
                              f"tok_s_context_{recipe.max_seq_len}":
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
-    assumes = (f"KV and activations in {recipe.dtype}, float32 logits of the last position; a float32-activation "
-               "export doubles KV and activations")
+    assumes = (f"KV and activations in {recipe.dtype}, as the route exports the graph; float32 logits of the last "
+               "position; a float32-activation export would double KV and activations")
     return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
             "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,

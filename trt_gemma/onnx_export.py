@@ -6,9 +6,10 @@ One graph serves prefill and decode: `input_ids` [batch, sequence] and per layer
 [batch, sequence, vocab] with logits="all") and
 `present.{i}.key/value` [batch, kv_heads, past_sequence + sequence, head_size] out. Positions are past_sequence ..
 past_sequence + sequence - 1 (no padding inside a batch). The math is the numpy reference's (trt_gemma/reference/
-model.py), quirk by quirk; activations are float32, weights keep the checkpoint's storage:
+model.py), quirk by quirk; activations are float32 (or `activations` float16 / bfloat16, for TensorRT: RMSNorm and
+the final soft-cap stay float32), weights keep the checkpoint's storage:
 
-- float: the weight as stored (fp32/fp16/bf16), transposed to [in, out], Cast to float32 where needed;
+- float: the weight as stored (fp32/fp16/bf16), transposed to [in, out], Cast to the activation type where needed;
 - W4A16_AWQ: `DequantizeLinear(int4 [in, out], scale [in/group, out], axis=0, block_size=group)` -> MatMul, with the
   AWQ pre-quant scale as a Mul on x. TRT-LLM packs two output rows per byte ([out/2, in], low nibble = even row);
   ONNX packs consecutive elements of the flattened tensor, so the [in, out] int4 tensor's bytes are exactly the
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.onnx_graph import Graph
+from trt_gemma.onnx_graph import ACTIVATION_TYPES, Graph, onnx_type
 from trt_gemma.onnx_weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
                                     fp8_qdq, linear)
 from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
@@ -46,6 +47,9 @@ KV_CACHE_LAYOUTS = ("concat", "inplace")
 # run on one row, so a 1024-token prefill neither computes nor returns 1024 x vocab float32 logits);
 # "all": every new position, [batch, sequence, vocab] (perplexity / eval over a window).
 LOGITS_CHOICES = ("last", "all")
+# the dtype the graph computes in (weights keep their storage; RMSNorm and the final soft-cap run in float32 and the
+# logits output is float32 in every variant). onnxruntime's CPU EP has float16 kernels but no bfloat16 ones.
+ACTIVATIONS = tuple(ACTIVATION_TYPES)
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
 
@@ -54,14 +58,18 @@ MODEL_FILE = "model.onnx"
 
 def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
     """x / sqrt(mean(x^2) + eps) * (1+w) (reference `rms_norm`; the checkpoint stores 1+w). Written as
-    Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into one normalization kernel."""
-    ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.const([-1], np.int64), keepdims=1)
+    Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into one normalization kernel. Always in float32
+    with a float32 weight, as HF's Gemma2RMSNorm computes it: in float16 x^2 overflows past |x| = 256, which Gemma 2's
+    residual stream reaches; an fp16/bf16 graph casts in and out."""
+    x32 = x if g.act == "FLOAT" else g.op("Cast", x, to=onnx_type("FLOAT"))
+    ms = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0)), g.const([-1], np.int64), keepdims=1)
     rms = g.op("Sqrt", g.op("Add", ms, g.const(eps)))
-    return g.op("Mul", g.op("Div", x, rms), weight, name=name)
+    out = g.op("Mul", g.op("Div", x32, rms), weight, name=name if g.act == "FLOAT" else None)
+    return g.to_act(out, name)
 
 
 def soft_cap(g: Graph, x: str, cap: float | None) -> str:
-    """tanh(x / cap) * cap (reference `soft_cap`)."""
+    """tanh(x / cap) * cap (reference `soft_cap`), on float32 logits."""
     if cap is None:
         return x
     return g.op("Mul", g.op("Tanh", g.op("Div", x, g.const(cap))), g.const(cap))
@@ -117,8 +125,8 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) ->
     freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
     emb = np.concatenate([freqs, freqs], -1)
     emb = emb[:, None, :]  # [max_seq_len, 1, d]: gathered rows broadcast over heads in [B, T, heads, d]
-    cos = g.op("Gather", g.tensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
-    sin = g.op("Gather", g.tensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
+    cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
+    sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
                 g.op("Unsqueeze", k_pos, g.const([0], np.int64)))  # [T, S]: query pos - key pos
     causal = g.op("GreaterOrEqual", diff, g.const(0, np.int64))
@@ -154,8 +162,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
         v = g.op("ScatterElements", f"past_key_values.{i}.value", sh.scatter_idx, v, axis=2,
                  name=f"present.{i}.value")
     length = "total_sequence" if sh.scatter_idx is None else "capacity"
-    g.output(k, f"present.{i}.key", "FLOAT", ["batch", nkv, length, d])
-    g.output(v, f"present.{i}.value", "FLOAT", ["batch", nkv, length, d])
+    g.output(k, f"present.{i}.key", g.act, ["batch", nkv, length, d])
+    g.output(v, f"present.{i}.value", g.act, ["batch", nkv, length, d])
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", g.op("Transpose", q, perm=heads_first), g.const([0, nkv, -1, d], np.int64))
@@ -163,11 +171,11 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     scale = float(attention_scale(c.query_pre_attn_scalar))
     cap = c.attn_logit_softcapping
     if cap is None:
-        scores = g.op("Mul", scores, g.const(scale))
+        scores = g.op("Mul", scores, g.fconst(scale))
     else:  # tanh(scores * scale / cap) * cap: the scale folded into the soft-cap's division
-        scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.const(scale / cap))), g.const(cap))
+        scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.fconst(scale / cap))), g.fconst(cap))
     window = c.sliding_window if c.is_sliding(i) else None
-    scores = g.op("Where", sh.masks[window], scores, g.const(-np.inf))
+    scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kv, group*T, d]
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])
     return linear(ctx, f"{p}.dense", g.op("Reshape", out, g.const([0, 0, nq * d], np.int64)))
@@ -192,10 +200,13 @@ def _block(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, max_seq_len: int | None,
-                  kv_cache: str = "concat", logits: str = "last") -> int:
+                  kv_cache: str = "concat", logits: str = "last", activations: str = "float32") -> int:
     """Refuse what the graph cannot represent before any work; returns the max_seq_len to use."""
     import onnx
 
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"--activations {activations!r} is not one of {', '.join(ACTIVATIONS)}",
+                          fix="use --activations float32 (CPU), float16 or bfloat16 (TensorRT)")
     if logits not in LOGITS_CHOICES:
         raise ConfigError(f"--logits {logits!r} is not one of {', '.join(LOGITS_CHOICES)}",
                           fix="use --logits last (generation) or all (perplexity over every position)")
@@ -228,8 +239,8 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
-                lm_head: str = "none", kv_cache: str = "concat", logits: str = "last", force: bool = False,
-                show_progress: bool = True) -> dict:
+                lm_head: str = "none", kv_cache: str = "concat", logits: str = "last",
+                activations: str = "float32", force: bool = False, show_progress: bool = True) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
     checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all."""
     from trt_gemma.console import progress
@@ -239,11 +250,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
-    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits)
+    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits,
+                                activations)
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
-        g = Graph(tmp / f"{MODEL_FILE}.data")
+        g = Graph(tmp / f"{MODEL_FILE}.data", ACTIVATION_TYPES[activations])
         try:
             with progress(disable=not show_progress) as bar:
                 _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
@@ -270,7 +282,7 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str,
     task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
     _declare_io(g, cfg, kv_cache)
     gather, head = embedding_and_head(ctx, lm_head)
-    normalizer = g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
+    normalizer = g.fconst(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
     x = g.op("Mul", gather("input_ids"), normalizer, name="embed_scale")
     bar.advance(task)
     sh = _shared(g, cfg, max_seq_len, kv_cache)
@@ -282,7 +294,9 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str,
         x = g.op("Slice", x, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64),
                  g.const([1], np.int64), name="last_position")
     ln_f = g.tensor("transformer.ln_f.weight", ctx.shards.get_f32("transformer.ln_f.weight"))
-    out = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
+    out = head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f"))
+    out = out if g.act == "FLOAT" else g.op("Cast", out, to=onnx_type("FLOAT"))  # float32 logits in every variant
+    out = soft_cap(g, out, cfg.final_logit_softcapping)
     g.output(out, "logits", "FLOAT", ["batch", 1 if logits == "last" else "sequence", cfg.vocab_size])
     g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
     bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
@@ -295,7 +309,7 @@ def _declare_io(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> None:
     length = "past_sequence" if kv_cache == "concat" else "capacity"
     for i in range(cfg.num_hidden_layers):
         for kv in ("key", "value"):
-            g.input(f"past_key_values.{i}.{kv}", "FLOAT", ["batch", cfg.num_key_value_heads, length, cfg.head_size])
+            g.input(f"past_key_values.{i}.{kv}", g.act, ["batch", cfg.num_key_value_heads, length, cfg.head_size])
 
 
 def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, kv_cache: str,
@@ -304,7 +318,8 @@ def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm
 
     model = {"num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
              "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-             "max_seq_len": max_seq_len, "dtype": cfg.dtype, "activation_dtype": "float32",
+             "max_seq_len": max_seq_len, "dtype": cfg.dtype,
+             "activation_dtype": {v: k for k, v in ACTIVATION_TYPES.items()}[g.act],
              "quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "lm_head": lm_head,
              "kv_cache": kv_cache, "logits": logits,
              "sliding_window": cfg.sliding_window,

@@ -25,6 +25,8 @@ from trt_gemma.errors import DependencyError, InputError
 DEFAULT_ACCURACY_LEVEL = 4
 SMALL_MODEL_BYTES = 64 << 20
 GROW_MIN = 64  # tokens: the first in-place KV buffer holds at least this many
+# the export's activation dtype -> the numpy dtype of its KV cache (onnxruntime's CPU EP has no bfloat16 kernels)
+KV_NUMPY = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,14 @@ class OrtModel:
                                 m["num_key_value_heads"], m["head_size"], m["dtype"], m["quant_algo"])
         self.manifest = man
         self.weight_bytes = int(man["external_bytes"])
-        self.kv_bytes_per_token = 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * m["head_size"] * 4
+        act = m.get("activation_dtype", "float32")
+        if act not in KV_NUMPY:  # no bfloat16 CPU kernels, and numpy has no bfloat16 for the KV buffers
+            raise InputError(f"{self.path} computes in {act}, which this backend cannot run",
+                             fix="re-export with `trt-gemma export-onnx --activations float32` (or float16); "
+                                 f"{act} graphs are for TensorRT")
+        self.kv_dtype = KV_NUMPY[act]
+        self.kv_bytes_per_token = (2 * m["num_hidden_layers"] * m["num_key_value_heads"] * m["head_size"]
+                                   * np.dtype(self.kv_dtype).itemsize)
         if threads is None and self.weight_bytes < SMALL_MODEL_BYTES:
             threads = 1  # splitting a tiny GEMV over threads costs more in synchronisation than it saves
         self.session = ort.InferenceSession(str(self.path / man["model_file"]),
@@ -93,7 +102,7 @@ class OrtModel:
         self._past = [n for n in man["inputs"] if n.startswith("past_key_values.")]
         self._present = [n for n in man["outputs"] if n.startswith("present.")]
         self._empty = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((1, m["num_key_value_heads"], 0, m["head_size"]), np.float32))
+            np.zeros((1, m["num_key_value_heads"], 0, m["head_size"]), self.kv_dtype))
 
     def new_cache(self, capacity: int = 512) -> OrtCache:
         if not 1 <= capacity <= self.config.max_position_embeddings:
@@ -158,7 +167,7 @@ class OrtModel:
 
         c, old = self.config, cache.arrays[:len(self._past)]
         size = min(cache.capacity, max(need, GROW_MIN, 2 * (old[0].shape[2] if old else 0)))
-        cache.arrays = [np.zeros((1, c.num_key_value_heads, size, c.head_size), np.float32) for _ in self._past]
+        cache.arrays = [np.zeros((1, c.num_key_value_heads, size, c.head_size), self.kv_dtype) for _ in self._past]
         for new, prev in zip(cache.arrays, old):
             new[:, :, :prev.shape[2]] = prev
         cache.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in cache.arrays]

@@ -9,7 +9,7 @@ import click
 from trt_gemma.errors import DependencyError
 
 # Defaults are the stage's own; trt_gemma.onnx_export imports onnx lazily, so --help works without the extra.
-from trt_gemma.onnx_export import KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOICES, MIN_OPSET
+from trt_gemma.onnx_export import ACTIVATIONS, KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOICES, MIN_OPSET
 
 
 @click.command("export-onnx")
@@ -25,9 +25,12 @@ from trt_gemma.onnx_export import KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOI
 @click.option("--logits", type=click.Choice(LOGITS_CHOICES), default=LOGITS_CHOICES[0], show_default=True,
               help="last: logits of the last position only, [batch, 1, vocab] (generation; norm and lm_head run on "
                    "one row); all: every position (perplexity / eval).")
+@click.option("--activations", type=click.Choice(ACTIVATIONS), default=ACTIVATIONS[0], show_default=True,
+              help="The dtype the graph computes in (weights keep theirs): float32 for CPU onnxruntime; float16 / "
+                   "bfloat16 for TensorRT (the route exports with the recipe's dtype).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, force, as_json):
+def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activations, force, as_json):
     """Export CKPT (a `trt-gemma convert`/`quantize` checkpoint, a bundle, an HF dir or hub id; omitted: the
     embedded model) to OUT/model.onnx + model.onnx.data for onnxruntime and the TensorRT(-RTX) ONNX parsers."""
     from trt_gemma.backends import reference_checkpoint
@@ -42,7 +45,7 @@ def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, force, as_
     spec, out = (None, Path(paths[0])) if len(paths) == 1 else (paths[0], Path(paths[1]))
     ckpt = reference_checkpoint(resolve_model(spec))
     summary = run(ckpt, out, max_seq_len=max_seq_len, opset=opset, lm_head=lm_head, kv_cache=kv_cache, logits=logits,
-                  force=force, show_progress=not as_json)
+                  activations=activations, force=force, show_progress=not as_json)
     emit(summary, as_json, _render)
 
 
