@@ -56,5 +56,6 @@ def _render(s: dict) -> None:
     quant = ", ".join(q for q in (m["quant_algo"], m["kv_cache_quant_algo"] and f"KV {m['kv_cache_quant_algo']}",
                                   m["lm_head"] != "none" and f"lm_head {m['lm_head']}") if q) or "float"
     console.print(f"wrote {s['path']}: opset {s['opset']}, {s['nodes']} nodes, {m['dtype']} ({quant}), "
+                  f"{m['activation_dtype']} activations, {m['logits']}-position logits, "
                   f"max_seq_len {m['max_seq_len']}, {s['external_bytes'] / 2**20:.1f} MiB of weights in "
                   f"{s['wall_s']:.1f} s (peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB)")
