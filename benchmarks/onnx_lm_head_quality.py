@@ -48,7 +48,7 @@ def main() -> None:
         for body, ck in cks.items():
             for head in ("none", "int8", "int4"):
                 out = work / f"{body}-{head}".replace(" ", "_")
-                s = export_onnx(ck, out, lm_head=head, show_progress=False)
+                s = export_onnx(ck, out, lm_head=head, logits="all", show_progress=False)
                 rows.append((body, head, s["external_bytes"], scores(out, windows, args.accuracy_level)))
     base = rows[0][3]
     print(f"{sum(len(t) for t, _ in base)} predicted tokens of eval.txt; baseline: float32 graph, float lm_head; "

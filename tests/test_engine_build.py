@@ -21,7 +21,7 @@ import pytest
 
 from trt_gemma import engine_build as E
 from trt_gemma.engine_profiles import GraphInput, Limits, graph_inputs, profiles
-from trt_gemma.errors import DependencyError, InputError, RecipeError
+from trt_gemma.errors import ConfigError, DependencyError, InputError, RecipeError
 from trt_gemma.recipes import load_recipe
 from trt_gemma.targets import TARGETS, Target
 
@@ -327,8 +327,8 @@ def test_cli_build_engine_tensorrt_on_an_rtx_target(tmp_path, capsys):
 
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as e:
-        main(["build", "--target", "rtx-3090", "--set", "quant=float16", "--skip-quality", "--engine", "tensorrt",
-              "--out", str(out), "--json"])
+        main(["build", "--target", "rtx-3090", "--set", "quant=float16", "--set", "lm_head_quant=int8",
+              "--skip-quality", "--engine", "tensorrt", "--out", str(out), "--json"])
     assert e.value.code == 0
     d = json.loads(capsys.readouterr().out)
     assert d["recipe"]["engine"] == "tensorrt" and d["not_compiled_reason"].endswith("(--engine tensorrt)")
@@ -339,6 +339,9 @@ def test_cli_build_engine_tensorrt_on_an_rtx_target(tmp_path, capsys):
         assert trt["on_target"] == [f"trt-gemma build --from-bundle {out} --engine tensorrt"]
     else:
         assert trt["engine"]["sm"] == "8.6" and (out / "tensorrt" / "model.engine").is_file()
+        exported = json.loads((out / "onnx" / "trt_gemma_onnx.json").read_text())["model"]
+        want = {"lm_head": "int8", "activation_dtype": d["recipe"]["dtype"], "logits": "last"}
+        assert {k: exported[k] for k in want} == want, exported  # the recipe's options reach the graph
 
 
 def test_cli_from_bundle_tensorrt_refuses_a_non_bundle(tmp_path, capsys):
@@ -376,6 +379,28 @@ def test_from_bundle_builds_the_bundles_graph_and_records_it(tmp_path, capsys):
     with pytest.raises(OutputError, match="already exists"):
         E.tensorrt_route(bundle, require=True)
     assert E.tensorrt_route(bundle, require=True, force=True)["engine"]["sm"] == "8.6"
+
+
+def test_bundle_export_follows_the_recipe_options(tmp_path):
+    """The route's export is reused while the recipe's dtype / lm_head_quant match it and redone when they change
+    (a stale graph would build an engine the recipe does not describe)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from trt_gemma import build as B
+
+    bundle = tmp_path / "bundle"
+    B.build_bundle(None, "rtx-3090", overrides=["quant=float16", "engine=tensorrt"], out=bundle,
+                   skip_quality=True, show_progress=False, compile_engine=False)
+
+    def options():
+        return json.loads((bundle / "onnx" / "trt_gemma_onnx.json").read_text())["model"]
+
+    first = E.export_onnx_for_bundle(bundle, 128, activations="float16")
+    stamp = first.stat().st_mtime_ns
+    assert E.export_onnx_for_bundle(bundle, 128, activations="float16").stat().st_mtime_ns == stamp  # reused
+    E.export_onnx_for_bundle(bundle, 128, activations="float16", lm_head="int8")
+    assert options()["lm_head"] == "int8" and options()["activation_dtype"] == "float16"
+    E.export_onnx_for_bundle(bundle, 128, activations="bfloat16", lm_head="int8")
+    assert options()["activation_dtype"] == "bfloat16" and options()["logits"] == "last"
 
 
 def _load_polygraphy_outputs(path):
@@ -443,9 +468,33 @@ def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
     assert int4["lm_head_bytes"] == vocab * h // 2 + vocab * (h // 128) * 2 + h * 2
     assert fp16["tok_s_context_0"] < int8["tok_s_context_0"] < int4["tok_s_context_0"]
     assert t["kv_bytes"] == 2 * 1 * 4096 * (2 * layers * 4 * 256 * 2)  # past + present buffers
-    assert t["activations"]["prefill"]["logits"] == 1 * 1024 * vocab * 4  # float32 logits for every prompt token
+    assert t["activations"]["prefill"]["logits"] == 1 * vocab * 4  # float32 logits of each prompt's last position
     assert t["activations"]["decode"]["logits"] == vocab * 4
     assert t["verdict"] == "fits" and t["total_bytes"] < t["usable_bytes"]
+
+
+def test_lm_head_quant_is_a_validated_recipe_field_the_plan_shows():
+    """`--set lm_head_quant=int8|int4`: TensorRT route only, checked against the builder's precision rules, and the plan
+    counts the quantized head in the weights and marks it in the roofline."""
+    from trt_gemma.engine_plan import render_lines
+    from trt_gemma.plan import plan
+    from trt_gemma.recipes import load_recipe
+
+    assert load_recipe("jetson-orin-nano-8gb", overrides=["lm_head_quant=int4"]).lm_head_quant == "int4"
+    with pytest.raises(ConfigError, match="lm_head_quant = 'int2'"):
+        load_recipe("jetson-orin-nano-8gb", overrides=["lm_head_quant=int2"])
+    with pytest.raises(RecipeError, match=r"--set lm_head_quant=int8: lm_head_quant = 'int8' with engine = "
+                                          r"'tensorrt_llm'"):
+        load_recipe("rtx-4090", overrides=["lm_head_quant=int8"])
+    with pytest.raises(RecipeError, match=r"lm_head_quant = 'int4' for --target t4 \(SM 7\.5\): INT4 weights need"):
+        load_recipe("t4", overrides=["engine=tensorrt", "lm_head_quant=int4"])
+    base = plan("gemma-2-2b", "jetson-orin-nano-8gb").tensorrt
+    q = plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides=["lm_head_quant=int4"]).tensorrt
+    head = base["lm_head_roofline"]
+    assert base["lm_head"] == "float" and q["lm_head"] == "int4" and q["lm_head_roofline"] == head
+    saved = head["float"]["lm_head_bytes"] - head["int4"]["lm_head_bytes"]
+    assert base["weights_bytes"] - q["weights_bytes"] == saved > 0
+    assert "INT4 lm_head (0.30 of 1.35 GB read/token) [recipe]" in " ".join(render_lines(q, "float16"))
 
 
 def test_every_orin_recipe_fits_gemma2_2b_on_the_tensorrt_route():
@@ -489,6 +538,24 @@ def _checkpoint(kind: str, out):
         return convert_checkpoint(None, out, dtype="bfloat16", show_progress=False)
     return quantize_checkpoint(None, out, quant=kind, calib_samples=2, calib_seq_len=32, device="cpu",
                                dtype="float16", show_progress=False, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("kind,activations", [("int4_awq", "float16"), ("bfloat16", "bfloat16")])
+def test_half_precision_graph_builds_for_sm86_and_sm89(exporter, tmp_path, kind, activations):
+    """The graph the TensorRT route exports (the recipe's dtype as activations: INT4-AWQ weight-only with fp16
+    activations is the Orin recipe) through the real builder for SM 8.6 and 8.9; the engine's I/O is fp16/bf16 KV."""
+    import onnx
+
+    ckpt = _checkpoint(kind, tmp_path / "ckpt")
+    s = exporter(ckpt, tmp_path / "onnx", max_seq_len=256, opset=21, activations=activations)
+    onnx_path = E._onnx_path(s, tmp_path / "onnx")
+    kv = onnx.load(str(onnx_path), load_external_data=False).graph.input[-1].type.tensor_type.elem_type
+    assert onnx.helper.tensor_dtype_to_np_dtype(kv) == (np.float16 if activations == "float16" else
+                                                        onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16))
+    for target in ("rtx-3090", "rtx-4090"):
+        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", target, Limits(1, 64, 256),
+                           precisions=(kind, activations))
+        assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str, (kind, activations, target)
 
 
 @pytest.mark.parametrize("kind,targets", [("bfloat16", ("rtx-3090", "rtx-4090")),

@@ -34,7 +34,7 @@ def embedded(tmp_path_factory):
 def tiny(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("tiny_onnx")
     ckpt = convert_checkpoint(tiny_model_dir, work / "ckpt", dtype="bfloat16", show_progress=False)
-    export_onnx(ckpt, work / "onnx", show_progress=False)
+    export_onnx(ckpt, work / "onnx", logits="all", show_progress=False)
     return ckpt, work / "onnx"
 
 
@@ -70,7 +70,7 @@ def test_inplace_buffers_grow_and_keep_their_rows(tiny, tmp_path):
     """The in-place layout: one buffer per layer, bound as past and present; it grows by doubling and a decode step
     writes into the same numpy memory (nothing is copied back per step)."""
     ckpt, concat_dir = tiny
-    export_onnx(ckpt, tmp_path / "inplace", kv_cache="inplace", show_progress=False)
+    export_onnx(ckpt, tmp_path / "inplace", kv_cache="inplace", logits="all", show_progress=False)
     model, ref = OrtModel(tmp_path / "inplace", accuracy_level=0), OrtModel(concat_dir, accuracy_level=0)
     cache, ref_cache = model.new_cache(200), ref.new_cache(200)
     ids = np.arange(10, 70)  # 60 tokens: the first buffer holds 64
@@ -98,6 +98,20 @@ def test_kv_cache_stays_in_onnxruntime_between_steps(tiny):
         model.forward(np.arange(11), cache)
     with pytest.raises(InputError, match="max_seq_len"):
         model.new_cache(model.config.max_position_embeddings + 1)
+
+
+def test_last_position_graph_serves_generation_and_refuses_all_logits(tiny, tmp_path):
+    """The backend's own exports return the last position only: generation reads nothing else, and a request for
+    every position's logits is a typed error naming the re-export."""
+    ckpt, all_dir = tiny
+    export_onnx(ckpt, tmp_path / "last", kv_cache="inplace", show_progress=False)
+    model, ref = OrtModel(tmp_path / "last", accuracy_level=0), OrtModel(all_dir, accuracy_level=0)
+    cache, ref_cache = model.new_cache(32), ref.new_cache(32)
+    got, want = model.forward(np.arange(10, 30), cache, last_only=True), ref.forward(np.arange(10, 30), ref_cache)
+    assert got.shape == (1, ref.config.vocab_size)
+    np.testing.assert_allclose(got, want[-1:], atol=1e-5)
+    with pytest.raises(InputError, match="--logits all"):
+        model.forward(np.arange(30, 33), cache)
 
 
 def test_cancellation_and_kv_accounting(tiny):
@@ -150,3 +164,23 @@ def test_generate_cli_on_both_backends(tiny, tmp_path):
     auto = run(ckpt)
     assert auto["backend"] == "onnxruntime" and auto["token_ids"] == ref["token_ids"]
     assert list((tmp_path / "onnx").iterdir()), "auto should export into $TRT_GEMMA_CACHE/onnx"
+
+
+def test_float16_export_runs_in_the_backend_and_bfloat16_is_refused(embedded, tmp_path):
+    """A float16-activation export decodes through the backend with float16 KV buffers (half the bytes per token) and
+    the reference's greedy tokens on the embedded model; a bfloat16 one (TensorRT only) is a typed error."""
+    from trt_gemma.assets import eval_text_path
+
+    ckpt, work = embedded
+    export_onnx(ckpt, tmp_path / "fp16", kv_cache="inplace", activations="float16", show_progress=False)
+    ref, ob = ReferenceBackend.load(ckpt), OnnxRuntimeBackend.load(tmp_path / "fp16")
+    f32 = OrtModel(work / "inplace")
+    assert ob.model.kv_dtype == np.float16 and ob.model.kv_bytes_per_token * 2 == f32.kv_bytes_per_token
+    ids = ref.encode(eval_text_path().read_text()[:400])
+    want, _ = _tokens(ref, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
+    got, _ = _tokens(ob, ids, max_tokens=32, temperature=0.0, ignore_eos=True)
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert got == want, f"float16 greedy tokens differ from the reference's from step {first}"
+    export_onnx(ckpt, tmp_path / "bf16", activations="bfloat16", show_progress=False)
+    with pytest.raises(InputError, match="--activations float32"):
+        OrtModel(tmp_path / "bf16")

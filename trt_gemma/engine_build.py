@@ -33,7 +33,8 @@ from typing import Callable
 
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir
-from trt_gemma.engine_rules import BUILDERS, Builder, check_recipe, refusal, route  # noqa: F401 (refusal: API)
+from trt_gemma.engine_rules import (BUILDERS, Builder, check_recipe, recipe_precisions, refusal,  # noqa: F401
+                                    route)
 from trt_gemma.targets import Target, get_target, sm_str
 
 ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
@@ -257,20 +258,39 @@ def run_engine(engine_path: str | Path, feeds: dict, profile: int = 0) -> dict:
 
 # --- the bundle route: checkpoint -> ONNX -> engine --------------------------------------------------------------
 
-def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], None] | None = None) -> Path:
-    """BUNDLE/onnx/*.onnx, exported from BUNDLE/checkpoint by trt_gemma.onnx_export.export_onnx unless present."""
+def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], None] | None = None,
+                           activations: str = "float16", lm_head: str = "none") -> Path:
+    """BUNDLE/onnx/*.onnx, exported from BUNDLE/checkpoint by trt_gemma.onnx_export.export_onnx unless present,
+    computing in `activations` (the recipe's dtype: the engine's activations and KV cache are the graph's), with the
+    lm_head quantized as the recipe's `lm_head_quant` says."""
     onnx_dir = bundle / ONNX_DIR
     existing = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
-    if existing:
+    want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len}
+    made = _export_options(onnx_dir)
+    if existing and made in (None, want):  # a graph put there by hand is used as it is
         return existing[0]
     try:
         from trt_gemma.onnx_export import export_onnx
     except ImportError as e:  # the exporter module itself, or the onnx package it needs
         raise DependencyError(f"the ONNX exporter cannot be imported ({e})",
                               fix="pip install 'trt-gemma[onnx]'") from None
-    _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len})")
-    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21)
+    _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len}, {activations} "
+              f"activations, lm_head {lm_head})")
+    # last-position logits: a prefill profile neither computes nor returns [batch, max_input_len, vocab] float32
+    result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last",
+                         activations=activations, lm_head=lm_head, force=made is not None)
     return _onnx_path(result, onnx_dir)
+
+
+def _export_options(onnx_dir: Path) -> dict | None:
+    """The options an earlier export in onnx_dir was made with (None: no export of ours there). A recipe changed since
+    (another dtype, lm_head_quant) re-exports instead of building from a stale graph."""
+    man = onnx_dir / "trt_gemma_onnx.json"
+    if not man.is_file():
+        return None
+    m = json.loads(man.read_text()).get("model", {})
+    return {k: m.get(k, d) for k, d in (("activation_dtype", "float32"), ("lm_head", "none"), ("logits", "all"),
+                                        ("max_seq_len", None))}
 
 
 def _onnx_path(result, onnx_dir: Path) -> Path:
@@ -306,10 +326,11 @@ def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
-        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log)
+        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype,
+                                           lm_head=recipe.lm_head_quant)
         status["onnx"] = str(onnx_path)
         built = build_engine(onnx_path, bundle / ENGINE_DIR, recipe.target, recipe,
-                             precisions=(recipe.quant, recipe.dtype), force=force,
+                             precisions=tuple(recipe_precisions(recipe).values()), force=force,
                              timing_cache=bundle / TIMING_CACHE, log=log)
         status["engine"] = built.to_dict()
     except DependencyError as e:

@@ -7,16 +7,18 @@ What the engine holds, by class [INF: derived from the graph's shape, not measur
   layer, so a runtime that keeps both holds 2 x max_batch_size x max_seq_len x KV bytes per token;
 - activations per optimization profile: the MLP (gate, up, product) and residual stream for every token of the
   profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the
-  float32 logits [batch, new, vocab] the graph returns for every new token — at a 1024-token prefill on a 256k
-  vocabulary the logits alone are ~1 GB per prompt, which is why prefill takes max_num_tokens // max_input_len
-  prompts at once and the 8 GB Jetson recipes keep batch 1 and max_input_len 1024;
-- KV and activations are counted in the recipe's dtype (the graph the TensorRT route wants); a graph exported with
-  float32 activations doubles both, and the plan says so;
+  float32 logits [batch, 1, vocab] of the last position (the route exports with logits="last": the final norm and
+  the lm_head run on one row per prompt; an all-positions graph would return ~1 GB per 1024-token prompt on a 256k
+  vocabulary);
+- KV and activations are counted in the recipe's dtype: the route exports its graph with the recipe's dtype as
+  activations (engine_build.tensorrt_route -> export_onnx(activations=recipe.dtype)); a graph exported by hand with
+  float32 activations would double both, and the plan says so;
 - runtime overhead: trt_gemma.plan.OVERHEAD for the target family plus a workspace.
 TensorRT sizes an execution context for the largest profile it may run, so the plan takes the larger profile.
 
 Decode roofline (batch 1): tok/s <= bandwidth / (bytes read per token + context x KV bytes per token), with the
-lm_head in the activation dtype, INT8 per channel, or INT4 per block of group_size along the input dimension. On Gemma
+lm_head in the activation dtype, INT8 per channel, or INT4 in blocks of 128 along the input dimension (what the export
+writes; the recipe's `lm_head_quant` picks one for the engine). On Gemma
 2 2B INT4-AWQ the fp16 lm_head is 1.18 GB of the 2.22 GB read per token: the largest single decode-speed lever.
 """
 from __future__ import annotations
@@ -24,14 +26,16 @@ from __future__ import annotations
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS
 
 LM_HEAD_FORMATS = {"int8": "int8_wo", "int4": "int4_awq"}  # lm_head variant -> the weight format that sizes it
+LM_HEAD_GROUP = 128  # the export's int4 head block (trt_gemma.onnx_weights.LM_HEAD_GROUP), whatever the recipe's group
 LOGITS_BYTES = 4  # the exported graph returns float32 logits (trt_gemma.onnx_export)
+LOGITS_ROWS = 1  # per sequence: the route's graph returns the last position only (export_onnx logits="last")
 
 
 def lm_head_bytes(cfg, recipe, variant: str) -> int:
     """The lm_head matrix [vocab, hidden] in the activation dtype ("float") or a quantized variant."""
     if variant == "float":
         return cfg.vocab_size * cfg.hidden_size * FLOAT_BYTES[recipe.dtype]
-    return FORMATS[LM_HEAD_FORMATS[variant]].engine_bytes(cfg.vocab_size, cfg.hidden_size, recipe.group_size)
+    return FORMATS[LM_HEAD_FORMATS[variant]].engine_bytes(cfg.vocab_size, cfg.hidden_size, LM_HEAD_GROUP)
 
 
 def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
@@ -47,7 +51,7 @@ def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
         tokens = b * new
         out[name] = {"mlp_and_residual": tokens * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * act,
                      "attention_scores": b * cfg.num_attention_heads * new * s * act,
-                     "logits": tokens * cfg.vocab_size * LOGITS_BYTES}
+                     "logits": b * LOGITS_ROWS * cfg.vocab_size * LOGITS_BYTES}
         out[name]["total"] = sum(out[name].values())
     return out
 
@@ -56,7 +60,11 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
     """Memory by class, a verdict against the target, and the decode roofline with and without lm_head quantized.
     plan.py passes its own weight bytes, KV bytes per token, runtime overhead and margin (so this module does not
     import plan.py, which calls it)."""
-    w = weights
+    selected = {"none": "float"}.get(recipe.lm_head_quant, recipe.lm_head_quant)
+    # the route's graph holds the embedding and, with lm_head_quant, a quantized head beside it (no float copy)
+    w = dict(weights)
+    if selected != "float":
+        w["total"] = weights["total"] - weights["lm_head"] + lm_head_bytes(cfg, recipe, selected)
     kv = 2 * recipe.max_batch_size * recipe.max_seq_len * kv_tok
     acts = profile_activations(cfg, recipe)
     act_peak = max(p["total"] for p in acts.values())
@@ -72,12 +80,12 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
                              "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
                              f"tok_s_context_{recipe.max_seq_len}":
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
-    assumes = (f"KV and activations in {recipe.dtype}, float32 logits; a float32-activation export doubles KV and "
-               "activations")
+    assumes = (f"KV and activations in {recipe.dtype}, as the route exports the graph; float32 logits of the last "
+               "position; a float32-activation export would double KV and activations")
     return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
             "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,
-            "usable_bytes": usable, "verdict": verdict, "lm_head_roofline": roofline}
+            "usable_bytes": usable, "verdict": verdict, "lm_head": selected, "lm_head_roofline": roofline}
 
 
 def render_lines(t: dict, dtype: str) -> list[str]:
@@ -92,7 +100,8 @@ def render_lines(t: dict, dtype: str) -> list[str]:
     parts = []
     for variant, r in t["lm_head_roofline"].items():
         ctx = [k for k in r if k.startswith("tok_s_context_") and k != "tok_s_context_0"][0]
+        mark = " [recipe]" if variant == t.get("lm_head") else ""  # the recipe's lm_head_quant
         parts.append(f"{names[variant]} ({r['lm_head_bytes'] / 1e9:.2f} of {r['read_bytes_per_token'] / 1e9:.2f} GB "
-                     f"read/token): {r['tok_s_context_0']:g} tok/s ({r[ctx]:g} at {ctx.rsplit('_', 1)[1]})")
+                     f"read/token){mark}: {r['tok_s_context_0']:g} tok/s ({r[ctx]:g} at {ctx.rsplit('_', 1)[1]})")
     lines.append("decode roofline, batch 1, by lm_head: " + "; ".join(parts))
     return lines

@@ -58,8 +58,8 @@ class Limits:
 
     @property
     def prefill_batch(self) -> int:
-        """Prompts one prefill step may hold: the graph returns logits for every prompt token, so the token budget
-        (not the decode batch) bounds prefill."""
+        """Prompts one prefill step may hold: a prefill step's activations grow with every prompt token, so the token
+        budget (not the decode batch) bounds prefill."""
         if self.max_num_tokens is None:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, self.max_num_tokens // self.max_input_len))

@@ -109,16 +109,30 @@ def refusal(builder: str, precision: str, sm: int, version: str | None = None) -
     return None
 
 
+# recipe lm_head_quant -> the precision a builder sees (the head is block-quantized int4 / per-channel int8 weights)
+LM_HEAD_PRECISIONS = {"int8": "int8_wo", "int4": "int4_wo"}
+
+
+def recipe_precisions(recipe) -> dict[str, str]:
+    """{recipe field: precision} the engine holds: weights, activations and, when quantized, the lm_head."""
+    out = {"quant": recipe.quant, "dtype": recipe.dtype}
+    head = LM_HEAD_PRECISIONS.get(getattr(recipe, "lm_head_quant", "none"))
+    if head:
+        out["lm_head_quant"] = head
+    return out
+
+
 def check_recipe(recipe, target: str | Target, origin: dict | None = None) -> None:
     """Refuse a TensorRT-route recipe whose weights or activations the target's builder cannot compile."""
     t = get_target(target)
     builder, _ = route(t)
-    for key in ("quant", "dtype"):
-        precision = getattr(recipe, key)
+    for key, precision in recipe_precisions(recipe).items():
         reason = refusal(builder.name, precision, t.sm)
         if reason:
             where = (origin or {}).get(key, "recipe default")
             fix = "use --set quant=int4_awq" if key == "quant" and t.sm >= 80 else (
-                "use --set quant=float16" if key == "quant" else "use --set dtype=float16")
-            raise RecipeError(f"{where}: {builder.name} cannot build {key} = {precision!r} for --target {t.name} "
+                "use --set quant=float16" if key == "quant" else "use --set lm_head_quant=int8" if key ==
+                "lm_head_quant" else "use --set dtype=float16")
+            raise RecipeError(f"{where}: {builder.name} cannot build {key} = {getattr(recipe, key)!r} for --target "
+                              f"{t.name} "
                               f"(SM {sm_str(t.sm)}): {reason}", fix=fix)

@@ -2,12 +2,14 @@
 standard-operator ONNX graph with past/present KV cache, for onnxruntime and the TensorRT / TensorRT-RTX parsers.
 
 One graph serves prefill and decode: `input_ids` [batch, sequence] and per layer `past_key_values.{i}.key/value`
-[batch, kv_heads, past_sequence, head_size] in; `logits` [batch, sequence, vocab] (float32) and
+[batch, kv_heads, past_sequence, head_size] in; `logits` [batch, 1, vocab] (float32; the last position, or
+[batch, sequence, vocab] with logits="all") and
 `present.{i}.key/value` [batch, kv_heads, past_sequence + sequence, head_size] out. Positions are past_sequence ..
 past_sequence + sequence - 1 (no padding inside a batch). The math is the numpy reference's (trt_gemma/reference/
-model.py), quirk by quirk; activations are float32, weights keep the checkpoint's storage:
+model.py), quirk by quirk; activations are float32 (or `activations` float16 / bfloat16, for TensorRT: RMSNorm and
+the final soft-cap stay float32), weights keep the checkpoint's storage:
 
-- float: the weight as stored (fp32/fp16/bf16), transposed to [in, out], Cast to float32 where needed;
+- float: the weight as stored (fp32/fp16/bf16), transposed to [in, out], Cast to the activation type where needed;
 - W4A16_AWQ: `DequantizeLinear(int4 [in, out], scale [in/group, out], axis=0, block_size=group)` -> MatMul, with the
   AWQ pre-quant scale as a Mul on x. TRT-LLM packs two output rows per byte ([out/2, in], low nibble = even row);
   ONNX packs consecutive elements of the flattened tensor, so the [in, out] int4 tensor's bytes are exactly the
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.onnx_graph import Graph
+from trt_gemma.onnx_graph import ACTIVATION_TYPES, Graph, onnx_type
 from trt_gemma.onnx_weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
                                     fp8_qdq, linear)
 from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
@@ -41,6 +43,13 @@ MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opse
 # "concat": present = past ++ new (the standard layout); "inplace": past/present are one fixed-capacity buffer per
 # layer that the new rows are scattered into, so a runtime can bind both to the same memory (docs/onnx.md).
 KV_CACHE_LAYOUTS = ("concat", "inplace")
+# "last": logits of the last new position only, [batch, 1, vocab] (generation, scoring: the final norm and the lm_head
+# run on one row, so a 1024-token prefill neither computes nor returns 1024 x vocab float32 logits);
+# "all": every new position, [batch, sequence, vocab] (perplexity / eval over a window).
+LOGITS_CHOICES = ("last", "all")
+# the dtype the graph computes in (weights keep their storage; RMSNorm and the final soft-cap run in float32 and the
+# logits output is float32 in every variant). onnxruntime's CPU EP has float16 kernels but no bfloat16 ones.
+ACTIVATIONS = tuple(ACTIVATION_TYPES)
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
 
@@ -49,14 +58,18 @@ MODEL_FILE = "model.onnx"
 
 def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
     """x / sqrt(mean(x^2) + eps) * (1+w) (reference `rms_norm`; the checkpoint stores 1+w). Written as
-    Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into one normalization kernel."""
-    ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0)), g.const([-1], np.int64), keepdims=1)
+    Pow/ReduceMean/Add/Sqrt/Div/Mul, the pattern onnxruntime fuses into one normalization kernel. Always in float32
+    with a float32 weight, as HF's Gemma2RMSNorm computes it: in float16 x^2 overflows past |x| = 256, which Gemma 2's
+    residual stream reaches; an fp16/bf16 graph casts in and out."""
+    x32 = x if g.act == "FLOAT" else g.op("Cast", x, to=onnx_type("FLOAT"))
+    ms = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0)), g.const([-1], np.int64), keepdims=1)
     rms = g.op("Sqrt", g.op("Add", ms, g.const(eps)))
-    return g.op("Mul", g.op("Div", x, rms), weight, name=name)
+    out = g.op("Mul", g.op("Div", x32, rms), weight, name=name if g.act == "FLOAT" else None)
+    return g.to_act(out, name)
 
 
 def soft_cap(g: Graph, x: str, cap: float | None) -> str:
-    """tanh(x / cap) * cap (reference `soft_cap`)."""
+    """tanh(x / cap) * cap (reference `soft_cap`), on float32 logits."""
     if cap is None:
         return x
     return g.op("Mul", g.op("Tanh", g.op("Div", x, g.const(cap))), g.const(cap))
@@ -69,8 +82,9 @@ def gelu_tanh(g: Graph, x: str) -> str:
 
 
 def rope(g: Graph, x: str, cos: str, sin: str) -> str:
-    """rotate_half RoPE (reference `apply_rope`): x*cos + concat(-x2, x1)*sin, on [B, T, heads, d] with cos/sin
-    [T, 1, d], so query and key heads rotate in one pass."""
+    """rotate_half RoPE (reference `apply_rope`): x*cos + concat(-x2, x1)*sin, on [B, heads, T, d] with cos/sin
+    [T, d], so query and key heads rotate in one pass. (One Gather of the swapped halves with a sign-folded sin table
+    is fewer nodes but measured slower on onnxruntime's CPU EP: its last-axis Gather is a generic loop.)"""
     x1, x2 = g.op("Split", x, axis=-1, num_outputs=2, outputs=2)
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
@@ -84,7 +98,7 @@ class _Shared:
     cos: str
     sin: str
     masks: dict  # window (None = global) -> bool [group*T, S]
-    scatter_idx: str | None  # int64 [B, kv_heads, T, d]: the new positions, for ScatterElements on axis 2
+    scatter_idx: str | None  # int64 [B, kv_heads, T, 3]: (batch, kv head, position) of each new row, for ScatterND
 
 
 def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
@@ -100,9 +114,15 @@ def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str
         return q_pos, g.op("Range", g.const(0, np.int64), stop, g.const(1, np.int64)), None
     capacity = g.op("Squeeze", g.op("Shape", "past_key_values.0.key", start=2, end=3), axis0)
     k_pos = g.op("Range", g.const(0, np.int64), capacity, g.const(1, np.int64))
-    shape = g.op("Concat", g.op("Shape", "input_ids", start=0, end=1), g.const([cfg.num_key_value_heads], np.int64),
-                 new, g.const([cfg.head_size], np.int64), axis=0)
-    idx = g.op("Expand", g.op("Reshape", q_pos, g.const([1, 1, -1, 1], np.int64)), shape)
+    # ScatterND indices (batch, kv head, position) per new row: it copies whole head_size rows, where ScatterElements
+    # walks every element with its own index (measured 2.7 vs 15 us per layer-sized write on onnxruntime's CPU EP)
+    batch = g.op("Shape", "input_ids", start=0, end=1)
+    shape = g.op("Concat", batch, g.const([cfg.num_key_value_heads], np.int64), new, g.const([1], np.int64), axis=0)
+    b_idx = g.op("Reshape", g.op("Range", g.const(0, np.int64), g.op("Squeeze", batch, axis0), g.const(1, np.int64)),
+                 g.const([-1, 1, 1, 1], np.int64))
+    h_idx = g.const(np.arange(cfg.num_key_value_heads).reshape(1, -1, 1, 1), np.int64)
+    t_idx = g.op("Reshape", q_pos, g.const([1, 1, -1, 1], np.int64))
+    idx = g.op("Concat", *(g.op("Expand", part, shape) for part in (b_idx, h_idx, t_idx)), axis=-1)
     return q_pos, k_pos, idx
 
 
@@ -110,10 +130,9 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) ->
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
     freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
-    emb = np.concatenate([freqs, freqs], -1)
-    emb = emb[:, None, :]  # [max_seq_len, 1, d]: gathered rows broadcast over heads in [B, T, heads, d]
-    cos = g.op("Gather", g.tensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
-    sin = g.op("Gather", g.tensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
+    emb = np.concatenate([freqs, freqs], -1)  # [max_seq_len, d]: gathered rows broadcast over [B, heads, T, d]
+    cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
+    sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
                 g.op("Unsqueeze", k_pos, g.const([0], np.int64)))  # [T, S]: query pos - key pos
     causal = g.op("GreaterOrEqual", diff, g.const(0, np.int64))
@@ -131,38 +150,38 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     g, c = ctx.g, ctx.cfg
     p = f"transformer.layers.{i}.attention"
     d, nq, nkv = c.head_size, c.num_attention_heads, c.num_key_value_heads
+    # one Transpose of the fused q/k/v to heads-first [B, heads, T, d], then split: q, k and v come out in the
+    # layout attention and the KV cache want (three Transposes fewer per layer)
     qkv = g.op("Reshape", linear(ctx, f"{p}.qkv", x), g.const([0, 0, nq + 2 * nkv, d], np.int64))
-    qk, v = g.op("Split", qkv, g.const([nq + nkv, nkv], np.int64), axis=2, outputs=2)
-    q, k = g.op("Split", rope(g, qk, sh.cos, sh.sin), g.const([nq, nkv], np.int64), axis=2, outputs=2)
+    qkv = g.op("Transpose", qkv, perm=[0, 2, 1, 3])
+    qk, v = g.op("Split", qkv, g.const([nq + nkv, nkv], np.int64), axis=1, outputs=2)
+    q, k = g.op("Split", rope(g, qk, sh.cos, sh.sin), g.const([nq, nkv], np.int64), axis=1, outputs=2)
     if c.kv_cache_quant_algo == "FP8":
         from trt_gemma.reference.quantized import FP8Quant, _scalar
 
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
-    heads_first = [0, 2, 1, 3]  # [B, T, heads, d] -> [B, heads, T, d]
-    k, v = g.op("Transpose", k, perm=heads_first), g.op("Transpose", v, perm=heads_first)
     if sh.scatter_idx is None:  # present = past ++ new
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
     else:  # the new rows written into the buffer (in place where the runtime binds present to past)
-        k = g.op("ScatterElements", f"past_key_values.{i}.key", sh.scatter_idx, k, axis=2, name=f"present.{i}.key")
-        v = g.op("ScatterElements", f"past_key_values.{i}.value", sh.scatter_idx, v, axis=2,
-                 name=f"present.{i}.value")
+        k = g.op("ScatterND", f"past_key_values.{i}.key", sh.scatter_idx, k, name=f"present.{i}.key")
+        v = g.op("ScatterND", f"past_key_values.{i}.value", sh.scatter_idx, v, name=f"present.{i}.value")
     length = "total_sequence" if sh.scatter_idx is None else "capacity"
-    g.output(k, f"present.{i}.key", "FLOAT", ["batch", nkv, length, d])
-    g.output(v, f"present.{i}.value", "FLOAT", ["batch", nkv, length, d])
+    g.output(k, f"present.{i}.key", g.act, ["batch", nkv, length, d])
+    g.output(v, f"present.{i}.value", g.act, ["batch", nkv, length, d])
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
-    qg = g.op("Reshape", g.op("Transpose", q, perm=heads_first), g.const([0, nkv, -1, d], np.int64))
+    qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
     scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
     scale = float(attention_scale(c.query_pre_attn_scalar))
     cap = c.attn_logit_softcapping
     if cap is None:
-        scores = g.op("Mul", scores, g.const(scale))
+        scores = g.op("Mul", scores, g.fconst(scale))
     else:  # tanh(scores * scale / cap) * cap: the scale folded into the soft-cap's division
-        scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.const(scale / cap))), g.const(cap))
+        scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.fconst(scale / cap))), g.fconst(cap))
     window = c.sliding_window if c.is_sliding(i) else None
-    scores = g.op("Where", sh.masks[window], scores, g.const(-np.inf))
+    scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kv, group*T, d]
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])
     return linear(ctx, f"{p}.dense", g.op("Reshape", out, g.const([0, 0, nq * d], np.int64)))
@@ -187,10 +206,16 @@ def _block(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, max_seq_len: int | None,
-                  kv_cache: str = "concat") -> int:
+                  kv_cache: str = "concat", logits: str = "last", activations: str = "float32") -> int:
     """Refuse what the graph cannot represent before any work; returns the max_seq_len to use."""
     import onnx
 
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"--activations {activations!r} is not one of {', '.join(ACTIVATIONS)}",
+                          fix="use --activations float32 (CPU), float16 or bfloat16 (TensorRT)")
+    if logits not in LOGITS_CHOICES:
+        raise ConfigError(f"--logits {logits!r} is not one of {', '.join(LOGITS_CHOICES)}",
+                          fix="use --logits last (generation) or all (perplexity over every position)")
     if kv_cache not in KV_CACHE_LAYOUTS:
         raise ConfigError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_CACHE_LAYOUTS)}",
                           fix="use --kv-cache concat (standard past/present) or inplace")
@@ -220,8 +245,8 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
-                lm_head: str = "none", kv_cache: str = "concat", force: bool = False,
-                show_progress: bool = True) -> dict:
+                lm_head: str = "none", kv_cache: str = "concat", logits: str = "last",
+                activations: str = "float32", force: bool = False, show_progress: bool = True) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
     checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all."""
     from trt_gemma.console import progress
@@ -231,18 +256,19 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
-    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache)
+    max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits,
+                                activations)
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
-        g = Graph(tmp / f"{MODEL_FILE}.data")
+        g = Graph(tmp / f"{MODEL_FILE}.data", ACTIVATION_TYPES[activations])
         try:
             with progress(disable=not show_progress) as bar:
-                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, bar)
+                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
             check_all_used(shards)
         finally:
             g.close_data()
-        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, g)
+        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, logits, g)
         model = g.model("gemma2", opset, f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
@@ -254,13 +280,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     return summary
 
 
-def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, bar) -> None:
-    """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap."""
+def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str, bar) -> None:
+    """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap. With
+    logits="last" the hidden state is sliced to the last position before the final norm, so the norm and the lm_head
+    MatMul run on one row per sequence (Slice, not Gather with -1: every ONNX parser takes negative Slice starts)."""
     g, cfg = ctx.g, ctx.cfg
     task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
     _declare_io(g, cfg, kv_cache)
     gather, head = embedding_and_head(ctx, lm_head)
-    normalizer = g.const(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
+    normalizer = g.fconst(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
     x = g.op("Mul", gather("input_ids"), normalizer, name="embed_scale")
     bar.advance(task)
     sh = _shared(g, cfg, max_seq_len, kv_cache)
@@ -268,9 +296,14 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, bar) -> None
         bar.update(task, description=f"layer {i}")
         x = _block(ctx, i, x, sh)
         bar.advance(task)
+    if logits == "last":
+        x = g.op("Slice", x, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64),
+                 g.const([1], np.int64), name="last_position")
     ln_f = g.tensor("transformer.ln_f.weight", ctx.shards.get_f32("transformer.ln_f.weight"))
-    logits = soft_cap(g, head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f")), cfg.final_logit_softcapping)
-    g.output(logits, "logits", "FLOAT", ["batch", "sequence", cfg.vocab_size])
+    out = head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f"))
+    out = out if g.act == "FLOAT" else g.op("Cast", out, to=onnx_type("FLOAT"))  # float32 logits in every variant
+    out = soft_cap(g, out, cfg.final_logit_softcapping)
+    g.output(out, "logits", "FLOAT", ["batch", 1 if logits == "last" else "sequence", cfg.vocab_size])
     g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
     bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
 
@@ -282,18 +315,19 @@ def _declare_io(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> None:
     length = "past_sequence" if kv_cache == "concat" else "capacity"
     for i in range(cfg.num_hidden_layers):
         for kv in ("key", "value"):
-            g.input(f"past_key_values.{i}.{kv}", "FLOAT", ["batch", cfg.num_key_value_heads, length, cfg.head_size])
+            g.input(f"past_key_values.{i}.{kv}", g.act, ["batch", cfg.num_key_value_heads, length, cfg.head_size])
 
 
 def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, kv_cache: str,
-             g: Graph) -> dict:
+             logits: str, g: Graph) -> dict:
     from trt_gemma import __version__
 
     model = {"num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
              "head_size": cfg.head_size, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-             "max_seq_len": max_seq_len, "dtype": cfg.dtype, "activation_dtype": "float32",
+             "max_seq_len": max_seq_len, "dtype": cfg.dtype,
+             "activation_dtype": {v: k for k, v in ACTIVATION_TYPES.items()}[g.act],
              "quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "lm_head": lm_head,
-             "kv_cache": kv_cache,
+             "kv_cache": kv_cache, "logits": logits,
              "sliding_window": cfg.sliding_window,
              "layer_types": [t if cfg.is_sliding(i) else FULL for i, t in enumerate(cfg.layer_types)]}
     return {"format": "trt_gemma-onnx/1", "producer": f"trt_gemma {__version__}", "source": str(ckpt),

@@ -17,6 +17,18 @@ PAGE = 4096  # big tensors start on a page boundary, so a runtime may mmap them
 
 NP_TO_ONNX = {np.dtype("float32"): "FLOAT", np.dtype("float16"): "FLOAT16", np.dtype("int64"): "INT64",
               np.dtype("int32"): "INT32", np.dtype("int8"): "INT8", np.dtype("bool"): "BOOL"}
+# activation dtype -> ONNX element type; bfloat16 is stored as its uint16 bit pattern (numpy has no bfloat16)
+ACTIVATION_TYPES = {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16"}
+
+
+def to_storage(arr, elem: str) -> np.ndarray:
+    """float32 values -> the numpy array holding them as ONNX element type `elem` (FLOAT, FLOAT16, BFLOAT16)."""
+    arr = np.asarray(arr, np.float32)
+    if elem == "BFLOAT16":
+        from trt_gemma.dtypes import f32_to_bf16
+
+        return f32_to_bf16(arr)
+    return arr.astype(np.float16 if elem == "FLOAT16" else np.float32)
 
 
 def onnx_type(name: str) -> int:
@@ -28,7 +40,8 @@ def onnx_type(name: str) -> int:
 class Graph:
     """Nodes, value names and initializers of one graph. `op` returns the output name(s) of the node it adds."""
 
-    def __init__(self, data_path: Path):
+    def __init__(self, data_path: Path, act: str = "FLOAT"):
+        self.act = act  # ONNX element type of the activations (FLOAT, FLOAT16, BFLOAT16)
         self.nodes: list = []
         self.initializers: list = []
         self.inputs: list = []
@@ -73,6 +86,24 @@ class Graph:
         if key not in self._consts:
             self._consts[key] = self.tensor(f"const_{len(self._consts)}", arr)
         return self._consts[key]
+
+    def fconst(self, value) -> str:
+        """A small float constant in the activation type (float32 in a float32 graph: the same as `const`)."""
+        if self.act == "FLOAT":
+            return self.const(value)
+        arr = to_storage(value, self.act)
+        key = (self.act, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.tensor(f"const_{len(self._consts)}", arr, self.act)
+        return self._consts[key]
+
+    def ftensor(self, name: str, arr: np.ndarray) -> str:
+        """A float32 array as an initializer in the activation type (norm weights, rotary tables, scales)."""
+        return self.tensor(name, to_storage(arr, self.act), self.act, np.shape(arr))
+
+    def to_act(self, x: str, name: str | None = None) -> str:
+        """Cast a float32 value to the activation type (no node in a float32 graph)."""
+        return x if self.act == "FLOAT" else self.op("Cast", x, to=onnx_type(self.act), name=name)
 
     def tensor(self, name: str, arr: np.ndarray, elem: str | None = None, dims: tuple | None = None) -> str:
         """An initializer from a numpy array. `elem`/`dims` override the type and shape for storage arrays whose

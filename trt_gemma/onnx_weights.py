@@ -15,7 +15,7 @@ import numpy as np
 
 from trt_gemma.dtypes import NAME_TO_ST, to_f32
 from trt_gemma.errors import ConfigError, InputError
-from trt_gemma.onnx_graph import Graph
+from trt_gemma.onnx_graph import Graph, to_storage
 from trt_gemma.reference.checkpoint import CheckpointConfig, ShardSet, is_excluded
 
 LM_HEAD_CHOICES = ("none", "int8", "int4")
@@ -37,11 +37,11 @@ class Ctx:
 # ---- linear layers, one exporter per quant_algo -----------------------------------------------------------------
 
 def _float_weight_t(ctx: Ctx, name: str) -> str:
-    """The [in, out] float32 value of a float weight [out, in] stored as `name`."""
+    """The [in, out] value, in the activation type, of a float weight [out, in] stored as `name`."""
     info = ctx.shards.info(name)
     w = ctx.shards.get(name)
     t = ctx.g.tensor(name, np.ascontiguousarray(w.T), ST_TO_ONNX[info.dtype])
-    return t if info.dtype == "F32" else ctx.g.op("Cast", t, to=_f32())
+    return _cast_to_act(ctx.g, t, ST_TO_ONNX[info.dtype])
 
 
 def _linear_float(ctx: Ctx, prefix: str, x: str) -> str:
@@ -60,9 +60,9 @@ def _linear_awq(ctx: Ctx, prefix: str, x: str) -> str:
                          "[out, in/group], [in]", fix=FIX_CKPT)
     group = _check_block(f"{prefix}.weights_scaling_factor", inp, wsf.shape[1])
     w = g.tensor(f"{prefix}.weight", np.ascontiguousarray(packed.T).view(np.uint8), "INT4", (inp, out))
-    sc = g.tensor(f"{prefix}.weights_scaling_factor", np.ascontiguousarray(wsf.T))
+    sc = g.ftensor(f"{prefix}.weights_scaling_factor", np.ascontiguousarray(wsf.T))  # DQ's output type is its scale's
     wd = g.op("DequantizeLinear", w, sc, axis=0, block_size=group, name=f"{prefix}.dq")
-    xs = g.op("Mul", x, g.tensor(f"{prefix}.prequant_scaling_factor", pqs), name=f"{prefix}.prequant")
+    xs = g.op("Mul", x, g.ftensor(f"{prefix}.prequant_scaling_factor", pqs), name=f"{prefix}.prequant")
     return g.op("MatMul", xs, wd, name=prefix)
 
 
@@ -82,15 +82,15 @@ def _dq_matmul_per_channel(g: Graph, prefix: str, x: str, q: np.ndarray, scale: 
     scale = np.asarray(scale, np.float32).reshape(out)
     if bits == 8:
         w = g.tensor(f"{prefix}.weight", np.ascontiguousarray(q.T).astype(np.int8))
-        sc = g.tensor(f"{prefix}.weight_scale", scale)
+        sc = g.ftensor(f"{prefix}.weight_scale", scale)
         return g.op("MatMul", x, g.op("DequantizeLinear", w, sc, axis=1, name=f"{prefix}.dq"), name=prefix)
     w = g.tensor(f"{prefix}.weight", pack_int4_rows(np.ascontiguousarray(q.T)), "INT4", (inp, out))
     if inp % LM_HEAD_GROUP:
-        sc = g.tensor(f"{prefix}.weight_scale", scale)
+        sc = g.ftensor(f"{prefix}.weight_scale", scale)
         return g.op("MatMul", x, g.op("DequantizeLinear", w, sc, axis=1, name=f"{prefix}.dq"), name=prefix)
     # The same per-channel math as blocks of 128 along the input (the channel scale repeated per block): the
     # layout TensorRT's INT4 GEMMs and onnxruntime's fast MatMulNBits kernels take (a whole-row block is neither).
-    sc = g.tensor(f"{prefix}.weight_scale", np.repeat(scale[None], inp // LM_HEAD_GROUP, axis=0))
+    sc = g.ftensor(f"{prefix}.weight_scale", np.repeat(scale[None], inp // LM_HEAD_GROUP, axis=0))
     wd = g.op("DequantizeLinear", w, sc, axis=0, block_size=LM_HEAD_GROUP, name=f"{prefix}.dq")
     return g.op("MatMul", x, wd, name=prefix)
 
@@ -116,7 +116,7 @@ def _linear_fp8(ctx: Ctx, prefix: str, x: str) -> str:
     wsf = _scalar(s, f"{prefix}.weights_scaling_factor")
     act = FP8Quant.from_scaling_factor(_scalar(s, f"{prefix}.activation_scaling_factor"))
     w = g.tensor(f"{prefix}.weight", np.ascontiguousarray(codes.T), "FLOAT8E4M3FN", codes.T.shape)
-    wd = g.op("DequantizeLinear", w, g.const(wsf), name=f"{prefix}.dq")
+    wd = g.op("DequantizeLinear", w, g.fconst(wsf), name=f"{prefix}.dq")
     return g.op("MatMul", fp8_qdq(g, x, float(act.scale), f"{prefix}.act"), wd, name=prefix)
 
 
@@ -126,8 +126,8 @@ def fp8_qdq(g: Graph, x: str, scale: float, name: str) -> str:
 
     zp = f"{name}.zero_point"
     g.initializers.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
-    q = g.op("QuantizeLinear", x, g.const(scale), zp, name=f"{name}.q")
-    return g.op("DequantizeLinear", q, g.const(scale), name=f"{name}.dq")
+    q = g.op("QuantizeLinear", x, g.fconst(scale), zp, name=f"{name}.q")
+    return g.op("DequantizeLinear", q, g.fconst(scale), name=f"{name}.dq")
 
 
 LINEAR_EXPORTS: dict[str | None, Callable[[Ctx, str, str], str]] = {
@@ -152,10 +152,11 @@ def linear(ctx: Ctx, prefix: str, x: str) -> str:
     return LINEAR_EXPORTS[algo](ctx, prefix, x)
 
 
-def _f32() -> int:
-    from onnx import TensorProto
+def _cast_to_act(g: Graph, t: str, elem: str, name: str | None = None) -> str:
+    """A float value of ONNX type `elem` in the activation type (no node where they agree)."""
+    from trt_gemma.onnx_graph import onnx_type
 
-    return TensorProto.FLOAT
+    return t if elem == g.act else g.op("Cast", t, to=onnx_type(g.act), name=name)
 
 
 # ---- embedding and lm_head ----------------------------------------------------------------------------------------
@@ -208,24 +209,25 @@ def _quantized_head(ctx: Ctx, src: str, bits: int) -> Callable[[str], str]:
         raise ConfigError(f"--lm-head int4: hidden_size {H} must be a multiple of {LM_HEAD_GROUP} and vocab_size {V} "
                           "even (int4 packs two vocab rows per byte)", fix="use --lm-head int8")
     name = "lm_head.weight"
+    sb = 4 if g.act == "FLOAT" else 2  # scale bytes: the scales are in the activation type (DQ's output type)
     if bits == 8:
         w_off = g.reserve(name, "INT8", (H, V), H * V)
-        s_off = g.reserve("lm_head.weight_scale", "FLOAT", (V,), V * 4)
+        s_off = g.reserve("lm_head.weight_scale", g.act, (V,), V * sb)
     else:
         w_off = g.reserve(name, "INT4", (H, V), H * V // 2)
-        s_off = g.reserve("lm_head.weight_scale", "FLOAT", (H // LM_HEAD_GROUP, V), H // LM_HEAD_GROUP * V * 4)
+        s_off = g.reserve("lm_head.weight_scale", g.act, (H // LM_HEAD_GROUP, V), H // LM_HEAD_GROUP * V * sb)
     for r0, block in _row_blocks(ctx, src, V):
         w = to_f32(block, info.dtype)
         if bits == 8:
             q, scale = rtn_codes(w, 8, NAME_TO_ST.get(ctx.cfg.dtype, "F16"))
             g.write_strided(w_off, V, r0, q.T.astype(np.int8))
-            g.write_at(s_off + r0 * 4, scale.astype(np.float32).tobytes())
+            g.write_at(s_off + r0 * sb, to_storage(scale, g.act).tobytes())
         else:
             amax = np.abs(w).reshape(w.shape[0], H // LM_HEAD_GROUP, LM_HEAD_GROUP).max(-1)
             wsf = np.where(amax > 0, amax / np.float32(7.0), np.float32(1.0)).astype(np.float32)
             packed = Int4AWQFormat.quantize(w, wsf)  # [rows/2, H], two vocab rows per byte
             g.write_strided(w_off, V // 2, r0 // 2, packed.T.view(np.uint8))
-            g.write_strided(s_off, V * 4, r0 * 4, wsf.T)
+            g.write_strided(s_off, V * sb, r0 * sb, to_storage(wsf.T, g.act))
     attrs = dict(axis=1) if bits == 8 else dict(axis=0, block_size=LM_HEAD_GROUP)
     wd = g.op("DequantizeLinear", name, "lm_head.weight_scale", name="lm_head.dq", **attrs)
     return lambda x: g.op("MatMul", x, wd, name="lm_head")
@@ -241,17 +243,16 @@ def _gemm_head(g: Graph, table: str, V: int, H: int) -> Callable[[str], str]:
 
 
 def embedding_and_head(ctx: Ctx, lm_head: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
-    """(gather: ids -> float32 rows, lm_head: x -> logits). A tied float head shares one float32 table with the
-    gather; otherwise the gather reads the stored table and casts only the rows it took (onnxruntime would fold a
-    Cast of the whole table into a float32 copy)."""
+    """(gather: ids -> rows in the activation type, lm_head: x -> logits). A tied float head shares one table in the
+    activation type with the gather; otherwise the gather reads the stored table and casts only the rows it took
+    (onnxruntime would fold a Cast of the whole table into a copy)."""
     g, c, s = ctx.g, ctx.cfg, ctx.shards
     V, H, emb_name = c.vocab_size, c.hidden_size, "transformer.vocab_embedding.weight"
     emb = _copy_rows(ctx, emb_name, V)
-    cast = s.info(emb_name).dtype != "F32"
+    emb_elem = ST_TO_ONNX[s.info(emb_name).dtype]
 
     def gather_rows(ids: str) -> str:
-        rows = g.op("Gather", emb, ids, axis=0, name="embedding")
-        return g.op("Cast", rows, to=_f32()) if cast else rows
+        return _cast_to_act(g, g.op("Gather", emb, ids, axis=0, name="embedding"), emb_elem)
 
     head_src = "lm_head.weight" if s.has("lm_head.weight") else emb_name
     head_quantized = s.has("lm_head.weight") and not is_excluded("lm_head", c) and c.quant_algo is not None
@@ -265,9 +266,8 @@ def embedding_and_head(ctx: Ctx, lm_head: str) -> tuple[Callable[[str], str], Ca
     if head_quantized:
         return gather_rows, lambda x: linear(ctx, "lm_head", x)
     if head_src == emb_name or _same_rows(ctx, head_src, emb_name, V):
-        s.used.add(head_src)  # tied: one float32 table for the gather and the head
-        emb_f32 = g.op("Cast", emb, to=_f32(), name="embedding.cast") if cast else emb
-        return (lambda ids: g.op("Gather", emb_f32, ids, axis=0, name="embedding")), _gemm_head(g, emb_f32, V, H)
+        s.used.add(head_src)  # tied: one table in the activation type for the gather and the head
+        emb_act = _cast_to_act(g, emb, emb_elem, name="embedding.cast")
+        return (lambda ids: g.op("Gather", emb_act, ids, axis=0, name="embedding")), _gemm_head(g, emb_act, V, H)
     head = _copy_rows(ctx, head_src, V)
-    head_f32 = head if s.info(head_src).dtype == "F32" else g.op("Cast", head, to=_f32())
-    return gather_rows, _gemm_head(g, head_f32, V, H)
+    return gather_rows, _gemm_head(g, _cast_to_act(g, head, ST_TO_ONNX[s.info(head_src).dtype]), V, H)

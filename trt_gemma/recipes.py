@@ -33,6 +33,9 @@ GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")
 # tensorrt_llm: TRT-LLM checkpoint -> TRT-LLM engine; tensorrt: ONNX graph -> TensorRT / TensorRT-RTX engine
 # (trt_gemma.engine_rules picks the builder from the target)
 ENGINES = ("tensorrt_llm", "tensorrt")
+# lm_head quantization, TensorRT route only (its ONNX export writes the head as int8 per vocab row or int4 in blocks
+# of 128: trt_gemma.onnx_weights; the TensorRT-LLM checkpoint keeps it in the model dtype)
+LM_HEAD_QUANTS = ("none", "int8", "int4")
 # TRT-LLM's groupwise weight-only GEMM (fpA_intB) takes group sizes 64 and 128; ModelOpt/Edge-LLM default to 128.
 GROUP_SIZES = (64, 128)
 CALIB_DEFAULT = "builtin"  # the embedded offline calibration text (trt_gemma.assets.calib_text_path())
@@ -58,6 +61,7 @@ class Recipe:
     calib_max_seq_length: int = 512
     calib_seed: int = 1234
     engine: str = "tensorrt_llm"
+    lm_head_quant: str = "none"
 
     @property
     def kv_dtype(self) -> str:
@@ -233,8 +237,14 @@ def validate(recipe: Recipe, target: Target, origin: dict | None = None) -> None
     """Raise ConfigError/RecipeError naming the field, its source and the fix."""
     origin = origin or {}
     for key, choices in (("quant", QUANTS), ("dtype", DTYPES), ("kv_cache_dtype", KV_DTYPES),
-                         ("gemm_plugin", GEMM_PLUGINS), ("group_size", GROUP_SIZES), ("engine", ENGINES)):
+                         ("gemm_plugin", GEMM_PLUGINS), ("group_size", GROUP_SIZES), ("engine", ENGINES),
+                         ("lm_head_quant", LM_HEAD_QUANTS)):
         _choice(recipe, key, choices, origin)
+    if recipe.lm_head_quant != "none" and recipe.engine != "tensorrt":
+        raise RecipeError(f"{_where(origin, 'lm_head_quant')}: lm_head_quant = {recipe.lm_head_quant!r} with engine = "
+                          f"{recipe.engine!r} (from {_where(origin, 'engine')}): only the TensorRT route's ONNX export "
+                          "quantizes lm_head; the TensorRT-LLM checkpoint keeps it in the model dtype",
+                          fix="add --engine tensorrt (or --set engine=tensorrt), or use --set lm_head_quant=none")
     _check_limits(recipe, origin)
     _check_precisions(recipe, target, origin)
     _check_kv_cache_source(recipe, origin)

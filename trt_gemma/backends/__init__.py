@@ -42,6 +42,7 @@ BACKENDS = ("auto", "reference", "onnxruntime", "trtllm")
 # Cached exports use in-place KV buffers: the onnxruntime backend binds past and present to one buffer per layer
 # and a decode step is one call (docs/onnx.md); `export-onnx` defaults to the standard concat layout.
 ONNX_KV_CACHE = "inplace"
+ONNX_LOGITS = "last"  # generation reads the last position only: the graph's norm + lm_head run on one row
 
 
 def detect_kind(path: Path) -> str:
@@ -120,7 +121,7 @@ def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
 
     root = Path(cache_dir).parent if cache_dir else _cache_root()
     files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")]
-    return _cache_entry(root / "onnx", Path(ckpt), f"{__version__}:{ONNX_KV_CACHE}", files)
+    return _cache_entry(root / "onnx", Path(ckpt), f"{__version__}:{ONNX_KV_CACHE}:{ONNX_LOGITS}", files)
 
 
 def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
@@ -137,7 +138,7 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
 
     with _cache_entry_lock(out):
         if not (out / "trt_gemma_onnx.json").is_file():  # another process or thread may have made it meanwhile
-            export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, force=True, show_progress=False)
+            export_onnx(ckpt, out, kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS, force=True, show_progress=False)
     return out
 
 

@@ -10,7 +10,7 @@ import click
 from trt_gemma.errors import DependencyError
 
 # Defaults are the stage's own; trt_gemma.onnx_export imports onnx lazily, so --help works without the extra.
-from trt_gemma.onnx_export import KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, export_onnx as run
+from trt_gemma.onnx_export import ACTIVATIONS, KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOICES, export_onnx as run
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 
@@ -25,9 +25,15 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_LAYOUTS), default=_DEFAULTS["kv_cache"], show_default=True,
               help="concat: standard past/present (present = past ++ new); inplace: fixed-capacity buffers the new "
                    "rows are scattered into, bound as past and present at once (the onnxruntime backend's).")
+@click.option("--logits", type=click.Choice(LOGITS_CHOICES), default=_DEFAULTS["logits"], show_default=True,
+              help="last: logits of the last position only, [batch, 1, vocab] (generation; norm and lm_head run on "
+                   "one row); all: every position (perplexity / eval).")
+@click.option("--activations", type=click.Choice(ACTIVATIONS), default=_DEFAULTS["activations"], show_default=True,
+              help="The dtype the graph computes in (weights keep theirs): float32 for CPU onnxruntime; float16 / "
+                   "bfloat16 for TensorRT (the route exports with the recipe's dtype).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, force, as_json):
+def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activations, force, as_json):
     """Export CKPT (a `trt-gemma convert`/`quantize` checkpoint, a bundle, an HF dir or hub id; omitted: the
     embedded model) to OUT/model.onnx + model.onnx.data for onnxruntime and the TensorRT(-RTX) ONNX parsers."""
     from trt_gemma.backends import reference_checkpoint
@@ -40,8 +46,8 @@ def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, force, as_json):
         raise DependencyError("export-onnx needs the onnx package", fix="pip install 'trt-gemma[onnx]'")
     spec, out = (None, Path(paths[0])) if len(paths) == 1 else (paths[0], Path(paths[1]))
     ckpt = reference_checkpoint(resolve_model(spec))
-    summary = run(ckpt, out, max_seq_len=max_seq_len, opset=opset, lm_head=lm_head, kv_cache=kv_cache, force=force,
-                  show_progress=not as_json)
+    summary = run(ckpt, out, max_seq_len=max_seq_len, opset=opset, lm_head=lm_head, kv_cache=kv_cache, logits=logits,
+                  activations=activations, force=force, show_progress=not as_json)
     emit(summary, as_json, _render)
 
 
@@ -52,5 +58,6 @@ def _render(s: dict) -> None:
     quant = ", ".join(q for q in (m["quant_algo"], m["kv_cache_quant_algo"] and f"KV {m['kv_cache_quant_algo']}",
                                   m["lm_head"] != "none" and f"lm_head {m['lm_head']}") if q) or "float"
     console.print(f"wrote {s['path']}: opset {s['opset']}, {s['nodes']} nodes, {m['dtype']} ({quant}), "
+                  f"{m['activation_dtype']} activations, {m['logits']}-position logits, "
                   f"max_seq_len {m['max_seq_len']}, {s['external_bytes'] / 2**20:.1f} MiB of weights in "
                   f"{s['wall_s']:.1f} s (peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB)")
