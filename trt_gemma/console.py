@@ -40,3 +40,8 @@ def human_size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def plain(text: str = "") -> None:
+    """Plain stdout: commands meant to be copied must never be wrapped or styled."""
+    sys.stdout.write(text + "\n")

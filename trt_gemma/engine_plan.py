@@ -23,6 +23,8 @@ writes; the recipe's `lm_head_quant` picks one for the engine). On Gemma
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS
 
 LM_HEAD_FORMATS = {"int8": "int8_wo", "int4": "int4_awq"}  # lm_head variant -> the weight format that sizes it
@@ -56,10 +58,11 @@ def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
     return out
 
 
-def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: dict, margin: float) -> dict:
+def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: dict,
+                  verdict: Callable[[int, int], str]) -> dict:
     """Memory by class, a verdict against the target, and the decode roofline with and without lm_head quantized.
-    plan.py passes its own weight bytes, KV bytes per token, runtime overhead and margin (so this module does not
-    import plan.py, which calls it)."""
+    plan.py passes its own weight bytes, KV bytes per token, runtime overhead and fit rule (`verdict(total,
+    usable)`), so this module does not import plan.py, which calls it."""
     selected = {"none": "float"}.get(recipe.lm_head_quant, recipe.lm_head_quant)
     # the route's graph holds the embedding and, with lm_head_quant, a quantized head beside it (no float copy)
     w = dict(weights)
@@ -70,7 +73,7 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
     act_peak = max(p["total"] for p in acts.values())
     total = w["total"] + kv + act_peak + sum(overhead.values())
     usable = target.usable_bytes
-    verdict = "fits" if total <= usable * (1 - margin) else "tight" if total <= usable else "does not fit"
+    verdict = verdict(total, usable)
     body = w["linears"] + w["norms"] + cfg.hidden_size * FLOAT_BYTES[recipe.dtype]  # + one embedding row
     roofline = {}
     for variant in ("float", "int8", "int4"):

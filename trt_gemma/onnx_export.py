@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
+from trt_gemma.errors import ConfigError, DependencyError, InputError, UnsupportedModelError
 from trt_gemma.onnx_graph import ACTIVATION_TYPES, Graph, onnx_type
 from trt_gemma.onnx_weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
                                     fp8_qdq, linear)
@@ -253,6 +253,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     from trt_gemma.fsutil import atomic_output_dir, check_output_target
     from trt_gemma.reference.checkpoint import check_all_used
 
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the CLI checks too; callers of the function get the same error
+        raise DependencyError("export-onnx needs the onnx package", fix="pip install 'trt-gemma[onnx]'")
     t0 = time.time()
     ckpt, out = Path(checkpoint), Path(out)
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
@@ -351,12 +355,10 @@ def _save(model, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
-
-
 def _copy_tokenizer(ckpt: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
+    from trt_gemma.hf import TOKENIZER_FILES
+
+    for name in (*TOKENIZER_FILES, "generation_config.json"):  # generation_config: the stop tokens
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, dst / name)
 

@@ -221,7 +221,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         from trt_gemma.engine_plan import tensorrt_plan
 
         overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
-        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, margin=MARGIN)
+        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, verdict=fit_verdict)
     return p
 
 

@@ -1,17 +1,12 @@
 """`trt-gemma build` (bundle -> engine where possible) and `trt-gemma inspect` (what is it, can it run here)."""
 from __future__ import annotations
 
-import sys
 
 import click
 
 from trt_gemma.console import human_size as _size
+from trt_gemma.console import plain as _out
 from trt_gemma.recipes import ENGINES
-
-
-def _out(text: str = "") -> None:
-    """Plain stdout: commands meant to be copied must never be wrapped or styled."""
-    sys.stdout.write(text + "\n")
 
 
 @click.command("build")

@@ -1,12 +1,9 @@
 """The TensorRT route inside `trt-gemma build` (`--engine tensorrt`): run it after the bundle, print its outcome."""
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")  # commands meant to be copied: never wrapped or styled
+from trt_gemma.console import plain as _out
 
 
 def with_tensorrt_route(result, engine: str | None, no_compile: bool, log: Callable[[str], None] | None) -> dict:

@@ -1,15 +1,11 @@
 """`trt-gemma export-triton`: thin wrapper around trt_gemma.triton_export (export, or --inspect a repository)."""
 from __future__ import annotations
 
-import sys
 
 import click
 
+from trt_gemma.console import plain as _out
 from trt_gemma.triton_export import DEFAULT_INSTANCES, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REPO_PATH
-
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
 
 
 @click.command("export-triton")
