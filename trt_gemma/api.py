@@ -119,9 +119,7 @@ class Run:
 
     def __init__(self, gen: Generation, stops: list[str]):
         self.gen, self.pieces = gen, TextPieces(stops)
-        backend = gen.server.backend
-        assert backend is not None
-        self.weights_bytes = backend.memory().weights_bytes  # now: a closed backend no longer answers
+        self.weights_bytes = gen.server.weights_bytes()  # now: a closed backend no longer answers
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.last = self.t0

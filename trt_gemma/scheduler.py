@@ -21,7 +21,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Callable, Generator, Protocol
+from typing import Any, AsyncGenerator, Callable, Generator
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.errors import ResourceError
@@ -130,15 +130,6 @@ def _granted(fut: "asyncio.Future[None]", admission: Admission) -> None:
         fut.set_result(None)
 
 
-class Slots(Protocol):
-    """What a Generation needs from its owner (a Scheduler)."""
-
-    backend: Backend | None
-    admission: Admission | None
-    pool: ThreadPoolExecutor
-    stream_interval_s: float
-
-
 class QueueFull(ResourceError):
     """No waiting place left (max_queue generations already wait): the API raises it, the server answers 429."""
 
@@ -153,6 +144,7 @@ class Scheduler:
     pool: ThreadPoolExecutor
     stream_interval_s: float = 0.0
     live: "weakref.WeakSet[Generation]" = field(default_factory=weakref.WeakSet)  # cancelled by close()
+    _weights: tuple[Backend, int] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, backend: Backend | None, max_concurrency: int, max_queue: int | None,
@@ -175,6 +167,14 @@ class Scheduler:
         self.live.add(gen)
         return gen
 
+    def weights_bytes(self) -> int:
+        """The loaded backend's weight bytes (fixed for a backend: asked once, not per request)."""
+        backend = self.backend
+        assert backend is not None
+        if self._weights is None or self._weights[0] is not backend:
+            self._weights = (backend, backend.memory().weights_bytes)
+        return self._weights[1]
+
     def close(self, wait: bool) -> None:
         """Cancel every live generation (running or waiting) and stop the worker pool (`wait`: for its threads)."""
         for gen in list(self.live):
@@ -192,7 +192,7 @@ class Generation:
     cost 15-25% of decode throughput (each chunk is a GIL hand-over between the loop and the generating thread,
     plus the client's parsing); with 50 ms intervals it is a few percent, about the run-to-run noise there."""
 
-    def __init__(self, server: Slots, prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, server: Scheduler, prompt_ids: list[int], params: GenerationParams):
         self.server, self.prompt_ids, self.params = server, prompt_ids, params
         self.cancelled = threading.Event()
         self.failure: BaseException | None = None
