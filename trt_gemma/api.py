@@ -417,8 +417,8 @@ def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", 
     `model`: a `trt-gemma build` bundle, a TensorRT-LLM engine dir or checkpoint, a Hugging Face Gemma 2 dir or hub
     id (converted once into the cache), or None for the embedded model. `backend`: "auto" picks by what the
     directory holds (a bundle's engine on a GPU host with TensorRT-LLM, else its checkpoint on onnxruntime where
-    installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one. `max_concurrency`: generations at once
-    (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
+    installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one.
+    `max_concurrency`: generations at once (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
     model), ConfigError (unknown backend), DependencyError (trtllm without a GPU / tensorrt_llm)."""
     from trt_gemma.backends import BACKENDS, load_backend
     from trt_gemma.hf import resolve_model
