@@ -5,8 +5,9 @@ Python API uses: a `trt_gemma.scheduler.Scheduler` (`max_concurrency` slots on w
 cancellation) and the API's `AsyncStream` (text pieces, stop strings). This module keeps the HTTP side only:
 parsing and bounds, SSE, metrics, authentication, health, the guard hook. At most `max_queue` more requests may
 wait for a slot; beyond that the answer is 429 with Retry-After (Ollama answers 503, vLLM queues without bound:
-docs/facts/serving-telemetry.md §6). A slot is given back when its worker thread has actually returned, so a client that disconnects mid-stream (its generator is cancelled -> the cancel
-flag the backend polls each step) frees it for real.
+docs/facts/serving-telemetry.md §6). A slot is given back when its worker thread has actually returned, so a
+client that disconnects mid-stream (its generator is cancelled -> the cancel flag the backend polls each step) frees
+it for real.
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
 unexpected exception inside one request is answered with a 500 for that request only, then a one-token probe
