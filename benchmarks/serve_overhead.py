@@ -210,7 +210,9 @@ def report(r: dict, args) -> str:
         f"api/direct per round: median {r['api_median_paired_ratio']:.3f} (quartiles {q1:.3f}..{q3:.3f}) -> "
         f"throughput overhead {r['api_overhead_pct']:.1f}% (goal <= 2%)",
         f"CPU per token: direct {r['api_direct_cpu_ms_per_token']:.2f} ms, api {r['api_cpu_ms_per_token']:.2f} ms "
-        f"-> median paired CPU overhead {r['api_cpu_overhead_pct']:.1f}%"])
+        f"-> median paired CPU overhead {r['api_cpu_overhead_pct']:.1f}%",
+        f"added per token (median paired): {r['api_added_us_per_token']:.0f} us wall, "
+        f"{r['api_added_cpu_us_per_token']:.0f} us CPU"])
 
 
 def summarize(direct, served, model, prompt_tokens, args) -> dict:
@@ -240,7 +242,11 @@ def summarize_api(pairs) -> dict:
             "api_paired_ratio_quartiles": [q1, q3], "api_overhead_pct": 100 * (1 - paired),
             "api_direct_cpu_ms_per_token": 1e3 * statistics.median(d[1] for d, _ in pairs),
             "api_cpu_ms_per_token": 1e3 * statistics.median(a[1] for _, a in pairs),
-            "api_cpu_overhead_pct": 100 * (statistics.median(cpu_ratios) - 1)}
+            "api_cpu_overhead_pct": 100 * (statistics.median(cpu_ratios) - 1),
+            # what the API adds per token, whatever the model: on a small model's 2 ms step a few percent, on a
+            # 2B model's tens of ms a fraction of one
+            "api_added_us_per_token": 1e6 * statistics.median(1 / a[0] - 1 / d[0] for d, a in pairs),
+            "api_added_cpu_us_per_token": 1e6 * statistics.median(a[1] - d[1] for d, a in pairs)}
 
 
 if __name__ == "__main__":
