@@ -70,7 +70,8 @@ def start_server(ckpt: Path, port: int, stream_interval: float | None) -> subpro
     import httpx
 
     proc = subprocess.Popen([sys.executable, "-m", "trt_gemma", "serve", str(ckpt), "--port", str(port),
-                             "--max-concurrency", "1", "--model-name", "bench"]
+                             "--max-concurrency", "1", "--model-name", "bench",
+                             "--backend", "reference"]  # the backend the direct path calls (auto: onnxruntime)
                             + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
