@@ -44,9 +44,13 @@ class Admission:
         self._lock = threading.Lock()
         self._waiters: collections.deque[Callable[[], None]] = collections.deque()
 
+    def full(self) -> bool:
+        """No waiting place left now (a hint without the lock: `try_enter` decides)."""
+        return self.max_queue is not None and self.running + self.waiting >= self.max_concurrency + self.max_queue
+
     def try_enter(self) -> bool:
         with self._lock:
-            if self.max_queue is not None and self.running + self.waiting >= self.max_concurrency + self.max_queue:
+            if self.full():
                 return False
             self.waiting += 1
             return True

@@ -296,8 +296,7 @@ class Server:
 
     async def handle(self, request: Request, kind: str) -> Response:
         backend = self.require_ready()  # first: the body's size bound comes from the model's context
-        adm = self.admission
-        if adm.running + adm.waiting >= self.max_concurrency + self.max_queue:
+        if self.admission.full():
             raise self.busy()  # before reading and tokenizing a body that could not be admitted anyway
         raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
         if len(raw) >= TRIM_ABOVE_BYTES:
