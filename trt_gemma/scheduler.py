@@ -327,7 +327,13 @@ class Generation:
                 if over:
                     return
         finally:
-            self.cancelled.set()  # client gone or we stopped early (stop string): the worker ends at its next step
+            # client gone or we stopped early (stop string): the worker ends at its next step. Set on the loop's next
+            # turn, so what the consumer does while this exception unwinds (the server's request metrics) happens
+            # before the worker can give its slot back; closing the AsyncStream sets it at once
+            try:
+                loop.call_soon(self.cancelled.set)
+            except RuntimeError:  # the loop is closed
+                self.cancelled.set()
 
     def steps(self) -> Generator[list[Step], None, None]:
         """Thread side of `batches`: blocks for a slot (False from a cancel while queued ends it), then yields the

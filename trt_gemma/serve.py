@@ -236,27 +236,27 @@ class Server:
         arrival = time.monotonic()
         finish, failed = None, False
         try:
-            async with contextlib.aclosing(stream):
-                async for piece in stream:
-                    if comp.completion_tokens == 0:
-                        self.metrics.ttft.observe(time.monotonic() - arrival)
-                        self.metrics.prompt_tokens.inc(comp.prompt_tokens)
-                    comp.completion_tokens += len(piece.steps)
-                    self.metrics.generation_tokens.inc(len(piece.steps))
-                    for s in piece.steps:
-                        if not s.is_prompt_step:
-                            self.metrics.tpot.observe(s.step_seconds)
-                    finish = piece.finish_reason
-                    yield piece.text, finish
-                    if finish:
-                        return
+            async for piece in stream:
+                if comp.completion_tokens == 0:
+                    self.metrics.ttft.observe(time.monotonic() - arrival)
+                    self.metrics.prompt_tokens.inc(comp.prompt_tokens)
+                comp.completion_tokens += len(piece.steps)
+                self.metrics.generation_tokens.inc(len(piece.steps))
+                for s in piece.steps:
+                    if not s.is_prompt_step:
+                        self.metrics.tpot.observe(s.step_seconds)
+                finish = piece.finish_reason
+                yield piece.text, finish
+                if finish:
+                    return
         except Exception:
             failed = True
             raise
         finally:
-            if not failed:
+            if not failed:  # before the stream is closed: a scrape that sees the slot free sees this request counted
                 self.metrics.e2e.observe(time.monotonic() - arrival)
                 self.metrics.success(finish or "cancelled")
+            await stream.aclose()
 
     async def stream_sse(self, comp: Completion, stream: AsyncStream, include_usage: bool):
         if comp.kind == "chat":
