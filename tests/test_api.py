@@ -95,6 +95,16 @@ def test_stream_pieces_add_up_to_generate(model, oracle):
     c = model.generate("A dictionary maps", max_tokens=MAX_TOKENS)
     assert "".join(p.text for p in pieces) == c.text
     assert c.timings.ttft_s <= c.timings.total_s and c.timings.decode_tokens_per_s > 0
+    # each piece names the backend steps behind it (the server's per-token metrics); the memory figures are the
+    # model's and this process's
+    assert sum(len(p.steps) for p in pieces) == c.usage.completion_tokens
+    assert [s.token_id for p in pieces for s in p.steps] == ids and all(s.step_seconds > 0 for p in pieces
+                                                                         for s in p.steps)
+    assert c.weights_bytes == model.info.memory.weights_bytes
+    assert c.effective_bandwidth_bytes_per_s == c.weights_bytes * c.timings.decode_tokens_per_s
+    import resource
+
+    assert 0 < c.peak_rss_bytes <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # a peak only grows
 
 
 def test_stop_string_cuts_text_and_ends_the_generation(model):
@@ -363,3 +373,23 @@ def test_close_cancels_running_and_waiting_streams():
     th.join(timeout=30)
     assert a.completion().finish_reason == "cancelled" and a._run.gen.generated < 500
     assert out and out[0].finish_reason == "cancelled" and out[0].token_ids == ()
+
+
+def test_a_generation_abandoned_before_its_consumer_starts_leaves_the_counters_at_zero(model):
+    """abandon() (a client gone before its body was read, a stream closed before iterating) gives the queue place
+    back once; a consumer that starts afterwards must not wait for a slot or count itself again."""
+    from trt_gemma.backends.base import GenerationParams
+
+    sched = model._scheduler
+    adm = sched.admission
+    gen = sched.submit(model.tokenizer.encode("hi"), GenerationParams(max_tokens=2, temperature=0.0))
+    assert adm.waiting == 1
+    gen.abandon()
+    gen.abandon()  # idempotent
+    assert list(gen.steps()) == []
+
+    async def consume() -> list:
+        return [s async for s in gen.batches()]
+
+    assert asyncio.run(consume()) == []
+    assert (adm.running, adm.waiting) == (0, 0)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
@@ -66,18 +65,31 @@ class Piece:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
+    steps: tuple[Step, ...] = field(default=(), repr=False)
+    """The backend's steps behind this piece, a final stop token included: per-token `step_seconds` (the first one's
+    includes the prompt), what the server's time_per_output_token histogram observes."""
 
 
 @dataclass(frozen=True)
 class Completion:
     """A finished generation. `token_ids` are the text tokens (a stop token is not text, as in `trt-gemma
-    generate`); `finish_reason` is "stop" (stop token or stop string), "length" or "cancelled"."""
+    generate`); `finish_reason` is "stop" (stop token or stop string), "length" or "cancelled".
+    `peak_rss_bytes`: the process's peak resident set when it ended (getrusage; CPU backends hold weights and KV
+    there); `weights_bytes`: the weight bytes every decode step reads."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
     usage: Usage
     timings: Timings
+    peak_rss_bytes: int
+    weights_bytes: int
+
+    @property
+    def effective_bandwidth_bytes_per_s(self) -> float:
+        """Weight bytes x decode tokens/s: each decode step reads every weight once (gpt-fast's "bandwidth
+        achieved"); compare it with the device's memory bandwidth."""
+        return self.weights_bytes * self.timings.decode_tokens_per_s
 
 
 @dataclass(frozen=True)
@@ -101,11 +113,13 @@ class ModelInfo:
         return self.quant_algo or self.dtype
 
 
-class _Run:
-    """The bookkeeping one generation shares between Stream and AsyncStream: pieces, timings, the Completion."""
+class Run:
+    """The bookkeeping of one generation behind Stream and AsyncStream (the API's and the server's): pieces with
+    stop strings cut, timings, the Completion."""
 
     def __init__(self, gen: Generation, stops: list[str]):
         self.gen, self.pieces = gen, TextPieces(stops)
+        self.weights_bytes = gen.server.weights_bytes()  # now: a closed backend no longer answers
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.last = self.t0
@@ -117,13 +131,15 @@ class _Run:
         self.first = now if self.first is None else self.first
         self.last = now
         before = len(self.pieces.token_ids)
-        text, _used = self.pieces.feed(steps)
+        text, used = self.pieces.feed(steps)
         self.text.append(text)
-        return Piece(text, tuple(self.pieces.token_ids[before:]), self.pieces.finish)
+        return Piece(text, tuple(self.pieces.token_ids[before:]), self.pieces.finish, tuple(used))
 
     def finish(self) -> Completion:
         """The Completion (once the steps have ended); a generation failure is raised here."""
         if self.done is None:
+            from trt_gemma.reference.generate import peak_rss_bytes
+
             if self.gen.failure is not None:
                 raise self.gen.failure
             p, first = self.pieces, self.first if self.first is not None else self.last
@@ -132,23 +148,16 @@ class _Run:
             self.done = Completion("".join(self.text), tuple(p.token_ids), p.finish or "cancelled",
                                    Usage(len(self.gen.prompt_ids), p.completion_tokens),
                                    Timings(queue_s=started - self.t0, ttft_s=first - self.t0,
-                                           total_s=self.last - self.t0, decode_tokens_per_s=decode))
+                                           total_s=self.last - self.t0, decode_tokens_per_s=decode),
+                                   peak_rss_bytes=peak_rss_bytes(), weights_bytes=self.weights_bytes)
         return self.done
-
-    def abandon(self) -> None:
-        """Stop the worker; a generation that never asked for a slot gives its queue place back."""
-        self.gen.cancelled.set()
-        if not self.gen.started:
-            self.gen.started = True
-            assert self.gen.server.admission is not None
-            self.gen.server.admission.leave_queue()
 
 
 class Stream:
     """One generation, as an iterator of `Piece`s and the handle to stop it. Use it in a `for` loop or a `with`
     block; `cancel()` may be called from any thread. After the last piece, `completion()` has the whole result."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: Run):
         self._run = run
         self._steps = run.gen.steps()
         self._over = False
@@ -177,7 +186,7 @@ class Stream:
     def close(self) -> None:
         """Cancel and end the iteration (call from the iterating thread; `cancel()` from others)."""
         self._over = True
-        self._run.abandon()
+        self._run.gen.abandon()
         self._steps.close()
 
     def completion(self) -> Completion:
@@ -202,7 +211,7 @@ class Stream:
 class AsyncStream:
     """`Stream` for asyncio: `async for piece in model.astream(...)`, `async with`, `await completion()`."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: Run):
         self._run = run
         self._batches = run.gen.batches()
         self._over = False
@@ -230,7 +239,7 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         self._over = True
-        self._run.abandon()
+        self._run.gen.abandon()
         await self._batches.aclose()
 
     async def completion(self) -> Completion:
@@ -245,7 +254,7 @@ class AsyncStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        self._run.abandon()
+        self._run.gen.abandon()
 
 
 class Model:
@@ -261,7 +270,6 @@ class Model:
         self._scheduler = Scheduler.create(backend, max_concurrency, max_queue)
         self._target = target
         self._closed = False
-        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()  # cancelled by close()
 
     # ---- what is loaded --------------------------------------------------------------------------------------------
     @property
@@ -335,7 +343,7 @@ class Model:
             return await s.completion()
 
     def _submit(self, prompt: Prompt, max_tokens: int | None, temperature: float, top_p: float, top_k: int,
-                seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool) -> _Run:
+                seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool) -> Run:
         if self._closed:
             raise ResourceError("this Model is closed", fix="trt_gemma.load() it again")
         ids = self._encode(prompt)
@@ -343,15 +351,7 @@ class Model:
         stops = stop_list(stop)
         if not all(isinstance(s, str) for s in stops):
             raise InputError(f"stop must be a string or a list of strings (got {stop!r})", fix="e.g. stop=['\\n\\n']")
-        admission = self._scheduler.admission
-        assert admission is not None
-        if not admission.try_enter():
-            raise ResourceError(f"busy: {admission.running} generations running and {admission.waiting} waiting "
-                                f"(max_queue {admission.max_queue})",
-                                fix="retry later, or load() with a larger max_queue (None: no bound)")
-        gen = Generation(self._scheduler, ids, params)
-        self._live.add(gen)
-        return _Run(gen, stops)
+        return Run(self._scheduler.submit(ids, params), stops)  # QueueFull (a ResourceError) when full
 
     def _encode(self, prompt: Prompt) -> list[int]:
         b = self._backend
@@ -395,9 +395,7 @@ class Model:
         if self._closed:
             return
         self._closed = True
-        for gen in list(self._live):
-            gen.cancelled.set()
-        self._scheduler.pool.shutdown(wait=True, cancel_futures=True)
+        self._scheduler.close(wait=True)
         self._backend.close()
 
     def __enter__(self) -> "Model":
@@ -419,8 +417,8 @@ def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", 
     `model`: a `trt-gemma build` bundle, a TensorRT-LLM engine dir or checkpoint, a Hugging Face Gemma 2 dir or hub
     id (converted once into the cache), or None for the embedded model. `backend`: "auto" picks by what the
     directory holds (a bundle's engine on a GPU host with TensorRT-LLM, else its checkpoint on onnxruntime where
-    installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one. `max_concurrency`: generations at once
-    (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
+    installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one.
+    `max_concurrency`: generations at once (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
     model), ConfigError (unknown backend), DependencyError (trtllm without a GPU / tensorrt_llm)."""
     from trt_gemma.backends import BACKENDS, load_backend
     from trt_gemma.hf import resolve_model

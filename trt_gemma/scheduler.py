@@ -18,11 +18,13 @@ import asyncio
 import collections
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Callable, Generator, Protocol
+from typing import Any, AsyncGenerator, Callable, Generator
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
+from trt_gemma.errors import ResourceError
 from trt_gemma.serve_protocol import StopMatcher
 
 _END = object()
@@ -42,9 +44,13 @@ class Admission:
         self._lock = threading.Lock()
         self._waiters: collections.deque[Callable[[], None]] = collections.deque()
 
+    def full(self) -> bool:
+        """No waiting place left now (a hint without the lock: `try_enter` decides)."""
+        return self.max_queue is not None and self.running + self.waiting >= self.max_concurrency + self.max_queue
+
     def try_enter(self) -> bool:
         with self._lock:
-            if self.max_queue is not None and self.running + self.waiting >= self.max_concurrency + self.max_queue:
+            if self.full():
                 return False
             self.waiting += 1
             return True
@@ -128,30 +134,56 @@ def _granted(fut: "asyncio.Future[None]", admission: Admission) -> None:
         fut.set_result(None)
 
 
-class Slots(Protocol):
-    """What a Generation needs from its owner (the server, or the API's Scheduler)."""
-
-    backend: Backend | None
-    admission: Admission | None
-    pool: ThreadPoolExecutor
-    stream_interval_s: float
+class QueueFull(ResourceError):
+    """No waiting place left (max_queue generations already wait): the API raises it, the server answers 429."""
 
 
 @dataclass
 class Scheduler:
-    """The API's owner of a backend's slots; the server keeps the same four attributes on itself."""
+    """A backend's generation slots: the one object the Python API (api.Model) and the HTTP server (serve.Server)
+    both hand their requests to. `backend` may be None until a lazily loaded model arrives (the server)."""
 
     backend: Backend | None
     admission: Admission | None
     pool: ThreadPoolExecutor
     stream_interval_s: float = 0.0
+    live: "weakref.WeakSet[Generation]" = field(default_factory=weakref.WeakSet)  # cancelled by close()
+    _weights: tuple[Backend, int] | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, backend: Backend, max_concurrency: int, max_queue: int | None,
-               stream_interval_s: float = 0.0) -> "Scheduler":
-        return cls(backend, Admission(max_concurrency, max_queue),
+    def create(cls, backend: Backend | None, max_concurrency: int, max_queue: int | None,
+               stream_interval_s: float = 0.0, admission: Admission | None = None) -> "Scheduler":
+        """`admission`: a subclass instance that observes slots (the server's service-rate estimate)."""
+        return cls(backend, admission or Admission(max_concurrency, max_queue),
                    ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="trt-gemma-gen"),
                    stream_interval_s)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams) -> "Generation":
+        """Take a waiting place for one generation (QueueFull when none is left); it asks for a slot when its
+        consumer starts iterating (`Generation.batches` / `steps`), or gives the place back (`abandon`)."""
+        adm = self.admission
+        assert adm is not None and self.backend is not None, "submit() needs a loaded backend"
+        if not adm.try_enter():
+            raise QueueFull(f"busy: {adm.running} generations running and {adm.waiting} waiting "
+                            f"(max_queue {adm.max_queue})",
+                            fix="retry later, or load() with a larger max_queue (None: no bound)")
+        gen = Generation(self, prompt_ids, params)
+        self.live.add(gen)
+        return gen
+
+    def weights_bytes(self) -> int:
+        """The loaded backend's weight bytes (fixed for a backend: asked once, not per request)."""
+        backend = self.backend
+        assert backend is not None
+        if self._weights is None or self._weights[0] is not backend:
+            self._weights = (backend, backend.memory().weights_bytes)
+        return self._weights[1]
+
+    def close(self, wait: bool) -> None:
+        """Cancel every live generation (running or waiting) and stop the worker pool (`wait`: for its threads)."""
+        for gen in list(self.live):
+            gen.cancelled.set()
+        self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class Generation:
@@ -164,7 +196,7 @@ class Generation:
     cost 15-25% of decode throughput (each chunk is a GIL hand-over between the loop and the generating thread,
     plus the client's parsing); with 50 ms intervals it is a few percent, about the run-to-run noise there."""
 
-    def __init__(self, server: Slots, prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, server: Scheduler, prompt_ids: list[int], params: GenerationParams):
         self.server, self.prompt_ids, self.params = server, prompt_ids, params
         self.cancelled = threading.Event()
         self.failure: BaseException | None = None
@@ -177,6 +209,21 @@ class Generation:
         self._on_final: Callable[[], None] | None = None
         self._ready = asyncio.Event()
         self._final = asyncio.Event()  # the last item is in: flush without waiting for the interval
+
+    def _begin(self) -> bool:
+        """The consumer starts: from here on it owns the admission bookkeeping (False: abandoned before)."""
+        with self._lock:
+            fresh, self.started = not self.started, True
+        return fresh
+
+    def abandon(self) -> None:
+        """Stop the worker (any thread); a generation whose consumer never started gives its queue place back."""
+        self.cancelled.set()
+        with self._lock:
+            owes_place, self.started = not self.started, True
+        if owes_place:
+            assert self.server.admission is not None
+            self.server.admission.leave_queue()
 
     def _push(self, item: Any, final: bool) -> None:
         """Worker thread side: wake the consumer only if it is idle-waiting for items (not during its interval)."""
@@ -255,7 +302,8 @@ class Generation:
         """Waits for a slot, starts the worker, yields the steps gathered at each flush."""
         srv = self.server
         assert srv.admission is not None
-        self.started = True
+        if not self._begin():
+            return
         await srv.admission.wait_slot()
         self.slot_at = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -279,14 +327,21 @@ class Generation:
                 if over:
                     return
         finally:
-            self.cancelled.set()  # client gone or we stopped early (stop string): the worker ends at its next step
+            # client gone or we stopped early (stop string): the worker ends at its next step. Set on the loop's next
+            # turn, so what the consumer does while this exception unwinds (the server's request metrics) happens
+            # before the worker can give its slot back; closing the AsyncStream sets it at once
+            try:
+                loop.call_soon(self.cancelled.set)
+            except RuntimeError:  # the loop is closed
+                self.cancelled.set()
 
     def steps(self) -> Generator[list[Step], None, None]:
         """Thread side of `batches`: blocks for a slot (False from a cancel while queued ends it), then yields the
         steps that came since the last call, without an interval (no event loop to spare here)."""
         srv = self.server
         assert srv.admission is not None
-        self.started = True
+        if not self._begin():
+            return
         if not srv.admission.acquire(self.cancelled):
             return
         self.slot_at = time.perf_counter()

@@ -1,11 +1,13 @@
 """OpenAI-compatible HTTP server with memory telemetry, Prometheus metrics and backpressure (FastAPI + uvicorn).
 
-Concurrency model: the event loop only parses, validates and streams; generation goes through the bounded scheduler
-the Python API uses too (trt_gemma.scheduler: `max_concurrency` slots on worker threads, stop strings, text
-pieces). At most `max_queue` more requests may wait for a slot; beyond that the answer is 429 with Retry-After
-(Ollama answers 503, vLLM queues without bound: docs/facts/serving-telemetry.md §6). A slot is given back when its worker
-thread has actually returned, so a client that disconnects mid-stream (its generator is cancelled -> the cancel
-flag the backend polls each step) frees it for real.
+Concurrency model: the event loop only parses, validates and streams; generation goes through the same objects the
+Python API uses: a `trt_gemma.scheduler.Scheduler` (`max_concurrency` slots on worker threads, admission,
+cancellation) and the API's `AsyncStream` (text pieces, stop strings). This module keeps the HTTP side only:
+parsing and bounds, SSE, metrics, authentication, health, the guard hook. At most `max_queue` more requests may
+wait for a slot; beyond that the answer is 429 with Retry-After (Ollama answers 503, vLLM queues without bound:
+docs/facts/serving-telemetry.md §6). A slot is given back when its worker thread has actually returned, so a
+client that disconnects mid-stream (its generator is cancelled -> the cancel flag the backend polls each step) frees
+it for real.
 
 Health: /health is 503 while the model loads, 200 when serving, and 503 after the backend is found broken: an
 unexpected exception inside one request is answered with a 500 for that request only, then a one-token probe
@@ -28,16 +30,17 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
+from trt_gemma.api import AsyncStream, Run
 from trt_gemma.backends.base import Backend, GenerationParams
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
-from trt_gemma.scheduler import Admission, Generation, TextPieces
+from trt_gemma.scheduler import Admission, QueueFull, Scheduler
 from trt_gemma.serve_conn import (DEFAULT_BODY_BYTES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
                                   DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, install_repeat_filter,
                                   loop_exception_handler, raise_nofile_limit, read_body, supervisor, uvicorn_config)
@@ -88,16 +91,16 @@ class Server:
                               fix="set a non-empty key, or pass none (no key: no authentication)")
         self.model_name, self.api_key = model_name, api_key
         self.body_timeout_s, self.on_failure, self.metrics_auth = body_timeout_s, on_failure, metrics_auth
-        self.stream_interval_s = max(0.0, stream_interval_s)
-        self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self._loader = None if isinstance(backend, Backend) else backend
-        self.state = "ready" if self.backend is not None else "loading"
         self.failure_reason: str | None = None
         self.max_concurrency, self.max_queue = max(1, max_concurrency), max(0, max_queue)
-        self.admission: Admission | None = None
-        self.pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="trt-gemma-gen")
-        self.prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="trt-gemma-prep")
         self.rate = ServiceRate(self.max_concurrency)
+        # the Python API's scheduling object: slots, admission (measured here, for Retry-After), cancellation
+        self.scheduler = Scheduler.create(
+            backend if isinstance(backend, Backend) else None, self.max_concurrency, self.max_queue,
+            max(0.0, stream_interval_s), admission=_MeasuredAdmission(self.max_concurrency, self.max_queue, self.rate))
+        self.state = "ready" if self.backend is not None else "loading"
+        self.prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="trt-gemma-prep")
         self._trim_pending = False
         self.extra_memory: dict[str, Callable[[], int]] = {}  # memory_bytes kinds added by plug-ins (serve_guard)
         self.metrics = ServerMetrics(
@@ -107,16 +110,23 @@ class Server:
             memory=lambda: {**snapshot(self.backend)["memory_bytes"],
                             **{k: f() for k, f in self.extra_memory.items()}})
 
+    @property
+    def backend(self) -> Backend | None:
+        return self.scheduler.backend
+
+    @property
+    def admission(self) -> _MeasuredAdmission:
+        return cast(_MeasuredAdmission, self.scheduler.admission)
+
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     async def startup(self) -> None:
-        self.admission = _MeasuredAdmission(self.max_concurrency, self.max_queue, self.rate)
         asyncio.get_running_loop().set_exception_handler(loop_exception_handler)
         if self._loader is not None:
             asyncio.get_running_loop().run_in_executor(None, self._load)
 
     def _load(self) -> None:
         try:
-            self.backend = self._loader()
+            self.scheduler.backend = self._loader()
             self.state = "ready"
             log.info("serving %s: %s backend, %s", self.model_name, self.backend.name, self.backend.info.path)
         except Exception as e:  # the server stays up and says why on /health (or stops, with on_failure)
@@ -126,7 +136,7 @@ class Server:
                 self.on_failure(e)
 
     def shutdown(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close(wait=False)
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
         if self._loader is not None and self.backend is not None:  # close only what this app loaded
             self.backend.close()
@@ -220,39 +230,39 @@ class Server:
         return self.rate.retry_after(self.admission.waiting)
 
     # ---- generation ------------------------------------------------------------------------------------------------
-    async def run(self, comp: Completion, gen: Generation, stops: list[str]) -> AsyncIterator[tuple[str, str | None]]:
+    async def run(self, comp: Completion, stream: AsyncStream) -> AsyncIterator[tuple[str, str | None]]:
         """Yields (text delta, None) while generating, then (last text, finish_reason); records metrics once however
         the request ends (finished, stop string, client gone = "cancelled", failure)."""
         arrival = time.monotonic()
-        pieces = TextPieces(stops)
+        finish, failed = None, False
         try:
-            async with contextlib.aclosing(gen.batches()) as batches:
-                async for steps in batches:
-                    if comp.completion_tokens == 0:
-                        self.metrics.ttft.observe(time.monotonic() - arrival)
-                        self.metrics.prompt_tokens.inc(comp.prompt_tokens)
-                    text, used = pieces.feed(steps)
-                    comp.completion_tokens = pieces.completion_tokens
-                    self.metrics.generation_tokens.inc(len(used))
-                    for s in used:
-                        if not s.is_prompt_step:
-                            self.metrics.tpot.observe(s.step_seconds)
-                    yield text, pieces.finish
-                    if pieces.finish:
-                        return
-            if gen.failure is not None:
-                raise gen.failure
+            async for piece in stream:
+                if comp.completion_tokens == 0:
+                    self.metrics.ttft.observe(time.monotonic() - arrival)
+                    self.metrics.prompt_tokens.inc(comp.prompt_tokens)
+                comp.completion_tokens += len(piece.steps)
+                self.metrics.generation_tokens.inc(len(piece.steps))
+                for s in piece.steps:
+                    if not s.is_prompt_step:
+                        self.metrics.tpot.observe(s.step_seconds)
+                finish = piece.finish_reason
+                yield piece.text, finish
+                if finish:
+                    return
+        except Exception:
+            failed = True
+            raise
         finally:
-            if gen.failure is None:
-                e2e = time.monotonic() - arrival
-                self.metrics.e2e.observe(e2e)
-                self.metrics.success(pieces.finish or "cancelled")
+            if not failed:  # before the stream is closed: a scrape that sees the slot free sees this request counted
+                self.metrics.e2e.observe(time.monotonic() - arrival)
+                self.metrics.success(finish or "cancelled")
+            await stream.aclose()
 
-    async def stream_sse(self, comp: Completion, gen: Generation, stops: list[str], include_usage: bool):
+    async def stream_sse(self, comp: Completion, stream: AsyncStream, include_usage: bool):
         if comp.kind == "chat":
             yield sse(comp.chunk(None, first=True))
         try:
-            async for text, finish in self.run(comp, gen, stops):
+            async for text, finish in self.run(comp, stream):
                 if text:
                     yield sse(comp.chunk(text))
                 if finish:
@@ -264,10 +274,10 @@ class Server:
             yield sse(comp.usage_chunk())
         yield sse("[DONE]")
 
-    async def complete(self, comp: Completion, gen: Generation, stops: list[str]) -> dict:
+    async def complete(self, comp: Completion, stream: AsyncStream) -> dict:
         parts, finish = [], "cancelled"
         try:
-            async for text, f in self.run(comp, gen, stops):
+            async for text, f in self.run(comp, stream):
                 parts.append(text)
                 finish = f or finish
         except Exception as e:
@@ -286,29 +296,27 @@ class Server:
 
     async def handle(self, request: Request, kind: str) -> Response:
         backend = self.require_ready()  # first: the body's size bound comes from the model's context
-        adm = self.admission
-        if adm.running + adm.waiting >= self.max_concurrency + self.max_queue:
+        if self.admission.full():
             raise self.busy()  # before reading and tokenizing a body that could not be admitted anyway
         raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
         if len(raw) >= TRIM_ABOVE_BYTES:
             self.trim_soon()
         comp, ids, params, req = await asyncio.get_running_loop().run_in_executor(
             self.prep_pool, self.prepare, raw, kind, backend)
-        if not self.admission.try_enter():
-            raise self.busy()
-        gen = Generation(self, ids, params)
-        stops = stop_list(req["stop"])
+        try:
+            stream = AsyncStream(Run(self.scheduler.submit(ids, params), stop_list(req["stop"])))
+        except QueueFull:
+            raise self.busy() from None
         if req["stream"]:
             include_usage = bool((req["stream_options"] or {}).get("include_usage"))
-            body = self.stream_sse(comp, gen, stops, include_usage)
+            body = self.stream_sse(comp, stream, include_usage)
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(_close_stream, body, gen))
-        return JSONResponse(await self.complete_unless_gone(request, comp, gen, stops))
+                                     background=BackgroundTask(_close_stream, body, stream))
+        return JSONResponse(await self.complete_unless_gone(request, comp, stream))
 
-    async def complete_unless_gone(self, request: Request, comp: Completion, gen: Generation,
-                                   stops: list[str]) -> dict:
+    async def complete_unless_gone(self, request: Request, comp: Completion, stream: AsyncStream) -> dict:
         """Non-streaming: poll for a client that hung up and cancel its generation (streams notice it themselves)."""
-        task = asyncio.ensure_future(self.complete(comp, gen, stops))
+        task = asyncio.ensure_future(self.complete(comp, stream))
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
@@ -320,13 +328,12 @@ class Server:
                 return {}  # nobody is listening
 
 
-async def _close_stream(body, gen: Generation) -> None:
-    """Runs after the response ends, also when the client left: stop the worker, finalize the generator now."""
-    gen.cancelled.set()
+async def _close_stream(body, stream: AsyncStream) -> None:
+    """Runs after the response ends, also when the client left: stop the worker, finalize the generators now (a
+    stream whose body was never iterated gives its queue place back)."""
+    stream.cancel()
     await body.aclose()
-    if not gen.started:  # the client left before the body was iterated: it still holds a queue place
-        gen.started = True
-        gen.server.admission.leave_queue()
+    await stream.aclose()
 
 
 def create_app(backend: Backend | Callable[[], Backend], model_name: str, api_key: str | None = None,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from trt_gemma.reference.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from trt_gemma.api import Completion
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
@@ -23,26 +27,15 @@ def resolve_checkpoint(spec: str | None) -> Path:
 
 
 def load_cpu_model(spec: str | None, backend: str):
-    """(model dir, model with the reference generation interface, backend name) for a CPU runtime."""
-    from trt_gemma.backends import detect_kind, ensure_onnx, onnxruntime_available, reference_checkpoint
+    """A `trt_gemma.Model` on a CPU runtime: an `export-onnx` dir as it is, anything else as the checkpoint the CPU
+    runtimes run (a bundle's checkpoint/, an HF dir converted once into the cache; engines are refused)."""
+    from trt_gemma.api import load
+    from trt_gemma.backends import detect_kind, reference_checkpoint
     from trt_gemma.hf import resolve_model
 
     path = resolve_model(spec)
-    if Path(path).is_dir() and detect_kind(path) == "onnx":
-        if backend == "reference":
-            raise click.UsageError(f"{path} is an ONNX export: use --backend onnxruntime (or pass its checkpoint)")
-        backend, ckpt = "onnxruntime", path
-    else:
-        ckpt = reference_checkpoint(path)
-        if backend == "auto":
-            backend = "onnxruntime" if onnxruntime_available() else "reference"
-    if backend == "reference":
-        from trt_gemma.reference import ReferenceModel
-
-        return ckpt, ReferenceModel.load(ckpt), backend
-    from trt_gemma.backends.onnxruntime import OrtModel
-
-    return ckpt, OrtModel(ckpt if detect_kind(ckpt) == "onnx" else ensure_onnx(ckpt)), backend
+    runnable = path if Path(path).is_dir() and detect_kind(path) == "onnx" else reference_checkpoint(path)
+    return load(runnable, backend=backend)
 
 
 @click.command("generate")
@@ -64,20 +57,33 @@ def generate(checkpoint, prompt, chat, max_tokens, temperature, top_k, top_p, se
     CHECKPOINT: a TensorRT-LLM checkpoint, a `trt-gemma build` bundle, an HF Gemma 2 dir or hub id (converted once
     into the cache), an `export-onnx` dir; omitted: the embedded default model."""
     from trt_gemma.console import emit
-    from trt_gemma.reference.generate import generate as run
-    from trt_gemma.tokenizer import GemmaTokenizer
 
     # every argument is checked before the model is converted (an HF dir: into the cache) or loaded
-    params = checked_params(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed)
-    ckpt, model, backend = load_cpu_model(checkpoint, backend)
-    tok = GemmaTokenizer.from_dir(ckpt)
-    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-    params = dataclasses.replace(params, stop_token_ids=tok.stop_token_ids)
-    on_text = None if as_json else _stream
-    result = run(model, ids, params, tokenizer=tok, on_text=on_text)
-    record = dict(result.to_dict(), checkpoint=str(ckpt), chat=chat, backend=backend)
-    emit(record, as_json, _summary)
+    checked_params(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    with load_cpu_model(checkpoint, backend) as model:
+        tok = model.tokenizer
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+        # as the reference loop always did: a context that fills up ends the text ("length"), it is no error
+        room = model.info.context_length - len(ids)
+        stream = model.stream(list(ids), max_tokens=min(max_tokens, max(room, 1)),
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        with stream:
+            for piece in stream:
+                if not as_json and piece.text:
+                    _stream(piece.text)
+        c = stream.completion()
+        info = model.info
+    emit(record(c, checkpoint=info.path, chat=chat, backend=info.backend), as_json, _summary)
+
+
+def record(c: "Completion", **extra) -> dict:
+    """The --json record: the Completion's fields under the names `trt-gemma generate` has always printed."""
+    t = c.timings
+    return dict(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                prompt_tokens=c.usage.prompt_tokens, generated_tokens=len(c.token_ids), ttft_s=t.ttft_s,
+                decode_tokens_per_s=t.decode_tokens_per_s, total_s=t.total_s, peak_rss_bytes=c.peak_rss_bytes,
+                weight_bytes=c.weights_bytes, effective_bandwidth_bytes_per_s=c.effective_bandwidth_bytes_per_s,
+                **extra)
 
 
 def checked_params(prompt: str, **sampling) -> SamplingParams:
