@@ -219,6 +219,13 @@ class Server:
         self._trim_pending = False
         self.prep_pool.submit(trim_heap)
 
+    def check_api_key(self, request: Request) -> None:
+        """401 unless the request carries `Authorization: Bearer <--api-key>` (no key set: everyone is let in)."""
+        sent = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if self.api_key and not hmac.compare_digest(sent, f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
     def busy(self) -> APIError:
         return APIError(429, f"Server busy: {self.admission.running} requests generating and "
                              f"{self.admission.waiting} queued (max_queue {self.max_queue}). Retry later.",
@@ -391,10 +398,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         default (as vLLM and NIM do: it holds counts and byte sizes, no request text; Prometheus can send the key
         with `authorization: {credentials_file: ...}`). A dependency rather than an HTTP middleware, which would
         sit in the path of every streamed chunk."""
-        sent = request.headers.get("authorization", "").encode("utf-8", "replace")
-        if srv.api_key and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
-            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+        srv.check_api_key(request)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(auth)])
 

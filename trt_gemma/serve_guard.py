@@ -21,7 +21,6 @@ scores on the CPU backend `auto` picks (safety.load_moderator: onnxruntime where
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -171,7 +170,7 @@ class _GuardRoutes:
         return v
 
     async def moderations(self, request: Request):
-        _auth(self.srv, request)
+        self.srv.check_api_key(request)  # the same check as the server's /v1 routes
         inputs = moderation_inputs(parse_json(await self.read_body(request)))
         verdicts = [await self.score("moderation", text) for text in inputs]
         return {"id": f"modr-{uuid.uuid4().hex}", "model": (await self.moderator()).name,
@@ -180,7 +179,7 @@ class _GuardRoutes:
     async def chat(self, request: Request):
         """Score the prompt (block or annotate), generate through the server's own chat handler, then score the
         completion with --guard-response."""
-        _auth(self.srv, request)
+        self.srv.check_api_key(request)  # the same check as the server's /v1 routes
         raw = await self.read_body(request)
         body = parse_json(raw)
         prompt, stream, guard = last_user_text(body), body.get("stream") is True, self.guard
@@ -210,14 +209,6 @@ class _GuardRoutes:
         if self.guard.mode == "block" and verdict.flagged:
             raise _blocked(what, verdict)
         return moderation_results(verdict, name)
-
-
-def _auth(srv, request: Request) -> None:
-    """The same check as the server's /v1 routes (--api-key)."""
-    sent = request.headers.get("authorization", "").encode("utf-8", "replace")
-    if srv.api_key and not hmac.compare_digest(sent, f"Bearer {srv.api_key}".encode()):
-        raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
 
 
 def _replay(request: Request, raw: bytes) -> Request:
