@@ -298,9 +298,8 @@ class Generation:
         fut.add_done_callback(self._done)
 
     def _done(self, fut: Any) -> None:
-        close = getattr(self._it, "close", None)
-        if fut.cancelled() and close is not None:  # moved from the consumer's thread, never ran: end it there
-            close()
+        if fut.cancelled():  # moved from the consumer's thread but never ran: end the backend's steps here
+            getattr(self._it, "close", lambda: None)()
         self.server.admission.release()  # type: ignore[union-attr]
         if fut.cancelled():  # shut down before it started: end the consumer's wait
             self._push(RuntimeError("the generation pool was shut down"), True)
@@ -402,9 +401,7 @@ class Generation:
         if self._it is not None and self in self.server.inline:
             self.server.inline.discard(self)
             try:
-                close = getattr(self._it, "close", None)  # a generator: the backend frees its KV before the slot is
-                if close is not None:  # free
-                    close()
+                getattr(self._it, "close", lambda: None)()  # a generator: the backend frees its KV before the slot
             finally:
                 self.server.admission.release()  # type: ignore[union-attr]
 
@@ -464,6 +461,7 @@ class Generation:
                 self._inline_end()
 
     def _pooled_steps(self) -> Generator[list[Step], None, None]:
+        """What the worker pushed since the last call (blocks until something came)."""
         ready = threading.Event()
         while True:
             ready.clear()
