@@ -1,6 +1,7 @@
 """Serving overhead: decode tokens/s of the reference backend called directly vs through `trt-gemma serve` with one
 streaming `openai` client (goal: <= 5% overhead) and vs the Python API's `Model.stream` over the same backend object
-(trt_gemma.load's Model: the scheduler's slot, worker thread and per-token hand-over; goal: <= 2%), same prompt,
+(trt_gemma.load's Model: the scheduler's slot, text pieces, and a lone stream's steps run on the caller's thread;
+goal: <= 2%), same prompt,
 same run, repetitions interleaved.
 
 The API row is a difference of a few percent between two in-process paths, which a shared host's noise (another

@@ -2,10 +2,12 @@
 same bounded scheduler the HTTP server uses (trt_gemma.scheduler), with the same telemetry snapshot.
 
 Threads and asyncio: one `Model` may be used from any number of threads and event loops at once. At most
-`max_concurrency` generations run (each on a worker thread, which also sizes the KV budget); the others wait, in
-arrival order, for a slot (`max_queue` bounds how many may wait; None = no bound). A `Stream` is one generation:
-iterate it for `Piece`s, `cancel()` it from any thread, or leave its `for` loop (or `with` block) early: the
-worker stops after the token it is computing and gives the slot back.
+`max_concurrency` generations run (which also sizes the KV budget); the others wait, in arrival order, for a slot
+(`max_queue` bounds how many may wait; None = no bound). A `Stream` is one generation: iterate it for `Piece`s,
+`cancel()` it from any thread, or leave its `for` loop (or `with` block) early: generation stops after the token
+being computed and the slot is given back. A `Stream` that is the only generation runs on the thread iterating it
+(no per-token hand-over); once another one runs or waits, every generation runs on a worker thread, so a stream
+whose caller stops iterating still finishes and frees its slot (trt_gemma.scheduler).
 
 Defaults are `trt-gemma generate`'s (greedy, 64 tokens: reference.sampling.SamplingParams); the server's are
 OpenAI's. docs/api.md maps every field onto the server's JSON and metrics.

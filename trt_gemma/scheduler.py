@@ -9,7 +9,11 @@ consumer that stops listening (its cancel flag, polled by the backend after ever
 real, one decode step later at most.
 
 Steps cross from the worker to the consumer through a locked list (`Generation`): an asyncio consumer wakes once per
-flush (see `Generation.batches`), a thread consumer once per token (`Generation.steps`). `TextPieces` turns steps into
+flush (see `Generation.batches`), a thread consumer once per token (`Generation.steps`). A thread consumer whose
+generation is the only one (running or waiting) skips the worker: it runs `backend.stream()` on its own thread, one
+step per `next()`, with no hand-over. The moment another generation takes a slot or waits for one (or the scheduler
+closes), it moves to a worker thread between two steps (`Scheduler.crowd`): a consumer that stops iterating for a
+while then never holds up another generation, which is what the worker thread is for. `TextPieces` turns steps into
 text deltas, cutting stop strings (serve_protocol.StopMatcher), the same way for the server and the API.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Callable, Generator
+from typing import Any, AsyncGenerator, Callable, Generator, Iterator
 
 from trt_gemma.backends.base import Backend, GenerationParams, Step
 from trt_gemma.errors import ResourceError
@@ -43,6 +47,7 @@ class Admission:
         self.running = self.waiting = 0
         self._lock = threading.Lock()
         self._waiters: collections.deque[Callable[[], None]] = collections.deque()
+        self.on_wait: Callable[[], None] = lambda: None  # someone queued for a slot (Scheduler.crowd)
 
     def full(self) -> bool:
         """No waiting place left now (a hint without the lock: `try_enter` decides)."""
@@ -77,6 +82,7 @@ class Admission:
             if self._take_free():
                 return
             self._waiters.append(grant)
+        self.on_wait()
         try:
             await fut
         except asyncio.CancelledError:
@@ -99,6 +105,7 @@ class Admission:
             if self._take_free():
                 return True
             self._waiters.append(got.set)
+        self.on_wait()
         while not got.wait(QUEUE_POLL_S):
             if cancelled.is_set():
                 with self._lock:
@@ -148,15 +155,37 @@ class Scheduler:
     pool: ThreadPoolExecutor
     stream_interval_s: float = 0.0
     live: "weakref.WeakSet[Generation]" = field(default_factory=weakref.WeakSet)  # cancelled by close()
+    inline: "set[Generation]" = field(default_factory=set)  # running on their consumer's thread (Generation.steps)
+    closed: bool = False
     _weights: tuple[Backend, int] | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, backend: Backend | None, max_concurrency: int, max_queue: int | None,
                stream_interval_s: float = 0.0, admission: Admission | None = None) -> "Scheduler":
         """`admission`: a subclass instance that observes slots (the server's service-rate estimate)."""
-        return cls(backend, admission or Admission(max_concurrency, max_queue),
-                   ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="trt-gemma-gen"),
-                   stream_interval_s)
+        sched = cls(backend, admission or Admission(max_concurrency, max_queue),
+                    ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="trt-gemma-gen"),
+                    stream_interval_s)
+        sched.admission.on_wait = sched.crowd  # type: ignore[union-attr]
+        return sched
+
+    def go_inline(self, gen: "Generation") -> bool:
+        """May `gen` (holding a slot) run on its consumer's thread? Only while it is alone. Registered first and
+        checked after, while `crowd` callers count themselves first and scan after: one of the two sees the other."""
+        adm = self.admission
+        assert adm is not None
+        with gen._drive:  # nobody moves it meanwhile
+            self.inline.add(gen)
+            if self.closed or adm.running > 1 or adm._waiters:
+                self.inline.discard(gen)
+                return False
+            return True
+
+    def crowd(self, wait: bool = False) -> None:
+        """Another generation took a slot or waits for one: move every inline generation to a worker thread (`wait`:
+        also for the step in progress; otherwise its consumer moves it after that step)."""
+        for gen in list(self.inline):
+            gen.to_pool(wait)
 
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> "Generation":
         """Take a waiting place for one generation (QueueFull when none is left); it asks for a slot when its
@@ -181,8 +210,10 @@ class Scheduler:
 
     def close(self, wait: bool) -> None:
         """Cancel every live generation (running or waiting) and stop the worker pool (`wait`: for its threads)."""
+        self.closed = True
         for gen in list(self.live):
             gen.cancelled.set()
+        self.crowd(wait=True)  # their last (cancelled) step runs on the pool, which the shutdown waits for
         self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
@@ -209,6 +240,9 @@ class Generation:
         self._on_final: Callable[[], None] | None = None
         self._ready = asyncio.Event()
         self._final = asyncio.Event()  # the last item is in: flush without waiting for the interval
+        self._it: Iterator[Step] | None = None  # the backend's steps while they run on the consumer's thread
+        self._drive = threading.Lock()  # held while the consumer's thread runs one step, or while moving it
+        self._want_pool = False  # crowd() asked to move: the consumer moves it after the step in progress
 
     def _begin(self) -> bool:
         """The consumer starts: from here on it owns the admission bookkeeping (False: abandoned before)."""
@@ -238,11 +272,13 @@ class Generation:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
             self.cancelled.set()
 
-    def _work(self) -> None:
+    def _work(self, steps: Iterator[Step] | None = None) -> None:
         backend = self.server.backend
         assert backend is not None, "a generation starts only on a loaded backend"
         try:
-            for step in backend.stream(self.prompt_ids, self.params, cancel=self.cancelled.is_set):
+            if steps is None:
+                steps = iter(backend.stream(self.prompt_ids, self.params, cancel=self.cancelled.is_set))
+            for step in steps:
                 self.generated += 1
                 self._push(step, step.finish_reason is not None)
         except BaseException as e:  # reported to the request, never to the server
@@ -262,6 +298,8 @@ class Generation:
         fut.add_done_callback(self._done)
 
     def _done(self, fut: Any) -> None:
+        if fut.cancelled():  # moved from the consumer's thread but never ran: end the backend's steps here
+            getattr(self._it, "close", lambda: None)()
         self.server.admission.release()  # type: ignore[union-attr]
         if fut.cancelled():  # shut down before it started: end the consumer's wait
             self._push(RuntimeError("the generation pool was shut down"), True)
@@ -306,6 +344,7 @@ class Generation:
             return
         await srv.admission.wait_slot()
         self.slot_at = time.perf_counter()
+        srv.crowd()  # a generation running on its consumer's thread is not alone any more
         loop = asyncio.get_running_loop()
 
         def on_final() -> None:
@@ -335,32 +374,106 @@ class Generation:
             except RuntimeError:  # the loop is closed
                 self.cancelled.set()
 
+    def to_pool(self, wait: bool) -> None:
+        """Move an inline generation to a worker thread (any thread): now if no step is running (or `wait`), else
+        its consumer does it after the step in progress."""
+        self._want_pool = True
+        if self._drive.acquire(blocking=wait):
+            try:
+                self._move()
+            finally:
+                self._drive.release()
+
+    def _move(self) -> None:
+        """Under `_drive`: hand the backend's steps to the pool; the consumer reads them from the list from now on."""
+        it = self._it
+        if it is None or self not in self.server.inline:
+            return
+        try:
+            fut = self.server.pool.submit(self._work, it)
+        except RuntimeError:  # the pool is shut down: close() waits for the step in progress and moves it first
+            return
+        self.server.inline.discard(self)
+        fut.add_done_callback(self._done)
+
+    def _inline_end(self) -> None:
+        """Under `_drive`: the inline generation is over (or its consumer left): close it, give the slot back."""
+        if self._it is not None and self in self.server.inline:
+            self.server.inline.discard(self)
+            try:
+                getattr(self._it, "close", lambda: None)()  # a generator: the backend frees its KV before the slot
+            finally:
+                self.server.admission.release()  # type: ignore[union-attr]
+
+    def _step_inline(self) -> tuple[Step | None, str]:
+        """One step on the consumer's thread: (the step or None, where the generation is after it: "here", "pool"
+        (moved: read the list) or "over")."""
+        with self._drive:
+            if self not in self.server.inline:
+                return None, "pool"  # moved by crowd() since the last step
+            assert self._it is not None
+            try:
+                step = next(self._it)
+            except StopIteration:
+                self._inline_end()
+                return None, "over"
+            except BaseException as e:  # reported as the worker's failures are (Run.finish raises it)
+                self.failure = e
+                self._inline_end()
+                return None, "over"
+            self.generated += 1
+            if self._want_pool:
+                self._move()
+            return step, "here" if self in self.server.inline else "pool"
+
     def steps(self) -> Generator[list[Step], None, None]:
         """Thread side of `batches`: blocks for a slot (False from a cancel while queued ends it), then yields the
-        steps that came since the last call, without an interval (no event loop to spare here)."""
+        steps that came since the last call, without an interval (no event loop to spare here). A generation that
+        is alone runs on this thread (one step per call) until `crowd` moves it to the pool."""
         srv = self.server
-        assert srv.admission is not None
+        assert srv.admission is not None and srv.backend is not None
         if not self._begin():
             return
         if not srv.admission.acquire(self.cancelled):
             return
         self.slot_at = time.perf_counter()
-        ready = threading.Event()
-        self._start(lambda: srv.pool.submit(self._work))
         try:
-            while True:
-                ready.clear()
-                items = self._grab(ready.set)
-                if items is None:
-                    ready.wait()
-                    continue
-                steps, over = self._consume(items)
-                if steps:
-                    yield steps
-                if over:
+            self._it = iter(srv.backend.stream(self.prompt_ids, self.params, cancel=self.cancelled.is_set))
+        except BaseException:
+            srv.admission.release()
+            raise
+        try:
+            if srv.go_inline(self):
+                where = "here"
+                while where == "here":
+                    step, where = self._step_inline()
+                    if step is not None:
+                        yield [step]
+                if where == "over":
                     return
+            else:
+                srv.crowd()  # not alone: nobody runs on a consumer's thread now
+                self._start(lambda: srv.pool.submit(self._work, self._it))
+            yield from self._pooled_steps()
         finally:
             self.cancelled.set()
+            with self._drive:
+                self._inline_end()
+
+    def _pooled_steps(self) -> Generator[list[Step], None, None]:
+        """What the worker pushed since the last call (blocks until something came)."""
+        ready = threading.Event()
+        while True:
+            ready.clear()
+            items = self._grab(ready.set)
+            if items is None:
+                ready.wait()
+                continue
+            steps, over = self._consume(items)
+            if steps:
+                yield steps
+            if over:
+                return
 
 
 @dataclass
