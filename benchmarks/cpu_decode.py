@@ -3,8 +3,9 @@
     python benchmarks/cpu_decode.py [--tokens 64] [--2b] [--peer-2b] [--reference-2b] [--workdir DIR] [--keep]
 
 Rows (each measured in its own subprocess, so its peak RSS is its own; decode tok/s excludes the prefill):
-  (a) ours: `trt-gemma export-onnx --kv-cache inplace` graph on trt_gemma.backends.onnxruntime.OrtModel (the
-      backend's own path: in-place KV buffers, one IO-bound call per step, accuracy level 4)
+  (a) ours: `trt-gemma export-onnx --kv-cache inplace --opset 23` graph (the opset the backend exports for itself
+      here, trt_gemma.backends.onnx_cache_opset) on trt_gemma.backends.onnxruntime.OrtModel (the backend's own path:
+      in-place KV buffers, one IO-bound call per step, accuracy level 4)
   (b) onnxruntime-genai on the same model built by its own builder
       (`python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu -c CACHE`; the `bench` extra)
   (c) the numpy reference runtime (trt_gemma.reference), the oracle
@@ -84,12 +85,14 @@ def decode_genai(path: Path, tokens: int) -> float:
     import onnxruntime_genai as og
 
     model = og.Model(str(path))
-    vocab = json.loads((path / "genai_config.json").read_text())["model"]["vocab_size"]
+    cfg = json.loads((path / "genai_config.json").read_text())["model"]
+    window = cfg["decoder"].get("sliding_window", {}).get("window_size", 0)
     params = og.GeneratorParams(model)
-    # its sliding-window layers need a KV buffer of at least the window (128 on the embedded model)
-    params.set_search_options(max_length=max(PROMPT_TOKENS + tokens + 1, 256), do_sample=False)
+    # its sliding-window layers need a KV buffer of at least the window (128 on the embedded model, 4096 on 2B);
+    # attention reads only the tokens held (GroupQueryAttention's seqlens), so the buffer size costs memory only
+    params.set_search_options(max_length=max(PROMPT_TOKENS + tokens + 1, window, 256), do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray([_prompt(vocab)], np.int32))  # the prefill
+    gen.append_tokens(np.asarray([_prompt(cfg["vocab_size"])], np.int32))  # the prefill
     t0, n = time.perf_counter(), 0
     while n < tokens and not gen.is_done():
         gen.generate_next_token()
@@ -126,9 +129,12 @@ def measure(kind: str, path: Path, tokens: int, repeats: int = 1) -> dict | None
 # ---- model preparation ---------------------------------------------------------------------------------------------
 
 def export(ckpt: Path, out: Path, *extra: str) -> dict:
-    """`trt-gemma export-onnx` in a child process (its peak RSS is the export's); returns its --json summary."""
+    """`trt-gemma export-onnx` in a child process (its peak RSS is the export's) at the onnxruntime backend's own
+    opset; returns its --json summary."""
+    from trt_gemma.backends import onnx_cache_opset
+
     r = subprocess.run([sys.executable, "-m", "trt_gemma", "export-onnx", str(ckpt), str(out), "--force", "--json",
-                        *extra], capture_output=True, text=True)
+                        "--opset", str(onnx_cache_opset()), *extra], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"export of {ckpt} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout)
@@ -291,7 +297,9 @@ def bench_2b(work: Path, args, rows: list) -> dict:
 
         from trt_gemma.config import PRESETS
 
-        write_synthetic_model(work / "2b-hf", PRESETS["gemma-2-2b"], shards=3)
+        # transformers' AutoConfig (the peer's builder reads the dir with it) needs model_type; the ids are Gemma's
+        write_synthetic_model(work / "2b-hf", dict(PRESETS["gemma-2-2b"], model_type="gemma2", bos_token_id=2,
+                                                   eos_token_id=1, pad_token_id=0), shards=3)
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # its builder copies them
             shutil.copy2(default_model_dir() / f, work / "2b-hf" / f)
         built = genai_build(work / "2b-hf", work / "genai-2b", work / "genai-cache-2b")

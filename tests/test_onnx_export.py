@@ -377,3 +377,47 @@ def test_float16_activations_match_the_reference_within_fp16_rounding(kind, kv_c
     ids = np.random.default_rng(1).integers(6, 380, PREFILL)
     worst = compare_run(ReferenceModel.load(src), sess, ids, DECODE, FP16_TOL, f"{kind} float16 activations")
     assert worst > 1e-4, f"{kind}: float16 logits within {worst:.2g} of float32: the graph did not compute in fp16"
+
+
+# ---- opset 23: RMSNormalization and RotaryEmbedding (the onnxruntime backend's own exports) ---------------------
+
+def _needs_opset_23():
+    from trt_gemma.backends import onnx_cache_opset
+
+    if onnx_cache_opset() < 23:
+        pytest.skip("the installed onnx / onnxruntime has no opset-23 RMSNormalization / RotaryEmbedding")
+
+
+@pytest.mark.parametrize("kind,kv_cache,activations", [("fp32", "inplace", "float32"), ("awq", "concat", "float32"),
+                                                       ("fp8", "inplace", "float32"), ("bf16_tp2", "concat", "float32"),
+                                                       ("awq", "inplace", "float16")])
+def test_opset_23_operators_match_the_reference(kind, kv_cache, activations, ckpt, tmp_path):
+    """The one-node norm and rotary must be the decomposed math: the same bounds against the reference, and the
+    graph really uses them (no ReduceMean / Neg left of the opset-21 forms)."""
+    import onnx
+
+    _needs_opset_23()
+    src = ckpt(kind)
+    s = export_onnx(src, tmp_path / "onnx", opset=23, kv_cache=kv_cache, activations=activations, logits="all",
+                    show_progress=False)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node}
+    assert s["opset"] == 23 and {"RMSNormalization", "RotaryEmbedding"} <= ops and not ops & {"ReduceMean", "Neg"}, \
+        f"{kind}: opset-23 graph still has {sorted(ops & {'ReduceMean', 'Neg'})} / lacks the fused operators"
+    ids = np.random.default_rng(1).integers(6, 380, PREFILL)
+    tol = FP16_TOL if activations == "float16" else TOL[kind]
+    compare_run(ReferenceModel.load(src), session(tmp_path / "onnx"), ids, DECODE, tol, f"{kind} opset 23")
+
+
+def test_tensorrt_rtx_parser_accepts_the_opset_23_graph(ckpt, tmp_path):
+    """TensorRT-RTX 1.7's parser takes RMSNormalization and RotaryEmbedding (TensorRT gained RMSNormalization in
+    10.15: JetPack's TensorRT does not have it, which is why the TensorRT route exports opset 21)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+    _needs_opset_23()
+    export_onnx(ckpt("awq"), tmp_path / "onnx", opset=23, kv_cache="inplace", activations="float16",
+                show_progress=False)
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(tmp_path / "onnx" / "model.onnx"))
+    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert ok and not errors, f"tensorrt_rtx rejects the opset-23 graph: {errors}"

@@ -40,6 +40,10 @@ from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
 from trt_gemma.reference.model import attention_scale, embedding_normalizer, rope_inv_freq
 
 MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opset 21
+# From opset 23 RMSNormalization and RotaryEmbedding replace 5 and 6 nodes each (onnxruntime and TensorRT-RTX 1.7's
+# parser take both). Opset 23's Attention is not used: TensorRT's parser refuses its softcap, which Gemma 2 needs,
+# and onnxruntime's CPU kernel for it measured no faster than the decomposed form (docs/onnx.md).
+FUSED_OPSET = 23
 # "concat": present = past ++ new (the standard layout); "inplace": past/present are one fixed-capacity buffer per
 # layer that the new rows are scattered into, so a runtime can bind both to the same memory (docs/onnx.md).
 KV_CACHE_LAYOUTS = ("concat", "inplace")
@@ -62,6 +66,10 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str) -> str:
     with a float32 weight, as HF's Gemma2RMSNorm computes it: in float16 x^2 overflows past |x| = 256, which Gemma 2's
     residual stream reaches; an fp16/bf16 graph casts in and out."""
     x32 = x if g.act == "FLOAT" else g.op("Cast", x, to=onnx_type("FLOAT"))
+    if g.opset >= FUSED_OPSET:  # the same math as one node (stash_type 1: float32 inside)
+        out = g.op("RMSNormalization", x32, weight, axis=-1, epsilon=float(eps),
+                   name=name if g.act == "FLOAT" else None)
+        return g.to_act(out, name)
     ms = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0)), g.const([-1], np.int64), keepdims=1)
     rms = g.op("Sqrt", g.op("Add", ms, g.const(eps)))
     out = g.op("Mul", g.op("Div", x32, rms), weight, name=name if g.act == "FLOAT" else None)
@@ -81,22 +89,27 @@ def gelu_tanh(g: Graph, x: str) -> str:
     return g.op("Gelu", x, approximate="tanh")
 
 
-def rope(g: Graph, x: str, cos: str, sin: str) -> str:
-    """rotate_half RoPE (reference `apply_rope`): x*cos + concat(-x2, x1)*sin, on [B, heads, T, d] with cos/sin
-    [T, d], so query and key heads rotate in one pass. (One Gather of the swapped halves with a sign-folded sin table
-    is fewer nodes but measured slower on onnxruntime's CPU EP: its last-axis Gather is a generic loop.)"""
+def rope(g: Graph, x: str, sh: "_Shared") -> str:
+    """rotate_half RoPE (reference `apply_rope`): x*cos + concat(-x2, x1)*sin, on [B, heads, T, d], so query and key
+    heads rotate in one pass. From opset 23 the RotaryEmbedding operator (non-interleaved: rotate_half) with the
+    [max_seq_len, d/2] tables and the positions; before, cos/sin are the gathered [T, d] rows. (One Gather of the
+    swapped halves with a sign-folded sin table is fewer nodes but measured slower on onnxruntime's CPU EP: its
+    last-axis Gather is a generic loop.)"""
+    if sh.position_ids is not None:
+        return g.op("RotaryEmbedding", x, sh.cos, sh.sin, sh.position_ids)
     x1, x2 = g.op("Split", x, axis=-1, num_outputs=2, outputs=2)
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+    return g.op("Add", g.op("Mul", x, sh.cos), g.op("Mul", rotated, sh.sin))
 
 
 @dataclass(frozen=True)
 class _Shared:
-    """Values every layer reuses: rotary cos/sin of the new positions, the attention masks and, for an in-place KV
-    cache, where the new keys/values go."""
+    """Values every layer reuses: rotary cos/sin of the new positions (or, for RotaryEmbedding, the tables and the
+    positions), the attention masks and, for an in-place KV cache, where the new keys/values go."""
 
     cos: str
     sin: str
+    position_ids: str | None  # int64 [B, T] for RotaryEmbedding (opset >= 23); None: cos/sin are [T, d] rows
     masks: dict  # window (None = global) -> bool [group*T, S]
     scatter_idx: str | None  # int64 [B, kv_heads, T, 3]: (batch, kv head, position) of each new row, for ScatterND
 
@@ -130,9 +143,14 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) ->
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
     freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
-    emb = np.concatenate([freqs, freqs], -1)  # [max_seq_len, d]: gathered rows broadcast over [B, heads, T, d]
-    cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
-    sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
+    if g.opset >= FUSED_OPSET:  # RotaryEmbedding: half tables [max_seq_len, d/2] and positions [B, T]
+        cos, sin = g.ftensor("rope.cos", np.cos(freqs)), g.ftensor("rope.sin", np.sin(freqs))
+        position_ids = g.op("Expand", g.op("Unsqueeze", q_pos, g.const([0], np.int64)), g.op("Shape", "input_ids"))
+    else:
+        emb = np.concatenate([freqs, freqs], -1)  # [max_seq_len, d]: gathered rows broadcast over [B, heads, T, d]
+        cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
+        sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
+        position_ids = None
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
                 g.op("Unsqueeze", k_pos, g.const([0], np.int64)))  # [T, S]: query pos - key pos
     causal = g.op("GreaterOrEqual", diff, g.const(0, np.int64))
@@ -143,7 +161,7 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) ->
     for w in windows:
         m = causal if w is None else g.op("And", causal, g.op("Less", diff, g.const(w, np.int64)))
         masks[w] = g.op("Tile", m, reps)
-    return _Shared(cos, sin, masks, scatter_idx)
+    return _Shared(cos, sin, position_ids, masks, scatter_idx)
 
 
 def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
@@ -155,7 +173,7 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     qkv = g.op("Reshape", linear(ctx, f"{p}.qkv", x), g.const([0, 0, nq + 2 * nkv, d], np.int64))
     qkv = g.op("Transpose", qkv, perm=[0, 2, 1, 3])
     qk, v = g.op("Split", qkv, g.const([nq + nkv, nkv], np.int64), axis=1, outputs=2)
-    q, k = g.op("Split", rope(g, qk, sh.cos, sh.sin), g.const([nq, nkv], np.int64), axis=1, outputs=2)
+    q, k = g.op("Split", rope(g, qk, sh), g.const([nq, nkv], np.int64), axis=1, outputs=2)
     if c.kv_cache_quant_algo == "FP8":
         from trt_gemma.reference.quantized import FP8Quant, _scalar
 
@@ -231,8 +249,7 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
                           fix="use --lm-head none, int8 or int4")
     newest = onnx.defs.onnx_opset_version()
     int4 = cfg.quant_algo in ("W4A16_AWQ", "W4A16") or lm_head == "int4"
-    need, why = (MIN_OPSET, "INT4 / blocked DequantizeLinear") if int4 else \
-        (20, "Gelu(approximate='tanh')")
+    need, why = (MIN_OPSET, "INT4 / blocked DequantizeLinear") if int4 else (20, "Gelu(approximate='tanh')")
     if opset < need or opset > newest:
         raise ConfigError(f"--opset {opset}: this graph needs opset >= {need} ({why}) and the installed onnx "
                           f"knows up to {newest}", fix=f"use --opset {max(MIN_OPSET, need)}")
@@ -265,15 +282,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
-        g = Graph(tmp / f"{MODEL_FILE}.data", ACTIVATION_TYPES[activations])
+        g = Graph(tmp / f"{MODEL_FILE}.data", ACTIVATION_TYPES[activations], opset)
         try:
             with progress(disable=not show_progress) as bar:
                 _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
             check_all_used(shards)
         finally:
             g.close_data()
-        summary = _summary(ckpt, cfg, max_seq_len, opset, lm_head, kv_cache, logits, g)
-        model = g.model("gemma2", opset, f"Gemma 2 exported by trt_gemma from {ckpt.name}",
+        summary = _summary(ckpt, cfg, max_seq_len, lm_head, kv_cache, logits, g)
+        model = g.model("gemma2", f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
         _copy_tokenizer(ckpt, tmp)
@@ -322,8 +339,8 @@ def _declare_io(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> None:
             g.input(f"past_key_values.{i}.{kv}", g.act, ["batch", cfg.num_key_value_heads, length, cfg.head_size])
 
 
-def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm_head: str, kv_cache: str,
-             logits: str, g: Graph) -> dict:
+def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, lm_head: str, kv_cache: str, logits: str,
+             g: Graph) -> dict:
     from trt_gemma import __version__
 
     model = {"num_hidden_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
@@ -335,7 +352,7 @@ def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, opset: int, lm
              "sliding_window": cfg.sliding_window,
              "layer_types": [t if cfg.is_sliding(i) else FULL for i, t in enumerate(cfg.layer_types)]}
     return {"format": "trt_gemma-onnx/1", "producer": f"trt_gemma {__version__}", "source": str(ckpt),
-            "opset": opset, "model_file": MODEL_FILE, "data_file": g.data_path.name, "model": model,
+            "opset": g.opset, "model_file": MODEL_FILE, "data_file": g.data_path.name, "model": model,
             "nodes": len(g.nodes), "initializers": len(g.initializers), "external_bytes": g.external_bytes,
             "inputs": ["input_ids"] + (["past_length"] if kv_cache == "inplace" else []) + _kv_names(
                 "past_key_values", cfg), "outputs": ["logits"] + _kv_names("present", cfg)}

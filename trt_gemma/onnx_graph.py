@@ -40,8 +40,9 @@ def onnx_type(name: str) -> int:
 class Graph:
     """Nodes, value names and initializers of one graph. `op` returns the output name(s) of the node it adds."""
 
-    def __init__(self, data_path: Path, act: str = "FLOAT"):
+    def __init__(self, data_path: Path, act: str = "FLOAT", opset: int = 21):
         self.act = act  # ONNX element type of the activations (FLOAT, FLOAT16, BFLOAT16)
+        self.opset = opset  # which operators the builders may use (e.g. RMSNormalization from 23)
         self.nodes: list = []
         self.initializers: list = []
         self.inputs: list = []
@@ -158,11 +159,12 @@ class Graph:
             os.fsync(self._data.fileno())
             self._data.close()
 
-    def model(self, name: str, opset: int, doc: str, metadata: dict[str, str]):
+    def model(self, name: str, doc: str, metadata: dict[str, str]):
         from onnx import helper
 
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, initializer=self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="trt_gemma",
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="trt_gemma",
                                   doc_string=doc)
         helper.set_model_props(model, metadata)
         return model

@@ -19,7 +19,9 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 @click.argument("paths", nargs=-1, required=True, metavar="[CKPT] OUT")
 @click.option("--max-seq-len", type=click.IntRange(1), default=None,
               help="Longest prompt + generation the graph serves (rotary table size) [default: the model's].")
-@click.option("--opset", type=int, default=_DEFAULTS["opset"], show_default=True, help="ONNX opset (INT4 needs >= 21).")
+@click.option("--opset", type=int, default=_DEFAULTS["opset"], show_default=True,
+              help="ONNX opset (INT4 needs >= 21; from 23 RMSNorm and RoPE are one node each: "
+                   "RMSNormalization, RotaryEmbedding).")
 @click.option("--lm-head", type=click.Choice(LM_HEAD_CHOICES), default=_DEFAULTS["lm_head"], show_default=True,
               help="Quantize the (tied) lm_head: int8 per vocab row or int4 in blocks of 128 (docs/onnx.md).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_LAYOUTS), default=_DEFAULTS["kv_cache"], show_default=True,
