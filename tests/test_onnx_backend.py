@@ -12,7 +12,8 @@ import pytest
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs the onnx extra")
 pytest.importorskip("onnx", reason="the onnxruntime backend needs the onnx extra")
 
-from trt_gemma.backends import GenerationParams, detect_kind, load_backend, onnx_cache_dir  # noqa: E402
+from trt_gemma.backends import (GenerationParams, detect_kind, load_backend, onnx_cache_dir,  # noqa: E402
+                                onnx_cache_opset)
 from trt_gemma.backends.onnxruntime import OnnxRuntimeBackend, OrtModel  # noqa: E402
 from trt_gemma.backends.reference import ReferenceBackend  # noqa: E402
 from trt_gemma.convert import convert_checkpoint  # noqa: E402
@@ -137,6 +138,7 @@ def test_load_backend_defaults_to_onnxruntime_and_caches_the_export(tiny, tmp_pa
     entry = onnx_cache_dir(ckpt, cache)
     assert isinstance(b, OnnxRuntimeBackend) and b.name == "onnxruntime" and b.info.path == str(ckpt)
     assert entry.parent == tmp_path / "onnx" and detect_kind(entry) == "onnx" and b.model.inplace
+    assert b.model.manifest["opset"] == onnx_cache_opset(), "the cache entry is not at the backend's own opset"
     stamp = (entry / "model.onnx").stat().st_mtime_ns
     load_backend(ckpt, cache_dir=cache)  # reused, not exported again
     assert (entry / "model.onnx").stat().st_mtime_ns == stamp
