@@ -164,7 +164,6 @@ class Graph:
 
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, initializer=self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="trt_gemma",
-                                  doc_string=doc)
+                                  producer_name="trt_gemma", doc_string=doc)
         helper.set_model_props(model, metadata)
         return model

@@ -142,15 +142,14 @@ def onnx_cache_opset() -> int:
 
     if onnx.defs.onnx_opset_version() < ONNX_FAST_OPSET:
         return MIN_OPSET
-    f32 = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [helper.make_node("RMSNormalization", ["x", "w"], ["n"]),
-         helper.make_node("RotaryEmbedding", ["n", "cos", "sin", "pos"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", f32, [1, 1, 1, 4]), helper.make_tensor_value_info("pos", TensorProto.INT64,
-                                                                                          [1, 1])],
-        [helper.make_tensor_value_info("y", f32, [1, 1, 1, 4])],
-        initializer=[helper.make_tensor("w", f32, [4], [1.0] * 4), helper.make_tensor("cos", f32, [1, 2], [1.0] * 2),
-                     helper.make_tensor("sin", f32, [1, 2], [0.0] * 2)])
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("RMSNormalization", ["x", "w"], ["n"]),
+             helper.make_node("RotaryEmbedding", ["n", "cos", "sin", "pos"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", f32, [1, 1, 1, 4]), helper.make_tensor_value_info("pos", i64, [1, 1])]
+    weights = [helper.make_tensor("w", f32, [4], [1.0] * 4), helper.make_tensor("cos", f32, [1, 2], [1.0] * 2),
+               helper.make_tensor("sin", f32, [1, 2], [0.0] * 2)]
+    graph = helper.make_graph(nodes, "probe", inputs, [helper.make_tensor_value_info("y", f32, [1, 1, 1, 4])],
+                              initializer=weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_FAST_OPSET)])
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     try:
