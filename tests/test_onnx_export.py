@@ -342,16 +342,22 @@ def test_missing_tensor_is_named(ckpt, tmp_path):
 def test_tensorrt_rtx_parser_accepts_the_graph(kind, kv_cache, ckpt, tmp_path):
     """The graph the TensorRT route builds from: tensorrt_rtx's own ONNX parser must take it without errors
     (engine building is `trt-gemma build --engine tensorrt`'s part)."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
     export_onnx(ckpt(kind), tmp_path / "onnx", kv_cache=kv_cache, show_progress=False)
+    names = _tensorrt_rtx_outputs(tmp_path / "onnx" / "model.onnx", kind)
+    assert "logits" in names and "present.2.value" in names
+
+
+def _tensorrt_rtx_outputs(model_path, what: str) -> set:
+    """Parse `model_path` with tensorrt_rtx's own ONNX parser (skip where it is not installed); any parser error fails
+    the test. Returns the network's output names."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
     logger = trt.Logger(trt.Logger.ERROR)
     network = trt.Builder(logger).create_network(0)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(tmp_path / "onnx" / "model.onnx"))
+    ok = parser.parse_from_file(str(model_path))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert ok and not errors, f"{kind}: tensorrt_rtx rejects the graph: {errors}"
-    names = {network.get_output(i).name for i in range(network.num_outputs)}
-    assert "logits" in names and "present.2.value" in names
+    assert ok and not errors, f"{what}: tensorrt_rtx rejects the graph: {errors}"
+    return {network.get_output(i).name for i in range(network.num_outputs)}
 
 
 
@@ -411,13 +417,8 @@ def test_opset_23_operators_match_the_reference(kind, kv_cache, activations, ckp
 def test_tensorrt_rtx_parser_accepts_the_opset_23_graph(ckpt, tmp_path):
     """TensorRT-RTX 1.7's parser takes RMSNormalization and RotaryEmbedding (TensorRT gained RMSNormalization in
     10.15: JetPack's TensorRT does not have it, which is why the TensorRT route exports opset 21)."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
     _needs_opset_23()
     export_onnx(ckpt("awq"), tmp_path / "onnx", opset=23, kv_cache="inplace", activations="float16",
                 show_progress=False)
-    logger = trt.Logger(trt.Logger.ERROR)
-    network = trt.Builder(logger).create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(tmp_path / "onnx" / "model.onnx"))
-    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert ok and not errors, f"tensorrt_rtx rejects the opset-23 graph: {errors}"
+    assert "logits" in _tensorrt_rtx_outputs(tmp_path / "onnx" / "model.onnx", "awq opset 23")
