@@ -54,6 +54,13 @@ LOGITS_CHOICES = ("last", "all")
 # the dtype the graph computes in (weights keep their storage; RMSNorm and the final soft-cap run in float32 and the
 # logits output is float32 in every variant). onnxruntime's CPU EP has float16 kernels but no bfloat16 ones.
 ACTIVATIONS = tuple(ACTIVATION_TYPES)
+# option -> (its values, the fix for any other): checked before any work
+CHOICE_OPTIONS = {
+    "--activations": (ACTIVATIONS, "use --activations float32 (CPU), float16 or bfloat16 (TensorRT)"),
+    "--logits": (LOGITS_CHOICES, "use --logits last (generation) or all (perplexity over every position)"),
+    "--kv-cache": (KV_CACHE_LAYOUTS, "use --kv-cache concat (standard past/present) or inplace"),
+    "--lm-head": (LM_HEAD_CHOICES, "use --lm-head none, int8 or int4"),
+}
 MANIFEST = "trt_gemma_onnx.json"
 MODEL_FILE = "model.onnx"
 
@@ -228,15 +235,11 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
     """Refuse what the graph cannot represent before any work; returns the max_seq_len to use."""
     import onnx
 
-    if activations not in ACTIVATIONS:
-        raise ConfigError(f"--activations {activations!r} is not one of {', '.join(ACTIVATIONS)}",
-                          fix="use --activations float32 (CPU), float16 or bfloat16 (TensorRT)")
-    if logits not in LOGITS_CHOICES:
-        raise ConfigError(f"--logits {logits!r} is not one of {', '.join(LOGITS_CHOICES)}",
-                          fix="use --logits last (generation) or all (perplexity over every position)")
-    if kv_cache not in KV_CACHE_LAYOUTS:
-        raise ConfigError(f"--kv-cache {kv_cache!r} is not one of {', '.join(KV_CACHE_LAYOUTS)}",
-                          fix="use --kv-cache concat (standard past/present) or inplace")
+    for flag, value in (("--activations", activations), ("--logits", logits), ("--kv-cache", kv_cache),
+                        ("--lm-head", lm_head)):
+        allowed, fix = CHOICE_OPTIONS[flag]
+        if value not in allowed:
+            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}", fix=fix)
     if cfg.quant_algo not in LINEAR_EXPORTS:
         raise UnsupportedModelError(f"{where}: quant_algo {cfg.quant_algo!r} cannot be exported to ONNX (supported: "
                                     f"{', '.join(str(k) for k in LINEAR_EXPORTS)})",
@@ -244,9 +247,6 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
     if cfg.kv_cache_quant_algo not in KV_CACHE_EXPORTS:
         raise UnsupportedModelError(f"{where}: kv_cache_quant_algo {cfg.kv_cache_quant_algo!r} cannot be exported "
                                     "(supported: float, FP8)", fix="quantize with a float or FP8 KV cache")
-    if lm_head not in LM_HEAD_CHOICES:
-        raise ConfigError(f"--lm-head {lm_head!r} is not one of {', '.join(LM_HEAD_CHOICES)}",
-                          fix="use --lm-head none, int8 or int4")
     newest = onnx.defs.onnx_opset_version()
     int4 = cfg.quant_algo in ("W4A16_AWQ", "W4A16") or lm_head == "int4"
     need, why = (MIN_OPSET, "INT4 / blocked DequantizeLinear") if int4 else (20, "Gelu(approximate='tanh')")
