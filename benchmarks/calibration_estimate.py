@@ -2,7 +2,7 @@
 
 For each recipe this calibrates the embedded model on the shipped calibration text and prints, per ModelOpt pass,
 the mean seconds of one calibration forward and its ratio to the first pass's (the PASS_COST table in
-trt_gemma/calibration.py), then the estimates:
+trt_gemma/quant/calibration.py), then the estimates:
 - old: a plain (unquantized) warm forward x a fixed multiplier (6 for int4_awq, 1.5 for fp8) x samples;
 - new: the second calibration forward's time x the pass-cost-weighted number of forwards left (what the log says
   after the second forward; the bar's ETA keeps correcting it from the time measured so far).
@@ -28,8 +28,8 @@ def main() -> None:
     import torch
 
     from trt_gemma.assets import calib_text_path, default_model_dir
-    from trt_gemma.calibration import PASS_COST, choose_threads, seconds_left
-    from trt_gemma.quantize import _quiet, calibrate, calibration_batches, load_model
+    from trt_gemma.quant.calibration import PASS_COST, choose_threads, seconds_left
+    from trt_gemma.quant.modelopt import _quiet, calibrate, calibration_batches, load_model
 
     with _quiet():  # imported once here, so its import time is not counted as calibration
         import modelopt.torch.quantization  # noqa: F401

@@ -5,7 +5,7 @@
 1. Writes a synthetic bf16 Gemma-2-2B checkpoint (real shapes, ~5.2 GB, 3 shards + model.safetensors.index.json like
    the Hub's) with StreamingWriter; values are a tiled random block, so no minutes go into the RNG.
 2. Runs, each in its own subprocess (peak RSS = the child's ru_maxrss, wall = the operation itself):
-   - ours:  trt_gemma.convert.convert_checkpoint(..., dtype="bfloat16")  (streams, fsyncs, hashes the inputs)
+   - ours:  trt_gemma.checkpoint.convert.convert_checkpoint(..., dtype="bfloat16")  (streams, fsyncs, hashes the inputs)
    - (a) fp32 in memory: what TensorRT-LLM's converter does (docs/tensorrt-llm-contract.md §3: load the whole model,
          `flatten_params` to float32 numpy, convert into a dict of output tensors, save_file) -- needs ~17 GB, skipped
          if absent
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.config import PRESETS, ModelConfig
-from trt_gemma.convert import FLOAT_CODEC, LINEAR, plan
-from trt_gemma.dtypes import f32_to_bf16
-from trt_gemma.st_io import StreamingWriter
+from trt_gemma.checkpoint.config import PRESETS, ModelConfig
+from trt_gemma.checkpoint.convert import FLOAT_CODEC, LINEAR, plan
+from trt_gemma.checkpoint.dtypes import f32_to_bf16
+from trt_gemma.checkpoint.st_io import StreamingWriter
 
 _TILE = 1 << 22  # 4 Mi bf16 values (8 MiB) of random data, tiled over every tensor
 
@@ -83,7 +83,7 @@ def write_synthetic_model(path: Path, hf_config: dict, shards: int = 3, seed: in
 # --- the three measured operations (each runs in a child process) -------------------------------------------------
 
 def run_ours(model: Path, out: Path) -> None:
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     convert_checkpoint(model, out, dtype="bfloat16", show_progress=False)
 
@@ -133,7 +133,7 @@ MODES = {"ours": run_ours, "fp32_in_memory": run_fp32_in_memory, "copy": run_cop
 
 
 def child(mode: str, model: Path, out: Path) -> None:
-    import trt_gemma.convert  # noqa: F401  imports before the baseline RSS (torch only for the baselines)
+    import trt_gemma.checkpoint.convert  # noqa: F401  imports before the baseline RSS (torch only for the baselines)
 
     if mode != "ours":
         import safetensors.torch  # noqa: F401

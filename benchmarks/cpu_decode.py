@@ -4,7 +4,7 @@
 
 Rows (each measured in its own subprocess, so its peak RSS is its own; decode tok/s excludes the prefill):
   (a) ours: `trt-gemma export-onnx --kv-cache inplace --opset 23` graph (the opset the backend exports for itself
-      here, trt_gemma.backends.onnx_cache_opset) on trt_gemma.backends.onnxruntime.OrtModel (the backend's own path:
+      here, trt_gemma.runtime.backends.onnx_cache_opset) on trt_gemma.runtime.onnxruntime.OrtModel (the backend's own path:
       in-place KV buffers, one IO-bound call per step, accuracy level 4)
   (b) onnxruntime-genai on the same model built by its own builder
       (`python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu -c CACHE`; the `bench` extra)
@@ -83,7 +83,7 @@ def _greedy_loop(forward, first_logits, tokens: int) -> float:
 
 
 def decode_ours(path: Path, tokens: int) -> float:
-    from trt_gemma.backends.onnxruntime import OrtModel
+    from trt_gemma.runtime.onnxruntime import OrtModel
 
     model = OrtModel(path)
     cache = model.new_cache(PROMPT_TOKENS + tokens + 1)
@@ -123,7 +123,7 @@ DECODERS = {"ours": decode_ours, "reference": decode_reference, "genai": decode_
 
 
 def child(kind: str, path: Path, tokens: int) -> None:
-    from trt_gemma.onnx_export import peak_rss_bytes
+    from trt_gemma.onnx.export import peak_rss_bytes
 
     tps = DECODERS[kind](path, tokens)
     print(json.dumps({"tok_s": tps, "peak_rss_bytes": peak_rss_bytes()}))
@@ -150,7 +150,7 @@ def measure(kind: str, path: Path, tokens: int, repeats: int = 1) -> dict | None
 def export(ckpt: Path, out: Path, *extra: str) -> dict:
     """`trt-gemma export-onnx` in a child process (its peak RSS is the export's) at the onnxruntime backend's own
     opset; returns its --json summary."""
-    from trt_gemma.backends import onnx_cache_opset
+    from trt_gemma.runtime.backends import onnx_cache_opset
 
     r = subprocess.run([sys.executable, "-m", "trt_gemma", "export-onnx", str(ckpt), str(out), "--force", "--json",
                         "--opset", str(onnx_cache_opset()), *extra], capture_output=True, text=True)
@@ -174,11 +174,11 @@ def genai_build(hf_dir: Path, out: Path, cache: Path) -> dict | None:
 def write_synthetic_awq(ckpt: Path, hf_config: dict | str = "gemma-2-2b", group: int = 128, seed: int = 0) -> int:
     """A TensorRT-LLM W4A16_AWQ checkpoint of an HF config's (or preset's) shapes with random codes and scales,
     written tensor by tensor (tied lm_head: no lm_head.weight). Returns the bytes written."""
-    from trt_gemma.config import PRESETS, ModelConfig
-    from trt_gemma.convert import trtllm_config
-    from trt_gemma.dtypes import f32_to_bf16
-    from trt_gemma.quant_formats import FORMATS
-    from trt_gemma.st_io import StreamingWriter
+    from trt_gemma.checkpoint.config import PRESETS, ModelConfig
+    from trt_gemma.checkpoint.convert import trtllm_config
+    from trt_gemma.checkpoint.dtypes import f32_to_bf16
+    from trt_gemma.quant.formats import FORMATS
+    from trt_gemma.checkpoint.st_io import StreamingWriter
 
     cfg = ModelConfig.from_dict(PRESETS[hf_config] if isinstance(hf_config, str) else hf_config)
     H, F, V, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
@@ -265,7 +265,7 @@ def main() -> None:
 
 def bench(work: Path, args) -> None:
     from trt_gemma.assets import default_model_dir
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     bw = bandwidth_gbs()
     print(f"host memory bandwidth (numpy copy or read, all cores): {bw:.1f} GB/s; {args.tokens} decode tokens after a "
@@ -314,7 +314,7 @@ def bench_2b(work: Path, args, rows: list) -> dict:
     if args.peer_2b:
         from convert_memory import write_synthetic_model
 
-        from trt_gemma.config import PRESETS
+        from trt_gemma.checkpoint.config import PRESETS
 
         # transformers' AutoConfig (the peer's builder reads the dir with it) needs model_type; the ids are Gemma's
         write_synthetic_model(work / "2b-hf", dict(PRESETS["gemma-2-2b"], model_type="gemma2", bos_token_id=2,

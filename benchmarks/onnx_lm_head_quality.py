@@ -18,7 +18,7 @@ import numpy as np
 
 
 def scores(onnx_dir: Path, windows, accuracy_level: int):
-    from trt_gemma.backends.onnxruntime import OrtModel
+    from trt_gemma.runtime.onnxruntime import OrtModel
     from trt_gemma.eval import _log_softmax
 
     model = OrtModel(onnx_dir, accuracy_level=accuracy_level, threads=1)
@@ -27,10 +27,10 @@ def scores(onnx_dir: Path, windows, accuracy_level: int):
 
 def main() -> None:
     from trt_gemma.assets import eval_text_path
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
     from trt_gemma.eval import MAX_CONTEXT, _windows
-    from trt_gemma.onnx_export import export_onnx
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.onnx.export import export_onnx
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-tokens", type=int, default=1024)

@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     from live_server import ServerProcess, health_during, hostile_requests
     from serve_overhead import as_checkpoint, default_model
 
-    from trt_gemma.backends.reference import ReferenceBackend
+    from trt_gemma.runtime.reference import ReferenceBackend
 
     key, out = "bench-key", {}
     with tempfile.TemporaryDirectory() as tmp_s:

@@ -56,7 +56,7 @@ def default_model(tmp: Path) -> Path:
 
 
 def as_checkpoint(model: Path, tmp: Path) -> Path:
-    from trt_gemma.backends import detect_kind, ensure_converted
+    from trt_gemma.runtime.backends import detect_kind, ensure_converted
 
     return ensure_converted(model, tmp / "cache") if detect_kind(model) == "hf" else model
 
@@ -91,7 +91,7 @@ def start_server(ckpt: Path, port: int, stream_interval: float | None) -> subpro
 
 def run_direct(backend, ids: list[int], tokens: int) -> tuple[float, float]:
     """(tokens/s, CPU-seconds per token)."""
-    from trt_gemma.backends import GenerationParams
+    from trt_gemma.runtime.backends import GenerationParams
 
     t0, c0 = time.perf_counter(), time.process_time()
     n = sum(1 for _ in backend.stream(ids, GenerationParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)))
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     import psutil
 
     from trt_gemma.api import Model
-    from trt_gemma.backends.reference import ReferenceBackend
+    from trt_gemma.runtime.reference import ReferenceBackend
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trt_gemma.tokenizer import CHAT_TEMPLATE  # Google's gemma-2 template (the project is installed to train)
+from trt_gemma.runtime.tokenizer import CHAT_TEMPLATE  # Google's gemma-2 template (the project is installed to train)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "trt_gemma" / "assets" / "gemma2-pydoc-tiny"

@@ -138,11 +138,11 @@ def main(argv=None) -> None:
     import torch
 
     from trt_gemma.assets import calib_text_path, default_model_dir, eval_text_path
-    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.runtime.backends import reference_checkpoint
     from trt_gemma.fsutil import atomic_output_dir
     from trt_gemma.reference import ReferenceModel
     from trt_gemma.scope import JumpReLUSAE, fvu
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)

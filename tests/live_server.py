@@ -12,15 +12,15 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from trt_gemma.serve_conn import uvicorn_config
+from trt_gemma.serve.conn import uvicorn_config
 
 SERVE_CONTEXT = 2048  # longer than TINY's 256 so a stream can outlive a client that disconnects
 
 
 class LiveServer:
     def __init__(self, app, log_level: str = "warning", **conn):
-        """`conn`: serve_conn.uvicorn_config's connection settings (header_timeout, max_connections, ...).
-        `log_level` also becomes trt_gemma.serve's level (uvicorn_config routes that logger to uvicorn's handlers)."""
+        """`conn`: serve/conn.uvicorn_config's connection settings (header_timeout, max_connections, ...).
+        `log_level` also becomes trt_gemma.serve.app's level (uvicorn_config routes that logger to uvicorn's handlers)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -65,10 +65,10 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def served_checkpoint(tmp_path_factory) -> Path:
-    """The tiny Gemma 2 (2048-token context) converted to a TensorRT-LLM checkpoint by trt_gemma.convert."""
+    """The tiny Gemma 2 (2048-token context) converted to a TensorRT-LLM checkpoint by trt_gemma.checkpoint.convert."""
     from tiny import make_tiny_hf_model
 
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     hf = make_tiny_hf_model(tmp_path_factory.mktemp("serve_hf"), max_position_embeddings=SERVE_CONTEXT)
     out = tmp_path_factory.mktemp("serve_ckpt") / "tiny-gemma2"
@@ -77,7 +77,7 @@ def served_checkpoint(tmp_path_factory) -> Path:
 
 
 def make_backend(ckpt: Path, slots: int):
-    from trt_gemma.backends.reference import ReferenceBackend
+    from trt_gemma.runtime.reference import ReferenceBackend
 
     return ReferenceBackend.load(ckpt, slots=slots)
 
@@ -166,7 +166,7 @@ def hostile_requests(context_length: int, model: str) -> dict[str, tuple[str, by
     import json
     import random
 
-    from trt_gemma.serve_limits import MAX_STOP_CHARS, RequestLimits
+    from trt_gemma.serve.limits import MAX_STOP_CHARS, RequestLimits
 
     lim = RequestLimits(context_length)
     chat, comp = "/v1/chat/completions", "/v1/completions"

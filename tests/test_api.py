@@ -66,9 +66,9 @@ def test_greedy_output_equals_the_servers(model):
     pytest.importorskip("fastapi")
     from live_server import LiveServer
 
-    from trt_gemma.backends import load_backend
-    from trt_gemma.hf import resolve_model
-    from trt_gemma.serve import create_app
+    from trt_gemma.runtime.backends import load_backend
+    from trt_gemma.checkpoint.hf import resolve_model
+    from trt_gemma.serve.app import create_app
 
     for messages in (None, [{"role": "user", "content": "What is a list?"}]):
         c = model.chat(messages, max_tokens=20) if messages else model.generate("Lists are", max_tokens=20)
@@ -265,7 +265,7 @@ def test_asyncio_and_threads_share_one_model(model, oracle):
 
 def _auto_cpu_backend() -> str:
     """What backend="auto" runs a checkpoint on without a GPU (backends.load_backend)."""
-    from trt_gemma.backends import onnxruntime_available
+    from trt_gemma.runtime.backends import onnxruntime_available
 
     return "onnxruntime" if onnxruntime_available() else "reference"
 
@@ -338,7 +338,7 @@ def bundle(tmp_path_factory):
 
 def test_stages_are_the_clis_functions_and_plan_a_bundle(bundle):
     from trt_gemma import build as build_mod
-    from trt_gemma import convert as convert_mod
+    from trt_gemma.checkpoint import convert as convert_mod
     from trt_gemma import stages
 
     assert stages.convert is convert_mod.convert_checkpoint and stages.build is build_mod.build_bundle
@@ -378,7 +378,7 @@ def test_close_cancels_running_and_waiting_streams():
 def test_a_generation_abandoned_before_its_consumer_starts_leaves_the_counters_at_zero(model):
     """abandon() (a client gone before its body was read, a stream closed before iterating) gives the queue place
     back once; a consumer that starts afterwards must not wait for a slot or count itself again."""
-    from trt_gemma.backends.base import GenerationParams
+    from trt_gemma.runtime.base import GenerationParams
 
     sched = model._scheduler
     adm = sched.admission

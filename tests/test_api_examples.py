@@ -22,11 +22,11 @@ def run_example(name: str, *args: str, stdin: str = "") -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def reference():
     """(tokenizer, greedy text of prompt ids) from the reference runtime on the embedded model's checkpoint."""
-    from trt_gemma.backends import reference_checkpoint
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import reference_checkpoint
+    from trt_gemma.checkpoint.hf import resolve_model
     from trt_gemma.reference import ReferenceModel, SamplingParams
     from trt_gemma.reference.generate import generate
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     ckpt = reference_checkpoint(resolve_model(None))
     model, tok = ReferenceModel.load(ckpt), GemmaTokenizer.from_dir(ckpt)

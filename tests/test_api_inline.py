@@ -1,5 +1,5 @@
 """A synchronous stream that is alone runs `backend.stream()` on its caller's thread (no per-token hand-over from a
-worker, trt_gemma.scheduler); the moment another generation waits for a slot, or the model closes, it moves to a
+worker, trt_gemma.runtime.scheduler); the moment another generation waits for a slot, or the model closes, it moves to a
 worker thread between two steps, so a consumer that stops iterating never holds anyone up. Which thread ran each
 step is read by a spy around the real backend's `stream`; the ids are checked against the numpy reference run alone
 (trt_gemma.reference.generate on a separately loaded ReferenceModel)."""

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("mypy", reason="mypy is in the dev extra (pip install 'trt-gemma[dev]')")
 
 REPO = Path(__file__).resolve().parent.parent
-PUBLIC = ["trt_gemma/__init__.py", "trt_gemma/api.py", "trt_gemma/scheduler.py", "trt_gemma/stages.py"]
+PUBLIC = ["trt_gemma/__init__.py", "trt_gemma/api.py", "trt_gemma/runtime/scheduler.py", "trt_gemma/stages.py"]
 
 APP = '''
 import asyncio

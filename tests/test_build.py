@@ -22,7 +22,7 @@ from trt_gemma.errors import ConfigError, DependencyError, FitError, OutputError
 from trt_gemma.fsutil import sha256_file
 from trt_gemma.manifest import MANIFEST, UNAVAILABLE, inspect_path, read_manifest
 from trt_gemma.recipes import load_recipe
-from trt_gemma.trtllm_flags import trtllm_build_argv
+from trt_gemma.engine.trtllm_flags import trtllm_build_argv
 
 NO_GPU = Detection("none", why="test host without NVIDIA GPU")
 FAST_CALIB = ["calib_size=4", "calib_max_seq_length=64"]  # seconds, not minutes, on 2 CPU cores
@@ -146,7 +146,7 @@ def test_jetson_int4_awq_bundle(jetson_bundle, model_dir):
 
 def test_jetson_runtime_kv_settings_from_recipe(jetson_bundle):
     """What the TRT-LLM backend passes to ModelRunnerCpp.from_dir on the Orin: the recipe's fraction and token cap."""
-    from trt_gemma.backends.trtllm import runtime_kv_settings
+    from trt_gemma.runtime.trtllm import runtime_kv_settings
 
     out = jetson_bundle[0]
     recipe = read_manifest(out)["recipe"]
@@ -216,7 +216,7 @@ def test_weight_only_bundle_and_default_out(model_dir, tmp_path, monkeypatch):
 def test_shared_embedding_table_keeps_logits(model_dir, tmp_path):
     """jetson-orin-nano-4gb shares the embedding table: lm_head.weight is dropped and the logits stay identical
     (the lm_head was a copy of the tied embedding)."""
-    from trt_gemma.st_io import read_header
+    from trt_gemma.checkpoint.st_io import read_header
 
     over = ["quant=bfloat16"]
     shared = B.build_bundle(str(model_dir), "jetson-orin-nano-4gb", overrides=over, out=tmp_path / "shared",
@@ -233,7 +233,7 @@ def test_shared_embedding_table_keeps_logits(model_dir, tmp_path):
 
 
 def test_context_clamped_to_model(model_dir, tmp_path):
-    from trt_gemma.config import ModelConfig
+    from trt_gemma.checkpoint.config import ModelConfig
 
     ctx = ModelConfig.from_file(model_dir / "config.json").max_position_embeddings
     r = B.build_bundle(str(model_dir), "rtx-a6000", out=tmp_path / "b", skip_quality=True, show_progress=False)
@@ -244,7 +244,7 @@ def test_context_clamped_to_model(model_dir, tmp_path):
 
 def test_model_that_does_not_fit_is_refused_before_any_output(tmp_path, capsys):
     """gemma-2-27b (config only: the plan runs before any weight is read) on an Orin Nano 4GB -> FitError."""
-    from trt_gemma.config import preset_config
+    from trt_gemma.checkpoint.config import preset_config
 
     big = tmp_path / "gemma-2-27b"
     big.mkdir()
@@ -322,7 +322,7 @@ def _engine_dir_fixture(bundle: Path, gpu: str, sm: int) -> Path:
     rank0.engine) with our manifest, as compile_bundle leaves it. The engine bytes are a placeholder: inspect and the
     serve guard read only the metadata (a real engine needs a GPU: see the gpu tests)."""
     from trt_gemma.manifest import write_manifest
-    from trt_gemma.trtllm_flags import build_config_kwargs
+    from trt_gemma.engine.trtllm_flags import build_config_kwargs
 
     engine = bundle / "engine"
     engine.mkdir()
@@ -344,7 +344,7 @@ def _engine_dir_fixture(bundle: Path, gpu: str, sm: int) -> Path:
 
 
 def test_inspect_engine_checks_sm_and_serving_needs_a_gpu(model_dir, tmp_path, capsys):
-    from trt_gemma.backends import load_backend
+    from trt_gemma.runtime.backends import load_backend
 
     bundle = B.build_bundle(str(model_dir), "rtx-a6000", out=tmp_path / "b", skip_quality=True,
                             show_progress=False).bundle_dir
@@ -393,7 +393,7 @@ def test_gpu_engine_logits_match_reference(bf16_engine):
     import torch
     from tensorrt_llm.runtime import ModelRunnerCpp
 
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     m = read_manifest(bf16_engine)
     assert m["engine"]["status"] == "compiled" and m["engine"]["bytes"] > 0
@@ -422,7 +422,7 @@ def test_gpu_engine_logits_match_reference(bf16_engine):
 
 @pytest.mark.gpu
 def test_gpu_backend_streams_and_reports_kv(bf16_engine):
-    from trt_gemma.backends import GenerationParams, load_backend
+    from trt_gemma.runtime.backends import GenerationParams, load_backend
 
     backend = load_backend(bf16_engine / "engine", slots=2)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trt_gemma.calibration import (PASS_COST, CalibrationProgress, available_cores, choose_threads, seconds_left)
+from trt_gemma.quant.calibration import (PASS_COST, CalibrationProgress, available_cores, choose_threads, seconds_left)
 from trt_gemma.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 
 from trt_gemma.cli import main  # noqa: E402
-from trt_gemma.convert import convert_checkpoint  # noqa: E402
+from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import ConfigError, InputError, OutputError  # noqa: E402
 
 TEXT = ("Gemma runs on Jetson and RTX GPUs; the quick brown fox jumps over the lazy dog while TensorRT builds "
@@ -30,7 +30,7 @@ def run_cli(args, capsys):
 @pytest.fixture
 def no_calibration(monkeypatch):
     """The expensive step must not be reached: calibrating fails the test."""
-    import trt_gemma.quantize as qz
+    import trt_gemma.quant.modelopt as qz
 
     def refuse(*a, **k):
         raise AssertionError("calibration started before the cheap checks")
@@ -121,7 +121,7 @@ def test_int4_awq_from_float32_with_dtype_auto_is_bfloat16(tiny_model_dir, tmp_p
 
 
 def test_checkpoint_dtype_rule():
-    from trt_gemma.quantize import checkpoint_dtype
+    from trt_gemma.quant.modelopt import checkpoint_dtype
 
     said = []
     assert checkpoint_dtype(None, "float32", "W4A16_AWQ", said.append) == "bfloat16" and said

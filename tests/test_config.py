@@ -12,7 +12,7 @@ import typing
 import pytest
 
 from trt_gemma.cli import main
-from trt_gemma.config import RANGES, ModelConfig
+from trt_gemma.checkpoint.config import RANGES, ModelConfig
 from trt_gemma.errors import ConfigError
 
 NAN, INF = float("nan"), float("inf")
@@ -53,7 +53,7 @@ def test_null_turns_optional_features_off(tiny_model_dir):
                                                               "sliding_window": None})
     assert cfg.attn_logit_softcapping is None and cfg.sliding_window is None and not cfg.is_sliding(0)
     with pytest.raises(ConfigError, match="rms_norm_eps is null"):  # not optional
-        from trt_gemma.config import check_ranges
+        from trt_gemma.checkpoint.config import check_ranges
 
         check_ranges({"rms_norm_eps": None}, "x", fix="f")
 
@@ -85,7 +85,7 @@ def test_commands_refuse_before_writing(tiny_model_dir, tmp_path, capsys, field,
                                        ("query_pre_attn_scalar", -1.0)])
 def test_checkpoint_config_ranges(tiny_model_dir, tmp_path, capsys, key, value):
     """A TensorRT-LLM checkpoint (made elsewhere, or edited) is read by generate/serve/eval: same ranges."""
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
     from trt_gemma.reference.checkpoint import CheckpointConfig
 
     ck = convert_checkpoint(tiny_model_dir, tmp_path / "ck", show_progress=False)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny import TINY, make_tiny_hf_model
-from trt_gemma.convert import convert_checkpoint
+from trt_gemma.checkpoint.convert import convert_checkpoint
 
 NQ, NKV, D, H, F, V, L = (TINY[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
                                             "intermediate_size", "vocab_size", "num_hidden_layers"))

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from tiny import make_tiny_hf_model
 from trt_gemma.cli import main
-from trt_gemma.convert import FLOAT_CODEC, check_complete, convert_checkpoint, plan
+from trt_gemma.checkpoint.convert import FLOAT_CODEC, check_complete, convert_checkpoint, plan
 from trt_gemma.errors import ConfigError, InputError, OutputError, UnsupportedModelError
 
 
@@ -209,7 +209,7 @@ def test_quantized_source_is_refused(tiny_model_dir, tmp_path):
 
 def test_completeness_check_names_tensors(tiny_model_dir):
     """The mapping check itself: unmapped, missing and doubly used source names are reported by name."""
-    from trt_gemma.hf import HFModel
+    from trt_gemma.checkpoint.hf import HFModel
 
     m = HFModel.open(tiny_model_dir)
     jobs = plan(m.config)
@@ -272,7 +272,7 @@ def test_unreadable_weight_file_is_an_input_error(tiny_model_dir, tmp_path, caps
 
 def test_input_vanishing_mid_conversion_is_an_input_error(tiny_model_dir, tmp_path):
     """A tokenizer file deleted after validation: the copy (or the hashing) fails on it; typed error, no OUT."""
-    from trt_gemma.hf import HFModel
+    from trt_gemma.checkpoint.hf import HFModel
 
     d = copy(tiny_model_dir, tmp_path / "m")
     hf = HFModel.open(d)

@@ -123,7 +123,8 @@ def test_reference_runtime_matches_transformers(hf_model, model_dir, tmp_path):
     transformers' on a held-out prompt longer than the sliding window."""
     from tokenizers import Tokenizer
 
-    from trt_gemma import convert, reference  # our own modules: a broken import must fail, not skip
+    from trt_gemma import reference  # our own modules: a broken import must fail, not skip
+    from trt_gemma.checkpoint import convert
 
     ckpt = convert.convert_checkpoint(model_dir, tmp_path / "ckpt", dtype="float32", show_progress=False)
     ref = reference.ReferenceModel.load(ckpt)

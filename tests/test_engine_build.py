@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trt_gemma import engine_build as E
-from trt_gemma.engine_profiles import GraphInput, Limits, graph_inputs, profiles
+from trt_gemma.engine import build as E
+from trt_gemma.engine.profiles import GraphInput, Limits, graph_inputs, profiles
 from trt_gemma.errors import ConfigError, DependencyError, InputError, RecipeError
 from trt_gemma.recipes import load_recipe
 from trt_gemma.targets import TARGETS, Target
@@ -286,7 +286,7 @@ def test_printed_onnxruntime_half_of_the_check_runs(graph_path, tmp_path):
     """The first printed polygraphy command (onnxruntime side) runs here as printed."""
     if importlib.util.find_spec("polygraphy") is None or importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("polygraphy / onnxruntime not installed")
-    from trt_gemma.engine_profiles import polygraphy_commands
+    from trt_gemma.engine.profiles import polygraphy_commands
 
     cmds = polygraphy_commands(graph_path, tmp_path / "model.engine", graph_inputs(graph_path), LIMITS,
                                "tensorrt", tmp_path)
@@ -334,7 +334,7 @@ def test_cli_build_engine_tensorrt_on_an_rtx_target(tmp_path, capsys):
     assert d["recipe"]["engine"] == "tensorrt" and d["not_compiled_reason"].endswith("(--engine tensorrt)")
     trt = d["tensorrt"]
     assert trt["builder"] == "tensorrt_rtx" and read_manifest(out)["tensorrt"]["builder"] == "tensorrt_rtx"
-    if importlib.util.find_spec("trt_gemma.onnx_export") is None:
+    if importlib.util.find_spec("trt_gemma.onnx.export") is None:
         assert trt["engine"] is None and "ONNX exporter" in trt["reason"]
         assert trt["on_target"] == [f"trt-gemma build --from-bundle {out} --engine tensorrt"]
     else:
@@ -476,7 +476,7 @@ def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
 def test_lm_head_quant_is_a_validated_recipe_field_the_plan_shows():
     """`--set lm_head_quant=int8|int4`: TensorRT route only, checked against the builder's precision rules, and the plan
     counts the quantized head in the weights and marks it in the roofline."""
-    from trt_gemma.engine_plan import render_lines
+    from trt_gemma.engine.plan import render_lines
     from trt_gemma.plan import plan
     from trt_gemma.recipes import load_recipe
 
@@ -516,23 +516,23 @@ def test_plan_cli_shows_the_lm_head_roofline(capsys):
     assert "TensorRT route:" in out and "float16 lm_head (1.18 of 2.22 GB" in out and "INT4 lm_head" in out
 
 
-# --- integration: our exporter's graph through the builder (wired once trt_gemma.onnx_export exists) --------------
+# --- integration: our exporter's graph through the builder (wired once trt_gemma.onnx.export exists) --------------
 
 @pytest.fixture(scope="module")
 def exporter():
-    if importlib.util.find_spec("trt_gemma.onnx_export") is None:
-        pytest.skip("trt_gemma.onnx_export (the ONNX exporter) is not in this tree yet")
+    if importlib.util.find_spec("trt_gemma.onnx.export") is None:
+        pytest.skip("trt_gemma.onnx.export (the ONNX exporter) is not in this tree yet")
     if not HAS_RTX:
         pytest.skip("tensorrt-rtx is not installed")
-    from trt_gemma.onnx_export import export_onnx
+    from trt_gemma.onnx.export import export_onnx
 
     return export_onnx
 
 
 def _checkpoint(kind: str, out):
     """The embedded model as our converter (bf16) or quantizer (INT4-AWQ / FP8, a short calibration) writes it."""
-    from trt_gemma.convert import convert_checkpoint
-    from trt_gemma.quantize import quantize_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
+    from trt_gemma.quant.modelopt import quantize_checkpoint
 
     if kind == "bfloat16":
         return convert_checkpoint(None, out, dtype="bfloat16", show_progress=False)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trt_gemma.convert import convert_checkpoint  # noqa: E402
+from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import ConfigError, InputError  # noqa: E402
 from trt_gemma.eval import evaluate  # noqa: E402
 
@@ -43,7 +43,7 @@ def test_metrics_match_transformers_and_torch(ckpts, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from trt_gemma.reference import ReferenceModel
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     report = evaluate([ckpts["fp32"], ckpts["int4_wo"]], baseline=ckpts["fp32"], text_file=ckpts["text"],
                       max_tokens=60, max_context=32)

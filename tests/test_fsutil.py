@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trt_gemma.cli import main
-from trt_gemma.convert import convert_checkpoint
+from trt_gemma.checkpoint.convert import convert_checkpoint
 from trt_gemma.errors import OutputError
 from trt_gemma.fsutil import (PAYLOAD, TEMP_MARKER, atomic_output_dir, check_output_target, is_tool_output,
                               marked_temp_dir, sweep_stale_temp_dirs)
@@ -159,7 +159,7 @@ def test_output_dirs_honour_the_umask(tiny_model_dir, tmp_path, umask):
 
 SLOW_CONVERT = """
 import sys, time
-import trt_gemma.convert as c
+import trt_gemma.checkpoint.convert as c
 real = c._write_ranks
 def slow(*a, **k):
     print("writing", flush=True)

@@ -1,4 +1,4 @@
-"""`trt-gemma generate` on a tiny model converted by `trt_gemma.convert`, run as a user runs it (subprocess)."""
+"""`trt-gemma generate` on a tiny model converted by `trt_gemma.checkpoint.convert`, run as a user runs it (subprocess)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ pytest.importorskip("transformers")  # the tiny model is made by transformers
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_model_dir, tmp_path_factory):
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("cli") / "ck"
     convert_checkpoint(tiny_model_dir, out, dtype="bfloat16", show_progress=False)
@@ -31,7 +31,7 @@ def test_json_record(ckpt):
     for key in ("text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "ttft_s",
                 "decode_tokens_per_s", "total_s", "peak_rss_bytes", "weight_bytes", "effective_bandwidth_bytes_per_s"):
         assert key in rec, f"--json record lacks {key}"
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     assert rec["prompt_tokens"] == len(GemmaTokenizer.from_dir(ckpt).encode("The quick brown fox"))  # <bos> + text
     assert rec["finish_reason"] in ("stop", "length") and len(rec["token_ids"]) == rec["generated_tokens"] <= 6
@@ -39,7 +39,7 @@ def test_json_record(ckpt):
 
 
 def test_chat_prompt_and_text_stream(ckpt):
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     tok = GemmaTokenizer.from_dir(ckpt)
     p = _run(ckpt, "--prompt", "hello", "--chat", "--max-tokens", "4", "--json", "--temperature", "0.7",
@@ -84,7 +84,7 @@ def _cache_entries(d):
 def test_bundle_dir_runs_its_checkpoint_and_engine_dirs_are_refused(ckpt, tmp_path):
     import shutil
 
-    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.runtime.backends import reference_checkpoint
 
     bundle = tmp_path / "bundle"
     shutil.copytree(ckpt, bundle / "checkpoint")

@@ -1,4 +1,4 @@
-"""trt_gemma.hf: resolving MODEL arguments, validating a model dir, lazy reads."""
+"""trt_gemma.checkpoint.hf: resolving MODEL arguments, validating a model dir, lazy reads."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from trt_gemma.config import FULL, SLIDING
+from trt_gemma.checkpoint.config import FULL, SLIDING
 from trt_gemma.errors import InputError, UnsupportedModelError
-from trt_gemma.hf import HFModel, TensorExpect, resolve_model
+from trt_gemma.checkpoint.hf import HFModel, TensorExpect, resolve_model
 
 
 def copy_model(src, dst):
@@ -42,7 +42,7 @@ def test_resolve_hub_id_from_cache_and_offline_miss(tiny_model_dir, tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(sha)
     shutil.copytree(tiny_model_dir, repo / "snapshots" / sha)
-    code = ("import json; from trt_gemma.hf import resolve_model\n"
+    code = ("import json; from trt_gemma.checkpoint.hf import resolve_model\n"
             "out = {'hit': str(resolve_model('acme/tiny-gemma'))}\n"
             "try:\n    resolve_model('acme/not-cached')\n"
             "except Exception as e:\n    out['miss'] = [type(e).__name__, e.message, e.fix]\n"
@@ -151,7 +151,7 @@ def test_absent_and_odd_keys_read_like_transformers(extra):
     values: the oracle the reference runtime is checked against."""
     from transformers import Gemma2Config
 
-    from trt_gemma.config import ModelConfig
+    from trt_gemma.checkpoint.config import ModelConfig
 
     d = dict(architectures=["Gemma2ForCausalLM"], vocab_size=384, hidden_size=256, intermediate_size=512,
              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -179,7 +179,7 @@ def test_malformed_index_is_named(tmp_path, index):
 @pytest.mark.parametrize("bad", [{"vocab_size": "big"}, {"eos_token_id": []}, {"rope_parameters": "x"},
                                  {"sliding_window": [8]}])
 def test_config_field_of_the_wrong_type_is_a_config_error(tiny_model_dir, bad):
-    from trt_gemma.config import ModelConfig
+    from trt_gemma.checkpoint.config import ModelConfig
     from trt_gemma.errors import ConfigError
 
     d = json.loads((tiny_model_dir / "config.json").read_text()) | bad
@@ -191,7 +191,7 @@ def test_config_field_of_the_wrong_type_is_a_config_error(tiny_model_dir, bad):
 def test_malformed_safetensors_header_entries_are_named(tmp_path):
     import struct
 
-    from trt_gemma.st_io import read_header
+    from trt_gemma.checkpoint.st_io import read_header
 
     for i, entry in enumerate([{"dtype": "F32", "shape": [2], "data_offsets": ["0", "x"]},
                                {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}]):

@@ -1,6 +1,6 @@
 """The package's import graph has no cycles, lazy (function-level) imports included.
 
-A cycle that only works because one side imports inside a function (convert <-> hf <-> quant_codecs,
+A cycle that only works because one side imports inside a function (convert <-> hf <-> quant_codecs (now checkpoint/codecs),
 reference/checkpoint <-> reference/quantized once did) breaks as soon as someone moves that import to the top, and it
 hides which module depends on which. The graph is read with `ast` from the source files, so nothing is imported;
 imports under `if TYPE_CHECKING:` are annotations only and are not edges.
@@ -91,8 +91,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_cycles_named_in_issue_10_are_gone():
     g = import_graph()
-    assert "trt_gemma.convert" not in _reachable(g, "trt_gemma.hf"), "hf must not import the converter"
-    assert "trt_gemma.convert" not in _reachable(g, "trt_gemma.quant_codecs")
+    assert "trt_gemma.checkpoint.convert" not in _reachable(g, "trt_gemma.checkpoint.hf"), "hf must not import the converter"
+    assert "trt_gemma.checkpoint.convert" not in _reachable(g, "trt_gemma.checkpoint.codecs")
     assert "trt_gemma.reference.checkpoint" not in _reachable(g, "trt_gemma.reference.quantized")
 
 
@@ -103,8 +103,8 @@ def test_no_import_cycles_in_the_package():
 
 def test_graph_reader_sees_lazy_imports():
     """The reader must see function-level imports, or the tests above could not fail."""
-    tree = ast.parse("def f():\n    from trt_gemma.convert import cast\n")
-    assert "trt_gemma.convert" in set(_imports(tree, "trt_gemma.x", False))
+    tree = ast.parse("def f():\n    from trt_gemma.checkpoint.convert import cast\n")
+    assert "trt_gemma.checkpoint.convert" in set(_imports(tree, "trt_gemma.x", False))
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from trt_gemma.errors import ConfigError
-from trt_gemma.k8s import (GPU, TRITON_TRTLLM_RELEASES, dump_yaml, print_serve_manifests, serve_manifests,
+from trt_gemma.deploy.k8s import (GPU, TRITON_TRTLLM_RELEASES, dump_yaml, print_serve_manifests, serve_manifests,
                            triton_image_for, triton_manifests)
 
 K8S_VERSIONS = ("1.30.0", "1.34.0")  # a few minor releases apart: the manifests use only stable fields
@@ -118,7 +118,7 @@ def test_serve_image_is_the_tag_dockerfile_jetson_builds():
     import re
     from pathlib import Path
 
-    from trt_gemma.k8s import SERVE_IMAGE
+    from trt_gemma.deploy.k8s import SERVE_IMAGE
 
     header = (Path(__file__).resolve().parents[1] / "Dockerfile.jetson").read_text()
     tags = re.findall(r"docker build .*?-t (\S+)", header)

@@ -12,13 +12,13 @@ import pytest
 ort = pytest.importorskip("onnxruntime", reason="the onnxruntime backend needs the onnx extra")
 pytest.importorskip("onnx", reason="the onnxruntime backend needs the onnx extra")
 
-from trt_gemma.backends import (GenerationParams, detect_kind, load_backend, onnx_cache_dir,  # noqa: E402
+from trt_gemma.runtime.backends import (GenerationParams, detect_kind, load_backend, onnx_cache_dir,  # noqa: E402
                                 onnx_cache_opset)
-from trt_gemma.backends.onnxruntime import OnnxRuntimeBackend, OrtModel  # noqa: E402
-from trt_gemma.backends.reference import ReferenceBackend  # noqa: E402
-from trt_gemma.convert import convert_checkpoint  # noqa: E402
+from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend, OrtModel  # noqa: E402
+from trt_gemma.runtime.reference import ReferenceBackend  # noqa: E402
+from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import InputError  # noqa: E402
-from trt_gemma.onnx_export import export_onnx  # noqa: E402
+from trt_gemma.onnx.export import export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

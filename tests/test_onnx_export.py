@@ -18,9 +18,9 @@ import pytest
 ort = pytest.importorskip("onnxruntime", reason="the ONNX route needs the onnx extra: pip install '.[onnx]'")
 pytest.importorskip("onnx", reason="the ONNX route needs the onnx extra: pip install '.[onnx]'")
 
-from trt_gemma.convert import convert_checkpoint  # noqa: E402
+from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import ConfigError, InputError, OutputError, UnsupportedModelError  # noqa: E402
-from trt_gemma.onnx_export import export_onnx  # noqa: E402
+from trt_gemma.onnx.export import export_onnx  # noqa: E402
 from trt_gemma.reference import ReferenceModel  # noqa: E402
 from trt_gemma.reference.checkpoint import Linear  # noqa: E402
 
@@ -69,7 +69,7 @@ def _rewrite(src, dst, quant: dict, fn):
 
 def _save(tensors: dict, path, fp8: bool) -> None:
     """safetensors through the project's streaming writer, which can declare float8_e4m3fn codes (uint8)."""
-    from trt_gemma.st_io import StreamingWriter
+    from trt_gemma.checkpoint.st_io import StreamingWriter
 
     st = {np.dtype("float32"): "F32", np.dtype("int8"): "I8", np.dtype("uint16"): "BF16", np.dtype("uint8"): "F8_E4M3"}
     assert fp8 or all(a.dtype != np.uint8 for a in tensors.values())
@@ -80,7 +80,7 @@ def _save(tensors: dict, path, fp8: bool) -> None:
 
 
 def make_awq(src, dst, group: int = 128, seed: int = 0):
-    from trt_gemma.quant_formats import Int4AWQFormat
+    from trt_gemma.quant.formats import Int4AWQFormat
 
     rng = np.random.default_rng(seed)
 
@@ -96,7 +96,7 @@ def make_awq(src, dst, group: int = 128, seed: int = 0):
 
 
 def make_fp8(src, dst):
-    from trt_gemma.quant_formats import FP8Format
+    from trt_gemma.quant.formats import FP8Format
 
     def fp8(prefix, w):
         wsf = np.float32(np.abs(w).max() / 448)
@@ -212,7 +212,7 @@ def test_graph_is_standard_and_quantized_as_declared(ckpt, tmp_path):
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantized_lm_head(bits, ckpt, tmp_path):
     """--lm-head: the graph's head equals the reference with its lm_head replaced by the dequantized codes."""
-    from trt_gemma.quant_formats import Int4AWQFormat
+    from trt_gemma.quant.formats import Int4AWQFormat
     from trt_gemma.reference.quantized import rtn_codes
 
     src = ckpt("bf16")
@@ -388,7 +388,7 @@ def test_float16_activations_match_the_reference_within_fp16_rounding(kind, kv_c
 # ---- opset 23: RMSNormalization and RotaryEmbedding (the onnxruntime backend's own exports) ---------------------
 
 def _needs_opset_23():
-    from trt_gemma.backends import onnx_cache_opset
+    from trt_gemma.runtime.backends import onnx_cache_opset
 
     if onnx_cache_opset() < 23:
         pytest.skip("the installed onnx / onnxruntime has no opset-23 RMSNormalization / RotaryEmbedding")

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from trt_gemma.config import preset_config
+from trt_gemma.checkpoint.config import preset_config
 from trt_gemma.errors import FitError, InputError
 from trt_gemma.plan import model_config, parameter_count, plan, require_fit
-from trt_gemma.st_io import read_header
+from trt_gemma.checkpoint.st_io import read_header
 from trt_gemma.targets import TARGETS
 
 
@@ -195,7 +195,7 @@ def test_console_script_subprocess_no_traceback():
 
 def test_default_model_is_the_embedded_model(capsys):
     from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
-    from trt_gemma.config import ModelConfig
+    from trt_gemma.checkpoint.config import ModelConfig
     from trt_gemma.plan import parameter_count
 
     code, out, _ = run_cli(["plan", "--target", "h100", "--json"], capsys)
@@ -319,7 +319,7 @@ def test_cli_plans_a_bundle_as_the_api_does(tmp_path, capsys):
 def test_api_plan_of_a_hub_id_fetches_config_json_only(monkeypatch):
     """Planning needs config.json: trt_gemma.stages.plan must not download a hub model's weights (GBs). The hub is
     not reachable here, so the download function records what it was asked for and stops."""
-    from trt_gemma import hf
+    from trt_gemma.checkpoint import hf
     from trt_gemma.stages import plan as api_plan
 
     asked = []

@@ -3,8 +3,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from trt_gemma.dtypes import f32_to_bf16, bf16_to_f32, f32_to_fp8_e4m3, fp8_e4m3_to_f32
-from trt_gemma.quant_formats import FORMATS, Int4AWQFormat, pack_int4, unpack_int4
+from trt_gemma.checkpoint.dtypes import f32_to_bf16, bf16_to_f32, f32_to_fp8_e4m3, fp8_e4m3_to_f32
+from trt_gemma.quant.formats import FORMATS, Int4AWQFormat, pack_int4, unpack_int4
 
 
 def test_int4_nibble_order_matches_reference():
@@ -68,7 +68,7 @@ def test_engine_bytes_for_gemma2_2b_qkv():
 
 
 def test_fp8_format_round_trip_matches_ml_dtypes():
-    from trt_gemma.quant_formats import FP8Format
+    from trt_gemma.quant.formats import FP8Format
 
     w = np.random.default_rng(4).normal(scale=0.05, size=(16, 128)).astype(np.float32)
     wsf = float(np.abs(w).max() / 448)

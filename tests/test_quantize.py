@@ -27,11 +27,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("modelopt")
 
-from trt_gemma.convert import convert_checkpoint  # noqa: E402
+from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import ConfigError, InputError, ResourceError, UnsupportedModelError  # noqa: E402
-from trt_gemma.quant_formats import FORMATS, unpack_int4  # noqa: E402
+from trt_gemma.quant.formats import FORMATS, unpack_int4  # noqa: E402
 from trt_gemma.reference import ReferenceModel  # noqa: E402
-from trt_gemma.st_io import read_header  # noqa: E402
+from trt_gemma.checkpoint.st_io import read_header  # noqa: E402
 
 TOL = 1e-4
 LINEARS = {"qkv": "self_attn.q_proj", "dense": "self_attn.o_proj", "fc": "mlp.gate_proj", "gate": "mlp.up_proj",
@@ -54,7 +54,7 @@ def _quantize(src: Path, work: Path, quant: str, kv: str | None = None, group: i
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     from tiny import _TEXT
-    from trt_gemma.quantize import (calibrate, calibration_batches, export_unified, load_model,
+    from trt_gemma.quant.modelopt import (calibrate, calibration_batches, export_unified, load_model,
                                     prepare_for_export)
 
     torch.set_num_threads(2)
@@ -306,7 +306,7 @@ def test_awq_prequant_scales_are_carried(awq):
 # --- already-quantized input, bad input, memory ---------------------------------------------------------------------
 
 def test_prequantized_input_converts_without_recalibration(awq, tmp_path, ids):
-    from trt_gemma.quantize import quantize_checkpoint
+    from trt_gemma.quant.modelopt import quantize_checkpoint
 
     out = quantize_checkpoint(awq.unified, tmp_path / "q", dtype="float32", show_progress=False)
     assert (out / "rank0.safetensors").read_bytes() == (awq.ckpt / "rank0.safetensors").read_bytes()
@@ -380,7 +380,7 @@ def test_reference_refuses_checkpoints_missing_scales(awq, fp8kv, tmp_path):
 
 
 def test_memory_refusal_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
-    import trt_gemma.quantize as qz
+    import trt_gemma.quant.modelopt as qz
 
     monkeypatch.setattr(qz, "available_memory", lambda: 1 << 20)  # a 1 MiB host
     with pytest.raises(ResourceError, match="--allow-low-memory"):
@@ -389,8 +389,8 @@ def test_memory_refusal_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_options_are_checked_before_work(tiny_model_dir, tmp_path):
-    from trt_gemma.config import preset_config
-    from trt_gemma.quantize import _check_options, quantize_checkpoint
+    from trt_gemma.checkpoint.config import preset_config
+    from trt_gemma.quant.modelopt import _check_options, quantize_checkpoint
 
     with pytest.raises(ConfigError, match="--quant is missing"):
         quantize_checkpoint(tiny_model_dir, tmp_path / "a", show_progress=False)

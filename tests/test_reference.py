@@ -1,5 +1,5 @@
 """The numpy reference runtime against transformers' Gemma2ForCausalLM (eager attention) on tiny random models,
-through checkpoints written by trt_gemma.convert. Failure messages print max and mean differences."""
+through checkpoints written by trt_gemma.checkpoint.convert. Failure messages print max and mean differences."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from trt_gemma.dtypes import NAME_TO_ST, round_to  # noqa: E402
+from trt_gemma.checkpoint.dtypes import NAME_TO_ST, round_to  # noqa: E402
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError  # noqa: E402
 from trt_gemma.reference import CheckpointConfig, ReferenceModel, SamplingParams, generate_stream  # noqa: E402
 from trt_gemma.reference.generate import generate  # noqa: E402
@@ -23,7 +23,7 @@ SEQ = 40  # > 4 x the tiny sliding window (8): the window really cuts keys off
 
 
 def _convert(src, out, **kw):
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     convert_checkpoint(src, out, show_progress=False, **kw)
     return out

@@ -125,7 +125,7 @@ def test_embedded_model_uses_first_tokens_and_matches_transformers(tmp_path):
 # ---- the onnxruntime backend against the reference ----------------------------------------------------------------
 
 def _default_backend() -> str:
-    from trt_gemma.backends import onnxruntime_available
+    from trt_gemma.runtime.backends import onnxruntime_available
 
     return "onnxruntime" if onnxruntime_available() else "reference"
 
@@ -152,7 +152,7 @@ def test_onnxruntime_scores_equal_the_reference(which, yes_no_model, tmp_path):
 
 def test_backend_choice_follows_load_backend(tmp_path, monkeypatch):
     """auto is load_backend's choice: onnxruntime where installed, else the reference; engines are refused."""
-    from trt_gemma import backends
+    from trt_gemma.runtime import backends
 
     assert load_moderator(None, cache_dir=tmp_path).backend == _default_backend()
     monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)  # a host without the onnx extra
@@ -220,7 +220,7 @@ def test_coinciding_first_tokens_are_a_clear_error():
 
 
 def test_text_longer_than_the_guard_context_is_refused():
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
     from trt_gemma.assets import default_model_dir
 
     tok = GemmaTokenizer.from_dir(default_model_dir())

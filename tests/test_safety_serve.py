@@ -12,8 +12,8 @@ import pytest
 
 from live_server import LiveServer, ServerProcess, make_backend, served_checkpoint  # noqa: F401 (fixture)
 from trt_gemma.safety import POLICIES, Moderator, load_moderator
-from trt_gemma.serve import create_app
-from trt_gemma.serve_guard import MAX_MODERATION_INPUTS, Guard
+from trt_gemma.serve.app import create_app
+from trt_gemma.serve.guard import MAX_MODERATION_INPUTS, Guard
 
 MODEL = "tiny-gemma2"
 MESSAGES = [{"role": "user", "content": "Tell me about sorting lists."}]
@@ -46,7 +46,7 @@ def chat(server, **extra):
 
 
 def test_moderations_through_the_openai_client(backend, moderator):
-    from trt_gemma.backends import onnxruntime_available
+    from trt_gemma.runtime.backends import onnxruntime_available
 
     # the guard on the default backend, as `serve --guard` loads it
     assert moderator.backend == ("onnxruntime" if onnxruntime_available() else "reference")
@@ -95,7 +95,7 @@ def test_block_mode_refuses_a_flagged_prompt(backend, moderator):
 
 
 def test_block_mode_passes_a_clean_prompt_unchanged(backend, moderator):
-    from trt_gemma.backends.base import GenerationParams
+    from trt_gemma.runtime.base import GenerationParams
 
     want = "".join(st.text for st in backend.stream(backend.encode_chat(MESSAGES),
                                                     GenerationParams(max_tokens=6, temperature=0.0)))
@@ -170,7 +170,7 @@ def test_guard_config_is_checked_before_the_port_opens(tmp_path):
 
     from trt_gemma.assets import default_model_dir
     from trt_gemma.errors import ConfigError, InputError
-    from trt_gemma.serve_guard import GuardConfig
+    from trt_gemma.serve.guard import GuardConfig
 
     bad = tmp_path / "no-yes-no"
     shutil.copytree(default_model_dir(), bad)

@@ -93,7 +93,7 @@ def test_threshold_edge_cases():
 def tiny(tmp_path_factory):
     from tiny import make_tiny_hf_model
 
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
     from trt_gemma.reference import ReferenceModel
 
     hf = make_tiny_hf_model(tmp_path_factory.mktemp("scope_hf"))

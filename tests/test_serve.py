@@ -1,5 +1,5 @@
 """The OpenAI-compatible server, for real: uvicorn on a loopback port, the official `openai` client for the happy
-paths, raw HTTP (httpx) for the error paths. The model is the tiny Gemma 2 converted by trt_gemma.convert and run by
+paths, raw HTTP (httpx) for the error paths. The model is the tiny Gemma 2 converted by trt_gemma.checkpoint.convert and run by
 the reference backend; expected texts come from calling that backend directly (the server must add nothing)."""
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import openai
 import pytest
 
 from live_server import LiveServer, ServerProcess, make_backend, served_checkpoint  # noqa: F401 (fixture)
-from trt_gemma.backends import detect_kind, load_backend
-from trt_gemma.backends.base import GenerationParams
+from trt_gemma.runtime.backends import detect_kind, load_backend
+from trt_gemma.runtime.base import GenerationParams
 from trt_gemma.errors import DependencyError, InputError
-from trt_gemma.backends.reference import ReferenceBackend
-from trt_gemma.serve import create_app, run_server
+from trt_gemma.runtime.reference import ReferenceBackend
+from trt_gemma.serve.app import create_app, run_server
 
 MODEL = "tiny-gemma2"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Gemma run?"}]
@@ -326,8 +326,8 @@ def test_concurrent_first_loads_convert_once(tiny_model_dir, tmp_path, monkeypat
     converts, the others wait for it and reuse the entry (without the lock each converted, the last rename winning)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from trt_gemma import convert
-    from trt_gemma.backends import ensure_converted
+    from trt_gemma.checkpoint import convert
+    from trt_gemma.runtime.backends import ensure_converted
 
     calls, real = [], convert.convert_checkpoint
     monkeypatch.setattr(convert, "convert_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))  # a spy

@@ -18,10 +18,10 @@ import pytest
 
 from live_server import (LiveServer, ServerProcess, health_during, hostile_requests, make_backend,  # noqa: F401
                          served_checkpoint)
-from trt_gemma.serve import create_app
-from trt_gemma.serve_limits import (MAX_CONTENT_PARTS, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_STOP_CHARS,
+from trt_gemma.serve.app import create_app
+from trt_gemma.serve.limits import (MAX_CONTENT_PARTS, MAX_ID_CHARS, MAX_NAME_CHARS, MAX_STOP_CHARS,
                                     MAX_STOP_STRINGS, RequestLimits)
-from trt_gemma.serve_protocol import SCHEMAS
+from trt_gemma.serve.protocol import SCHEMAS
 
 MODEL = "tiny-gemma2"
 HI = [{"role": "user", "content": "hi"}]
@@ -265,7 +265,7 @@ async def _burst(url: str, n: int, max_tokens: int) -> list[float]:
 
 
 def test_retry_after_follows_the_measured_drain_time(backend):
-    from trt_gemma.backends.base import GenerationParams
+    from trt_gemma.runtime.base import GenerationParams
 
     t0 = time.perf_counter()
     list(backend.stream(backend.encode("fox"), GenerationParams(max_tokens=32, ignore_eos=True)))

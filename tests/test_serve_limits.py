@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from live_server import ServerProcess, served_checkpoint  # noqa: F401 (fixture)
 from trt_gemma.cli import cli
 from trt_gemma.errors import ConfigError
-from trt_gemma.serve_conn import RepeatFilter, default_max_connections, supervisor
-from trt_gemma.serve_protocol import StopMatcher
+from trt_gemma.serve.conn import RepeatFilter, default_max_connections, supervisor
+from trt_gemma.runtime.stops import StopMatcher
 
 
 def brute_force(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -154,8 +154,8 @@ def test_a_backend_that_fails_its_probe_calls_on_failure(served_checkpoint):
     import threading
 
     from live_server import LiveServer
-    from trt_gemma.backends.reference import ReferenceBackend
-    from trt_gemma.serve import create_app
+    from trt_gemma.runtime.reference import ReferenceBackend
+    from trt_gemma.serve.app import create_app
 
     class DeadBackend(ReferenceBackend):
         def stream(self, prompt_ids, params, cancel=lambda: False):

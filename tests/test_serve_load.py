@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from live_server import LiveServer, make_backend, served_checkpoint  # noqa: F401 (fixture)
-from trt_gemma.serve import create_app
+from trt_gemma.serve.app import create_app
 
 MODEL = "tiny-gemma2"
 N_CLIENTS = 64

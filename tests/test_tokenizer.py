@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from trt_gemma.errors import InputError
-from trt_gemma.tokenizer import GemmaTokenizer
+from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,9 +19,9 @@ from trt_gemma import build as B
 from trt_gemma.errors import ConfigError, DependencyError, InputError, OutputError
 from trt_gemma.manifest import read_manifest, write_manifest
 from trt_gemma.recipes import load_recipe
-from trt_gemma.triton_export import EXPORT_MANIFEST, MANDATORY, export_triton
-from trt_gemma.triton_inspect import inspect_repository, model_config_pb2
-from trt_gemma.triton_models import MODELS
+from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton
+from trt_gemma.deploy.inspect import inspect_repository, model_config_pb2
+from trt_gemma.deploy.models import MODELS
 
 pb2 = None
 
@@ -47,7 +47,7 @@ def parse(path: Path):
 
 def fake_engine(bundle: Path, version: str = "1.1.0", tp: int = 1) -> Path:
     """FAKE engine dir (see module docstring): TRT-LLM's engine config.json around the bundle's checkpoint config."""
-    from trt_gemma.trtllm_flags import build_config_kwargs
+    from trt_gemma.engine.trtllm_flags import build_config_kwargs
 
     engine = bundle / "engine"
     engine.mkdir(exist_ok=True)
@@ -302,8 +302,8 @@ def test_cli_export_json_and_errors(bundle, tmp_path, capsys):
 
 
 def test_queue_default_matches_our_server():
-    serve = pytest.importorskip("trt_gemma.serve", reason="the serve extra (fastapi) is not installed")
-    from trt_gemma.triton_export import DEFAULT_MAX_QUEUE_SIZE
+    serve = pytest.importorskip("trt_gemma.serve.app", reason="the serve extra (fastapi) is not installed")
+    from trt_gemma.deploy.triton import DEFAULT_MAX_QUEUE_SIZE
 
     assert DEFAULT_MAX_QUEUE_SIZE == serve.DEFAULT_MAX_QUEUE
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trt_gemma.backends.base import GenerationParams
-from trt_gemma.backends.trtllm import attention_windows, runner_kwargs, sampling_kwargs
-from trt_gemma.config import ModelConfig, preset_config
-from trt_gemma.convert import convert_checkpoint, trtllm_config
+from trt_gemma.runtime.base import GenerationParams
+from trt_gemma.runtime.trtllm import attention_windows, runner_kwargs, sampling_kwargs
+from trt_gemma.checkpoint.config import ModelConfig, preset_config
+from trt_gemma.checkpoint.convert import convert_checkpoint, trtllm_config
 from trt_gemma.errors import ConfigError
 
 # --- defect 1: weight-only checkpoints and exclude_modules -----------------------------------------------------------
@@ -48,7 +48,7 @@ def _gemma_modules(n_layers: int) -> list[str]:
 
 def _missing_for_load(ckpt: Path) -> list[str]:
     cfg = json.loads((ckpt / "config.json").read_text())
-    from trt_gemma.st_io import read_header
+    from trt_gemma.checkpoint.st_io import read_header
 
     names, _ = read_header(ckpt / "rank0.safetensors")
     quantized = _trtllm_quantized_modules(cfg["quantization"], _gemma_modules(cfg["num_hidden_layers"]))

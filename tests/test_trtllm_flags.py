@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trt_gemma import trtllm_flags
+from trt_gemma.engine import trtllm_flags
 from trt_gemma.errors import RecipeError
 
 # `trtllm-build` flags named in §5 (incl. the plugin/feature flag table).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trt_gemma.tokenizer import CHAT_TEMPLATE
+from trt_gemma.runtime.tokenizer import CHAT_TEMPLATE
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "trt_gemma.api", "Model": "trt_gemma.api", "Stream": "trt_gemma.api", "AsyncStream": "trt_gemma.api",
     "Piece": "trt_gemma.api", "Completion": "trt_gemma.api", "Usage": "trt_gemma.api", "Timings": "trt_gemma.api",
-    "ModelInfo": "trt_gemma.api", "MemoryFootprint": "trt_gemma.backends.base",
+    "ModelInfo": "trt_gemma.api", "MemoryFootprint": "trt_gemma.runtime.base",
     "TrtGemmaError": "trt_gemma.errors", "InputError": "trt_gemma.errors", "ConfigError": "trt_gemma.errors",
     "FitError": "trt_gemma.errors", "OutputError": "trt_gemma.errors", "DependencyError": "trt_gemma.errors",
     "ResourceError": "trt_gemma.errors",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ below imp
     from trt_gemma.api import Timings as Timings
     from trt_gemma.api import Usage as Usage
     from trt_gemma.api import load as load
-    from trt_gemma.backends.base import MemoryFootprint as MemoryFootprint
+    from trt_gemma.runtime.base import MemoryFootprint as MemoryFootprint
     from trt_gemma.errors import ConfigError as ConfigError
     from trt_gemma.errors import DependencyError as DependencyError
     from trt_gemma.errors import FitError as FitError

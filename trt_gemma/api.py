@@ -1,5 +1,5 @@
 """The Python API for apps that embed the model: `load()` a model, then `generate` / `stream` / `chat` through the
-same bounded scheduler the HTTP server uses (trt_gemma.scheduler), with the same telemetry snapshot.
+same bounded scheduler the HTTP server uses (trt_gemma.runtime.scheduler), with the same telemetry snapshot.
 
 Threads and asyncio: one `Model` may be used from any number of threads and event loops at once. At most
 `max_concurrency` generations run (which also sizes the KV budget); the others wait, in arrival order, for a slot
@@ -7,7 +7,7 @@ Threads and asyncio: one `Model` may be used from any number of threads and even
 `cancel()` it from any thread, or leave its `for` loop (or `with` block) early: generation stops after the token
 being computed and the slot is given back. A `Stream` that is the only generation runs on the thread iterating it
 (no per-token hand-over); once another one runs or waits, every generation runs on a worker thread, so a stream
-whose caller stops iterating still finishes and frees its slot (trt_gemma.scheduler).
+whose caller stops iterating still finishes and frees its slot (trt_gemma.runtime.scheduler).
 
 Defaults are `trt-gemma generate`'s (greedy, 64 tokens: reference.sampling.SamplingParams); the server's are
 OpenAI's. docs/api.md maps every field onto the server's JSON and metrics.
@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
-from trt_gemma.backends.base import Backend, GenerationParams, MemoryFootprint, Step
+from trt_gemma.runtime.base import Backend, GenerationParams, MemoryFootprint, Step
 from trt_gemma.errors import ConfigError, InputError, ResourceError
 from trt_gemma.reference.sampling import SamplingParams
-from trt_gemma.scheduler import Generation, Scheduler, TextPieces
-from trt_gemma.serve_protocol import stop_list
+from trt_gemma.runtime.scheduler import Generation, Scheduler, TextPieces
+from trt_gemma.runtime.stops import stop_list
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -422,8 +422,8 @@ def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", 
     installed, else on the numpy reference runtime); "reference", "onnxruntime" and "trtllm" force one.
     `max_concurrency`: generations at once (sizes the KV budget); `max_queue`: how many more may wait (None: no bound). Raises InputError (bad path or
     model), ConfigError (unknown backend), DependencyError (trtllm without a GPU / tensorrt_llm)."""
-    from trt_gemma.backends import BACKENDS, load_backend
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import BACKENDS, load_backend
+    from trt_gemma.checkpoint.hf import resolve_model
 
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use backend='auto'")

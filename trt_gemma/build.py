@@ -7,7 +7,7 @@ Quantization is portable, engines are not (tied to the GPU's SM and the TensorRT
    atomically: a failed build leaves nothing behind.
 2. `compile_bundle` (GPU host): TensorRT-LLM >= 1.0, < 1.3 on its legacy TensorRT path, the only one with Gemma 2
    (docs/tensorrt-llm-contract.md §0, §5). BuildConfig and the equivalent `trtllm-build` argv both come
-   from trt_gemma.trtllm_flags. Before anything imports TensorRT, find_spec + NVML (trt_gemma.gpu_probe) must pass:
+   from trt_gemma.engine.trtllm_flags. Before anything imports TensorRT, find_spec + NVML (trt_gemma.gpu_probe) must pass:
    TensorRT runtimes crash, not raise, without a GPU. Without them `build` finishes the bundle, exits 0 and prints
    what to run on the target.
 
@@ -28,12 +28,12 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
-from trt_gemma.hf import TOKENIZER_FILES
+from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
-from trt_gemma.quant_block import with_shared_embedding
+from trt_gemma.checkpoint.quant_block import with_shared_embedding
 from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
 from trt_gemma.targets import Target, get_target
-from trt_gemma.trtllm_flags import build_config_kwargs, trtllm_build_argv
+from trt_gemma.engine.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
 COPY_BLOCK_BYTES = 64 << 20  # row blocks when rewriting a rank file
@@ -96,14 +96,14 @@ def make_checkpoint(model_dir: Path, out: Path, recipe: Recipe, show_progress: b
     """The bundle's TRT-LLM checkpoint: ModelOpt for INT4-AWQ / FP8 (on `threads` torch threads; None: chosen from
     the free cores), else the streaming converter."""
     if recipe.quant in CALIBRATED_QUANTS:
-        from trt_gemma.quantize import quantize_checkpoint
+        from trt_gemma.quant.modelopt import quantize_checkpoint
 
         calib = None if recipe.calib_dataset == "builtin" else recipe.calib_dataset
         return quantize_checkpoint(model_dir, out, quant=recipe.quant, group_size=recipe.group_size,
                                    kv_cache="fp8" if recipe.kv_dtype == "fp8" else None, calib_file=calib,
                                    calib_samples=recipe.calib_size, calib_seq_len=recipe.calib_max_seq_length,
                                    dtype=recipe.dtype, show_progress=show_progress, threads=threads)
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
 
     dtype = recipe.quant if recipe.quant in ("bfloat16", "float16") else recipe.dtype
     return convert_checkpoint(model_dir, out, dtype=dtype, weight_only=WEIGHT_ONLY.get(recipe.quant),
@@ -114,11 +114,11 @@ def share_embedding_table(ckpt: Path) -> None:
     """Drop lm_head.weight so the engine reuses the embedding table (saves vocab x hidden x 2 bytes).
 
     TRT-LLM sets `share_embedding_table` when lm_head is absent; ModelOpt's export appends "lm_head" to an explicit
-    exclude_modules list (trt_gemma.quant_block.with_shared_embedding: a null list stays null);
+    exclude_modules list (trt_gemma.checkpoint.quant_block.with_shared_embedding: a null list stays null);
     `PretrainedModel.load` tolerates the missing tensor (docs/tensorrt-llm-contract.md §3). Streams tensor by tensor,
     like the converter.
     """
-    from trt_gemma.st_io import StreamingWriter, read_header, read_tensor
+    from trt_gemma.checkpoint.st_io import StreamingWriter, read_header, read_tensor
 
     cfg = json.loads((ckpt / "config.json").read_text())
     for rank_file in sorted(ckpt.glob("rank*.safetensors")):
@@ -142,7 +142,7 @@ def share_embedding_table(ckpt: Path) -> None:
 def quality_table(model_dir: Path, ckpt: Path, work: Path, show_progress: bool) -> dict:
     """eval of the bundle's checkpoint vs the unquantized model (float32, as eval.py's own default baseline) on the
     shipped held-out eval text, both run by the numpy reference."""
-    from trt_gemma.convert import convert_checkpoint
+    from trt_gemma.checkpoint.convert import convert_checkpoint
     from trt_gemma.eval import evaluate
 
     baseline = convert_checkpoint(model_dir, work / "unquantized", dtype="float32", show_progress=False)
@@ -187,10 +187,10 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
                  detection=None, threads: int | None = None) -> BundleResult:
     """Make the bundle for `target` and compile it when this host can; see the module docstring. `threads`: torch
-    threads for calibration (None: from the free cores, trt_gemma.calibration.choose_threads)."""
-    from trt_gemma.config import ModelConfig
+    threads for calibration (None: from the free cores, trt_gemma.quant.calibration.choose_threads)."""
+    from trt_gemma.checkpoint.config import ModelConfig
     from trt_gemma.gpu_probe import gpu_unavailable_reason
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.checkpoint.hf import resolve_model
     from trt_gemma.plan import plan, require_fit
 
     t0 = time.time()

@@ -109,7 +109,7 @@ def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path)
         prov = Path(ck) / "trt_gemma_provenance.json"
         src = json.loads(prov.read_text()).get("source_path") if prov.is_file() else None
         if src and Path(src).is_dir() and not (Path(src) / "hf_quant_config.json").exists():
-            from trt_gemma.convert import convert_checkpoint
+            from trt_gemma.checkpoint.convert import convert_checkpoint
 
             out = convert_checkpoint(Path(src), work / "baseline", dtype="float32", show_progress=False)
             return out, f"{src} converted to float32"
@@ -130,10 +130,10 @@ def _label(quant_algo: str | None, kv_cache_quant_algo: str | None) -> str | Non
 def check_baseline(baseline: Path, allow_quantized: bool = False) -> None:
     """Before anything is converted into the cache: the baseline must bring a tokenizer (the text is tokenized with
     it) and be unquantized (a quantized baseline makes every row a comparison with an approximation)."""
-    from trt_gemma.backends import detect_kind
-    from trt_gemma.quant_codecs import read_quant_spec
+    from trt_gemma.runtime.backends import detect_kind
+    from trt_gemma.checkpoint.codecs import read_quant_spec
     from trt_gemma.reference import CheckpointConfig
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     baseline = Path(baseline)
     kind = detect_kind(baseline)
@@ -163,10 +163,10 @@ def evaluate(checkpoints: list[Path], baseline: Path | None = None, text_file: P
              show_progress: bool = False, allow_quantized_baseline: bool = False) -> EvalReport:
     """Score each checkpoint against the baseline on `text_file` (default: the shipped held-out eval text).
     Cheap checks (options, text, the baseline's tokenizer and quantization) come before any conversion."""
-    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.runtime.backends import reference_checkpoint
     from trt_gemma.console import progress
     from trt_gemma.reference import ReferenceModel
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     if not checkpoints:
         raise ConfigError("no checkpoint to evaluate", fix="pass one or more checkpoint dirs")

@@ -105,7 +105,7 @@ def now_utc() -> str:
 # --- inspect ------------------------------------------------------------------------------------------------------
 
 def _kind(path: Path) -> str:
-    from trt_gemma.backends.trtllm import is_engine_dir
+    from trt_gemma.runtime.trtllm import is_engine_dir
 
     if is_engine_dir(path):
         return "engine"

@@ -3,7 +3,7 @@
 Memory model (docs/facts/targets.md §5-6, docs/tensorrt-llm-contract.md §4-5; [INF] = an estimate made here):
 - weights as the engine holds them: embedding (model dtype, never quantized), lm_head (tied in HF but a separate
   tensor in the TRT-LLM checkpoint/engine, excluded from quantization) unless the recipe shares the embedding table,
-  per-layer linears with their scales from `trt_gemma.quant_formats.FORMATS`, norms in model dtype;
+  per-layer linears with their scales from `trt_gemma.quant.formats.FORMATS`, norms in model dtype;
 - KV cache: 2 x layers x kv_heads x head_dim x bytes per token, for max_batch_size x max_seq_len tokens (TRT-LLM treats
   every Gemma 2 layer as global, so the sliding window saves nothing there);
 - activations [INF]: per token of max_num_tokens the fused gate/fc output, the GeLU product and the residual stream
@@ -18,12 +18,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trt_gemma.config import PRESETS, ModelConfig, preset_config
+from trt_gemma.checkpoint.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
-from trt_gemma.quant_formats import FLOAT_BYTES, FORMATS, KV_BYTES
+from trt_gemma.quant.formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
 from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
-from trt_gemma.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
+from trt_gemma.checkpoint.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -71,7 +71,7 @@ class Plan:
     suggestion: dict | None = None
     notes: list = field(default_factory=list)
     awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
-    tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine_plan.tensorrt_plan
+    tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine.plan.tensorrt_plan
 
     @property
     def fits(self) -> bool:
@@ -99,7 +99,7 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     if str(model).count("/") == 1 and not str(model).startswith((".", "~")):
         # a hub id ("org/name"), resolved like every other command does (local HF cache, HF_HUB_OFFLINE honoured);
         # planning reads config.json only, so nothing else is fetched
-        from trt_gemma.hf import resolve_model
+        from trt_gemma.checkpoint.hf import resolve_model
 
         return ModelConfig.from_file(resolve_model(str(model), config_only=True) / "config.json"), str(model)
     raise InputError(f"--model {model!r} is neither a preset, a local model dir nor a hub id (org/name)",
@@ -218,7 +218,7 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
     if r.engine == "tensorrt":
-        from trt_gemma.engine_plan import tensorrt_plan
+        from trt_gemma.engine.plan import tensorrt_plan
 
         overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
         p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, verdict=fit_verdict)

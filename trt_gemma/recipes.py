@@ -31,10 +31,10 @@ DTYPES = ("bfloat16", "float16")
 KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "int8")
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")
 # tensorrt_llm: TRT-LLM checkpoint -> TRT-LLM engine; tensorrt: ONNX graph -> TensorRT / TensorRT-RTX engine
-# (trt_gemma.engine_rules picks the builder from the target)
+# (trt_gemma.engine.rules picks the builder from the target)
 ENGINES = ("tensorrt_llm", "tensorrt")
 # lm_head quantization, TensorRT route only (its ONNX export writes the head as int8 per vocab row or int4 in blocks
-# of 128: trt_gemma.onnx_weights; the TensorRT-LLM checkpoint keeps it in the model dtype)
+# of 128: trt_gemma.onnx.weights; the TensorRT-LLM checkpoint keeps it in the model dtype)
 LM_HEAD_QUANTS = ("none", "int8", "int4")
 # TRT-LLM's groupwise weight-only GEMM (fpA_intB) takes group sizes 64 and 128; ModelOpt/Edge-LLM default to 128.
 GROUP_SIZES = (64, 128)
@@ -250,7 +250,7 @@ def validate(recipe: Recipe, target: Target, origin: dict | None = None) -> None
     _check_kv_cache_source(recipe, origin)
     _check_plugins_and_memory(recipe, target, origin)
     if recipe.engine == "tensorrt":  # the builder's own precision refusals, before any export or build
-        from trt_gemma.engine_rules import check_recipe
+        from trt_gemma.engine.rules import check_recipe
 
         check_recipe(recipe, target, origin)
 

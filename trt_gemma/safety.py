@@ -271,8 +271,8 @@ def load_moderator(model: str | Path | None = None, thresholds_file: str | Path 
     """A Moderator for MODEL (HF dir / hub id / checkpoint / bundle / ONNX export; None: the embedded model, which
     is no safety model: its notice says so) on the CPU runtime `backend` picks as backends.load_backend does
     ("auto": onnxruntime where installed, exporting once into the ONNX cache, else the numpy reference)."""
-    from trt_gemma.backends import load_backend, reference_checkpoint
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import load_backend, reference_checkpoint
+    from trt_gemma.checkpoint.hf import resolve_model
 
     if backend not in MODERATION_BACKENDS:
         raise InputError(f"the guard's backend {backend!r} is not one of {', '.join(MODERATION_BACKENDS)}",

@@ -197,10 +197,10 @@ def fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
 
 def load_for_features(model_spec: str | None, sae: str | None, sae_path: str | None, layer: int):
     """(ReferenceModel, tokenizer, SAE) for the CLI: the model via the reference runtime (HF dirs convert once)."""
-    from trt_gemma.backends import reference_checkpoint
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import reference_checkpoint
+    from trt_gemma.checkpoint.hf import resolve_model
     from trt_gemma.reference import ReferenceModel
-    from trt_gemma.tokenizer import GemmaTokenizer
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     path = resolve_model(model_spec)
     ckpt = reference_checkpoint(path)

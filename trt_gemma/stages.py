@@ -23,11 +23,11 @@ from trt_gemma.build import BundleResult as Bundle
 from trt_gemma.build import EngineResult as Engine
 from trt_gemma.build import build_bundle as build
 from trt_gemma.build import compile_bundle
-from trt_gemma.convert import convert_checkpoint as convert
+from trt_gemma.checkpoint.convert import convert_checkpoint as convert
 from trt_gemma.errors import InputError
 from trt_gemma.eval import EvalReport, EvalRow, evaluate
 from trt_gemma.plan import Plan
-from trt_gemma.quantize import quantize_checkpoint as quantize
+from trt_gemma.quant.modelopt import quantize_checkpoint as quantize
 
 __all__ = ["plan", "convert", "quantize", "build", "compile_bundle", "evaluate", "Plan", "Bundle", "Engine",
            "EvalReport", "EvalRow"]
@@ -44,7 +44,7 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     as `trt-gemma plan` chooses). `overrides`: recipe fields ({"quant": "int4_awq"} or ["quant=int4_awq"]).
     Raises InputError (model), ConfigError / RecipeError (target, recipe fields). Not fitting is a verdict, not an
     error: `p.fits` is False (plan.require_fit(p) raises FitError, as the CLI does)."""
-    from trt_gemma.config import PRESETS
+    from trt_gemma.checkpoint.config import PRESETS
     from trt_gemma.detect import resolve_target
     from trt_gemma.plan import plan as run
     from trt_gemma.recipes import parse_overrides
@@ -55,7 +55,7 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     path = Path(spec).expanduser()
     # a local dir may be a bundle; a hub id is left to the planner, which fetches its config.json only
     if spec not in PRESETS and spec != "default" and path.is_dir():
-        from trt_gemma.backends import detect_kind
+        from trt_gemma.runtime.backends import detect_kind
 
         try:
             kind = detect_kind(path)

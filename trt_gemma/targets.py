@@ -141,7 +141,7 @@ def get_target(name: str | Target) -> Target:
 
 # --- precision support -------------------------------------------------------------------------------------------
 
-# Weight formats (trt_gemma.quant_formats names), KV-cache dtypes (prefixed "kv_") and NVFP4.
+# Weight formats (trt_gemma.quant.formats names), KV-cache dtypes (prefixed "kv_") and NVFP4.
 PRECISIONS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8", "kv_fp8", "kv_int8", "nvfp4")
 _INT_WEIGHTS = frozenset({"int8_wo", "int4_wo", "int4_awq"})
 

@@ -136,8 +136,8 @@ def _inspect_one(path: str, detection) -> dict:
     from pathlib import Path
 
     from trt_gemma.manifest import inspect_path
-    from trt_gemma.triton_export import EXPORT_MANIFEST
-    from trt_gemma.triton_inspect import inspect_repository
+    from trt_gemma.deploy.triton import EXPORT_MANIFEST
+    from trt_gemma.deploy.inspect import inspect_repository
 
     if (Path(path) / EXPORT_MANIFEST).is_file():
         return inspect_repository(path)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from trt_gemma.dtypes import NAME_TO_ST
+from trt_gemma.checkpoint.dtypes import NAME_TO_ST
 
 # Defaults come from the stage function's signature, never retyped here. Imported lazily would need the module
-# anyway to build --help, and trt_gemma.convert imports only numpy/rich.
-from trt_gemma.convert import PROVENANCE_FILE, WEIGHT_ONLY_ALGOS, convert_checkpoint
+# anyway to build --help, and trt_gemma.checkpoint.convert imports only numpy/rich.
+from trt_gemma.checkpoint.convert import PROVENANCE_FILE, WEIGHT_ONLY_ALGOS, convert_checkpoint
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(convert_checkpoint).parameters.items()}
 

@@ -74,7 +74,7 @@ def report() -> dict:
         if gpu and gpu_count == 0:
             reasons.append(no_gpu or "no NVIDIA GPU found by NVML")
         can[cap] = {"ok": not reasons, "why": "; ".join(reasons) or None}
-    from trt_gemma.engine_build import available_builders, onnxruntime_providers
+    from trt_gemma.engine.build import available_builders, onnxruntime_providers
 
     return {"trt_gemma": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "core": {d: _package(d, m) for d, m in CORE.items()}, "extras": extras, "extras_ok": extra_ok,
@@ -105,7 +105,7 @@ def _render(r: dict) -> None:
         console.print(f"[yellow]warning:[/] {escape(r['stale_pynvml']['message'])}\n"
                       f"  fix: {escape(r['stale_pynvml']['fix'])}")
     console.print(f"device: {escape(r['device']['message'])}")
-    from trt_gemma.engine_build import render_builders
+    from trt_gemma.engine.build import render_builders
 
     console.print(escape(render_builders(r["builders"], r["onnxruntime_providers"])))
     for cap, v in r["can"].items():

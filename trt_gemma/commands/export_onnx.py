@@ -9,8 +9,8 @@ import click
 
 from trt_gemma.errors import DependencyError
 
-# Defaults are the stage's own; trt_gemma.onnx_export imports onnx lazily, so --help works without the extra.
-from trt_gemma.onnx_export import ACTIVATIONS, KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOICES, export_onnx as run
+# Defaults are the stage's own; trt_gemma.onnx.export imports onnx lazily, so --help works without the extra.
+from trt_gemma.onnx.export import ACTIVATIONS, KV_CACHE_LAYOUTS, LM_HEAD_CHOICES, LOGITS_CHOICES, export_onnx as run
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 
@@ -38,9 +38,9 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
 def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activations, force, as_json):
     """Export CKPT (a `trt-gemma convert`/`quantize` checkpoint, a bundle, an HF dir or hub id; omitted: the
     embedded model) to OUT/model.onnx + model.onnx.data for onnxruntime and the TensorRT(-RTX) ONNX parsers."""
-    from trt_gemma.backends import reference_checkpoint
+    from trt_gemma.runtime.backends import reference_checkpoint
     from trt_gemma.console import emit
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.checkpoint.hf import resolve_model
 
     if len(paths) > 2:
         raise click.UsageError(f"expected [CKPT] OUT, got {len(paths)} paths")

@@ -1,11 +1,11 @@
-"""`trt-gemma export-triton`: thin wrapper around trt_gemma.triton_export (export, or --inspect a repository)."""
+"""`trt-gemma export-triton`: thin wrapper around trt_gemma.deploy.triton (export, or --inspect a repository)."""
 from __future__ import annotations
 
 
 import click
 
 from trt_gemma.console import plain as _out
-from trt_gemma.triton_export import DEFAULT_INSTANCES, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REPO_PATH
+from trt_gemma.deploy.triton import DEFAULT_INSTANCES, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_REPO_PATH
 
 
 @click.command("export-triton")
@@ -33,8 +33,8 @@ def export_triton(bundle, out, tp, instances, streaming, max_queue_size, repo_pa
     engine into OUT; or, with --inspect, check one."""
     from trt_gemma.console import emit, err_console
     from trt_gemma.errors import ConfigError
-    from trt_gemma.triton_export import export_triton as run
-    from trt_gemma.triton_inspect import inspect_repository
+    from trt_gemma.deploy.triton import export_triton as run
+    from trt_gemma.deploy.inspect import inspect_repository
 
     if inspect_:
         emit(inspect_repository(bundle), as_json, _render_inspect)

@@ -20,8 +20,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 def resolve_checkpoint(spec: str | None) -> Path:
     """The checkpoint dir to run: a checkpoint, a bundle, an HF dir or hub id (converted once into the cache), or
     nothing for the embedded default model."""
-    from trt_gemma.backends import reference_checkpoint
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import reference_checkpoint
+    from trt_gemma.checkpoint.hf import resolve_model
 
     return reference_checkpoint(resolve_model(spec))
 
@@ -30,8 +30,8 @@ def load_cpu_model(spec: str | None, backend: str):
     """A `trt_gemma.Model` on a CPU runtime: an `export-onnx` dir as it is, anything else as the checkpoint the CPU
     runtimes run (a bundle's checkpoint/, an HF dir converted once into the cache; engines are refused)."""
     from trt_gemma.api import load
-    from trt_gemma.backends import detect_kind, reference_checkpoint
-    from trt_gemma.hf import resolve_model
+    from trt_gemma.runtime.backends import detect_kind, reference_checkpoint
+    from trt_gemma.checkpoint.hf import resolve_model
 
     path = resolve_model(spec)
     runnable = path if Path(path).is_dir() and detect_kind(path) == "onnx" else reference_checkpoint(path)

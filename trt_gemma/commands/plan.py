@@ -6,7 +6,7 @@ import sys
 import click
 
 from trt_gemma.detect import DEFAULT_TARGET
-from trt_gemma.config import PRESETS
+from trt_gemma.checkpoint.config import PRESETS
 
 
 @click.command("plan")
@@ -103,7 +103,7 @@ def render_plan(d: dict) -> None:
                                                           for k, v in d["decode_tok_s"].items())
                   + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
     if d.get("tensorrt"):
-        from trt_gemma.engine_plan import render_lines
+        from trt_gemma.engine.plan import render_lines
 
         for line in render_lines(d["tensorrt"], r["dtype"]):
             console.print(line, markup=False)

@@ -1,5 +1,5 @@
 """`trt-gemma quantize [MODEL] OUT --quant int4_awq|fp8`: ModelOpt calibration -> TensorRT-LLM checkpoint (thin
-wrapper of trt_gemma.quantize.quantize_checkpoint)."""
+wrapper of trt_gemma.quant.modelopt.quantize_checkpoint)."""
 from __future__ import annotations
 
 import inspect
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from trt_gemma.quantize import DEVICES, GROUP_SIZES, KV_CACHES, QUANTS, quantize_checkpoint
+from trt_gemma.quant.modelopt import DEVICES, GROUP_SIZES, KV_CACHES, QUANTS, quantize_checkpoint
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(quantize_checkpoint).parameters.items()}
 

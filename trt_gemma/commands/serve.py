@@ -1,4 +1,4 @@
-"""`trt-gemma serve` and `trt-gemma telemetry`: thin wrappers around trt_gemma.serve.run_server and
+"""`trt-gemma serve` and `trt-gemma telemetry`: thin wrappers around trt_gemma.serve.app.run_server and
 trt_gemma.telemetry.snapshot."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from trt_gemma.console import console, emit
-from trt_gemma.serve import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
-from trt_gemma.serve_conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
+from trt_gemma.serve.app import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
+from trt_gemma.serve.conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
 
 
 API_KEY_ENV = "TRT_GEMMA_API_KEY"
@@ -66,20 +66,20 @@ def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max
           print_k8s, guard, guard_mode, guard_response, guard_thresholds, backend):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
-        from trt_gemma.k8s import print_serve_manifests
+        from trt_gemma.deploy.k8s import print_serve_manifests
 
         click.echo(print_serve_manifests(model, port, max_queue, max_concurrency, model_name, api_key, stream_interval),
                    nl=False)
         return
-    from trt_gemma.hf import resolve_model
-    from trt_gemma.serve import run_server
+    from trt_gemma.checkpoint.hf import resolve_model
+    from trt_gemma.serve.app import run_server
 
     key = resolve_api_key(api_key, api_key_file)  # before anything slow: a bad key is a typo to fix now
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
     guard_cfg = None
-    if guard is not None:  # the guard's path is checked now; it loads beside the model (serve_guard.py)
-        from trt_gemma.serve_guard import GuardConfig
+    if guard is not None:  # the guard's path is checked now; it loads beside the model (serve/guard.py)
+        from trt_gemma.serve.guard import GuardConfig
 
         guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds)
         guard_cfg.check()

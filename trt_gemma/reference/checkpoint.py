@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_gemma.config import CHECKPOINT_NAMES, check_ranges
-from trt_gemma.dtypes import to_f32
+from trt_gemma.checkpoint.config import CHECKPOINT_NAMES, check_ranges
+from trt_gemma.checkpoint.dtypes import to_f32
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
-from trt_gemma.quant_block import effective_excludes
+from trt_gemma.checkpoint.quant_block import effective_excludes
 from trt_gemma.reference.linear import Linear, LinearFormat
 # scales split unlike their weights; quantized layouts and the FP8 KV cache (see LINEAR_FORMATS below)
 from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS, merge_quant_scales
-from trt_gemma.st_io import TensorInfo, read_header, read_tensor
+from trt_gemma.checkpoint.st_io import TensorInfo, read_header, read_tensor
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
 # Checkpoint-only sizes; the model's own (vocab_size, hidden_size, ...) are config.RANGES', checked by check_ranges
@@ -80,7 +80,7 @@ class CheckpointConfig:
                 fix=f"use a checkpoint of {', '.join(SUPPORTED_ARCHITECTURES)} made by `trt-gemma convert`")
         mapping, quant = d.get("mapping") or {}, d.get("quantization") or {}
         n_layers = int(d["num_hidden_layers"])
-        # ours sit under "trt_gemma" (trt_gemma.convert.EXTRA_KEY); checkpoints written before kept them at the top
+        # ours sit under "trt_gemma" (trt_gemma.checkpoint.convert.EXTRA_KEY); checkpoints written before kept them at the top
         ours = d["trt_gemma"] if isinstance(d.get("trt_gemma"), dict) else d
         layer_types = tuple(ours.get("layer_types") or (FULL,) * n_layers)
         try:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from trt_gemma.dtypes import NAME_TO_ST, round_to
+from trt_gemma.checkpoint.dtypes import NAME_TO_ST, round_to
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.reference.quantized import kv_cache_quantizer
 from trt_gemma.reference.checkpoint import (NORMS, CheckpointConfig, Linear, LinearFormat, ShardSet,

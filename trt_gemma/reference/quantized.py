@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from trt_gemma.dtypes import FP8_E4M3_MAX, f32_to_fp8_e4m3, fp8_e4m3_to_f32, round_to
+from trt_gemma.checkpoint.dtypes import FP8_E4M3_MAX, f32_to_fp8_e4m3, fp8_e4m3_to_f32, round_to
 from trt_gemma.errors import InputError
-from trt_gemma.quant_formats import FP8Format, Int4AWQFormat
+from trt_gemma.quant.formats import FP8Format, Int4AWQFormat
 from trt_gemma.reference.linear import Linear, LinearFormat
 
 if TYPE_CHECKING:  # the shard reader is passed in by checkpoint.py; importing it here would make a cycle
@@ -119,7 +119,7 @@ def rtn_codes(w: np.ndarray, bits: int, scale_dtype: str) -> tuple[np.ndarray, n
 
 def _weight_only(bits: int) -> Callable[[ShardSet, str], Linear]:
     def load(shards: ShardSet, prefix: str) -> Linear:
-        from trt_gemma.dtypes import NAME_TO_ST
+        from trt_gemma.checkpoint.dtypes import NAME_TO_ST
 
         w = shards.get_f32(f"{prefix}.weight")
         return Linear.from_weight(rtn_weight_only(w, bits, NAME_TO_ST.get(shards.cfg.dtype, "F16")))

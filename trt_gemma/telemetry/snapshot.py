@@ -9,7 +9,7 @@ Reading is side-effect free (nothing is drained, unlike trtllm-serve's /metrics)
   device_total      dGPU: NVML `total`; Jetson: MemTotal (CPU and GPU share it)
   host_rss          this process's resident set
   unified_available Jetson only: MemAvailable (not MemFree, which counts reclaimable page cache as used)
-  guard_weights     bytes of the safety guard's weights (`serve --guard`, serve_guard.py); absent without a guard
+  guard_weights     bytes of the safety guard's weights (`serve --guard`, serve/guard.py); absent without a guard
 
 A kind whose source is absent is "unavailable" (the Prometheus collector then omits it rather than exporting 0).
 """

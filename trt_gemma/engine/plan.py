@@ -1,0 +1,110 @@
+"""Memory and decode roofline of the TensorRT route (ONNX graph -> TensorRT engine), for `trt-gemma plan`.
+
+What the engine holds, by class [INF: derived from the graph's shape, not measured on a device]:
+- weights: the bundle checkpoint's, as trt_gemma.plan.weight_bytes counts them (the ONNX graph carries the same
+  tensors: INT4 blocks + fp16 scales + AWQ pre-scales, fp16 embedding and lm_head);
+- KV cache at max_seq_len: the graph takes past KV as inputs and returns present KV as outputs, two buffers per
+  layer, so a runtime that keeps both holds 2 x max_batch_size x max_seq_len x KV bytes per token;
+- activations per optimization profile: the MLP (gate, up, product) and residual stream for every token of the
+  profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the
+  float32 logits [batch, 1, vocab] of the last position (the route exports with logits="last": the final norm and
+  the lm_head run on one row per prompt; an all-positions graph would return ~1 GB per 1024-token prompt on a 256k
+  vocabulary);
+- KV and activations are counted in the recipe's dtype: the route exports its graph with the recipe's dtype as
+  activations (engine/build.tensorrt_route -> export_onnx(activations=recipe.dtype)); a graph exported by hand with
+  float32 activations would double both, and the plan says so;
+- runtime overhead: trt_gemma.plan.OVERHEAD for the target family plus a workspace.
+TensorRT sizes an execution context for the largest profile it may run, so the plan takes the larger profile.
+
+Decode roofline (batch 1): tok/s <= bandwidth / (bytes read per token + context x KV bytes per token), with the
+lm_head in the activation dtype, INT8 per channel, or INT4 in blocks of 128 along the input dimension (what the export
+writes; the recipe's `lm_head_quant` picks one for the engine). On Gemma
+2 2B INT4-AWQ the fp16 lm_head is 1.18 GB of the 2.22 GB read per token: the largest single decode-speed lever.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from trt_gemma.quant.formats import FLOAT_BYTES, FORMATS
+
+LM_HEAD_FORMATS = {"int8": "int8_wo", "int4": "int4_awq"}  # lm_head variant -> the weight format that sizes it
+LM_HEAD_GROUP = 128  # the export's int4 head block (trt_gemma.onnx.weights.LM_HEAD_GROUP), whatever the recipe's group
+LOGITS_BYTES = 4  # the exported graph returns float32 logits (trt_gemma.onnx.export)
+LOGITS_ROWS = 1  # per sequence: the route's graph returns the last position only (export_onnx logits="last")
+
+
+def lm_head_bytes(cfg, recipe, variant: str) -> int:
+    """The lm_head matrix [vocab, hidden] in the activation dtype ("float") or a quantized variant."""
+    if variant == "float":
+        return cfg.vocab_size * cfg.hidden_size * FLOAT_BYTES[recipe.dtype]
+    return FORMATS[LM_HEAD_FORMATS[variant]].engine_bytes(cfg.vocab_size, cfg.hidden_size, LM_HEAD_GROUP)
+
+
+def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
+    """Activation bytes per profile (prefill: its prompts of max_input_len tokens; decode: max_batch_size tokens)
+    by class [INF]."""
+    from trt_gemma.engine.profiles import Limits
+
+    act = FLOAT_BYTES[recipe.dtype]
+    limits = Limits.from_recipe(recipe)
+    n, s = recipe.max_input_len, recipe.max_seq_len
+    out = {}
+    for name, b, new in (("prefill", limits.prefill_batch, n), ("decode", recipe.max_batch_size, 1)):
+        tokens = b * new
+        out[name] = {"mlp_and_residual": tokens * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * act,
+                     "attention_scores": b * cfg.num_attention_heads * new * s * act,
+                     "logits": b * LOGITS_ROWS * cfg.vocab_size * LOGITS_BYTES}
+        out[name]["total"] = sum(out[name].values())
+    return out
+
+
+def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: dict,
+                  verdict: Callable[[int, int], str]) -> dict:
+    """Memory by class, a verdict against the target, and the decode roofline with and without lm_head quantized.
+    plan.py passes its own weight bytes, KV bytes per token, runtime overhead and fit rule (`verdict(total,
+    usable)`), so this module does not import plan.py, which calls it."""
+    selected = {"none": "float"}.get(recipe.lm_head_quant, recipe.lm_head_quant)
+    # the route's graph holds the embedding and, with lm_head_quant, a quantized head beside it (no float copy)
+    w = dict(weights)
+    if selected != "float":
+        w["total"] = weights["total"] - weights["lm_head"] + lm_head_bytes(cfg, recipe, selected)
+    kv = 2 * recipe.max_batch_size * recipe.max_seq_len * kv_tok
+    acts = profile_activations(cfg, recipe)
+    act_peak = max(p["total"] for p in acts.values())
+    total = w["total"] + kv + act_peak + sum(overhead.values())
+    usable = target.usable_bytes
+    verdict = verdict(total, usable)
+    body = w["linears"] + w["norms"] + cfg.hidden_size * FLOAT_BYTES[recipe.dtype]  # + one embedding row
+    roofline = {}
+    for variant in ("float", "int8", "int4"):
+        head = lm_head_bytes(cfg, recipe, variant)
+        read = body + head
+        roofline[variant] = {"lm_head_bytes": head, "read_bytes_per_token": read,
+                             "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
+                             f"tok_s_context_{recipe.max_seq_len}":
+                                 round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
+    assumes = (f"KV and activations in {recipe.dtype}, as the route exports the graph; float32 logits of the last "
+               "position; a float32-activation export would double KV and activations")
+    return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
+            "assumes": assumes,
+            "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,
+            "usable_bytes": usable, "verdict": verdict, "lm_head": selected, "lm_head_roofline": roofline}
+
+
+def render_lines(t: dict, dtype: str) -> list[str]:
+    """Plain lines for `trt-gemma plan` (GiB for memory, GB per token for reads)."""
+    g = 1024**3
+    acts = ", ".join(f"{k} {v['total'] / g:.2f} GiB (logits {v['logits'] / g:.2f})" for k, v in t["activations"].items())
+    lines = [f"TensorRT route: weights {t['weights_bytes'] / g:.2f} GiB + KV {t['kv_bytes'] / g:.2f} GiB "
+             f"({t['kv_note']}) + activations {t['activation_peak_bytes'] / g:.2f} GiB (per profile: {acts}) + runtime "
+             f"{sum(t['overhead'].values()) / g:.2f} GiB = {t['total_bytes'] / g:.2f} of {t['usable_bytes'] / g:.2f} "
+             f"GiB: {t['verdict']} (assumes {t['assumes']})"]
+    names = {"float": f"{dtype} lm_head", "int8": "INT8 lm_head", "int4": "INT4 lm_head"}
+    parts = []
+    for variant, r in t["lm_head_roofline"].items():
+        ctx = [k for k in r if k.startswith("tok_s_context_") and k != "tok_s_context_0"][0]
+        mark = " [recipe]" if variant == t.get("lm_head") else ""  # the recipe's lm_head_quant
+        parts.append(f"{names[variant]} ({r['lm_head_bytes'] / 1e9:.2f} of {r['read_bytes_per_token'] / 1e9:.2f} GB "
+                     f"read/token){mark}: {r['tok_s_context_0']:g} tok/s ({r[ctx]:g} at {ctx.rsplit('_', 1)[1]})")
+    lines.append("decode roofline, batch 1, by lm_head: " + "; ".join(parts))
+    return lines
