@@ -15,6 +15,7 @@ from trt_gemma.errors import FitError, InputError
 from trt_gemma.plan import model_config, parameter_count, plan, require_fit
 from trt_gemma.checkpoint.st_io import read_header
 from trt_gemma.targets import TARGETS
+from trt_gemma.targets import get_target
 
 
 def run_cli(argv, capsys):
@@ -49,7 +50,7 @@ def test_acceptance_bf16_refused_on_orin_nano_4gb(capsys):
     assert d["verdict"] == "does not fit" and "jetson-orin-nano-4gb" in d["reason"]
     assert d["suggestion"]["set"] == {"quant": "int4_awq"}  # the 4gb recipe already shares the embedding table
     assert "error: gemma-2-2b does not fit jetson-orin-nano-4gb" in err and "fix: use --set quant=int4_awq" in err
-    fixed = plan("gemma-2-2b", "jetson-orin-nano-4gb", overrides=d["suggestion"]["set"])
+    fixed = plan("gemma-2-2b", get_target("jetson-orin-nano-4gb"), overrides=d["suggestion"]["set"])
     assert fixed.verdict == "fits"
 
 
@@ -80,7 +81,7 @@ def test_parameter_count_matches_real_tensors(tiny_model_dir):
 def test_weight_bytes_against_checkpoint_layouts():
     """Hand-computed from docs/tensorrt-llm-contract.md §4 shapes: AWQ int8
     [out/2, in] + wsf [out, in/128] + pqs [in]."""
-    p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
+    p = plan("gemma-2-2b", get_target("jetson-orin-nano-8gb"))
     h, f, q, kv = 2304, 9216, 2048, 1024
     shapes = [(q + 2 * kv, h), (h, q), (f, h), (f, h), (h, f)]
     awq = sum(o // 2 * i + o * (i // 128) * 2 + i * 2 for o, i in shapes)
@@ -89,7 +90,7 @@ def test_weight_bytes_against_checkpoint_layouts():
     assert p.weights["norms"] == (4 * 26 + 1) * 2304 * 2
     # docs/facts/targets.md §5: "W4A16 AWQ g128 ... ~3.40 GB with a separate bf16 lm_head copy"
     assert round(p.weights["total"] / 1e9, 2) == 3.40
-    bf16 = plan("gemma-2-2b", "h100", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
+    bf16 = plan("gemma-2-2b", get_target("h100"), overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
                                                   "gemm_plugin": "auto"})
     assert bf16.weights["linears"] == 26 * sum(o * i * 2 for o, i in shapes)
 
@@ -101,34 +102,34 @@ def test_weight_bytes_against_checkpoint_layouts():
     ("l4", {"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"}, 135),
 ])
 def test_decode_roofline_matches_reference_table(target, overrides, expected):
-    p = plan("gemma-2-2b", target, overrides=overrides)
+    p = plan("gemma-2-2b", get_target(target), overrides=overrides)
     got = p.decode_tok_s["context_0"]
     assert abs(got - expected) / expected < 0.02, f"{target}: {got} vs {expected}"
 
 
 def test_largest_fit_is_the_boundary():
-    p = plan("gemma-2-2b", "jetson-orin-nano-8gb")
+    p = plan("gemma-2-2b", get_target("jetson-orin-nano-8gb"))
     b = p.max_batch_fit
     assert b >= p.recipe.max_batch_size
     cap = lambda n: {"max_batch_size": n, "kv_cache_max_tokens": n * 4096}  # noqa: E731
-    assert plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides=cap(b)).verdict == "fits"
-    assert plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides=cap(b + 1)).verdict != "fits"
-    small = plan("gemma-2-2b", "jetson-orin-nano-4gb")
+    assert plan("gemma-2-2b", get_target("jetson-orin-nano-8gb"), overrides=cap(b)).verdict == "fits"
+    assert plan("gemma-2-2b", get_target("jetson-orin-nano-8gb"), overrides=cap(b + 1)).verdict != "fits"
+    small = plan("gemma-2-2b", get_target("jetson-orin-nano-4gb"))
     seq = small.max_seq_len_fit
     assert 1024 <= seq < 4096
     over = {"max_seq_len": seq + 128, "kv_cache_max_tokens": seq + 128}
-    assert plan("gemma-2-2b", "jetson-orin-nano-4gb", overrides=over).verdict != "fits"
+    assert plan("gemma-2-2b", get_target("jetson-orin-nano-4gb"), overrides=over).verdict != "fits"
 
 
 def test_h100_and_kv_dtypes():
-    p = plan("gemma-2-2b", "h100")
+    p = plan("gemma-2-2b", get_target("h100"))
     assert p.recipe.kv_dtype == "fp8" and p.kv_bytes_per_token == 53_248
     assert p.kv_tokens == p.recipe.max_batch_size * p.recipe.max_seq_len and p.verdict == "fits"
     assert p.kv_bytes == p.kv_tokens * 53_248
 
 
 def test_27b_bf16_on_small_gpu_refused_with_suggestion():
-    p = plan("gemma-2-27b", "rtx-4090", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
+    p = plan("gemma-2-27b", get_target("rtx-4090"), overrides={"quant": "bfloat16", "kv_cache_dtype": "auto",
                                                     "gemm_plugin": "auto"})
     assert p.verdict == "does not fit" and p.suggestion is not None
     with pytest.raises(FitError) as e:
@@ -137,10 +138,10 @@ def test_27b_bf16_on_small_gpu_refused_with_suggestion():
 
 
 def test_local_model_dir_and_bad_model(tiny_model_dir, capsys):
-    p = plan(tiny_model_dir, "rtx-3090")
+    p = plan(tiny_model_dir, get_target("rtx-3090"))
     assert p.kv_bytes_per_token == 2 * 3 * 2 * 32 * 2 and p.verdict == "fits"
     with pytest.raises(InputError, match="neither a preset, a local model dir nor a hub id"):
-        plan("gemma-3-1b", "h100")
+        plan("gemma-3-1b", get_target("h100"))
     code, _, err = run_cli(["plan", "--model", "gemma-3-1b", "--target", "h100"], capsys)
     assert code == 2 and "error:" in err and "fix:" in err
 
@@ -211,25 +212,25 @@ def test_recipe_clamped_to_model_context_like_build(target):
 
     cfg, _ = model_config("default")
     assert cfg.max_position_embeddings == 512
-    p = plan("default", target, overrides={"max_seq_len": 4096})
-    built, _, _ = resolve_recipe(target, None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
+    p = plan("default", get_target(target), overrides={"max_seq_len": 4096})
+    built, _, _ = resolve_recipe(get_target(target), None, {"max_seq_len": 4096}, cfg.max_position_embeddings)
     assert p.recipe == built and p.recipe.max_seq_len == 512 and p.recipe.max_input_len <= 512
     assert any("max_seq_len 4096 -> 512" in n and "max_position_embeddings is 512" in n for n in p.notes), p.notes
     assert p.max_seq_len_fit == 512 and "context_512" in p.decode_tok_s
     assert p.kv_tokens == min(p.recipe.max_batch_size * 512, p.recipe.kv_cache_max_tokens or 10**9)
     # a 4096-position preset is left alone: no clamp note
-    assert not any("max_position_embeddings" in n for n in plan("gemma-2-2b", target).notes)
+    assert not any("max_position_embeddings" in n for n in plan("gemma-2-2b", get_target(target)).notes)
 
 
 def test_unconfirmed_precision_is_noted():
     # docs/facts/targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
-    assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", "t4").notes)
-    assert not any("unconfirmed" in n for n in plan("gemma-2-2b", "h100").notes)
+    assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", get_target("t4")).notes)
+    assert not any("unconfirmed" in n for n in plan("gemma-2-2b", get_target("h100")).notes)
 
 
 def test_trt_caveat_is_a_plan_note():
-    assert any("no Jetson Thor support" in n for n in plan("gemma-2-2b", "jetson-thor").notes)
-    assert any("v0.12.0-jetson" in n for n in plan("gemma-2-2b", "jetson-orin-nano-8gb").notes)
+    assert any("no Jetson Thor support" in n for n in plan("gemma-2-2b", get_target("jetson-thor")).notes)
+    assert any("v0.12.0-jetson" in n for n in plan("gemma-2-2b", get_target("jetson-orin-nano-8gb")).notes)
 
 
 def test_awq_group_size_misfit(tmp_path):
@@ -239,13 +240,13 @@ def test_awq_group_size_misfit(tmp_path):
     cfg = preset_config("gemma-2-27b").to_hf_dict()
     cfg["intermediate_size"] = 36800
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    p = plan(tmp_path, "rtx-4090", overrides={"quant": "bfloat16", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
+    p = plan(tmp_path, get_target("rtx-4090"), overrides={"quant": "bfloat16", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
     assert p.verdict == "does not fit" and p.suggestion["set"]["quant"] == "int4_wo", p.suggestion
-    assert load_recipe("jetson-agx-orin-64gb").quant == "int4_awq"
+    assert load_recipe(get_target("jetson-agx-orin-64gb")).quant == "int4_awq"
     with pytest.raises(InputError, match="in_features 36800 is not a multiple of group_size 128") as e:
-        plan(tmp_path, "jetson-agx-orin-64gb")
+        plan(tmp_path, get_target("jetson-agx-orin-64gb"))
     assert e.value.fix == "use --set group_size=64"
-    assert plan(tmp_path, "jetson-agx-orin-64gb", overrides={"group_size": 64}).recipe.group_size == 64
+    assert plan(tmp_path, get_target("jetson-agx-orin-64gb"), overrides={"group_size": 64}).recipe.group_size == 64
 
 
 @pytest.mark.parametrize("key,value", [("num_key_value_heads", 0), ("head_dim", 0), ("hidden_size", -5),
@@ -264,17 +265,17 @@ def test_nonpositive_model_sizes_are_named(tmp_path, capsys, key, value):
 def test_suggestion_is_the_largest_batch_that_fits_before_other_changes(overrides):
     """9b on an RTX 4090 (issue 10): the recipe fits at a smaller batch, so that is the suggestion — not batch 1 and
     not lighter weights. The boundary is found here by planning every batch size."""
-    p = plan("gemma-2-9b", "rtx-4090", overrides=overrides)
+    p = plan("gemma-2-9b", get_target("rtx-4090"), overrides=overrides)
     assert p.verdict == "does not fit"
     fitting = [b for b in range(1, p.recipe.max_batch_size)
-               if plan("gemma-2-9b", "rtx-4090", overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
+               if plan("gemma-2-9b", get_target("rtx-4090"), overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
     assert fitting and p.suggestion["set"] == {"max_batch_size": max(fitting)}, p.suggestion
     assert abs(max(fitting) - p.max_batch_fit) <= 1  # the figure printed beside it agrees
 
 
 def test_suggestion_changes_weights_only_when_limits_cannot_fit():
-    p = plan("gemma-2-27b", "rtx-4090")
-    assert all(plan("gemma-2-27b", "rtx-4090", overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
+    p = plan("gemma-2-27b", get_target("rtx-4090"))
+    assert all(plan("gemma-2-27b", get_target("rtx-4090"), overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
                for s in (4096, 256))
     assert p.suggestion["set"]["quant"] == "int4_awq" and "max_num_tokens" not in p.suggestion["set"]
 
@@ -295,7 +296,7 @@ def test_hub_id_from_the_local_cache(tiny_model_dir, tmp_path):
                         "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["model"] == "acme/tiny-gemma" and d["parameters"] == plan(tiny_model_dir, "h100").parameters
+    assert d["model"] == "acme/tiny-gemma" and d["parameters"] == plan(tiny_model_dir, get_target("h100")).parameters
     r = subprocess.run([sys.executable, "-m", "trt_gemma", "plan", "--model", "acme/not-cached", "--target", "h100"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stderr and "Traceback" not in r.stderr

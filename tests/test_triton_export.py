@@ -22,6 +22,7 @@ from trt_gemma.recipes import load_recipe
 from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton
 from trt_gemma.deploy.inspect import inspect_repository, model_config_pb2
 from trt_gemma.deploy.models import MODELS
+from trt_gemma.targets import get_target
 
 pb2 = None
 
@@ -51,7 +52,7 @@ def fake_engine(bundle: Path, version: str = "1.1.0", tp: int = 1) -> Path:
 
     engine = bundle / "engine"
     engine.mkdir(exist_ok=True)
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     build_cfg = {k: v for k, v in build_config_kwargs(recipe).items() if k != "plugin_config"}
     pretrained = json.loads((bundle / "checkpoint" / "config.json").read_text())
     pretrained["mapping"].update(world_size=tp, tp_size=tp)
@@ -105,7 +106,7 @@ def _params(cfg) -> dict:
 
 
 def test_values_equal_the_recipe_and_engine(repo, bundle):
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     engine_cfg = json.loads((bundle / "engine" / "config.json").read_text())
     trt = parse(repo / "tensorrt_llm" / "config.pbtxt")
     p = _params(trt)
@@ -314,7 +315,7 @@ def test_unified_memory_recipe_caps_the_kv_pool(tmp_path):
     B.build_bundle(None, "jetson-orin-nano-8gb", overrides=["quant=bfloat16", "kv_cache_dtype=auto"], out=b,
                    skip_quality=True, show_progress=False, compile_engine=False)
     fake_engine(b, version="1.0.0")
-    recipe = load_recipe("jetson-orin-nano-8gb", b / "recipe.toml")
+    recipe = load_recipe(get_target("jetson-orin-nano-8gb"), b / "recipe.toml")
     assert recipe.kv_cache_max_tokens > 0
     export_triton(b, tmp_path / "repo")
     p = _params(parse(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt"))

@@ -32,7 +32,7 @@ from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
 from trt_gemma.checkpoint.quant_block import with_shared_embedding
 from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
-from trt_gemma.targets import Target, get_target
+from trt_gemma.targets import Target
 from trt_gemma.engine.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
@@ -247,8 +247,7 @@ def trtllm_caveat(t: Target) -> str | None:
 
 
 def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
-                    seconds: float, t: Target | None = None) -> dict:
-    t = t if t is not None else get_target(recipe.target)
+                    seconds: float, t: Target) -> dict:
     ckpt_cfg = json.loads((ckpt / "config.json").read_text())
     quant = ckpt_cfg.get("quantization") or {}
     return {
@@ -269,17 +268,37 @@ def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: s
     }
 
 
+def read_bundle(bundle: Path) -> tuple[dict, Target, Recipe]:
+    """A bundle's manifest, its target (the name the manifest records, resolved here once for the command) and its
+    resolved recipe.toml."""
+    manifest = mf.read_manifest(bundle)
+    if manifest.get("kind") != "bundle":
+        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
+    t, _ = resolve_target(manifest["target"]["name"])
+    return manifest, t, load_recipe(t, bundle / "recipe.toml")
+
+
+def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """The bundle's TensorRT route (trt_gemma.engine.build.tensorrt_route: ONNX export, then the target's builder)
+    with the bundle's own recipe and target, its outcome recorded in the manifest under "tensorrt"."""
+    from trt_gemma.engine.build import tensorrt_route as build_route
+
+    bundle = Path(bundle_dir)
+    manifest, t, recipe = read_bundle(bundle)
+    status = build_route(bundle, recipe, t, force=force, require=require, log=log)
+    manifest["tensorrt"] = {k: v for k, v in status.items() if k != "on_target"}
+    mf.write_manifest(bundle, manifest)
+    return status
+
+
 def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_logits: bool = False,
                    log: Callable[[str], None] | None = None, detection=None) -> EngineResult:
     """Compile BUNDLE/checkpoint into BUNDLE/engine with TensorRT-LLM (GPU host only; typed error elsewhere)."""
     from trt_gemma.gpu_probe import gpu_unavailable_reason
 
     bundle = Path(bundle_dir)
-    manifest = mf.read_manifest(bundle)
-    if manifest.get("kind") != "bundle":
-        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
-    t = get_target(manifest["target"]["name"])
-    recipe = load_recipe(t, bundle / "recipe.toml")
+    manifest, t, recipe = read_bundle(bundle)
     reason = gpu_unavailable_reason()
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))

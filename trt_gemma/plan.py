@@ -22,8 +22,8 @@ from trt_gemma.checkpoint.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant.formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
-from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
-from trt_gemma.checkpoint.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
+from trt_gemma.targets import GiB, MiB, Target, support_level, supports
+from trt_gemma.checkpoint.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes, parameter_count
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -107,14 +107,6 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
                          "containing config.json, or a hub id such as google/gemma-2-2b-it")
 
 
-def parameter_count(cfg: ModelConfig) -> int:
-    """Parameters as the HF tensors hold them (tied lm_head counted once)."""
-    h, per_layer = cfg.hidden_size, 4 * cfg.hidden_size
-    per_layer += sum(o * i for o, i in _linear_shapes(cfg))
-    lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + cfg.num_hidden_layers * per_layer + h + lm_head
-
-
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(out, in) of qkv, dense, fc, gate, proj as in the TRT-LLM checkpoint: the tensor table's (tensor_map)."""
     return list(linear_shapes(cfg).values())
@@ -174,12 +166,11 @@ def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
     return fit_verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
 
 
-def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
+def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe: Recipe | None = None,
          recipe_notes: list | tuple = ()) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
     Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted). A caller that
     already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again."""
-    t = get_target(target)
     cfg, name = model_config(model)
     if recipe is None:
         r, _, recipe_notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)
