@@ -282,9 +282,19 @@ def test_pair_suggestion_is_the_first_change_that_fits():
     d = plan_with_guard(plan("gemma-2-2b", get_target(t)), "shieldgemma-2b", get_target(t), chat_model="gemma-2-2b")
     assert d["combined"]["verdict"] == "does not fit"
     sug = d["combined"]["suggestion"]
-    assert sug is not None and sug["set"] == PAIR_FIXES[0], sug
-    again = plan_with_guard(plan("gemma-2-2b", get_target(t), overrides=sug["set"]), "shieldgemma-2b", get_target(t), sug["set"])
-    assert again["combined"]["verdict"] == "fits" and again["combined"]["total_bytes"] == sug["total_bytes"]
+    # fixes are tried cumulatively, in order: the suggestion is the first prefix of PAIR_FIXES with which both fit
+    prefixes = [{k: v for fix in PAIR_FIXES[:n] for k, v in fix.items()} for n in range(1, len(PAIR_FIXES) + 1)]
+    assert sug is not None and sug["set"] in prefixes, sug
+    n = prefixes.index(sug["set"])
+
+    def pair(over):
+        return plan_with_guard(plan("gemma-2-2b", get_target(t), overrides=over), "shieldgemma-2b", get_target(t),
+                               over)["combined"]
+
+    again = pair(sug["set"])
+    assert again["verdict"] == "fits" and again["total_bytes"] == sug["total_bytes"]
+    if n:
+        assert pair(prefixes[n - 1])["verdict"] != "fits", "an earlier prefix already fits"
     small = plan_with_guard(plan("gemma-2-2b", get_target("jetson-orin-nano-4gb")), "shieldgemma-2b", get_target("jetson-orin-nano-4gb"),
                             chat_model="gemma-2-2b")
     assert small["combined"]["suggestion"] is None  # nothing in PAIR_FIXES makes two 2B models fit in 4 GB

@@ -72,6 +72,8 @@ class Plan:
     notes: list = field(default_factory=list)
     awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
     tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine.plan.tensorrt_plan
+    route: str = "tensorrt_llm"  # the route the recipe builds (its `engine`): the verdict and fits are judged on it
+    route_totals: dict = field(default_factory=dict)  # bytes each planned route needs ({route: total}), labelled
 
     @property
     def fits(self) -> bool:
@@ -162,8 +164,53 @@ def fit_verdict(total: int, usable: int) -> str:
     return "tight" if total <= usable else "does not fit"
 
 
+def _tensorrt(cfg: ModelConfig, t: Target, r: Recipe, m: dict) -> dict:
+    """The TensorRT route's memory (engine/plan.py) from the same weights and KV bytes per token."""
+    from trt_gemma.engine.plan import tensorrt_plan
+
+    overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
+    return tensorrt_plan(cfg, t, r, weights=m["weights"], kv_tok=m["kv_tok"], overhead=overhead)
+
+
+def route_total(cfg: ModelConfig, t: Target, r: Recipe) -> int:
+    """Bytes the route the recipe builds needs: TensorRT-LLM's engine and KV pool, or the TensorRT route's engine
+    (past and present KV buffers, per-profile activations)."""
+    m = _memory(cfg, t, r)
+    return _tensorrt(cfg, t, r, m)["total_bytes"] if r.engine == "tensorrt" else m["total"]
+
+
 def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
-    return fit_verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
+    return fit_verdict(route_total(cfg, t, r), t.usable_bytes) == "fits"
+
+
+MAX_BATCH_SEARCH = 1 << 20  # upper end of the largest-batch search (a bound, not a limit anyone builds)
+
+
+def _largest(ok, hi: int) -> int:
+    """The largest n in 1..hi with ok(n), for ok true up to a point and false beyond (memory grows with n); 0: none."""
+    lo, best = 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def largest_fits(cfg: ModelConfig, t: Target, r: Recipe) -> tuple[int, int]:
+    """(the largest max_seq_len, a multiple of 128 or the model's limit, at the recipe's batch; the largest
+    max_batch_size at its max_seq_len) that fit with the margin on the recipe's route. The KV pool is taken uncapped:
+    the question is what the engine could hold."""
+    def ok(**changes) -> bool:
+        return fits(cfg, t, r.replace(kv_cache_max_tokens=0, **changes))
+
+    def seq_ok(s: int) -> bool:
+        return ok(max_seq_len=s, max_input_len=min(r.max_input_len, s))
+
+    limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
+    seq = limit if seq_ok(limit) else 128 * _largest(lambda k: seq_ok(128 * k), (limit - 1) // 128)
+    return seq, _largest(lambda b: ok(max_batch_size=b), MAX_BATCH_SEARCH)
 
 
 def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe: Recipe | None = None,
@@ -177,13 +224,14 @@ def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe:
     else:
         r = recipe
     m = _memory(cfg, t, r)
-    budget = int(t.usable_bytes * (1 - MARGIN))
-    verdict = fit_verdict(m["total"], t.usable_bytes)
+    totals = {"tensorrt_llm": m["total"]}
+    trt = _tensorrt(cfg, t, r, m) if r.engine == "tensorrt" else None
+    if trt is not None:
+        totals["tensorrt"] = trt["total_bytes"]
+    total = totals[r.engine]  # one verdict: the route the recipe builds
+    verdict = fit_verdict(total, t.usable_bytes)
     kv_tok, w = m["kv_tok"], m["weights"]
-    room = budget - (m["fixed"])
-    seq_limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
-    seq_fit = max(0, min(seq_limit, room // (kv_tok * r.max_batch_size) // 128 * 128)) if room > 0 else 0
-    batch_fit = max(0, room // (kv_tok * r.max_seq_len)) if room > 0 else 0
+    seq_fit, batch_fit = largest_fits(cfg, t, r)
     read = w["linears"] + w["norms"] + (w["lm_head"] or w["embedding"]) + cfg.hidden_size * FLOAT_BYTES[r.dtype]
     params = parameter_count(cfg)
     published, note = _published(name, cfg, params)
@@ -192,13 +240,13 @@ def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe:
         parameters_note=note, weights=w, kv_bytes_per_token=kv_tok,
         kv_bytes_per_token_by_dtype={d: kv_bytes_per_token(cfg, d) for d in ("bfloat16", "float16", "fp8", "int8")},
         kv_tokens=m["kv_tokens"], kv_bytes=m["kv_tokens"] * kv_tok,
-        activation_bytes=activation_bytes(cfg, r), overhead=m["overhead"], total_bytes=m["total"],
-        usable_bytes=t.usable_bytes, headroom_bytes=t.usable_bytes - m["total"], verdict=verdict,
-        reason=_reason(verdict, m["total"], t), max_seq_len_fit=int(seq_fit), max_batch_fit=int(batch_fit),
+        activation_bytes=activation_bytes(cfg, r), overhead=m["overhead"], total_bytes=total,
+        usable_bytes=t.usable_bytes, headroom_bytes=t.usable_bytes - total, verdict=verdict,
+        reason=_reason(verdict, total, t), max_seq_len_fit=seq_fit, max_batch_fit=batch_fit,
         read_bytes_per_token=read,
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
-        notes=list(recipe_notes) + _notes(t, r))
+        notes=list(recipe_notes) + _notes(t, r), tensorrt=trt, route=r.engine, route_totals=totals)
     if r.quant == "int4_awq":
         p.awq_tp_sizes = awq_tp_sizes(cfg, r.group_size)
         if p.awq_tp_sizes != list(TP_CANDIDATES):
@@ -208,11 +256,6 @@ def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe:
                            "its groupwise layers need padded tensors (`trt-gemma convert --tp` refuses those)")
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
-    if r.engine == "tensorrt":
-        from trt_gemma.engine.plan import tensorrt_plan
-
-        overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
-        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, verdict=fit_verdict)
     return p
 
 
@@ -266,7 +309,7 @@ def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
         cand = _candidate(cfg, r, t, changes)
         if cand is not None and fits(cfg, t, cand):
             diff = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
-            return {"set": diff, "total_bytes": _memory(cfg, t, cand)["total"],
+            return {"set": diff, "total_bytes": route_total(cfg, t, cand),
                     "command": " ".join(f"--set {k}={_plain(v)}" for k, v in diff.items())}
     return None
 
