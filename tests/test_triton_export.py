@@ -19,7 +19,7 @@ from trt_gemma import build as B
 from trt_gemma.errors import ConfigError, DependencyError, InputError, OutputError
 from trt_gemma.manifest import read_manifest, write_manifest
 from trt_gemma.recipes import load_recipe
-from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton
+from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton  # MANDATORY: checked against the copy
 from trt_gemma.deploy.inspect import inspect_repository, model_config_pb2
 from trt_gemma.deploy.models import MODELS
 from trt_gemma.targets import get_target
@@ -143,6 +143,25 @@ def _type_name(cfg, dtype: int) -> str:
         .enum_type.values_by_number[dtype].name
 
 
+# Frozen copy of the "Mandatory parameters" tables, per model, of triton-inference-server/tensorrtllm_backend
+# docs/model_config.md@05ceae03c28c855c8520ba8429659b9d01c5f783: the ${...} template variables of
+# all_models/inflight_batcher_llm/<model>/config.pbtxt that must be filled for the model to load.
+UPSTREAM_MANDATORY = {
+    "ensemble": ("triton_max_batch_size", "logits_datatype"),
+    "preprocessing": ("triton_max_batch_size", "tokenizer_dir", "preprocessing_instance_count",
+                      "max_queue_delay_microseconds", "max_queue_size"),
+    "postprocessing": ("triton_max_batch_size", "tokenizer_dir", "postprocessing_instance_count"),
+    "tensorrt_llm": ("triton_backend", "triton_max_batch_size", "decoupled_mode", "max_queue_delay_microseconds",
+                     "max_queue_size", "engine_dir", "batching_strategy", "encoder_input_features_data_type",
+                     "logits_datatype"),
+    "tensorrt_llm_bls": ("triton_max_batch_size", "decoupled_mode", "bls_instance_count", "logits_datatype"),
+}
+
+
+def test_exporter_table_is_the_upstream_list():
+    assert {m: set(v) for m, v in MANDATORY.items()} == {m: set(v) for m, v in UPSTREAM_MANDATORY.items()}
+
+
 def test_mandatory_parameters_are_set(repo):
     """tensorrtllm_backend/docs/model_config.md's mandatory names, located in each parsed config independently of the exporter."""
     where = {
@@ -157,7 +176,7 @@ def test_mandatory_parameters_are_set(repo):
         "batching_strategy": lambda c: _params(c).get("gpt_model_type"),
         "encoder_input_features_data_type": lambda c: [t for t in c.input if t.name == "encoder_input_features"],
     }
-    for model, names in MANDATORY.items():
+    for model, names in UPSTREAM_MANDATORY.items():
         cfg = parse(repo / model / "config.pbtxt")
         for name in names:
             got = where[name](cfg) if name in where else cfg.instance_group[0].count  # *_instance_count
