@@ -87,8 +87,8 @@ class Plan:
 
 
 def model_config(model: str | Path) -> tuple[ModelConfig, str]:
-    """A preset name (real HF values), a local HF model dir (its config.json), a hub id (config.json from the local HF
-    cache or the hub), or "default": the embedded model."""
+    """A preset name (real HF values), a local HF model dir (its config.json) or an HF config.json file itself (a
+    bundle's copy), a hub id (config.json from the local HF cache or the hub), or "default": the embedded model."""
     if str(model) == "default":
         from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -98,6 +98,8 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     path = Path(model)
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), str(path)
+    if path.is_file() and path.suffix == ".json":
+        return ModelConfig.from_file(path), str(path)
     if str(model).count("/") == 1 and not str(model).startswith((".", "~")):
         # a hub id ("org/name"), resolved like every other command does (local HF cache, HF_HUB_OFFLINE honoured);
         # planning reads config.json only, so nothing else is fetched
@@ -214,11 +216,13 @@ def largest_fits(cfg: ModelConfig, t: Target, r: Recipe) -> tuple[int, int]:
 
 
 def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe: Recipe | None = None,
-         recipe_notes: list | tuple = ()) -> Plan:
+         recipe_notes: list | tuple = (), name: str | None = None) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
     Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted). A caller that
-    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again."""
-    cfg, name = model_config(model)
+    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again.
+    `name`: the model's name in the plan when `model` is a file (a bundle's config copy)."""
+    cfg, found = model_config(model)
+    name = name or found
     if recipe is None:
         r, _, recipe_notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)
     else:

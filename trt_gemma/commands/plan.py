@@ -11,8 +11,8 @@ from trt_gemma.checkpoint.config import PRESETS
 
 @click.command("plan")
 @click.option("--model", default="default", show_default=True,
-              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), a `trt-gemma build` bundle (its "
-                   "source model with its recipe), or `default`: the embedded model.")
+              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), a `trt-gemma build` bundle (the "
+                   "model config it carries with its recipe), or `default`: the embedded model.")
 @click.option("--target", default="auto", show_default=True,
               help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
 @click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
@@ -33,7 +33,7 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
     from trt_gemma.console import emit
     from trt_gemma.plan import require_fit
     from trt_gemma.recipes import parse_overrides
-    from trt_gemma.stages import plan as run  # the planner plus bundles (their source model and recipe)
+    from trt_gemma.stages import plan as run  # the planner plus bundles (their model config and recipe)
 
     t, source = resolve_target(target, as_json)
     overrides = parse_overrides(list(sets))
