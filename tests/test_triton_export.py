@@ -143,8 +143,9 @@ def _type_name(cfg, dtype: int) -> str:
         .enum_type.values_by_number[dtype].name
 
 
-# Frozen copy of the "Mandatory parameters" tables, per model, of triton-inference-server/tensorrtllm_backend
-# docs/model_config.md@05ceae03c28c855c8520ba8429659b9d01c5f783: the ${...} template variables of
+# Frozen copy of the "Mandatory parameters" tables, per model, of the page
+# triton-inference-server/tensorrtllm_backend/docs/model_config.md@05ceae03c28c855c8520ba8429659b9d01c5f783: the ${...}
+# template variables of
 # all_models/inflight_batcher_llm/<model>/config.pbtxt that must be filled for the model to load.
 UPSTREAM_MANDATORY = {
     "ensemble": ("triton_max_batch_size", "logits_datatype"),
