@@ -279,7 +279,8 @@ def test_tensorrt_rtx_builds_the_decoder_graph(graph_path, tmp_path, target):
 @needs_rtx
 def test_fp8_graph_builds_for_sm89(tmp_path):
     onnx.save(_one_matmul("fp8"), str(tmp_path / "fp8.onnx"))
-    r = E.build_engine(tmp_path / "fp8.onnx", tmp_path / "eng", get_target("rtx-4090"), Limits(2, 1, 1), precisions=("fp8",))
+    r = E.build_engine(tmp_path / "fp8.onnx", tmp_path / "eng", get_target("rtx-4090"), Limits(2, 1, 1),
+                       precisions=("fp8",))
     assert r.engine_bytes > 0 and r.sm == "8.9"
 
 
@@ -569,5 +570,6 @@ def test_exported_embedded_model_builds_for_sm86_and_sm89(exporter, tmp_path, ki
     ckpt = _checkpoint(kind, tmp_path / "ckpt")
     onnx_path = E._onnx_path(exporter(ckpt, tmp_path / "onnx", max_seq_len=256, opset=21), tmp_path / "onnx")
     for target in targets:
-        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", get_target(target), Limits(1, 64, 256), precisions=(kind,))
+        r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", get_target(target), Limits(1, 64, 256),
+                           precisions=(kind,))
         assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str, (kind, target)

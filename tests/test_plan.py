@@ -12,7 +12,8 @@ import pytest
 
 from trt_gemma.checkpoint.config import preset_config
 from trt_gemma.errors import FitError, InputError
-from trt_gemma.plan import model_config, parameter_count, plan, require_fit
+from trt_gemma.checkpoint.tensor_map import parameter_count
+from trt_gemma.plan import model_config, plan, require_fit
 from trt_gemma.checkpoint.st_io import read_header
 from trt_gemma.targets import TARGETS
 from trt_gemma.targets import get_target
@@ -245,7 +246,6 @@ def test_console_script_subprocess_no_traceback():
 def test_default_model_is_the_embedded_model(capsys):
     from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
     from trt_gemma.checkpoint.config import ModelConfig
-    from trt_gemma.plan import parameter_count
 
     code, out, _ = run_cli(["plan", "--target", "h100", "--json"], capsys)
     d = json.loads(out)
@@ -272,7 +272,8 @@ def test_recipe_clamped_to_model_context_like_build(target):
 
 def test_unconfirmed_precision_is_noted():
     # docs/facts/targets.md §1: SM 7.5 weight-only kernels are [UNCONF]; Hopper FP8 is confirmed
-    assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in plan("gemma-2-2b", get_target("t4")).notes)
+    t4 = plan("gemma-2-2b", get_target("t4")).notes
+    assert any(n.startswith("int8_wo on t4: SM 7.5") and "unconfirmed" in n for n in t4)
     assert not any("unconfirmed" in n for n in plan("gemma-2-2b", get_target("h100")).notes)
 
 
@@ -288,7 +289,8 @@ def test_awq_group_size_misfit(tmp_path):
     cfg = preset_config("gemma-2-27b").to_hf_dict()
     cfg["intermediate_size"] = 36800
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    p = plan(tmp_path, get_target("rtx-4090"), overrides={"quant": "bfloat16", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
+    p = plan(tmp_path, get_target("rtx-4090"),
+             overrides={"quant": "bfloat16", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
     assert p.verdict == "does not fit" and p.suggestion["set"]["quant"] == "int4_wo", p.suggestion
     assert load_recipe(get_target("jetson-agx-orin-64gb")).quant == "int4_awq"
     with pytest.raises(InputError, match="in_features 36800 is not a multiple of group_size 128") as e:
@@ -313,17 +315,19 @@ def test_nonpositive_model_sizes_are_named(tmp_path, capsys, key, value):
 def test_suggestion_is_the_largest_batch_that_fits_before_other_changes(overrides):
     """9b on an RTX 4090 (issue 10): the recipe fits at a smaller batch, so that is the suggestion — not batch 1 and
     not lighter weights. The boundary is found here by planning every batch size."""
-    p = plan("gemma-2-9b", get_target("rtx-4090"), overrides=overrides)
+    t = get_target("rtx-4090")
+    p = plan("gemma-2-9b", t, overrides=overrides)
     assert p.verdict == "does not fit"
     fitting = [b for b in range(1, p.recipe.max_batch_size)
-               if plan("gemma-2-9b", get_target("rtx-4090"), overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
+               if plan("gemma-2-9b", t, overrides={**overrides, "max_batch_size": b}).verdict == "fits"]
     assert fitting and p.suggestion["set"] == {"max_batch_size": max(fitting)}, p.suggestion
     assert abs(max(fitting) - p.max_batch_fit) <= 1  # the figure printed beside it agrees
 
 
 def test_suggestion_changes_weights_only_when_limits_cannot_fit():
-    p = plan("gemma-2-27b", get_target("rtx-4090"))
-    assert all(plan("gemma-2-27b", get_target("rtx-4090"), overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
+    t = get_target("rtx-4090")
+    p = plan("gemma-2-27b", t)
+    assert all(plan("gemma-2-27b", t, overrides={"max_batch_size": 1, "max_seq_len": s}).verdict != "fits"
                for s in (4096, 256))
     assert p.suggestion["set"]["quant"] == "int4_awq" and "max_num_tokens" not in p.suggestion["set"]
 

@@ -70,7 +70,8 @@ def test_override_values_are_typed():
                             "kv_cache_free_gpu_memory_fraction=0.5"]) == {
         "quant": "int4_awq", "max_seq_len": 2048, "share_embedding_table": True,
         "kv_cache_free_gpu_memory_fraction": 0.5}
-    r = load_recipe(get_target("h100"), overrides={"kv_cache_free_gpu_memory_fraction": 1})  # int accepted for a float field
+    # an int is accepted for a float field
+    r = load_recipe(get_target("h100"), overrides={"kv_cache_free_gpu_memory_fraction": 1})
     assert r.kv_cache_free_gpu_memory_fraction == 1.0
 
 
@@ -167,4 +168,5 @@ def test_max_input_len_follows_a_shorter_max_seq_len_then_the_model_clamp():
     r, _, notes = resolve_recipe(get_target("rtx-3090"), None, ["max_seq_len=2048"], max_positions=512)
     assert (r.max_seq_len, r.max_input_len) == (512, 384) and len(notes) == 2, notes
     with pytest.raises(RecipeError, match="max_input_len = 3000 is larger than max_seq_len = 2048"):
-        load_recipe(get_target("rtx-3090"), overrides=["max_seq_len=2048", "max_input_len=3000"])  # both set: the user decides
+        # both set: the user decides
+        load_recipe(get_target("rtx-3090"), overrides=["max_seq_len=2048", "max_input_len=3000"])

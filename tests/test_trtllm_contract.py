@@ -104,7 +104,8 @@ def _awq_tp_ok(cfg: ModelConfig, group: int, tp: int) -> bool:
 def test_plan_names_the_awq_tp_sizes_trtllm_loads(model):
     from trt_gemma.plan import plan
 
-    p = plan(model, get_target("h100"), overrides={"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
+    p = plan(model, get_target("h100"),
+             overrides={"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
     want = [tp for tp in (1, 2, 4, 8) if _awq_tp_ok(preset_config(model), 128, tp)]
     assert p.awq_tp_sizes == want
     # the cases the issue found by hand: 2b at tp 4 (2304 % 512), 9b and 27b at tp 8

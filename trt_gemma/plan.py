@@ -11,6 +11,9 @@ Memory model (docs/facts/targets.md §5-6, docs/tensorrt-llm-contract.md §4-5; 
 - runtime overhead [INF]: CUDA context + TensorRT/TRT-LLM kernels; on Jetson also an OS reserve, because the GPU
   shares MemTotal with the (headless) OS; on RTX cards the display takes some VRAM.
 Decode roofline at batch 1: tok/s <= bandwidth / (non-embedding weights + lm_head + context x KV per token).
+That is TensorRT-LLM's engine. A recipe with engine = "tensorrt" builds the TensorRT route instead, whose memory
+trt_gemma.engine.plan counts; the plan gives one verdict, its largest fits and its suggestion on the route the recipe
+builds, and the other route's total only as a labelled figure (`route_totals`).
 """
 from __future__ import annotations
 

@@ -40,8 +40,9 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
 
     `model`: None / "default" (the embedded model), a preset ("gemma-2-2b", ...), a local HF dir, a hub id, or a
     `trt-gemma build` bundle (the model config it carries with the bundle's recipe, for the target asked: "does this
-    bundle fit this device"; its source model need not be on this host). `target`: a name from `trt-gemma targets`, or "auto" (this device, else the default target,
-    as `trt-gemma plan` chooses). `overrides`: recipe fields ({"quant": "int4_awq"} or ["quant=int4_awq"]).
+    bundle fit this device"; its source model need not be on this host). `target`: a name from `trt-gemma targets`,
+    or "auto" (this device, else the default target, as `trt-gemma plan` chooses). `overrides`: recipe fields
+    ({"quant": "int4_awq"} or ["quant=int4_awq"]).
     Raises InputError (model), ConfigError / RecipeError (target, recipe fields). Not fitting is a verdict, not an
     error: `p.fits` is False (plan.require_fit(p) raises FitError, as the CLI does)."""
     from trt_gemma.checkpoint.config import PRESETS
