@@ -23,6 +23,7 @@ from trt_gemma.fsutil import sha256_file
 from trt_gemma.manifest import MANIFEST, UNAVAILABLE, inspect_path, read_manifest
 from trt_gemma.recipes import load_recipe
 from trt_gemma.engine.trtllm_flags import trtllm_build_argv
+from trt_gemma.targets import get_target
 
 NO_GPU = Detection("none", why="test host without NVIDIA GPU")
 FAST_CALIB = ["calib_size=4", "calib_max_seq_length=64"]  # seconds, not minutes, on 2 CPU cores
@@ -93,7 +94,7 @@ def _check_printed_commands(output: str, bundle: Path) -> None:
     assert f"trt-gemma build --from-bundle {bundle}" in lines, output
     raw = [ln for ln in lines if ln.startswith("trtllm-build ")]
     assert len(raw) == 1, output
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     assert shlex.split(raw[0]) == trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine")
     assert f"trt-gemma serve {bundle / 'engine'}" in lines
 
@@ -161,7 +162,7 @@ def test_h100_fp8_bundle(h100_bundle, model_dir):
     _check_manifest(m, model_dir, "h100", "fp8")
     q = json.loads((h100_bundle / "checkpoint" / "config.json").read_text())["quantization"]
     assert q["quant_algo"] == "FP8" and q["kv_cache_quant_algo"] == "FP8"
-    argv = trtllm_build_argv(load_recipe("h100", h100_bundle / "recipe.toml"), "c", "e")
+    argv = trtllm_build_argv(load_recipe(get_target("h100"), h100_bundle / "recipe.toml"), "c", "e")
     assert argv[argv.index("--gemm_plugin") + 1] == "disable"
 
 
@@ -326,7 +327,7 @@ def _engine_dir_fixture(bundle: Path, gpu: str, sm: int) -> Path:
 
     engine = bundle / "engine"
     engine.mkdir()
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     build_cfg = {k: v for k, v in build_config_kwargs(recipe).items() if k != "plugin_config"}
     pretrained = json.loads((bundle / "checkpoint" / "config.json").read_text())
     (engine / "config.json").write_text(json.dumps({"version": "1.2.1", "pretrained_config": pretrained,

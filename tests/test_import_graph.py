@@ -1,4 +1,9 @@
-"""The package's import graph has no cycles, lazy (function-level) imports included.
+"""The package's import graph has no cycles and points one way, lazy (function-level) imports included.
+
+`LAYERS` gives every unit (a stage package such as trt_gemma.checkpoint, or a top-level module such as trt_gemma.plan)
+its layer: a module may import units of its own layer or lower, never higher. Each package's `__init__.py` docstring
+says the same in its "May import:" line. `get_target` (a target looked up by name) is called only at a command's
+boundary; everything below takes the `Target` object.
 
 A cycle that only works because one side imports inside a function (convert <-> hf <-> quant_codecs (now checkpoint/codecs),
 reference/checkpoint <-> reference/quantized once did) breaks as soon as someone moves that import to the top, and it
@@ -116,3 +121,123 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
                 seen.add(w)
                 todo.append(w)
     return seen
+
+
+# unit -> layer, lowest first. Same layer: allowed (the cycle test still applies).
+LAYERS = {
+    # base: no stage knowledge
+    "trt_gemma.errors": 0, "trt_gemma.console": 0, "trt_gemma.fsutil": 0, "trt_gemma.gpu_probe": 0,
+    "trt_gemma.assets": 0, "trt_gemma.build_configs": 0,
+    # hardware: the target table, what this host is, what it measures
+    "trt_gemma.targets": 1, "trt_gemma.detect": 1, "trt_gemma.telemetry": 1,
+    # the pipeline's stages
+    "trt_gemma.checkpoint": 2,
+    "trt_gemma.quant": 3,
+    "trt_gemma.reference": 4,
+    "trt_gemma.onnx": 5,
+    "trt_gemma.engine": 6, "trt_gemma.runtime": 6,
+    # the recipe (validated with the engine's builder rules), then the planner that reads it
+    "trt_gemma.recipes": 7,
+    "trt_gemma.plan": 8,
+    # what works on artifacts: manifests, eval, the guard's classifier, SAE features
+    "trt_gemma.manifest": 9, "trt_gemma.eval": 9, "trt_gemma.safety": 9, "trt_gemma.scope": 9,
+    # the bundle (plan -> quantize/convert -> quality -> manifest -> engine)
+    "trt_gemma.build": 10,
+    # the public entry points
+    "trt_gemma.stages": 11, "trt_gemma.api": 11,
+    "trt_gemma.serve": 12, "trt_gemma.deploy": 12,
+    "trt_gemma.commands": 13, "trt_gemma.cli": 13, "trt_gemma.__main__": 13, "trt_gemma": 13,
+}
+
+
+def unit(module: str) -> str:
+    """trt_gemma.engine.plan -> trt_gemma.engine; trt_gemma.plan -> trt_gemma.plan; trt_gemma -> trt_gemma."""
+    return ".".join(module.split(".")[:2])
+
+
+def _units() -> set[str]:
+    return {unit(_module_name(p)) for p in PKG.rglob("*.py")}
+
+
+def test_the_layer_table_covers_every_unit():
+    units = _units()
+    assert not units - set(LAYERS), f"units missing from LAYERS (give each a layer): {sorted(units - set(LAYERS))}"
+    assert not set(LAYERS) - units, f"LAYERS names units that do not exist: {sorted(set(LAYERS) - units)}"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {LAYERS[unit(m)]}) imports {t} (layer {LAYERS[unit(t)]})"
+                  for m, targets in graph.items() for t in targets if LAYERS[unit(t)] > LAYERS[unit(m)])
+
+
+def test_lower_layers_never_import_higher_ones():
+    found = layer_violations(import_graph())
+    assert not found, "imports against the layer order (lazy ones included):\n" + "\n".join(found)
+
+
+def test_layer_check_can_fail():
+    assert layer_violations({"trt_gemma.quant.modelopt": {"trt_gemma.plan"}}) == [
+        "trt_gemma.quant.modelopt (layer 3) imports trt_gemma.plan (layer 8)"]
+
+
+def _short(u: str) -> str:
+    return u.removeprefix("trt_gemma.")
+
+
+def test_package_docstrings_may_import_only_lower_layers():
+    """Each package's "May import:" line names only units its layer allows (read off the table, not re-typed)."""
+    names = {_short(u): u for u in LAYERS if u != "trt_gemma"}
+    for init in sorted(PKG.glob("*/__init__.py")):
+        pkg = _module_name(init)
+        if pkg in ("trt_gemma.build_configs", "trt_gemma.commands"):  # data only / the top layer
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        line = next((ln for ln in doc.replace("\n", " ").split(". ") if "May import:" in ln), None)
+        assert line is not None, f"{init}: docstring has no 'May import:' line"
+        named = [names[w] for w in _words(line.split("May import:", 1)[1]) if w in names]
+        assert named, f"{init}: 'May import:' names no unit: {line!r}"
+        above = [n for n in named if LAYERS[n] > LAYERS[pkg]]
+        assert not above, f"{init}: 'May import:' allows higher layers {above}: {line!r}"
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z_]+", text)
+
+
+# Where a target may be looked up by name: its table, the resolver, and the command boundary.
+GET_TARGET_ALLOWED = ("trt_gemma.targets", "trt_gemma.detect", "trt_gemma.stages", "trt_gemma.api", "trt_gemma.cli",
+                      "trt_gemma.commands")
+
+
+def get_target_callers() -> dict[str, list[int]]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        lines = [n.lineno for n in ast.walk(ast.parse(path.read_text())) if _names_get_target(n)]
+        if lines:
+            out[_module_name(path)] = lines
+    return out
+
+
+def _names_get_target(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call):
+        f = node.func
+        return (isinstance(f, ast.Name) and f.id == "get_target") or (
+            isinstance(f, ast.Attribute) and f.attr == "get_target")
+    if isinstance(node, ast.ImportFrom):
+        return any(a.name == "get_target" for a in node.names)
+    return False
+
+
+def test_get_target_only_at_the_command_boundary():
+    """Resolve once, pass the object: below commands/, stages, api and detect.resolve_target every function takes a
+    Target (plan's memory and support checks, the engine plan and rules, build's caveats, the TensorRT-LLM flags)."""
+    below = {m: lines for m, lines in get_target_callers().items()
+             if not any(m == a or m.startswith(a + ".") for a in GET_TARGET_ALLOWED)}
+    assert not below, f"get_target below the command boundary (module: lines): {below}"
+
+
+def test_get_target_check_can_fail():
+    tree = ast.parse("from trt_gemma import targets\ndef f(n):\n    return targets.get_target(n)\n")
+    assert sum(map(_names_get_target, ast.walk(tree))) == 1

@@ -15,6 +15,7 @@ import pytest
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.safety import (POLICIES, SOURCE, Moderator, Verdict, answer_tokens, load_moderator, load_thresholds,
                               make_prompt)
+from trt_gemma.targets import get_target
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "shieldgemma_cookbook.json").read_text())
 HARM = {"dangerous": "DANGEROUS", "hate": "HATE", "sexual": "SEXUAL", "harassment": "HARASSMENT"}
@@ -253,9 +254,10 @@ def test_plan_with_guard_counts_both_models_and_the_runtime_once():
     from trt_gemma.plan import plan
     from trt_gemma.safety import plan_with_guard
 
-    chat = plan("gemma-2-2b", "jetson-orin-nano-8gb", overrides={"quant": "int4_awq"})
-    guard = plan("shieldgemma-2b", "jetson-orin-nano-8gb", overrides={"quant": "int4_awq", "max_batch_size": 4})
-    d = plan_with_guard(chat, "shieldgemma-2b", "jetson-orin-nano-8gb", {"quant": "int4_awq"})
+    t = get_target("jetson-orin-nano-8gb")
+    chat = plan("gemma-2-2b", t, overrides={"quant": "int4_awq"})
+    guard = plan("shieldgemma-2b", t, overrides={"quant": "int4_awq", "max_batch_size": 4})
+    d = plan_with_guard(chat, "shieldgemma-2b", t, {"quant": "int4_awq"})
     assert d["guard"]["plan"]["recipe"]["max_batch_size"] == 4 and d["guard"]["plan"]["recipe"]["quant"] == "int4_awq"
     assert d["combined"]["total_bytes"] == chat.total_bytes + guard.total_bytes - sum(guard.overhead.values())
     assert d["combined"]["total_bytes"] > chat.total_bytes
@@ -277,13 +279,22 @@ def test_pair_suggestion_is_the_first_change_that_fits():
     from trt_gemma.plan import plan
     from trt_gemma.safety import PAIR_FIXES, plan_with_guard
 
-    t = "jetson-orin-nano-8gb"
+    t = get_target("jetson-orin-nano-8gb")
     d = plan_with_guard(plan("gemma-2-2b", t), "shieldgemma-2b", t, chat_model="gemma-2-2b")
     assert d["combined"]["verdict"] == "does not fit"
     sug = d["combined"]["suggestion"]
-    assert sug is not None and sug["set"] == PAIR_FIXES[0], sug
-    again = plan_with_guard(plan("gemma-2-2b", t, overrides=sug["set"]), "shieldgemma-2b", t, sug["set"])
-    assert again["combined"]["verdict"] == "fits" and again["combined"]["total_bytes"] == sug["total_bytes"]
-    small = plan_with_guard(plan("gemma-2-2b", "jetson-orin-nano-4gb"), "shieldgemma-2b", "jetson-orin-nano-4gb",
-                            chat_model="gemma-2-2b")
+    # fixes are tried cumulatively, in order: the suggestion is the first prefix of PAIR_FIXES with which both fit
+    prefixes = [{k: v for fix in PAIR_FIXES[:n] for k, v in fix.items()} for n in range(1, len(PAIR_FIXES) + 1)]
+    assert sug is not None and sug["set"] in prefixes, sug
+    n = prefixes.index(sug["set"])
+
+    def pair(over):
+        return plan_with_guard(plan("gemma-2-2b", t, overrides=over), "shieldgemma-2b", t, over)["combined"]
+
+    again = pair(sug["set"])
+    assert again["verdict"] == "fits" and again["total_bytes"] == sug["total_bytes"]
+    if n:
+        assert pair(prefixes[n - 1])["verdict"] != "fits", "an earlier prefix already fits"
+    t4 = get_target("jetson-orin-nano-4gb")
+    small = plan_with_guard(plan("gemma-2-2b", t4), "shieldgemma-2b", t4, chat_model="gemma-2-2b")
     assert small["combined"]["suggestion"] is None  # nothing in PAIR_FIXES makes two 2B models fit in 4 GB

@@ -84,7 +84,7 @@ def test_precision_rules(sm, precision, ok):
 def test_unconfirmed_levels_and_reasons():
     assert support_level(120, "int4_awq")[0] == "unconfirmed"
     assert support_level(75, "int8_wo")[0] == "unconfirmed"
-    level, reason = support_level("b200", "int4_awq")
+    level, reason = support_level(TARGETS["b200"], "int4_awq")
     assert level == "no" and "SM 10.0" in reason and "INT8/INT4" in reason
     ok, reason = supports(TARGETS["jetson-orin-nano-8gb"], "fp8")
     assert not ok and "FP8 needs SM >= 8.9" in reason

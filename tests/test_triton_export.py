@@ -19,9 +19,10 @@ from trt_gemma import build as B
 from trt_gemma.errors import ConfigError, DependencyError, InputError, OutputError
 from trt_gemma.manifest import read_manifest, write_manifest
 from trt_gemma.recipes import load_recipe
-from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton
+from trt_gemma.deploy.triton import EXPORT_MANIFEST, MANDATORY, export_triton  # MANDATORY: checked against the copy
 from trt_gemma.deploy.inspect import inspect_repository, model_config_pb2
 from trt_gemma.deploy.models import MODELS
+from trt_gemma.targets import get_target
 
 pb2 = None
 
@@ -51,7 +52,7 @@ def fake_engine(bundle: Path, version: str = "1.1.0", tp: int = 1) -> Path:
 
     engine = bundle / "engine"
     engine.mkdir(exist_ok=True)
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     build_cfg = {k: v for k, v in build_config_kwargs(recipe).items() if k != "plugin_config"}
     pretrained = json.loads((bundle / "checkpoint" / "config.json").read_text())
     pretrained["mapping"].update(world_size=tp, tp_size=tp)
@@ -105,7 +106,7 @@ def _params(cfg) -> dict:
 
 
 def test_values_equal_the_recipe_and_engine(repo, bundle):
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    recipe = B.read_bundle(bundle)[2]
     engine_cfg = json.loads((bundle / "engine" / "config.json").read_text())
     trt = parse(repo / "tensorrt_llm" / "config.pbtxt")
     p = _params(trt)
@@ -142,6 +143,26 @@ def _type_name(cfg, dtype: int) -> str:
         .enum_type.values_by_number[dtype].name
 
 
+# Frozen copy of the "Mandatory parameters" tables, per model, of the page
+# triton-inference-server/tensorrtllm_backend/docs/model_config.md@05ceae03c28c855c8520ba8429659b9d01c5f783: the ${...}
+# template variables of
+# all_models/inflight_batcher_llm/<model>/config.pbtxt that must be filled for the model to load.
+UPSTREAM_MANDATORY = {
+    "ensemble": ("triton_max_batch_size", "logits_datatype"),
+    "preprocessing": ("triton_max_batch_size", "tokenizer_dir", "preprocessing_instance_count",
+                      "max_queue_delay_microseconds", "max_queue_size"),
+    "postprocessing": ("triton_max_batch_size", "tokenizer_dir", "postprocessing_instance_count"),
+    "tensorrt_llm": ("triton_backend", "triton_max_batch_size", "decoupled_mode", "max_queue_delay_microseconds",
+                     "max_queue_size", "engine_dir", "batching_strategy", "encoder_input_features_data_type",
+                     "logits_datatype"),
+    "tensorrt_llm_bls": ("triton_max_batch_size", "decoupled_mode", "bls_instance_count", "logits_datatype"),
+}
+
+
+def test_exporter_table_is_the_upstream_list():
+    assert {m: set(v) for m, v in MANDATORY.items()} == {m: set(v) for m, v in UPSTREAM_MANDATORY.items()}
+
+
 def test_mandatory_parameters_are_set(repo):
     """tensorrtllm_backend/docs/model_config.md's mandatory names, located in each parsed config independently of the exporter."""
     where = {
@@ -156,7 +177,7 @@ def test_mandatory_parameters_are_set(repo):
         "batching_strategy": lambda c: _params(c).get("gpt_model_type"),
         "encoder_input_features_data_type": lambda c: [t for t in c.input if t.name == "encoder_input_features"],
     }
-    for model, names in MANDATORY.items():
+    for model, names in UPSTREAM_MANDATORY.items():
         cfg = parse(repo / model / "config.pbtxt")
         for name in names:
             got = where[name](cfg) if name in where else cfg.instance_group[0].count  # *_instance_count
@@ -314,7 +335,7 @@ def test_unified_memory_recipe_caps_the_kv_pool(tmp_path):
     B.build_bundle(None, "jetson-orin-nano-8gb", overrides=["quant=bfloat16", "kv_cache_dtype=auto"], out=b,
                    skip_quality=True, show_progress=False, compile_engine=False)
     fake_engine(b, version="1.0.0")
-    recipe = load_recipe("jetson-orin-nano-8gb", b / "recipe.toml")
+    recipe = load_recipe(get_target("jetson-orin-nano-8gb"), b / "recipe.toml")
     assert recipe.kv_cache_max_tokens > 0
     export_triton(b, tmp_path / "repo")
     p = _params(parse(tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt"))

@@ -20,6 +20,7 @@ from trt_gemma.runtime.trtllm import attention_windows, runner_kwargs, sampling_
 from trt_gemma.checkpoint.config import ModelConfig, preset_config
 from trt_gemma.checkpoint.convert import convert_checkpoint, trtllm_config
 from trt_gemma.errors import ConfigError
+from trt_gemma.targets import get_target
 
 # --- defect 1: weight-only checkpoints and exclude_modules -----------------------------------------------------------
 
@@ -103,7 +104,8 @@ def _awq_tp_ok(cfg: ModelConfig, group: int, tp: int) -> bool:
 def test_plan_names_the_awq_tp_sizes_trtllm_loads(model):
     from trt_gemma.plan import plan
 
-    p = plan(model, "h100", overrides={"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
+    p = plan(model, get_target("h100"),
+             overrides={"quant": "int4_awq", "kv_cache_dtype": "auto", "gemm_plugin": "auto"})
     want = [tp for tp in (1, 2, 4, 8) if _awq_tp_ok(preset_config(model), 128, tp)]
     assert p.awq_tp_sizes == want
     # the cases the issue found by hand: 2b at tp 4 (2304 % 512), 9b and 27b at tp 8
@@ -136,7 +138,7 @@ def test_convert_refuses_awq_tp_that_trtllm_pads_and_agrees_with_plan(tmp_path):
     from trt_gemma.plan import plan
 
     src = _fake_modelopt_awq(make_tiny_hf_model(tmp_path / "hf", hidden_size=192), tmp_path / "awq", 64)
-    p = plan(src, "h100", overrides={"quant": "int4_awq", "group_size": 64, "kv_cache_dtype": "auto",
+    p = plan(src, get_target("h100"), overrides={"quant": "int4_awq", "group_size": 64, "kv_cache_dtype": "auto",
                                      "gemm_plugin": "auto"})
     cfg = ModelConfig.from_file(src / "config.json")
     assert p.awq_tp_sizes == [tp for tp in (1, 2, 4, 8) if _awq_tp_ok(cfg, 64, tp)] == [1]

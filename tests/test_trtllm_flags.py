@@ -11,6 +11,7 @@ import pytest
 
 from trt_gemma.engine import trtllm_flags
 from trt_gemma.errors import RecipeError
+from trt_gemma.targets import get_target
 
 # `trtllm-build` flags named in §5 (incl. the plugin/feature flag table).
 DOCUMENTED_CLI_FLAGS = frozenset({
@@ -158,7 +159,7 @@ def test_table_names_are_documented():
 def test_every_build_config_maps_to_documented_names(path):
     from trt_gemma.recipes import load_recipe
 
-    recipe = load_recipe(path.stem)
+    recipe = load_recipe(get_target(path.stem))
     kwargs, flags = check_documented(recipe)
     want_gemm = "disable" if recipe.quant == "fp8" else "auto"
     assert flags["--gemm_plugin"] == want_gemm, f"{path.name}: quant={recipe.quant} gemm={flags['--gemm_plugin']}"

@@ -11,8 +11,11 @@ Quantization is portable, engines are not (tied to the GPU's SM and the TensorRT
    TensorRT runtimes crash, not raise, without a GPU. Without them `build` finishes the bundle, exits 0 and prints
    what to run on the target.
 
-Bundle layout: checkpoint/ (TRT-LLM checkpoint + tokenizer), recipe.toml (resolved), plan.json, quality.json/.md,
-manifest.json, and engine/ once compiled (engine + tokenizer + manifest, servable on its own).
+Bundle layout: checkpoint/ (TRT-LLM checkpoint + tokenizer), hf_config.json (the source model's HF config.json, what
+`plan` reads), recipe.toml (resolved), plan.json, quality.json/.md, manifest.json, and engine/ once compiled (engine +
+tokenizer + manifest, servable on its own). Everything a step on the device needs is inside: the source model's path
+is recorded in the manifest as provenance only, so a bundle copied to a host that never saw the source still plans,
+serves and compiles.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
 from trt_gemma.checkpoint.quant_block import with_shared_embedding
 from trt_gemma.recipes import CALIBRATED_QUANTS, Recipe, load_recipe, resolve_recipe
-from trt_gemma.targets import Target, get_target
+from trt_gemma.targets import Target
 from trt_gemma.engine.trtllm_flags import build_config_kwargs, trtllm_build_argv
 
 BUNDLES_DIR = Path("bundles")  # default --out: ./bundles/<model>-<target>-<quant>
+HF_CONFIG = "hf_config.json"  # BUNDLE/hf_config.json: the source model's config.json (the planner's input)
 COPY_BLOCK_BYTES = 64 << 20  # row blocks when rewriting a rank file
 QUALITY_MAX_TOKENS = 512  # eval-text tokens scored for the quality table (keeps a CPU build quick)
 
@@ -218,6 +222,7 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
             (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
             (tmp / "quality.md").write_text(quality["markdown"] + "\n")
         write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {t.name}")
+        shutil.copyfile(model_dir / "config.json", tmp / HF_CONFIG)
         (tmp / "plan.json").write_text(json.dumps(p.to_dict(), indent=2, default=str) + "\n")
         manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0, t)
         mf.write_manifest(tmp, manifest)
@@ -247,14 +252,15 @@ def trtllm_caveat(t: Target) -> str | None:
 
 
 def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: str, notes: list,
-                    seconds: float, t: Target | None = None) -> dict:
-    t = t if t is not None else get_target(recipe.target)
+                    seconds: float, t: Target) -> dict:
     ckpt_cfg = json.loads((ckpt / "config.json").read_text())
     quant = ckpt_cfg.get("quantization") or {}
     return {
         "format": mf.FORMAT, "kind": "bundle", "created_utc": mf.now_utc(),
+        # "path": where the source was on the build host (provenance only: nothing reads it back); "config": the copy
+        # of its config.json inside the bundle
         "model": {"id": spec if spec is not None else model_name(None, model_dir), "path": str(model_dir.resolve()),
-                  "inputs_sha256": _input_hashes(ckpt, model_dir)},
+                  "config": HF_CONFIG, "inputs_sha256": _input_hashes(ckpt, model_dir)},
         "target": {"name": t.name, "title": t.title, "sm": t.sm_str, "family": t.family, "chosen": how},
         "recipe": recipe.to_dict(),
         "quant_algo": {"weights": quant.get("quant_algo"), "kv_cache": quant.get("kv_cache_quant_algo")},
@@ -269,17 +275,37 @@ def bundle_manifest(spec, model_dir: Path, ckpt: Path, recipe: Recipe, p, how: s
     }
 
 
+def read_bundle(bundle: Path) -> tuple[dict, Target, Recipe]:
+    """A bundle's manifest, its target (the name the manifest records, resolved here once for the command) and its
+    resolved recipe.toml."""
+    manifest = mf.read_manifest(bundle)
+    if manifest.get("kind") != "bundle":
+        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
+    t, _ = resolve_target(manifest["target"]["name"])
+    return manifest, t, load_recipe(t, bundle / "recipe.toml")
+
+
+def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """The bundle's TensorRT route (trt_gemma.engine.build.tensorrt_route: ONNX export, then the target's builder)
+    with the bundle's own recipe and target, its outcome recorded in the manifest under "tensorrt"."""
+    from trt_gemma.engine.build import tensorrt_route as build_route
+
+    bundle = Path(bundle_dir)
+    manifest, t, recipe = read_bundle(bundle)
+    status = build_route(bundle, recipe, t, force=force, require=require, log=log)
+    manifest["tensorrt"] = {k: v for k, v in status.items() if k != "on_target"}
+    mf.write_manifest(bundle, manifest)
+    return status
+
+
 def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_logits: bool = False,
                    log: Callable[[str], None] | None = None, detection=None) -> EngineResult:
     """Compile BUNDLE/checkpoint into BUNDLE/engine with TensorRT-LLM (GPU host only; typed error elsewhere)."""
     from trt_gemma.gpu_probe import gpu_unavailable_reason
 
     bundle = Path(bundle_dir)
-    manifest = mf.read_manifest(bundle)
-    if manifest.get("kind") != "bundle":
-        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
-    t = get_target(manifest["target"]["name"])
-    recipe = load_recipe(t, bundle / "recipe.toml")
+    manifest, t, recipe = read_bundle(bundle)
     reason = gpu_unavailable_reason()
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))

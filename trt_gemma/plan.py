@@ -11,6 +11,9 @@ Memory model (docs/facts/targets.md §5-6, docs/tensorrt-llm-contract.md §4-5; 
 - runtime overhead [INF]: CUDA context + TensorRT/TRT-LLM kernels; on Jetson also an OS reserve, because the GPU
   shares MemTotal with the (headless) OS; on RTX cards the display takes some VRAM.
 Decode roofline at batch 1: tok/s <= bandwidth / (non-embedding weights + lm_head + context x KV per token).
+That is TensorRT-LLM's engine. A recipe with engine = "tensorrt" builds the TensorRT route instead, whose memory
+trt_gemma.engine.plan counts; the plan gives one verdict, its largest fits and its suggestion on the route the recipe
+builds, and the other route's total only as a labelled figure (`route_totals`).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from trt_gemma.checkpoint.config import PRESETS, ModelConfig, preset_config
 from trt_gemma.errors import FitError, InputError, TrtGemmaError
 from trt_gemma.quant.formats import FLOAT_BYTES, FORMATS, KV_BYTES
 from trt_gemma.recipes import GEMMA2_MAX_SEQ_LEN, GROUP_SIZES, Recipe, resolve_recipe, validate
-from trt_gemma.targets import GiB, MiB, Target, get_target, support_level, supports
-from trt_gemma.checkpoint.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes
+from trt_gemma.targets import GiB, MiB, Target, support_level, supports
+from trt_gemma.checkpoint.tensor_map import TP_CANDIDATES, awq_tp_sizes, linear_shapes, parameter_count
 
 MARGIN = 0.10  # "fits" keeps 10% of usable memory free; "tight" fits without that margin
 
@@ -72,6 +75,8 @@ class Plan:
     notes: list = field(default_factory=list)
     awq_tp_sizes: list | None = None  # INT4-AWQ: the tp sizes TensorRT-LLM loads our checkpoint at (convert agrees)
     tensorrt: dict | None = None  # engine = "tensorrt" recipes: trt_gemma.engine.plan.tensorrt_plan
+    route: str = "tensorrt_llm"  # the route the recipe builds (its `engine`): the verdict and fits are judged on it
+    route_totals: dict = field(default_factory=dict)  # bytes each planned route needs ({route: total}), labelled
 
     @property
     def fits(self) -> bool:
@@ -85,8 +90,8 @@ class Plan:
 
 
 def model_config(model: str | Path) -> tuple[ModelConfig, str]:
-    """A preset name (real HF values), a local HF model dir (its config.json), a hub id (config.json from the local HF
-    cache or the hub), or "default": the embedded model."""
+    """A preset name (real HF values), a local HF model dir (its config.json) or an HF config.json file itself (a
+    bundle's copy), a hub id (config.json from the local HF cache or the hub), or "default": the embedded model."""
     if str(model) == "default":
         from trt_gemma.assets import DEFAULT_MODEL_NAME, default_model_dir
 
@@ -96,6 +101,8 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     path = Path(model)
     if path.is_dir():
         return ModelConfig.from_file(path / "config.json"), str(path)
+    if path.is_file() and path.suffix == ".json":
+        return ModelConfig.from_file(path), str(path)
     if str(model).count("/") == 1 and not str(model).startswith((".", "~")):
         # a hub id ("org/name"), resolved like every other command does (local HF cache, HF_HUB_OFFLINE honoured);
         # planning reads config.json only, so nothing else is fetched
@@ -105,14 +112,6 @@ def model_config(model: str | Path) -> tuple[ModelConfig, str]:
     raise InputError(f"--model {model!r} is neither a preset, a local model dir nor a hub id (org/name)",
                      fix=f"use default (the embedded model), one of {', '.join(PRESETS)}, a directory "
                          "containing config.json, or a hub id such as google/gemma-2-2b-it")
-
-
-def parameter_count(cfg: ModelConfig) -> int:
-    """Parameters as the HF tensors hold them (tied lm_head counted once)."""
-    h, per_layer = cfg.hidden_size, 4 * cfg.hidden_size
-    per_layer += sum(o * i for o, i in _linear_shapes(cfg))
-    lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + cfg.num_hidden_layers * per_layer + h + lm_head
 
 
 def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -170,29 +169,76 @@ def fit_verdict(total: int, usable: int) -> str:
     return "tight" if total <= usable else "does not fit"
 
 
+def _tensorrt(cfg: ModelConfig, t: Target, r: Recipe, m: dict) -> dict:
+    """The TensorRT route's memory (engine/plan.py) from the same weights and KV bytes per token."""
+    from trt_gemma.engine.plan import tensorrt_plan
+
+    overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
+    return tensorrt_plan(cfg, t, r, weights=m["weights"], kv_tok=m["kv_tok"], overhead=overhead)
+
+
+def route_total(cfg: ModelConfig, t: Target, r: Recipe) -> int:
+    """Bytes the route the recipe builds needs: TensorRT-LLM's engine and KV pool, or the TensorRT route's engine
+    (past and present KV buffers, per-profile activations)."""
+    m = _memory(cfg, t, r)
+    return _tensorrt(cfg, t, r, m)["total_bytes"] if r.engine == "tensorrt" else m["total"]
+
+
 def fits(cfg: ModelConfig, t: Target, r: Recipe) -> bool:
-    return fit_verdict(_memory(cfg, t, r)["total"], t.usable_bytes) == "fits"
+    return fit_verdict(route_total(cfg, t, r), t.usable_bytes) == "fits"
 
 
-def plan(model: str | Path, target: str | Target, overrides=None, config_file=None, recipe: Recipe | None = None,
-         recipe_notes: list | tuple = ()) -> Plan:
+MAX_BATCH_SEARCH = 1 << 20  # upper end of the largest-batch search (a bound, not a limit anyone builds)
+
+
+def _largest(ok, hi: int) -> int:
+    """The largest n in 1..hi with ok(n), for ok true up to a point and false beyond (memory grows with n); 0: none."""
+    lo, best = 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def largest_fits(cfg: ModelConfig, t: Target, r: Recipe) -> tuple[int, int]:
+    """(the largest max_seq_len, a multiple of 128 or the model's limit, at the recipe's batch; the largest
+    max_batch_size at its max_seq_len) that fit with the margin on the recipe's route. The KV pool is taken uncapped:
+    the question is what the engine could hold."""
+    def ok(**changes) -> bool:
+        return fits(cfg, t, r.replace(kv_cache_max_tokens=0, **changes))
+
+    def seq_ok(s: int) -> bool:
+        return ok(max_seq_len=s, max_input_len=min(r.max_input_len, s))
+
+    limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
+    seq = limit if seq_ok(limit) else 128 * _largest(lambda k: seq_ok(128 * k), (limit - 1) // 128)
+    return seq, _largest(lambda b: ok(max_batch_size=b), MAX_BATCH_SEARCH)
+
+
+def plan(model: str | Path, t: Target, overrides=None, config_file=None, recipe: Recipe | None = None,
+         recipe_notes: list | tuple = (), name: str | None = None) -> Plan:
     """Plan `model` on `target` with the target's recipe (or `config_file`) plus `overrides` (dict or key=value).
     Like `trt-gemma build`, limits beyond the model's max_position_embeddings are clamped to it (noted). A caller that
-    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again."""
-    t = get_target(target)
-    cfg, name = model_config(model)
+    already resolved the recipe (build) passes it as `recipe` with its notes: it is not loaded or validated again.
+    `name`: the model's name in the plan when `model` is a file (a bundle's config copy)."""
+    cfg, found = model_config(model)
+    name = name or found
     if recipe is None:
         r, _, recipe_notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)
     else:
         r = recipe
     m = _memory(cfg, t, r)
-    budget = int(t.usable_bytes * (1 - MARGIN))
-    verdict = fit_verdict(m["total"], t.usable_bytes)
+    totals = {"tensorrt_llm": m["total"]}
+    trt = _tensorrt(cfg, t, r, m) if r.engine == "tensorrt" else None
+    if trt is not None:
+        totals["tensorrt"] = trt["total_bytes"]
+    total = totals[r.engine]  # one verdict: the route the recipe builds
+    verdict = fit_verdict(total, t.usable_bytes)
     kv_tok, w = m["kv_tok"], m["weights"]
-    room = budget - (m["fixed"])
-    seq_limit = min(GEMMA2_MAX_SEQ_LEN, cfg.max_position_embeddings)
-    seq_fit = max(0, min(seq_limit, room // (kv_tok * r.max_batch_size) // 128 * 128)) if room > 0 else 0
-    batch_fit = max(0, room // (kv_tok * r.max_seq_len)) if room > 0 else 0
+    seq_fit, batch_fit = largest_fits(cfg, t, r)
     read = w["linears"] + w["norms"] + (w["lm_head"] or w["embedding"]) + cfg.hidden_size * FLOAT_BYTES[r.dtype]
     params = parameter_count(cfg)
     published, note = _published(name, cfg, params)
@@ -201,13 +247,13 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
         parameters_note=note, weights=w, kv_bytes_per_token=kv_tok,
         kv_bytes_per_token_by_dtype={d: kv_bytes_per_token(cfg, d) for d in ("bfloat16", "float16", "fp8", "int8")},
         kv_tokens=m["kv_tokens"], kv_bytes=m["kv_tokens"] * kv_tok,
-        activation_bytes=activation_bytes(cfg, r), overhead=m["overhead"], total_bytes=m["total"],
-        usable_bytes=t.usable_bytes, headroom_bytes=t.usable_bytes - m["total"], verdict=verdict,
-        reason=_reason(verdict, m["total"], t), max_seq_len_fit=int(seq_fit), max_batch_fit=int(batch_fit),
+        activation_bytes=activation_bytes(cfg, r), overhead=m["overhead"], total_bytes=total,
+        usable_bytes=t.usable_bytes, headroom_bytes=t.usable_bytes - total, verdict=verdict,
+        reason=_reason(verdict, total, t), max_seq_len_fit=seq_fit, max_batch_fit=batch_fit,
         read_bytes_per_token=read,
         decode_tok_s={"context_0": round(t.bandwidth_gbs * 1e9 / read, 1),
                       f"context_{r.max_seq_len}": round(t.bandwidth_gbs * 1e9 / (read + r.max_seq_len * kv_tok), 1)},
-        notes=list(recipe_notes) + _notes(t, r))
+        notes=list(recipe_notes) + _notes(t, r), tensorrt=trt, route=r.engine, route_totals=totals)
     if r.quant == "int4_awq":
         p.awq_tp_sizes = awq_tp_sizes(cfg, r.group_size)
         if p.awq_tp_sizes != list(TP_CANDIDATES):
@@ -217,11 +263,6 @@ def plan(model: str | Path, target: str | Target, overrides=None, config_file=No
                            "its groupwise layers need padded tensors (`trt-gemma convert --tp` refuses those)")
     if verdict == "does not fit":
         p.suggestion = suggest(cfg, t, r)
-    if r.engine == "tensorrt":
-        from trt_gemma.engine.plan import tensorrt_plan
-
-        overhead = {**OVERHEAD[t.family], "workspace": WORKSPACE}
-        p.tensorrt = tensorrt_plan(cfg, t, r, weights=w, kv_tok=kv_tok, overhead=overhead, verdict=fit_verdict)
     return p
 
 
@@ -275,7 +316,7 @@ def suggest(cfg: ModelConfig, t: Target, r: Recipe) -> dict | None:
         cand = _candidate(cfg, r, t, changes)
         if cand is not None and fits(cfg, t, cand):
             diff = {k: v for k, v in cand.to_dict().items() if v != getattr(r, k)}
-            return {"set": diff, "total_bytes": _memory(cfg, t, cand)["total"],
+            return {"set": diff, "total_bytes": route_total(cfg, t, cand),
                     "command": " ".join(f"--set {k}={_plain(v)}" for k, v in diff.items())}
     return None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from trt_gemma.errors import ConfigError, InputError, RecipeError
-from trt_gemma.targets import Target, get_target, sm_str, support_level
+from trt_gemma.targets import Target, sm_str, support_level
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,13 +90,13 @@ def config_path(target: str) -> Path:
     return Path(str(files("trt_gemma.build_configs").joinpath(f"{target}.toml")))
 
 
-def load_recipe(target: str | Target, config_file: str | Path | None = None,
+def load_recipe(target: Target, config_file: str | Path | None = None,
                 overrides: Mapping[str, object] | Sequence[str] | None = None) -> Recipe:
     """Defaults < TOML (the target's own unless `config_file`) < overrides; validated against the target."""
     return resolve_recipe(target, config_file, overrides)[0]
 
 
-def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
+def resolve_recipe(t: Target, config_file: str | Path | None = None,
                    overrides: Mapping[str, object] | Sequence[str] | None = None,
                    max_positions: int | None = None) -> tuple[Recipe, dict, list[str]]:
     """The recipe a build or plan uses, validated once: (recipe, the overrides that reproduce it from the same file,
@@ -104,8 +104,8 @@ def resolve_recipe(target: str | Target, config_file: str | Path | None = None,
     - max_input_len from the file or defaults shrinks with a smaller `--set max_seq_len` (ratio kept), so
       `--set max_seq_len=2048` alone works; an explicit `--set max_input_len` is never changed (validation names it);
     - with `max_positions` (the model's max_position_embeddings), limits beyond the model's context are clamped to it
-      (TensorRT-LLM would build 4096 regardless)."""
-    t = get_target(target)
+      (TensorRT-LLM would build 4096 regardless).
+    `t` is the Target the command resolved (detect.resolve_target): nothing here looks a name up again."""
     path = Path(config_file) if config_file is not None else config_path(t.name)
     values: dict = {}
     origin: dict[str, str] = {}

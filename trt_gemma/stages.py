@@ -39,9 +39,10 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     """Will `model` fit `target`? Memory by class, a verdict, the largest settings that fit, a decode roofline.
 
     `model`: None / "default" (the embedded model), a preset ("gemma-2-2b", ...), a local HF dir, a hub id, or a
-    `trt-gemma build` bundle (its source model with the bundle's recipe, for the target asked: "does this bundle
-    fit this device"). `target`: a name from `trt-gemma targets`, or "auto" (this device, else the default target,
-    as `trt-gemma plan` chooses). `overrides`: recipe fields ({"quant": "int4_awq"} or ["quant=int4_awq"]).
+    `trt-gemma build` bundle (the model config it carries with the bundle's recipe, for the target asked: "does this
+    bundle fit this device"; its source model need not be on this host). `target`: a name from `trt-gemma targets`,
+    or "auto" (this device, else the default target, as `trt-gemma plan` chooses). `overrides`: recipe fields
+    ({"quant": "int4_awq"} or ["quant=int4_awq"]).
     Raises InputError (model), ConfigError / RecipeError (target, recipe fields). Not fitting is a verdict, not an
     error: `p.fits` is False (plan.require_fit(p) raises FitError, as the CLI does)."""
     from trt_gemma.checkpoint.config import PRESETS
@@ -49,8 +50,8 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     from trt_gemma.plan import plan as run
     from trt_gemma.recipes import parse_overrides
 
-    name, _how = resolve_target(target)
-    spec = "default" if model is None else os.fspath(model)
+    t, _how = resolve_target(target)
+    spec, name = ("default" if model is None else os.fspath(model)), None
     over = parse_overrides(overrides)
     path = Path(spec).expanduser()
     # a local dir may be a bundle; a hub id is left to the planner, which fetches its config.json only
@@ -62,14 +63,14 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
         except InputError:  # no weights beside config.json: planning needs the config only (the planner checks it)
             kind = "hf"
         if kind == "bundle":
-            spec, recipe = _bundle_source(path)
+            spec, name, recipe = _bundle_source(path)
             over = {**recipe, **over}
         elif kind == "hf":
             spec = str(path)
         else:
             raise InputError(f"{path} is a {kind.replace('_', ' ')}: planning needs the model's Hugging Face config",
                              fix="plan its source model (HF dir, hub id or preset), or its bundle")
-    return run(spec, name, overrides=over or None, config_file=config_file)
+    return run(spec, t, overrides=over or None, config_file=config_file, name=name)
 
 
 # Recipe fields that describe the bundle's engine (its weights, KV cache and limits), not the target it was built for
@@ -77,15 +78,18 @@ _BUNDLE_FIELDS = ("quant", "group_size", "kv_cache_dtype", "dtype", "max_batch_s
                   "max_num_tokens", "share_embedding_table")
 
 
-def _bundle_source(bundle: Path) -> tuple[str, dict[str, Any]]:
-    """(the bundle's source model dir, the recipe fields to plan with) from its manifest."""
+def _bundle_source(bundle: Path) -> tuple[str, str, dict[str, Any]]:
+    """(the model config the bundle carries, the model's name, the recipe fields to plan with) from the bundle alone:
+    its source model need not exist here."""
+    from trt_gemma.build import HF_CONFIG
     from trt_gemma.manifest import read_manifest
 
     m = read_manifest(bundle)
-    source = Path(str(m.get("model", {}).get("path", "")))
-    if not (source / "config.json").is_file():
-        raise InputError(f"{bundle}: its source model {source} is not on this host, and planning needs its "
-                         "config.json", fix="plan the source model (HF dir, hub id or preset) with the bundle's "
-                                            "recipe instead")
+    model = m.get("model") or {}
+    config = bundle / str(model.get("config") or HF_CONFIG)
+    if not config.is_file():
+        raise InputError(f"{bundle} carries no {config.name} (the source model's config.json, which planning needs): "
+                         "it was built by an older trt_gemma", fix="rebuild the bundle (`trt-gemma build --force`), "
+                                                                    "or plan its source model with the bundle's recipe")
     recipe = m.get("recipe") or {}
-    return str(source), {k: recipe[k] for k in _BUNDLE_FIELDS if k in recipe}
+    return str(config), str(model.get("id") or bundle.name), {k: recipe[k] for k in _BUNDLE_FIELDS if k in recipe}

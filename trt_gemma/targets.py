@@ -126,6 +126,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in _TARGETS}
 
 
 def get_target(name: str | Target) -> Target:
+    """The target named `name`: the one lookup by name, made at a command's boundary (commands/, stages, api,
+    detect.resolve_target); everything below takes the Target (tests/test_import_graph.py checks who calls this)."""
     if isinstance(name, Target):
         return name
     try:
@@ -178,26 +180,19 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def support_level(target_or_sm: Target | int | str, precision: str) -> tuple[str, str]:
-    """("yes"|"no"|"unconfirmed", reason) for `precision` on a target (object or name) or an SM integer."""
+def support_level(target_or_sm: Target | int, precision: str) -> tuple[str, str]:
+    """("yes"|"no"|"unconfirmed", reason) for `precision` on a target or an SM integer (a detected GPU's)."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}", fix=f"one of: {', '.join(PRECISIONS)}")
-    sm = _sm_of(target_or_sm)
+    sm = target_or_sm.sm if isinstance(target_or_sm, Target) else int(target_or_sm)
     for rule in RULES:
         if precision in rule.precisions and rule.sm_min <= sm <= rule.sm_max:
             return rule.level, f"SM {sm_str(sm)}: {rule.reason}"
     raise AssertionError("RULES ends with a catch-all")
 
 
-def supports(target_or_sm: Target | int | str, precision: str) -> tuple[bool, str]:
+def supports(target_or_sm: Target | int, precision: str) -> tuple[bool, str]:
     """(usable?, reason). Unconfirmed combinations count as usable; the reason says they are unconfirmed."""
     level, reason = support_level(target_or_sm, precision)
     return level != "no", reason
 
-
-def _sm_of(t: Target | int | str) -> int:
-    if isinstance(t, Target):
-        return t.sm
-    if isinstance(t, int):
-        return t
-    return get_target(t).sm

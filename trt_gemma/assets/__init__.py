@@ -3,6 +3,7 @@
 The model is trained by scripts/train_embedded_model.py on CPython's own documentation (PSF license); see the
 MODEL_CARD.md and LICENSE-DATA.txt beside the weights. Every command that takes a model defaults to it, so the pipeline
 runs offline on trained weights anywhere.
+May import: errors only (the base layer).
 """
 from __future__ import annotations
 

@@ -180,6 +180,15 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     return dict(_linear_shapes(config))
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters as the HF tensors hold them (tied lm_head counted once): the embedding, per layer the linears of
+    `linear_shapes` and 4 norms, the final norm."""
+    h = config.hidden_size
+    per_layer = 4 * h + sum(o * i for o, i in linear_shapes(config).values())
+    lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    return config.vocab_size * h + config.num_hidden_layers * per_layer + h + lm_head
+
+
 @lru_cache(maxsize=32)  # the planner asks for every candidate recipe it tries; ModelConfig is frozen (hashable)
 def _linear_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     prefix = _T.format(n=0) + "."

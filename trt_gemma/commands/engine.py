@@ -11,7 +11,7 @@ def with_tensorrt_route(result, engine: str | None, no_compile: bool, log: Calla
     data = result.to_dict()
     if no_compile or result.recipe.engine != "tensorrt":
         return data
-    from trt_gemma.engine.build import tensorrt_route
+    from trt_gemma.build import tensorrt_route
 
     if engine == "tensorrt":  # build_bundle was told not to compile TensorRT-LLM
         data["not_compiled_reason"] = "TensorRT-LLM compile skipped (--engine tensorrt)"
@@ -22,7 +22,7 @@ def with_tensorrt_route(result, engine: str | None, no_compile: bool, log: Calla
 def compile_tensorrt(bundle: str, force: bool, as_json: bool, log: Callable[[str], None] | None) -> None:
     """`build --from-bundle B --engine tensorrt`: export (if needed) and build on this host, or a typed error."""
     from trt_gemma.console import emit
-    from trt_gemma.engine.build import tensorrt_route
+    from trt_gemma.build import tensorrt_route
 
     emit(tensorrt_route(bundle, force=force, require=True, log=log), as_json, render_tensorrt)
 

@@ -11,8 +11,8 @@ from trt_gemma.checkpoint.config import PRESETS
 
 @click.command("plan")
 @click.option("--model", default="default", show_default=True,
-              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), a `trt-gemma build` bundle (its "
-                   "source model with its recipe), or `default`: the embedded model.")
+              help=f"A local HF model dir, a hub id, a preset ({', '.join(PRESETS)}), a `trt-gemma build` bundle (the "
+                   "model config it carries with its recipe), or `default`: the embedded model.")
 @click.option("--target", default="auto", show_default=True,
               help=f"Target name (`trt-gemma targets`); auto = the detected device, else {DEFAULT_TARGET}.")
 @click.option("--quant", default=None, help="Override the recipe's weight format (recipe field `quant`).")
@@ -33,7 +33,7 @@ def plan(model, target, quant, kv_dtype, max_seq_len, max_batch, config_file, se
     from trt_gemma.console import emit
     from trt_gemma.plan import require_fit
     from trt_gemma.recipes import parse_overrides
-    from trt_gemma.stages import plan as run  # the planner plus bundles (their source model and recipe)
+    from trt_gemma.stages import plan as run  # the planner plus bundles (their model config and recipe)
 
     t, source = resolve_target(target, as_json)
     overrides = parse_overrides(list(sets))
@@ -90,23 +90,28 @@ def render_plan(d: dict) -> None:
             (f"KV cache: {d['kv_tokens']:,} tokens x {d['kv_bytes_per_token']:,} B", d["kv_bytes"]),
             ("activations + logits + workspace (est.)", d["activation_bytes"])]
     rows += [(f"runtime: {k.replace('_', ' ')} (est.)", v) for k, v in d["overhead"].items()]
-    for label, n in rows + [("total", d["total_bytes"]), ("usable on target", d["usable_bytes"])]:
+    # the table is TensorRT-LLM's engine and KV pool; for a TensorRT-route recipe its total is a comparison only
+    own = d["route"] == "tensorrt_llm"
+    total = ("total", d["total_bytes"]) if own else \
+        ("total on the TensorRT-LLM route (comparison only)", d["route_totals"]["tensorrt_llm"])
+    for label, n in rows + [total, ("usable on target", d["usable_bytes"])]:
         t.add_row(label, f"{n:,}", f"{n / 1024**3:.2f}")
     console.print(t)
     kv = d["kv_bytes_per_token_by_dtype"]
     console.print("KV bytes/token: " + ", ".join(f"{k} {v:,}" for k, v in kv.items()))
-    color = {"fits": "green", "tight": "yellow"}.get(d["verdict"], "red")
-    console.print(f"verdict: [{color}]{d['verdict']}[/] - {d['reason']}")
-    console.print(f"largest that fits (10% margin): max_seq_len {d['max_seq_len_fit'] or 'none'} at batch "
-                  f"{r['max_batch_size']}; max_batch_size {d['max_batch_fit'] or 'none'} at seq {r['max_seq_len']}")
-    console.print("decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
-                                                          for k, v in d["decode_tok_s"].items())
-                  + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
     if d.get("tensorrt"):
         from trt_gemma.engine.plan import render_lines
 
         for line in render_lines(d["tensorrt"], r["dtype"]):
             console.print(line, markup=False)
+    color = {"fits": "green", "tight": "yellow"}.get(d["verdict"], "red")
+    judged = "" if own else " (TensorRT route: what this recipe builds)"
+    console.print(f"verdict{judged}: [{color}]{d['verdict']}[/] - {d['reason']}")
+    console.print(f"largest that fits (10% margin): max_seq_len {d['max_seq_len_fit'] or 'none'} at batch "
+                  f"{r['max_batch_size']}; max_batch_size {d['max_batch_fit'] or 'none'} at seq {r['max_seq_len']}")
+    console.print("decode roofline, batch 1: " + ", ".join(f"{v:g} tok/s at {k.replace('_', ' ')}"
+                                                          for k, v in d["decode_tok_s"].items())
+                  + f" ({d['read_bytes_per_token'] / 1e9:.2f} GB read per token)")
     if d["suggestion"]:
         console.print(f"[bold]would fit with:[/] {d['suggestion']['command']} "
                       f"({d['suggestion']['total_bytes'] / 1024**3:.2f} GiB)")

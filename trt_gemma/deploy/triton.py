@@ -109,7 +109,7 @@ def _compile_steps(bundle: Path, recipe) -> str:
 def read_bundle(bundle: Path) -> tuple[dict, dict, Path]:
     """(manifest, engine config.json, engine dir) of a compiled bundle; typed errors say how to compile."""
     from trt_gemma.runtime.trtllm import is_engine_dir, read_engine_config
-    from trt_gemma.recipes import load_recipe
+    from trt_gemma.build import read_bundle as read_recipe_of
 
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -120,7 +120,7 @@ def read_bundle(bundle: Path) -> tuple[dict, dict, Path]:
                          fix="pass the bundle directory (the parent of engine/)")
     engine = bundle / "engine"
     if not is_engine_dir(engine):
-        recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
+        recipe = read_recipe_of(bundle)[2]
         raise InputError(f"{bundle} has no compiled engine (engine/config.json + rank0.engine): Triton's TensorRT-LLM "
                          "backend serves engines, not checkpoints",
                          fix=f"compile it on a GPU host with TensorRT-LLM >=1.0,<1.3: {_compile_steps(bundle, recipe)}")

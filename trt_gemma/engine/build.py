@@ -35,7 +35,7 @@ from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir
 from trt_gemma.engine.rules import (BUILDERS, Builder, check_recipe, recipe_precisions, refusal,  # noqa: F401
                                     route)
-from trt_gemma.targets import Target, get_target, sm_str
+from trt_gemma.targets import Target, sm_str
 
 ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
 ENGINE_FILE = "model.engine"
@@ -106,7 +106,7 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
         log(msg)
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path, target: str | Target, limits, *,
+def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, *,
                  precisions: tuple[str, ...] = (), force: bool = False, timing_cache: str | Path | None = None,
                  log: Callable[[str], None] | None = None) -> EngineBuild:
     """Compile `onnx_path` into OUT_DIR/model.engine for `target` with its route's builder (atomic: on any error
@@ -114,7 +114,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, target: str | Targe
     `timing_cache` is read if present and written back (builders whose cache is a no-op skip it)."""
     from trt_gemma.engine.profiles import Limits, graph_inputs, polygraphy_commands, profiles
 
-    t = get_target(target)
     b, _ = route(t)
     why = _unavailable_reason(b)
     if why:
@@ -307,29 +306,21 @@ def _onnx_path(result, onnx_dir: Path) -> Path:
     return found[0]
 
 
-def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool = False,
+def tensorrt_route(bundle: Path, recipe, t: Target, *, force: bool = False, require: bool = False,
                    log: Callable[[str], None] | None = None) -> dict:
-    """Export BUNDLE/checkpoint to ONNX (once) and build BUNDLE/tensorrt/model.engine with the target's builder;
-    record both in the bundle manifest under "tensorrt". With require=False (a new bundle) a missing exporter,
-    builder or GPU leaves the engine unbuilt with the reason and the command to run on the device; with
-    require=True (`build --from-bundle B --engine tensorrt`) it is a typed error."""
-    from trt_gemma import manifest as mf
-    from trt_gemma.recipes import load_recipe
-
-    bundle = Path(bundle_dir)
-    manifest = mf.read_manifest(bundle)
-    if manifest.get("kind") != "bundle":
-        raise InputError(f"{bundle} is a {manifest.get('kind')}, not a bundle", fix="pass the bundle directory")
-    recipe = load_recipe(manifest["target"]["name"], bundle / "recipe.toml")
-    check_recipe(recipe, recipe.target)
-    b, why = route(recipe.target)
+    """Export BUNDLE/checkpoint to ONNX (once) and build BUNDLE/tensorrt/model.engine for `t` with `recipe` (the
+    bundle's, read by trt_gemma.build, which records the returned status in the bundle manifest). With require=False
+    (a new bundle) a missing exporter, builder or GPU leaves the engine unbuilt with the reason and the command to
+    run on the device; with require=True (`build --from-bundle B --engine tensorrt`) it is a typed error."""
+    check_recipe(recipe, t)
+    b, why = route(t)
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
         onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype,
                                            lm_head=recipe.lm_head_quant)
         status["onnx"] = str(onnx_path)
-        built = build_engine(onnx_path, bundle / ENGINE_DIR, recipe.target, recipe,
+        built = build_engine(onnx_path, bundle / ENGINE_DIR, t, recipe,
                              precisions=tuple(recipe_precisions(recipe).values()), force=force,
                              timing_cache=bundle / TIMING_CACHE, log=log)
         status["engine"] = built.to_dict()
@@ -337,8 +328,6 @@ def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool
         if require:
             raise
         status["reason"] = e.message
-    manifest["tensorrt"] = {k: v for k, v in status.items() if k != "on_target"}
-    mf.write_manifest(bundle, manifest)
     return status
 
 

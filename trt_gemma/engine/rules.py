@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from trt_gemma.errors import RecipeError
-from trt_gemma.targets import Target, get_target, sm_str
+from trt_gemma.targets import Target, sm_str
 
 
 # --- builders and routes -----------------------------------------------------------------------------------------
@@ -56,9 +56,8 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def route(target: str | Target) -> tuple[Builder, str]:
+def route(t: Target) -> tuple[Builder, str]:
     """(builder, why) for a target."""
-    t = get_target(target)
     for r in ROUTES:
         if (not r.families or t.family in r.families) and r.sm_min <= t.sm <= r.sm_max:
             return BUILDERS[r.builder], r.why
@@ -122,9 +121,8 @@ def recipe_precisions(recipe) -> dict[str, str]:
     return out
 
 
-def check_recipe(recipe, target: str | Target, origin: dict | None = None) -> None:
+def check_recipe(recipe, t: Target, origin: dict | None = None) -> None:
     """Refuse a TensorRT-route recipe whose weights or activations the target's builder cannot compile."""
-    t = get_target(target)
     builder, _ = route(t)
     for key, precision in recipe_precisions(recipe).items():
         reason = refusal(builder.name, precision, t.sm)

@@ -62,7 +62,7 @@ def memory_estimate(cfg: ModelConfig, device: str, calib_seq_len: int) -> Memory
     """Host bytes ModelOpt needs: the model (float32 on CPU; on CUDA it lives on the GPU once loaded), the deep copy
     the export mutates, the exported state dict (a packed copy, <= the float copy), and one calibration forward's
     activations (residual + MLP + attention scores + logits, float32)."""
-    from trt_gemma.plan import parameter_count
+    from trt_gemma.checkpoint.tensor_map import parameter_count
 
     params = parameter_count(cfg)
     on_cpu = device == "cpu"
