@@ -63,7 +63,7 @@ def test_encode_decode_match_saelens(tmp_path, which):
 
     npz = (write_npz(tmp_path, random_params()) if which == "random" else default_sae_dir(2)) / "params.npz"
     ours, ref = JumpReLUSAE.load(npz), saelens_sae(npz)
-    x = np.random.default_rng(1).normal(0, 2.0, (64, ours.d_model)).astype(np.float32)
+    x = np.random.default_rng(1).normal(0, 2.0, (64, ours.d_in)).astype(np.float32)
     with torch.no_grad():
         f_ref = ref.encode(torch.from_numpy(x)).numpy()
         xh_ref = ref.decode(torch.from_numpy(f_ref)).numpy()
@@ -159,7 +159,7 @@ def test_wrong_model_layer_text_feature(tmp_path):
 
     m, tok, sae = load_for_features(None, None, None, 2)
     wrong = JumpReLUSAE.from_arrays(random_params(d_model=128), "w")
-    with pytest.raises(InputError, match="d_model=128"):
+    with pytest.raises(InputError, match="d_in=128 but the model is 256 wide at the res site"):
         features(m, tok, wrong, 2, "hello")
     with pytest.raises(InputError, match="longer than the model's context of 512"):
         features(m, tok, sae, 2, "word " * 600)
@@ -179,7 +179,7 @@ def test_features_report(tmp_path):
     r = features(m, tok, sae, 2, text, top_k=3, feature=7)
     ids = tok.encode(text)
     assert [e["id"] for e in r["tokens"]] == ids[1:], "<bos> must be excluded, every other token reported"
-    x = m.residual(ids, 2)[1:]
+    x = m.activations(ids, 2, ("resid_post",))["resid_post"][1:]
     f = sae.encode(x)
     for e, row, xr in zip(r["tokens"], f, x):
         assert e["l0"] == np.count_nonzero(row)

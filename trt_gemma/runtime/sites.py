@@ -21,6 +21,8 @@ ACCURACY_LEVEL = 0
 class OrtSites:
     """A site export in an onnxruntime session."""
 
+    backend = "onnxruntime"
+
     def __init__(self, onnx_dir: Path):
         import onnxruntime as ort
 
