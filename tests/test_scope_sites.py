@@ -105,6 +105,11 @@ def test_site_export_adds_only_the_outputs_asked_for(tiny, tmp_path):
     assert summary["outputs"][-2:] == sites
     plain = export_onnx(ckpt, tmp_path / "p", show_progress=False)
     assert not [n for n in plain["outputs"] if n.startswith("site.")]
+    export_onnx(ckpt, tmp_path / "h", activations="float16", site_outputs=[("mlp_out", 0), ("mlp_in_normalized", 0)],
+                show_progress=False)
+    half = onnx.load(str(tmp_path / "h" / "model.onnx"), load_external_data=False).graph.output
+    assert {o.name: o.type.tensor_type.elem_type for o in half if o.name.startswith("site.")} == {
+        "site.0.mlp_out": onnx.TensorProto.FLOAT, "site.0.mlp_in_normalized": onnx.TensorProto.FLOAT}
     with pytest.raises(ConfigError, match="'attn_out' is not one of"):
         export_onnx(ckpt, tmp_path / "q", site_outputs=[("attn_out", 0)], show_progress=False)
     with pytest.raises(ConfigError, match="layer 9: the model has layers 0..2"):
@@ -265,7 +270,7 @@ def test_features_cli_site_json_and_html(tmp_path):
     assert "site transcoder" in page and "blocks.2.ln2.hook_normalized" in page and render_html(d) == page
     mlp_dir = str(default_sae_dir(2, SITES["mlp"]).parents[2])
     r = CliRunner().invoke(cli, ["features", "--site", "att", "--sae", mlp_dir, "--layer", "2", "--text", "x"])
-    assert r.exit_code != 0 and "is a Gemma Scope mlp release" in r.output, r.output
+    assert r.exit_code != 0 and "is a Gemma Scope mlp release" in str(r.exception), (r.output, r.exception)
     r = CliRunner().invoke(cli, ["features", "--sae", mlp_dir, "--sae-path", "layer_2/" + "/".join(
         default_sae_dir(2, SITES["mlp"]).parts[-2:]), "--layer", "2", "--text", "x", "--json", "--backend",
         "reference"])
