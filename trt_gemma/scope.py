@@ -47,7 +47,7 @@ class Site:
     def target_tap(self) -> str:
         return self.tap_out or self.tap
 
-    def hooks(self, layer: int) -> str:
+    def hooks(self, layer: int | str) -> str:
         h = self.hook.format(layer=layer)
         return h if self.hook_out is None else f"{h} -> {self.hook_out.format(layer=layer)}"
 
@@ -320,7 +320,7 @@ def load_for_features(model_spec: str | None, sae: str | None, sae_path: str | N
     if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
         from trt_gemma.runtime.sites import OrtSites
 
-        reader = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in dict.fromkeys((where.tap, where.target_tap))])
+        reader: object = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in dict.fromkeys((where.tap, where.target_tap))])
     else:
         from trt_gemma.reference import ReferenceModel
 

@@ -59,10 +59,11 @@ def add_site_outputs(g, cfg, outputs: tuple[tuple[str, int], ...]) -> list[str]:
     names = []
     for tap, layer in outputs:
         width = cfg.num_attention_heads * cfg.head_size if tap == "attn_z" else cfg.hidden_size
-        if TAP_TENSORS[tap] is None:
+        tensor = TAP_TENSORS[tap]
+        if tensor is None:
             value = _normalized(g, block_tensor(layer, "attention_residual"), cfg.norm_epsilon)
         else:
-            value = block_tensor(layer, TAP_TENSORS[tap])
+            value = block_tensor(layer, tensor)
             if g.act != "FLOAT":
                 value = g.op("Cast", value, to=onnx_type("FLOAT"))
         name = output_name(tap, layer)

@@ -233,7 +233,8 @@ class ReferenceModel:
                              fix=f"pass --layer between 0 and {len(self.blocks) - 1}")
         unknown = sorted(set(taps) - set(TAPS))
         assert not unknown, f"unknown taps {unknown}"
-        cache, seen = self.new_cache(ids.size), {}
+        cache = self.new_cache(ids.size)
+        seen: dict[str, np.ndarray] = {}
         x = self.embedding[ids] * self._normalizer
         for i, block in enumerate(self.blocks[:layer + 1]):
             x = self._block(x, block, cache, i, np.arange(ids.size), seen if i == layer else None)
@@ -249,7 +250,7 @@ class ReferenceModel:
         h = self._attention(rms_norm(x, b.norms["input_layernorm"], eps), b, cache, layer, positions, taps)
         x = x + rms_norm(h, b.norms["post_layernorm"], eps)
         if taps is not None:  # the pre-feedforward norm before its (1 + w) gain: Gemma Scope transcoders' input
-            taps["mlp_in_normalized"] = rms_norm(x, np.float32(1), eps)
+            taps["mlp_in_normalized"] = rms_norm(x, np.ones(1, np.float32), eps)
         h = rms_norm(geglu(rms_norm(x, b.norms["pre_feedforward_layernorm"], eps), b.fc, b.gate, b.proj, self._act),
                      b.norms["post_feedforward_layernorm"], eps)
         if taps is not None:
