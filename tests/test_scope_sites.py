@@ -56,7 +56,7 @@ def hf_site_values(hf_dir, ids, layers) -> dict:
     return got
 
 
-# ---- activations: reference and onnxruntime vs transformers hooks -----------------------------------------------------
+# ---- activations: reference and onnxruntime vs transformers hooks ----------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -320,7 +320,8 @@ def load_for_features(model_spec: str | None, sae: str | None, sae_path: str | N
     if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
         from trt_gemma.runtime.sites import OrtSites
 
-        reader: object = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in dict.fromkeys((where.tap, where.target_tap))])
+        taps = dict.fromkeys((where.tap, where.target_tap))
+        reader: object = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in taps])
     else:
         from trt_gemma.reference import ReferenceModel
 

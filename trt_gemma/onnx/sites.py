@@ -9,7 +9,8 @@ oracle and the graph name the same four values of block `layer`:
     mlp_in_normalized  the pre-feedforward RMSNorm of `transformer.layers.L.attention_residual` before its (1 + w) gain:
                        computed here (x / sqrt(mean(x^2) + eps), float32), since the graph's norm applies the gain in
                        the same node (RMSNormalization) or leaves no gain-free value to name
-    mlp_out            the MLP output after the post-feedforward norm (`transformer.layers.L.post_feedforward_layernorm`)
+    mlp_out            the MLP output after the post-feedforward norm
+                       (`transformer.layers.L.post_feedforward_layernorm`)
 
 Each requested pair becomes one float32 graph output `site.L.tap` of shape [batch, sequence, width]; nothing is added
 for sites not asked for. docs/scope.md says which Gemma Scope hook each tap is.

@@ -232,7 +232,9 @@ class ReferenceModel:
             raise InputError(f"layer {layer} is out of range: this model has blocks 0..{len(self.blocks) - 1}",
                              fix=f"pass --layer between 0 and {len(self.blocks) - 1}")
         unknown = sorted(set(taps) - set(TAPS))
-        assert not unknown, f"unknown taps {unknown}"
+        if unknown:
+            raise InputError(f"no activation named {', '.join(unknown)} (known: {', '.join(TAPS)})",
+                             fix="ask for taps from reference.model.TAPS")
         cache = self.new_cache(ids.size)
         seen: dict[str, np.ndarray] = {}
         x = self.embedding[ids] * self._normalizer
