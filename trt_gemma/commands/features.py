@@ -1,7 +1,10 @@
-"""`trt-gemma features --layer N --text TEXT`: Gemma Scope SAE features per token (trt_gemma.scope)."""
+"""`trt-gemma features --layer N --text TEXT [--site res|att|mlp|transcoder]`: Gemma Scope SAE / transcoder features
+per token (trt_gemma.scope)."""
 from __future__ import annotations
 
 import click
+
+from trt_gemma.scope import BACKENDS, SITES
 
 
 @click.command("features")
@@ -11,14 +14,20 @@ import click
               help="SAE dir or params.npz, or a Hub id (google/gemma-scope-2b-pt-res) with --sae-path; default: the "
                    "SAE shipped with the embedded model.")
 @click.option("--sae-path", default=None, help="Path inside --sae, e.g. layer_20/width_16k/average_l0_71.")
-@click.option("--layer", type=int, required=True, help="Read the residual stream after this block (0-based).")
+@click.option("--layer", type=int, required=True, help="Read this block (0-based).")
+@click.option("--site", type=click.Choice(list(SITES)), default=None,
+              help="Where the SAE reads: the residual stream after the block, the attention heads' outputs, the MLP "
+                   "output, or a transcoder (MLP input -> output); default: what the --sae release's name says, "
+                   "else res.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=BACKENDS[0],
+              show_default=True, help="Runtime that computes the activations (auto: onnxruntime where installed).")
 @click.option("--text", required=True, help="Text to analyse (<bos> is prepended and left out of the results).")
 @click.option("--top", "top_k", type=click.IntRange(1), default=5, show_default=True, help="Features per token.")
 @click.option("--feature", type=click.IntRange(0), default=None, help="Rank tokens by this feature.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained page shading each token by --feature (default: the strongest feature).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_json):
+def features(model, sae, sae_path, layer, site, backend, text, top_k, feature, html_out, as_json):
     """Per token: the top-K SAE features with activations, L0 and the relative reconstruction error."""
     from pathlib import Path
 
@@ -26,7 +35,7 @@ def features(model, sae, sae_path, layer, text, top_k, feature, html_out, as_jso
     from trt_gemma.fsutil import atomic_write_text
     from trt_gemma.scope import features as run, load_for_features, render_html
 
-    m, tok, s = load_for_features(model, sae, sae_path, layer)
+    m, tok, s = load_for_features(model, sae, sae_path, layer, site, backend)
     if html_out and feature is None:  # shade by the feature with the largest activation anywhere in the text
         feature = "strongest"
     report = run(m, tok, s, layer, text, top_k=top_k, feature=feature)
@@ -41,7 +50,7 @@ def _render(d: dict) -> None:
 
     from trt_gemma.console import console
 
-    t = Table(title=f"layer {d['layer']} - SAE d_sae {d['d_sae']} - top {d['top_k']}")
+    t = Table(title=f"layer {d['layer']} {d['site']} ({d['hook']}) - SAE d_sae {d['d_sae']} - top {d['top_k']}")
     for col in ("pos", "token", "L0", "rel err", "top features (id:activation)"):
         t.add_column(col, justify="right" if col in ("pos", "L0", "rel err") else "left")
     if "feature" in d:

@@ -34,6 +34,7 @@ import numpy as np
 
 from trt_gemma.errors import ConfigError, DependencyError, InputError, UnsupportedModelError
 from trt_gemma.onnx.graph import ACTIVATION_TYPES, Graph, onnx_type
+from trt_gemma.onnx.sites import add_site_outputs, parse_site_outputs
 from trt_gemma.onnx.weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
                                     fp8_qdq, linear)
 from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
@@ -209,7 +210,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
     out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kv, group*T, d]
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])
-    return linear(ctx, f"{p}.dense", g.op("Reshape", out, g.const([0, 0, nq * d], np.int64)))
+    z = g.op("Reshape", out, g.const([0, 0, nq * d], np.int64), name=f"{p}.z")  # named: a site (onnx/sites.py)
+    return linear(ctx, f"{p}.dense", z)
 
 
 def _block(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
@@ -263,9 +265,11 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
 
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
                 lm_head: str = "none", kv_cache: str = "concat", logits: str = "last",
-                activations: str = "float32", force: bool = False, show_progress: bool = True) -> dict:
+                activations: str = "float32", force: bool = False, show_progress: bool = True,
+                site_outputs=()) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
-    checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all."""
+    checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all.
+    `site_outputs`: (tap, layer) pairs added as float32 outputs `site.L.tap` (onnx/sites.py)."""
     from trt_gemma.console import progress
     from trt_gemma.fsutil import atomic_output_dir, check_output_target
     from trt_gemma.reference.checkpoint import check_all_used
@@ -279,6 +283,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     cfg = CheckpointConfig.from_file(ckpt / "config.json")
     max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits,
                                 activations)
+    site_outputs = parse_site_outputs(site_outputs, cfg.num_hidden_layers)
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
@@ -286,10 +291,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
         try:
             with progress(disable=not show_progress) as bar:
                 _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
+                sites = add_site_outputs(g, cfg, site_outputs)
             check_all_used(shards)
         finally:
             g.close_data()
         summary = _summary(ckpt, cfg, max_seq_len, lm_head, kv_cache, logits, g)
+        summary["outputs"] += sites
         model = g.model("gemma2", f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)

@@ -21,6 +21,9 @@ from trt_gemma.reference.checkpoint import (NORMS, CheckpointConfig, Linear, Lin
                                             check_all_used, is_excluded, linear_format, LINEAR_FORMATS)
 
 _ATTN_BLOCK = 256  # query rows per attention block: bounds scores to heads x 256 x keys floats
+# values `activations` reads inside a block (Gemma Scope's sites, docs/scope.md): the residual after the block, the
+# attention heads' outputs before o_proj, the pre-feedforward norm before its gain, the post-feedforward-normed MLP out
+TAPS = ("resid_post", "attn_z", "mlp_in_normalized", "mlp_out")
 
 
 # ---- Gemma 2 quirks ------------------------------------------------------------------------------------------------
@@ -214,31 +217,50 @@ class ReferenceModel:
 
     def residual(self, ids, layer: int) -> np.ndarray:
         """The residual stream after block `layer` for one full sequence, [T, hidden] float32: HF
-        `hidden_states[layer + 1]`, SAELens `blocks.{layer}.hook_resid_post` (what Gemma Scope reads). Runs blocks
-        0..layer exactly as `forward` does and stops there; `forward` itself is untouched."""
+        `hidden_states[layer + 1]`, SAELens `blocks.{layer}.hook_resid_post` (what Gemma Scope reads)."""
+        return self.activations(ids, layer, ("resid_post",))["resid_post"]
+
+    def activations(self, ids, layer: int, taps=TAPS) -> dict[str, np.ndarray]:
+        """Values inside block `layer` for one full sequence, {tap: [T, width] float32} for the names in TAPS. Runs
+        blocks 0..layer exactly as `forward` does (the block records its intermediates only when asked) and stops
+        there; `forward` itself is untouched."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise InputError(f"residual takes a non-empty sequence of token ids in 0..{self.config.vocab_size - 1}",
+            raise InputError(f"activations take a non-empty sequence of token ids in 0..{self.config.vocab_size - 1}",
                              fix="use the checkpoint's own tokenizer")
         if not 0 <= layer < len(self.blocks):
             raise InputError(f"layer {layer} is out of range: this model has blocks 0..{len(self.blocks) - 1}",
                              fix=f"pass --layer between 0 and {len(self.blocks) - 1}")
+        unknown = sorted(set(taps) - set(TAPS))
+        if unknown:
+            raise InputError(f"no activation named {', '.join(unknown)} (known: {', '.join(TAPS)})",
+                             fix="ask for taps from reference.model.TAPS")
         cache = self.new_cache(ids.size)
+        seen: dict[str, np.ndarray] = {}
         x = self.embedding[ids] * self._normalizer
         for i, block in enumerate(self.blocks[:layer + 1]):
-            x = self._block(x, block, cache, i, np.arange(ids.size))
-        return x
+            x = self._block(x, block, cache, i, np.arange(ids.size), seen if i == layer else None)
+        seen["resid_post"] = x
+        return {t: seen[t] for t in taps}
 
-    def _block(self, x, b: Block, cache: KVCache, layer: int, positions: np.ndarray) -> np.ndarray:
+    def _block(self, x, b: Block, cache: KVCache, layer: int, positions: np.ndarray,
+               taps: dict | None = None) -> np.ndarray:
         """Four norms per block (TRT-LLM inter_layernorms; HF Gemma2DecoderLayer): input_layernorm -> attention ->
-        post_layernorm -> +residual -> pre_feedforward_layernorm -> GeGLU -> post_feedforward_layernorm -> +residual."""
+        post_layernorm -> +residual -> pre_feedforward_layernorm -> GeGLU -> post_feedforward_layernorm -> +residual.
+        `taps`, when given, receives the values TAPS names (docs/scope.md)."""
         eps = self.config.norm_epsilon
-        h = self._attention(rms_norm(x, b.norms["input_layernorm"], eps), b, cache, layer, positions)
+        h = self._attention(rms_norm(x, b.norms["input_layernorm"], eps), b, cache, layer, positions, taps)
         x = x + rms_norm(h, b.norms["post_layernorm"], eps)
-        h = geglu(rms_norm(x, b.norms["pre_feedforward_layernorm"], eps), b.fc, b.gate, b.proj, self._act)
-        return x + rms_norm(h, b.norms["post_feedforward_layernorm"], eps)
+        if taps is not None:  # the pre-feedforward norm before its (1 + w) gain: Gemma Scope transcoders' input
+            taps["mlp_in_normalized"] = rms_norm(x, np.ones(1, np.float32), eps)
+        h = rms_norm(geglu(rms_norm(x, b.norms["pre_feedforward_layernorm"], eps), b.fc, b.gate, b.proj, self._act),
+                     b.norms["post_feedforward_layernorm"], eps)
+        if taps is not None:
+            taps["mlp_out"] = h
+        return x + h
 
-    def _attention(self, x, b: Block, cache: KVCache, layer: int, positions: np.ndarray) -> np.ndarray:
+    def _attention(self, x, b: Block, cache: KVCache, layer: int, positions: np.ndarray,
+                   taps: dict | None = None) -> np.ndarray:
         c = self.config
         T, d, nq, nkv = x.shape[0], c.head_size, c.num_attention_heads, c.num_key_value_heads
         qkv = b.qkv(x)
@@ -266,7 +288,10 @@ class ReferenceModel:
             scores = soft_cap(scores, c.attn_logit_softcapping)
             scores = np.where(sliding_window_mask(qpos, kpos, b.window), scores, np.float32(-np.inf))
             out[:, :, q0:q1] = np.matmul(_softmax(scores), vals[:, None])
-        return b.dense(out.transpose(2, 0, 1, 3).reshape(T, nq * d))
+        z = out.transpose(2, 0, 1, 3).reshape(T, nq * d)  # heads concatenated, before o_proj
+        if taps is not None:
+            taps["attn_z"] = z
+        return b.dense(z)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
