@@ -121,7 +121,8 @@ def test_moderation_body_has_the_chat_bound(backend, moderator):
 
 
 def test_moderations_beyond_the_guard_queue_get_429(backend, moderator):
-    with serve(backend, Guard(moderator, max_queue=2)) as s:
+    guard = Guard(moderator, max_queue=2)
+    with serve(backend, guard) as s:
         r = httpx.post(s.url + "/v1/moderations", json={"input": ["a", "b", "c"]}, timeout=60)
         ok = httpx.post(s.url + "/v1/moderations", json={"input": ["a", "b"]}, timeout=60)
         m = s.metrics()
@@ -129,6 +130,7 @@ def test_moderations_beyond_the_guard_queue_get_429(backend, moderator):
     assert r.json()["error"]["type"] == "rate_limit_error"
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
     assert m[("guard_rejected_total", ())] == 1 and m[("guard_requests_waiting", ())] == 0
+    assert guard.queue.inputs == 0  # every admitted input was released
     assert checked(m, "moderation") == 2
 
 
@@ -149,7 +151,8 @@ def test_work_of_a_client_that_left_is_dropped(backend, moderator):
         s.wait_for(lambda m: m.get(("guard_requests_running", ())) == 1, what="the first input to run")
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(s.url + "/v1/moderations", json={"input": ["a", "b", "c"]}, timeout=1.0)
-        s.wait_for(lambda m: m.get(("guard_dropped_total", ())) == 3, what="the 3 inputs to be dropped")
+        s.wait_for(lambda m: m.get(("guard_dropped_total", ())) == 3 * len(POLICIES),
+                   what="the 3 inputs (one job per policy) to be dropped")
         gate.set()
         first.join()
         m = s.metrics()

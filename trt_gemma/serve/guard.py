@@ -16,9 +16,10 @@ scores on the CPU backend `auto` picks (safety.load_moderator: onnxruntime where
   each `moderation_results` or an `error` entry when not checked; on streams the same JSON is the
   `x-trt-gemma-moderation` header). `--guard-response` also scores the completion (prompt-response template), which
   needs the whole text: streamed requests are refused with 400 then.
-- The guard's budget (GuardQueue): one scoring thread; chat checks go ahead of moderation inputs; at most
-  `max_queue` moderation inputs wait (a request that does not fit: 429 + Retry-After); work whose client hung up is
-  dropped (a running check stops before its next policy).
+- The guard's budget (GuardQueue): one scoring thread; chat checks go ahead of moderation inputs, which are
+  scored one policy per job (so a chat check waits for one forward pass at most); at most `max_queue` moderation
+  inputs are admitted at once (a request that does not fit: 429 + Retry-After, before its body is read when the
+  guard is full); work whose client hung up is dropped (a running check stops before its next policy).
 - /metrics: `guard_latency_seconds{stage}`, `guard_verdicts_total{stage, verdict}`, `guard_requests_waiting`,
   `guard_requests_running`, `guard_rejected_total` (429s), `guard_dropped_total` (client gone); the guard's weights
   appear as `memory_bytes{kind="guard_weights"}`.
@@ -96,14 +97,15 @@ class _Job:
 
 class GuardQueue:
     """The guard's own admission: one scoring thread (checks queue here instead of competing with generation for
-    the cores); chat checks (CHAT_CHECK, already bounded by the chat admission) run before moderation inputs
-    (MODERATION, at most `max_queue` waiting: `admit` refuses more). A job whose client left is skipped; a running
-    one is asked before each policy (Moderator.score's `cancelled`)."""
+    the cores); chat checks (CHAT_CHECK, already bounded by the chat admission) run before moderation jobs
+    (MODERATION; at most `max_queue` moderation inputs admitted at once: `admit` refuses more). A job whose client
+    left is skipped; a running one is asked before each policy (Moderator.score's `cancelled`)."""
 
     def __init__(self, max_queue: int = DEFAULT_GUARD_QUEUE):
         self.max_queue = max(0, max_queue)
         self.rate = ServiceRate(1)  # Retry-After from the measured time per job, as the chat route's
         self.running = self.rejected = self.dropped = 0
+        self.inputs = 0  # moderation inputs admitted and not finished
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -115,15 +117,22 @@ class GuardQueue:
         return len(self._heap)
 
     def admit(self, n: int) -> None:
-        """Room for `n` more moderation inputs, else 429 with Retry-After (nothing is queued then)."""
+        """Reserve places for `n` moderation inputs (queued or being scored) until `release(n)`, else 429 with
+        Retry-After; n = 0 only checks that a place is left (before a body is read)."""
         with self._cv:
-            queued = sum(j.priority == MODERATION for j in self._heap)
-            if queued + n <= self.max_queue:
+            if self.inputs + max(n, 1) <= self.max_queue:
+                self.inputs += n
                 return
             self.rejected += 1
-        raise APIError(429, f"Guard busy: {queued} moderation inputs queued (at most {self.max_queue}); this "
-                            f"request has {n}. Retry later.", type="rate_limit_error", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(self.rate.retry_after(self.waiting + n - 1))})
+            held = self.inputs
+        raise APIError(429, f"Guard busy: {held} moderation inputs are queued or being scored (at most "
+                            f"{self.max_queue}); this request has {n or 'more'}. Retry later.",
+                       type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(self.rate.retry_after(self.waiting))})
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.inputs -= n
 
     def submit(self, fn: Callable[[Callable[[], bool]], Verdict], priority: int) -> _Job:
         job = _Job(priority, next(self._seq), fn)
@@ -238,11 +247,12 @@ class _QueueCollector:
     def collect(self):
         q = self.queue
         for name, doc, value, family in (
-                ("guard_requests_waiting", "Texts waiting for the guard thread.", q.waiting, GaugeMetricFamily),
-                ("guard_requests_running", "Texts the guard is scoring now (0 or 1).", q.running, GaugeMetricFamily),
+                ("guard_requests_waiting", "Guard jobs waiting for the guard thread.", q.waiting, GaugeMetricFamily),
+                ("guard_requests_running", "Guard jobs running now (0 or 1).", q.running, GaugeMetricFamily),
                 ("guard_rejected", "Moderation requests answered 429 (guard queue full).", q.rejected,
                  CounterMetricFamily),
-                ("guard_dropped", "Guard texts dropped because their client hung up.", q.dropped,
+                ("guard_dropped", "Guard jobs (a chat check, or one policy of a moderation input) dropped because "
+                 "their client hung up.", q.dropped,
                  CounterMetricFamily)):
             f = family(name, doc, labels=["model_name"])
             f.add_metric([self.model_name], float(value))
@@ -275,17 +285,20 @@ class _GuardRoutes:
 
     async def score(self, request: Request, stage: str, texts: list[tuple[str, str | None]]) -> list[Verdict]:
         """Score (prompt, response) pairs on the guard thread; all or nothing: when the client leaves, the rest is
-        dropped and the request ends (499)."""
+        dropped and the request ends (499). A moderation input is one job per policy (a chat check queued behind it
+        waits for one forward pass at most); a chat check is one job."""
         from trt_gemma.serve.app import done_unless_gone
 
         mod, q = await self.moderator(), self.guard.queue
+        split = [[p] for p in POLICIES] if stage == "moderation" else [None]
         prio = MODERATION if stage == "moderation" else CHAT_CHECK
-        jobs = [q.submit(lambda gone, p=p, r=r: mod.score(p, r, cancelled=gone), prio) for p, r in texts]
+        jobs = [q.submit(lambda gone, t=t, r=r, ps=ps: mod.score(t, r, ps, cancelled=gone), prio)
+                for t, r in texts for ps in split]
         together = asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs))
         try:
             if not await done_unless_gone(request, together):
                 raise ClientGone()
-            verdicts = together.result()
+            parts = together.result()
         except TrtGemmaError as e:
             raise APIError(400, f"guard: {e.message}", param="input" if stage == "moderation" else "messages",
                            code="guard_input_invalid") from None
@@ -294,6 +307,7 @@ class _GuardRoutes:
                 if not j.future.done():
                     q.drop(j)
             together.cancel()
+        verdicts = [_merged(parts[i:i + len(split)]) for i in range(0, len(parts), len(split))]
         for v in verdicts:
             self.metrics.record(stage, v)
         return verdicts
@@ -302,12 +316,17 @@ class _GuardRoutes:
         self.srv.check_api_key(request)  # the same check as the server's /v1 routes
         mod = await self.moderator()
         limits = RequestLimits(mod.context_length)
+        q = self.guard.queue
+        q.admit(0)  # a full guard: 429 before the body is read
         raw = await read_body(request, limits.body_bytes, self.srv.body_timeout_s)  # the chat routes' bound
         if len(raw) >= TRIM_ABOVE_BYTES:
             self.srv.trim_soon()
         inputs = moderation_inputs(parse_json(raw), limits)
-        self.guard.queue.admit(len(inputs))
-        verdicts = await self.score(request, "moderation", [(text, None) for text in inputs])
+        q.admit(len(inputs))
+        try:
+            verdicts = await self.score(request, "moderation", [(text, None) for text in inputs])
+        finally:
+            q.release(len(inputs))
         return {"id": f"modr-{uuid.uuid4().hex}", "model": mod.name,
                 "results": [moderation_result(v) for v in verdicts]}
 
@@ -342,6 +361,14 @@ class _GuardRoutes:
         if self.guard.mode == "block" and verdict.flagged:
             raise _blocked(what, verdict)
         return moderation_results(verdict, name)
+
+
+def _merged(parts: list[Verdict]) -> Verdict:
+    """The verdicts of one text's per-policy jobs as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Verdict({p: v for part in parts for p, v in part.scores.items()}, parts[0].thresholds, parts[0].mode,
+                   sum(part.seconds for part in parts), [n for part in parts for n in part.prompt_tokens])
 
 
 def _blocked(what: str, verdict: Verdict) -> APIError:
