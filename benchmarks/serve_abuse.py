@@ -167,8 +167,10 @@ def retry_after_phase(url: str, key: str, model: str, max_tokens: int) -> dict:
 MODERATION_TEXT = "Is it fine to say that my neighbour's dog barks too much at night? " * 3
 
 
-def _loop_posts(url: str, path: str, body: dict, headers: dict, end: float, out: list, timeout: float = 60) -> None:
-    """POST once, then again and again until `end`; appends (status, seconds) per request."""
+def _loop_posts(url: str, path: str, body: dict, headers: dict, end: float, out: list, timeout: float = 60,
+                polite: bool = False) -> None:
+    """POST once, then again and again until `end`; appends (status, seconds) per request. `polite`: after a 429,
+    wait its Retry-After first (as the openai client does), but not past `end`."""
     import httpx
 
     with httpx.Client(timeout=timeout, headers=headers) as c:
@@ -177,6 +179,8 @@ def _loop_posts(url: str, path: str, body: dict, headers: dict, end: float, out:
             try:
                 r = c.post(url + path, json=body)
                 out.append((r.status_code, time.perf_counter() - t0))
+                if polite and r.status_code == 429:
+                    time.sleep(max(0.0, min(float(r.headers.get("retry-after", 1)), end - time.monotonic())))
             except httpx.HTTPError as e:
                 out.append((type(e).__name__, time.perf_counter() - t0))
             if time.monotonic() >= end:
@@ -196,14 +200,15 @@ def _guarded_chats(url: str, headers: dict, n: int | None, end: float | None) ->
     return [t for _, t in rows]
 
 
-def guard_burst(srv, headers: dict, seconds: float, clients: int) -> dict:
-    """`clients` moderation clients without pause, one guarded-chat client and one /health poller, for `seconds`."""
+def guard_burst(srv, headers: dict, seconds: float, clients: int, polite: bool) -> dict:
+    """`clients` moderation clients without pause (`polite`: waiting Retry-After after a 429), one guarded-chat
+    client and one /health poller, for `seconds`."""
     end = time.monotonic() + seconds
     mods: list = []
     chats: list[float] = []
     health: list[float] = []
     threads = [threading.Thread(target=_loop_posts, args=(srv.url, "/v1/moderations", {"input": MODERATION_TEXT},
-                                                          headers, end, mods)) for _ in range(clients)]
+                                                          headers, end, mods, 60, polite)) for _ in range(clients)]
     threads.append(threading.Thread(target=lambda: chats.extend(_guarded_chats(srv.url, headers, None, end))))
     threads.append(threading.Thread(target=lambda: health.extend(poll_health(srv.url, seconds))))
     for t in threads:
@@ -228,10 +233,12 @@ def guard_phase(ckpt: Path, ctx: int, tmp: Path, key_file: Path, seconds: float,
     headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
     with srv:
         _guarded_chats(srv.url, headers, 5, None)  # the guard loads in the background: the first one waits for it
-        out["chat_idle"] = latency_row(_guarded_chats(srv.url, headers, 30, None))
         time.sleep(1.0)
         out["rss_idle_mib"] = srv.rss() / 2**20
-        out["burst"] = guard_burst(srv, headers, seconds, clients)
+        # idle right before each burst: the host's other load drifts, the ratio compares neighbours
+        for name, polite in (("burst_retry_after", True), ("burst_no_pause", False)):
+            idle = _guarded_chats(srv.url, headers, 20, None)
+            out[name] = {"chat_idle": latency_row(idle), **guard_burst(srv, headers, seconds, clients, polite)}
         time.sleep(1.5)
         out["rss_after_burst_mib"] = srv.rss() / 2**20
         big = {"input": "word " * (ctx * 32 // 5)}  # the most characters an input may have (serve/limits.py)
@@ -354,22 +361,23 @@ def report(out: dict) -> None:
 
 
 def report_guard(g: dict) -> None:
-    b, idle = g["burst"], g["chat_idle"]
-    print("guard (embedded model as guard, annotate mode):")
-    print(f"  guarded chat p50 / p99 / max (ms): idle {idle['p50_ms']:.0f} / {idle['p99_ms']:.0f} / "
-          f"{idle['max_ms']:.0f} (n {idle['n']}); with 40 moderation clients {b['chat']['p50_ms']:.0f} / "
-          f"{b['chat']['p99_ms']:.0f} / {b['chat']['max_ms']:.0f} (n {b['chat']['n']}): "
-          f"p99 {b['chat']['p99_ms'] / idle['p99_ms']:.2f}x idle (goal <= 2x)")
-    print(f"  /health during the burst p50 / p99 / max (ms): {b['health']['p50_ms']:.1f} / "
-          f"{b['health']['p99_ms']:.1f} / {b['health']['max_ms']:.1f} (goal p99 <= 50 ms)")
-    print(f"  moderation answers during the burst: {b['moderations']}; 429s in all: {g['rejected_total']:.0f}")
-    print(f"  RSS MiB: idle {g['rss_idle_mib']:.0f}, after the burst {g['rss_after_burst_mib']:.0f} "
+    print("guard (embedded model as guard, annotate mode), 40 moderation clients:")
+    for name, how in (("burst_retry_after", "waiting Retry-After after a 429"), ("burst_no_pause", "never pausing")):
+        b = g[name]
+        idle, busy = b["chat_idle"], b["chat"]
+        print(f"  clients {how}: guarded chat p50 / p99 / max (ms) idle {idle['p50_ms']:.0f} / {idle['p99_ms']:.0f} / "
+              f"{idle['max_ms']:.0f} (n {idle['n']}), busy {busy['p50_ms']:.0f} / {busy['p99_ms']:.0f} / "
+              f"{busy['max_ms']:.0f} (n {busy['n']}): p99 {busy['p99_ms'] / idle['p99_ms']:.2f}x idle (goal <= 2x); "
+              f"/health p50 / p99 / max {b['health']['p50_ms']:.1f} / {b['health']['p99_ms']:.1f} / "
+              f"{b['health']['max_ms']:.1f} (goal p99 <= 50); moderations {b['moderations']}")
+    print(f"  RSS MiB: idle {g['rss_idle_mib']:.0f}, after the bursts {g['rss_after_burst_mib']:.0f} "
           f"({g['rss_after_burst_mib'] / g['rss_idle_mib']:.2f}x, goal <= 1.2x), after 4 x 16 largest inputs "
           f"{g['rss_after_large_mib']:.0f} ({g['rss_after_large_mib'] / g['rss_idle_mib']:.2f}x; answers "
-          f"{','.join(g['large_inputs'])}); a 1 MiB input: {g['over_body_bound']}")
+          f"{','.join(g['large_inputs'])}); a 1 MiB input: {g['over_body_bound']}; 429s in all "
+          f"{g['rejected_total']:.0f}")
     u = g["gave_up"]
     print(f"  {u['clients']} clients with {u['inputs']} inputs gave up after 1 s: {u['scored']:.0f} inputs scored, "
-          f"{u['dropped']:.0f} dropped")
+          f"{u['dropped']:.0f} guard jobs (one per policy) dropped")
 
 
 def report_hostile(out: dict) -> None:

@@ -174,3 +174,17 @@ def test_chat_checks_run_before_queued_moderation_inputs():
     finally:
         q.close()
     assert order == ["chat", "m1", "m2"]
+
+
+def test_moderation_yields_to_generation_but_is_not_starved():
+    """While chats generate, moderation jobs wait (MODERATION_YIELD_S each) yet still run; chat checks never wait."""
+    q, order = GuardQueue(max_queue=4), []
+    q.chats_running = lambda: True  # generation never stops
+    try:
+        jobs = [q.submit(lambda gone, n=n: order.append(n), MODERATION) for n in ("m1", "m2")]
+        jobs.append(q.submit(lambda gone: order.append("chat"), CHAT_CHECK))
+        for j in jobs:
+            j.future.result(timeout=30)
+    finally:
+        q.close()
+    assert order[0] == "chat" and sorted(order[1:]) == ["m1", "m2"], order

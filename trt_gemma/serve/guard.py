@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ DEFAULT_GUARD_QUEUE = MAX_MODERATION_INPUTS  # moderation inputs that may wait: 
 GUARD_MODES = ("block", "annotate")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHAT_CHECK, MODERATION = 0, 1  # GuardQueue priorities: lower first
+# While chats generate, a moderation job waits this long before it runs: on a CPU host the guard thread and the
+# generation share the cores, and an always-busy guard doubled a guarded chat's latency (benchmarks/serve_abuse.py)
+MODERATION_YIELD_S = 0.2
+YIELD_POLL_S = 0.02
 
 
 def check_mode(mode: str) -> None:
@@ -106,6 +111,7 @@ class GuardQueue:
         self.rate = ServiceRate(1)  # Retry-After from the measured time per job, as the chat route's
         self.running = self.rejected = self.dropped = 0
         self.inputs = 0  # moderation inputs admitted and not finished
+        self.chats_running: Callable[[], bool] = lambda: False  # set by install_guard: the server's generations
         self._heap: list[_Job] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
@@ -152,14 +158,28 @@ class GuardQueue:
             self._closed = True
             self._cv.notify()
 
+    def _next(self) -> _Job | None:
+        """Under the lock: the next job (None once closed). While chats generate, a moderation job first waits up to
+        MODERATION_YIELD_S, giving generation the cores (a chat check arriving meanwhile goes first)."""
+        deadline = None
+        while True:
+            while not self._heap and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            if self._heap[0].priority == MODERATION and self.chats_running():
+                deadline = deadline or time.monotonic() + MODERATION_YIELD_S
+                if time.monotonic() < deadline:
+                    self._cv.wait(YIELD_POLL_S)
+                    continue
+            return heapq.heappop(self._heap)
+
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if self._closed:
+                job = self._next()
+                if job is None:
                     return
-                job = heapq.heappop(self._heap)
                 if not job.future.set_running_or_notify_cancel():  # dropped while queued
                     continue
                 self.running = 1
@@ -220,6 +240,11 @@ class Guard:
         return self.moderator
 
     @property
+    def loaded(self) -> bool:
+        """Loading has ended (the guard is ready, or failed)."""
+        return self._loaded.is_set()
+
+    @property
     def weight_bytes(self) -> int:
         return self.moderator.weight_bytes if self.moderator is not None else 0
 
@@ -267,6 +292,7 @@ def install_guard(app: FastAPI, srv, guard: Guard | GuardConfig) -> Guard:
     guard = guard if isinstance(guard, Guard) else Guard.from_config(guard)
     routes = _GuardRoutes(srv, guard)
     srv.extra_memory["guard_weights"] = lambda: guard.weight_bytes
+    guard.queue.chats_running = lambda: srv.admission.running > 0
     app.state.guard = guard
     app.add_api_route("/v1/moderations", routes.moderations, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"])
@@ -281,6 +307,8 @@ class _GuardRoutes:
         self.metrics = _GuardMetrics(srv.metrics.registry, srv.model_name, guard.queue)
 
     async def moderator(self) -> Moderator:
+        if self.guard.loaded:  # no thread hop once loaded: a flood of 429s must stay cheap
+            return self.guard.ready()
         return await asyncio.get_running_loop().run_in_executor(None, self.guard.ready)
 
     async def score(self, request: Request, stage: str, texts: list[tuple[str, str | None]]) -> list[Verdict]:
@@ -314,10 +342,10 @@ class _GuardRoutes:
 
     async def moderations(self, request: Request):
         self.srv.check_api_key(request)  # the same check as the server's /v1 routes
-        mod = await self.moderator()
-        limits = RequestLimits(mod.context_length)
         q = self.guard.queue
         q.admit(0)  # a full guard: 429 before the body is read
+        mod = await self.moderator()
+        limits = RequestLimits(mod.context_length)
         raw = await read_body(request, limits.body_bytes, self.srv.body_timeout_s)  # the chat routes' bound
         if len(raw) >= TRIM_ABOVE_BYTES:
             self.srv.trim_soon()
