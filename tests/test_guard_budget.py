@@ -181,8 +181,9 @@ def test_moderation_yields_to_generation_but_is_not_starved():
     q, order = GuardQueue(max_queue=4), []
     q.chats_running = lambda: True  # generation never stops
     try:
-        jobs = [q.submit(lambda gone, n=n: order.append(n), MODERATION) for n in ("m1", "m2")]
-        jobs.append(q.submit(lambda gone: order.append("chat"), CHAT_CHECK))
+        with q._cv:  # all three queued before the worker looks (the condition's lock is reentrant)
+            jobs = [q.submit(lambda gone, n=n: order.append(n), MODERATION) for n in ("m1", "m2")]
+            jobs.append(q.submit(lambda gone: order.append("chat"), CHAT_CHECK))
         for j in jobs:
             j.future.result(timeout=30)
     finally:

@@ -54,8 +54,9 @@ def write_tiny_tokenizer(path: Path, vocab_size: int = 384) -> None:
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}))
 
 
-# Gemma 2's control tokens at their ids (google-deepmind/gemma gemma/gm/text/_tokenizer.py `_Gemma2SpecialTokens`:
-# pad 0, eos 1, bos 2, unk 3, mask 4, <2mass> 5, [@BOS@] 6, <unusedN> = 7 + N for N in 0..98, <start_of_turn> 106,
+# Gemma 2's control tokens at their ids (google-deepmind/gemma gemma/gm/text/_tokenizer.py
+# @bfd26f252dfd3b02922667d1fe8590f0be838a8c `_Gemma2SpecialTokens` and `_add_custom_tokens`: pad 0, eos 1, bos 2,
+# unk 3, mask 4, <2mass> 5, [@BOS@] 6, <unusedN> = 7 + N for N in 0..98, <start_of_turn> 106,
 # <end_of_turn> 107), flagged as Google's tokenizer.json flags them: only pad/eos/bos/unk and the two turn tokens are
 # marked special; <mask>, <2mass>, [@BOS@] and <unusedN> are added tokens without the flag (the reason for llama.cpp's
 # does_token_look_special, ggml-org/llama.cpp convert_hf_to_gguf.py@a458664fc83b6513baea7adafcb0ef0626b006f8).
