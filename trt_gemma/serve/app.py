@@ -42,8 +42,9 @@ from trt_gemma.runtime.base import Backend, GenerationParams
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.runtime.scheduler import Admission, QueueFull, Scheduler
 from trt_gemma.serve.conn import (DEFAULT_BODY_BYTES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
-                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, install_repeat_filter,
-                                  loop_exception_handler, raise_nofile_limit, read_body, supervisor, uvicorn_config)
+                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, done_unless_gone,
+                                  install_repeat_filter, loop_exception_handler, raise_nofile_limit, read_body,
+                                  supervisor, uvicorn_config)
 from trt_gemma.serve.limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
 from trt_gemma.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.runtime.stops import stop_list
@@ -55,7 +56,6 @@ DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens in between share a chunk
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 PREP_THREADS = 1  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
 MAX_BODY_BYTES = DEFAULT_BODY_BYTES  # read_body's default; the model routes pass RequestLimits.body_bytes
 
@@ -340,17 +340,6 @@ class Server:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         return {}  # nobody is listening
-
-
-async def done_unless_gone(request: Request, fut: asyncio.Future) -> bool:
-    """Wait for `fut`, asking every DISCONNECT_POLL_S whether the client is still there: True when `fut` is done,
-    False when the client left first (the caller cancels the work)."""
-    while True:
-        done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return True
-        if await request.is_disconnected():
-            return False
 
 
 async def _close_stream(body, stream: AsyncStream) -> None:

@@ -45,7 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trt_gemma.errors import InputError, TrtGemmaError
 from trt_gemma.safety import POLICIES, Cancelled, Moderator, Verdict
-from trt_gemma.serve.conn import ClientGone, read_body
+from trt_gemma.serve.conn import ClientGone, done_unless_gone, read_body
 from trt_gemma.serve.limits import TRIM_ABOVE_BYTES, RequestLimits, ServiceRate
 from trt_gemma.serve.protocol import APIError, parse_json
 
@@ -315,8 +315,6 @@ class _GuardRoutes:
         """Score (prompt, response) pairs on the guard thread; all or nothing: when the client leaves, the rest is
         dropped and the request ends (499). A moderation input is one job per policy (a chat check queued behind it
         waits for one forward pass at most); a chat check is one job."""
-        from trt_gemma.serve.app import done_unless_gone
-
         mod, q = await self.moderator(), self.guard.queue
         split = [[p] for p in POLICIES] if stage == "moderation" else [None]
         prio = MODERATION if stage == "moderation" else CHAT_CHECK
