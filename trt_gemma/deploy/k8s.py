@@ -153,8 +153,8 @@ def serve_manifests(model: str | None, name: str = "trt-gemma", port: int = 8000
     cmd += ["--host", "0.0.0.0", "--port", str(port)] + list(args or [])
     if not api_key and "--insecure-no-auth" not in cmd:
         cmd.append("--insecure-no-auth")
-    env = [{"name": "TRT_GEMMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": api_key_secret(name),
-                                                                         "key": API_KEY_SECRET_KEY}}}] if api_key else []
+    ref = {"secretKeyRef": {"name": api_key_secret(name), "key": API_KEY_SECRET_KEY}}
+    env = [{"name": "TRT_GEMMA_API_KEY", "valueFrom": ref}] if api_key else []
     container = {"name": "server", "image": image, "command": cmd, "env": env,
                  "ports": [{"name": "http", "containerPort": port}],
                  "resources": {"requests": {GPU: 1}, "limits": {GPU: 1}},
