@@ -99,7 +99,7 @@ def test_yaml_round_trip_and_cli(capsys):
     docs = triton_manifests("t", triton_image_for("1.0.0"), 2, "/models", repo_bytes=1)
     text = dump_yaml(docs)
     assert "&id" not in text and list(yaml.safe_load_all(text)) == docs
-    printed = print_serve_manifests(None, 8000, 16, 2, "gemma", None, 0.05)
+    printed = print_serve_manifests(None, 8000, ["--max-queue", "16", "--model-name", "gemma"], api_key=False)
     loaded = [d for d in yaml.safe_load_all(printed) if d]
     validate(loaded)
     assert _by_kind(loaded)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"][2] == "--host"
@@ -123,3 +123,113 @@ def test_serve_image_is_the_tag_dockerfile_jetson_builds():
     header = (Path(__file__).resolve().parents[1] / "Dockerfile.jetson").read_text()
     tags = re.findall(r"docker build .*?-t (\S+)", header)
     assert SERVE_IMAGE in tags, (SERVE_IMAGE, tags)
+
+
+# ---- serve --print-k8s keeps what the server runs with --------------------------------------------------------------
+
+def _printed(capsys, args: list[str]) -> tuple[str, list[dict]]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    pytest.importorskip("fastapi", reason="trt-gemma serve needs the serve extra")
+    from trt_gemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--print-k8s", *args])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    validate(docs)
+    return out, docs
+
+
+def _non_default(p, tmp_path):
+    """A value for option `p` that differs from its default, from its type alone (so a new option is covered)."""
+    import click
+
+    if p.is_flag:  # a plain flag: on; --x/--no-x (default None: decided at run time): off
+        return not p.secondary_opts
+    t = p.type
+    if isinstance(t, click.Choice):
+        return next(c for c in t.choices if c != p.default)
+    if isinstance(t, click.Path):
+        f = tmp_path / f"{p.name}.toml"
+        f.write_text("[thresholds]\n")
+        return str(f)
+    if isinstance(t, (click.IntRange,)) or t is click.INT:
+        return (p.default or 0) + 3
+    if isinstance(t, (click.FloatRange,)) or t is click.FLOAT:
+        return (p.default or 0) + 1.5
+    return f"x-{p.name.replace('_', '-')}"
+
+
+def test_print_k8s_carries_every_serve_option(capsys, tmp_path):
+    """Every `serve` option except NOT_CARRIED, given a non-default value, comes back with that value when the
+    Deployment's command is parsed by `serve` itself; paths come back under the models volume."""
+    import click
+
+    from trt_gemma.commands.serve import IN_VOLUME, NOT_CARRIED, serve
+
+    given: dict = {}
+    argv: list[str] = []
+    for p in serve.params:
+        if not isinstance(p, click.Option) or p.name in NOT_CARRIED:
+            continue
+        v = given[p.name] = _non_default(p, tmp_path)
+        if p.is_flag:
+            argv.append(p.opts[0] if v else p.secondary_opts[0])
+        else:
+            argv += [p.opts[0], str(v)]
+    out, docs = _printed(capsys, argv)
+    cmd = _by_kind(docs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:2] == ["trt-gemma", "serve"]
+    parsed = serve.make_context("serve", cmd[2:]).params
+    for name, v in given.items():
+        want = f"/models/{tmp_path.joinpath(v).name}" if name in IN_VOLUME and tmp_path.joinpath(v).exists() else v
+        assert parsed[name] == want, (name, parsed[name], want)
+    assert parsed["host"] == "0.0.0.0" and parsed["insecure_no_auth"] is True  # no key given
+    assert "--insecure-no-auth" in out.split("---")[0], "the header must say why the server runs without a key"
+    assert set(NOT_CARRIED) <= {p.name for p in serve.params}, "NOT_CARRIED names an option serve no longer has"
+
+
+def test_print_k8s_puts_the_key_in_a_secret_by_reference(capsys, tmp_path, monkeypatch):
+    key = "s3cret-key-value-123"
+    (tmp_path / "key").write_text(key + "\n")
+    for how in (["--api-key-file", str(tmp_path / "key")], ["--api-key", key]):
+        out, docs = _printed(capsys, [*how, "--guard", "default", "--metrics-auth"])
+        assert key not in out, "the key's value leaked into the manifest"
+        k = _by_kind(docs)
+        c = k["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        ref = c["env"][0]["valueFrom"]["secretKeyRef"]
+        assert c["env"][0]["name"] == "TRT_GEMMA_API_KEY" and ref == {"name": "trt-gemma-api-key", "key": "api-key"}
+        assert k["Secret"]["metadata"]["name"] == ref["name"] and "data" not in k["Secret"]  # a placeholder
+        assert "kubectl create secret generic trt-gemma-api-key --from-file=api-key=" in out
+        assert "--insecure-no-auth" not in c["command"]
+        assert {"--guard", "default", "--metrics-auth"} <= set(c["command"])
+    monkeypatch.setenv("TRT_GEMMA_API_KEY", key)
+    out, docs = _printed(capsys, [])
+    assert key not in out and "Secret" in _by_kind(docs)
+
+
+def test_serve_refuses_a_network_host_without_a_key(capsys, monkeypatch):
+    pytest.importorskip("fastapi", reason="trt-gemma serve needs the serve extra")
+    from trt_gemma.cli import main
+    from trt_gemma.commands.serve import require_auth
+    from trt_gemma.errors import ConfigError
+
+    monkeypatch.delenv("TRT_GEMMA_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--host", "0.0.0.0", "--port", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--insecure-no-auth" in err, err
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        with pytest.raises(ConfigError, match="no API key"):
+            require_auth(host, None, False)
+        require_auth(host, "k", False)
+        require_auth(host, None, True)
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        require_auth(host, None, False)
+
+
+def test_triton_manifest_says_it_has_no_auth():
+    from trt_gemma.deploy.k8s import TRITON_AUTH_NOTE
+
+    assert "no authentication" in TRITON_AUTH_NOTE and TRITON_AUTH_NOTE.startswith("#")

@@ -120,7 +120,7 @@ def test_embedded_model_uses_first_tokens_and_matches_transformers(tmp_path):
     diffs = {p: abs(got.scores[p] - want[p]) for p in got.scores}
     assert max(diffs.values()) <= TOL, diffs
     ids = hf_tok(make_prompt("hate", prompt, response)).input_ids
-    assert mod.encode(make_prompt("hate", prompt, response)) == ids, "token ids differ from transformers' tokenizer"
+    assert mod.encode_prompt("hate", prompt, response) == ids, "token ids differ from transformers' tokenizer"
 
 
 # ---- the onnxruntime backend against the reference ----------------------------------------------------------------

@@ -45,8 +45,10 @@ def test_ids_and_sizes(tok, hf_tok):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_decode_match_transformers(tok, hf_tok, text):
-    assert tok.encode(text) == hf_tok(text)["input_ids"]
-    assert tok.encode(text, add_bos=False) == hf_tok(text, add_special_tokens=False)["input_ids"]
+    """Text is text: transformers with split_special_tokens=True (special-token strings tokenized as characters)."""
+    assert tok.encode(text) == hf_tok(text, split_special_tokens=True)["input_ids"]
+    assert tok.encode(text, add_bos=False) == hf_tok(text, add_special_tokens=False,
+                                                     split_special_tokens=True)["input_ids"]
     ids = tok.encode(text)
     assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
     assert tok.decode(ids, skip_special=False) == hf_tok.decode(ids, skip_special_tokens=False)

@@ -54,6 +54,41 @@ def write_tiny_tokenizer(path: Path, vocab_size: int = 384) -> None:
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}))
 
 
+# Gemma 2's control tokens at their ids (google-deepmind/gemma gemma/gm/text/_tokenizer.py
+# @bfd26f252dfd3b02922667d1fe8590f0be838a8c `_Gemma2SpecialTokens` and `_add_custom_tokens`: pad 0, eos 1, bos 2,
+# unk 3, mask 4, <2mass> 5, [@BOS@] 6, <unusedN> = 7 + N for N in 0..98, <start_of_turn> 106,
+# <end_of_turn> 107), flagged as Google's tokenizer.json flags them: only pad/eos/bos/unk and the two turn tokens are
+# marked special; <mask>, <2mass>, [@BOS@] and <unusedN> are added tokens without the flag (the reason for llama.cpp's
+# does_token_look_special, ggml-org/llama.cpp convert_hf_to_gguf.py@a458664fc83b6513baea7adafcb0ef0626b006f8).
+GEMMA2_CONTROLS = (["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<2mass>", "[@BOS@]"]
+                   + [f"<unused{n}>" for n in range(99)] + ["<start_of_turn>", "<end_of_turn>"])
+GEMMA2_MARKED_SPECIAL = {"<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"}
+
+
+def write_gemma2_specials_tokenizer(path: Path) -> None:
+    """A small tokenizer with Gemma 2's control tokens (ids 0..107, flags as above) and Gemma's pipeline (transformers
+    models/gemma/tokenization_gemma.py: BPE with byte fallback, " " -> "\u2581", the ByteFallback decoder); the rest
+    of the vocabulary is "\n" (an added token that is not a control token, as id 108 in Gemma 2), the 256 byte
+    tokens and printable ASCII, no merges. For checking that text never yields a control id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(GEMMA2_CONTROLS)}
+    vocab["\n"] = len(vocab)
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in ["\u2581"] + [chr(c) for c in range(33, 127)]:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    for t in GEMMA2_CONTROLS + ["\n"]:
+        token = AddedToken(t, normalized=False, special=t in GEMMA2_MARKED_SPECIAL)
+        (tok.add_special_tokens if t in GEMMA2_MARKED_SPECIAL else tok.add_tokens)([token])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                             "chat_template": CHAT_TEMPLATE}))
+
+
 def make_tiny_hf_model(path: Path, seed: int = 0, dtype: str = "float32", shards: int = 1, **overrides) -> Path:
     """Save a random Gemma2ForCausalLM (and a tokenizer) to `path` with transformers; returns `path`.
     Without the quantize extra (torch, transformers: a core-only install) the calling test is skipped, saying so."""

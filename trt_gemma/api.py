@@ -14,6 +14,7 @@ OpenAI's. docs/api.md maps every field onto the server's JSON and metrics.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -348,12 +349,11 @@ class Model:
                 seed: int | None, stop: str | Sequence[str] | None, ignore_eos: bool) -> Run:
         if self._closed:
             raise ResourceError("this Model is closed", fix="trt_gemma.load() it again")
+        check_arguments(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed, stop=stop, ignore_eos=ignore_eos)
         ids = self._encode(prompt)
         params = self._params(len(ids), max_tokens, temperature, top_p, top_k, seed, ignore_eos)
-        stops = stop_list(stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise InputError(f"stop must be a string or a list of strings (got {stop!r})", fix="e.g. stop=['\\n\\n']")
-        return Run(self._scheduler.submit(ids, params), stops)  # QueueFull (a ResourceError) when full
+        return Run(self._scheduler.submit(ids, params), stop_list(stop))  # QueueFull (a ResourceError) when full
 
     def _encode(self, prompt: Prompt) -> list[int]:
         b = self._backend
@@ -410,6 +410,38 @@ class Model:
     def __repr__(self) -> str:
         i = self._backend.info
         return f"<trt_gemma.Model {i.name} on {self._backend.name}, context {i.context_length}>"
+
+
+# The generation arguments' accepted types, checked before anything else: (types, how the message names them).
+# bool is an int to Python, never to us.
+_ARGUMENT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "max_tokens": ((int, type(None)), "an int or None"),
+    "temperature": ((int, float), "an int or a float"),
+    "top_p": ((int, float), "an int or a float"),
+    "top_k": ((int,), "an int"),
+    "seed": ((int, type(None)), "an int or None"),
+    "ignore_eos": ((bool,), "a bool"),
+}
+
+
+def check_arguments(*, prompt: object, stop: object, **args: object) -> None:
+    """InputError naming the argument and what it accepts, for a value of the wrong type (or a non-finite float,
+    an empty prompt, bytes given as a prompt) before the value is used anywhere."""
+    for name, value in args.items():
+        types, what = _ARGUMENT_TYPES[name]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types) or (isinstance(value, float) and not math.isfinite(value)):
+            raise InputError(f"{name} must be {what}{', finite' if isinstance(value, float) else ''} "
+                             f"(got {type(value).__name__} {value!r:.80})", fix=f"pass {name} as {what}")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stops, (list, tuple)) and all(isinstance(x, str) for x in stops)):
+        raise InputError(f"stop must be a str, a list of str or None (got {type(stop).__name__} {stop!r:.80})",
+                         fix="e.g. stop=['\\n\\n']")
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise InputError(f"prompt is {type(prompt).__name__}, not text or token ids",
+                         fix="decode it first: prompt.decode('utf-8')")
+    if isinstance(prompt, str) and not prompt:
+        raise InputError("prompt is an empty string", fix="pass some text, token ids, or chat messages")
 
 
 def load(model: str | os.PathLike[str] | None = None, *, backend: str = "auto", max_concurrency: int = 1,

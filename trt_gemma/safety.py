@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.runtime.tokenizer import Control, Part, render_parts, template_parts
 
 SOURCE = ("google-gemini/gemma-cookbook responsible/shieldgemma_on_huggingface.ipynb"
           "@e119e3d24e2f618fafa7203662c8f7a2c791de35")
@@ -117,14 +118,25 @@ def harm_text(p: Policy, with_response: bool) -> str:
     return f'"No {p.name}": {prefix} {p.description}'
 
 
-def make_prompt(policy_id: str, user_content: str, model_content: str | None = None) -> str:
-    """The tutorial's make_prompt. A response selects the prompt-response template: the tutorial's own "output
-    filtering" cell passes a response to the prompt-only template, where str.format silently drops it."""
+# The control tokens of the templates above: only these are control tokens in a moderation prompt; the same strings
+# inside the user's or the model's text are text (trt_gemma/runtime/tokenizer.py).
+TEMPLATE_CONTROLS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def prompt_parts(policy_id: str, user_content: str, model_content: str | None = None) -> list[Part]:
+    """The tutorial's make_prompt as template parts. A response selects the prompt-response template: the tutorial's
+    own "output filtering" cell passes a response to the prompt-only template, where str.format silently drops it."""
     p = policy(policy_id)
     if model_content is None:
-        return PROMPT_ONLY_TEMPLATE.format(user_content=user_content, harm_text=harm_text(p, False))
-    return PROMPT_RESPONSE_TEMPLATE.format(user_content=user_content, model_content=model_content,
-                                           harm_text=harm_text(p, True))
+        return template_parts(PROMPT_ONLY_TEMPLATE, TEMPLATE_CONTROLS, user_content=user_content,
+                              harm_text=harm_text(p, False))
+    return template_parts(PROMPT_RESPONSE_TEMPLATE, TEMPLATE_CONTROLS, user_content=user_content,
+                          model_content=model_content, harm_text=harm_text(p, True))
+
+
+def make_prompt(policy_id: str, user_content: str, model_content: str | None = None) -> str:
+    """The tutorial's make_prompt: the rendered text."""
+    return render_parts(prompt_parts(policy_id, user_content, model_content))
 
 
 # ---- the Yes / No tokens ---------------------------------------------------------------------------------------------
@@ -245,20 +257,33 @@ class Moderator:
         self.backend = backend  # the runtime behind last_logits ("reference", "onnxruntime"; None: a caller's own)
         self.notices = list(notices) + [self.tokens.describe()]
 
-    def encode(self, text: str) -> list[int]:
-        """As the tutorial's `tokenizer(prompt)`: <bos> + the text, `<start_of_turn>`/`<end_of_turn>` as specials."""
-        ids = list(self.tokenizer.encode(text, add_bos=True))
+    def encode_prompt(self, policy_id: str, prompt: str, response: str | None = None) -> list[int]:
+        """As the tutorial's `tokenizer(make_prompt(...))`: <bos> + the prompt, the template's `<start_of_turn>` /
+        `<end_of_turn>` as control tokens; the same strings in `prompt` or `response` stay text."""
+        ids = self.tokenizer.encode_parts([Control(self.tokenizer.bos_token),
+                                           *prompt_parts(policy_id, prompt, response)])
         if len(ids) > self.context_length:
             raise InputError(f"the moderation prompt is {len(ids)} tokens, longer than the guard's context of "
                              f"{self.context_length}", fix="moderate a shorter text")
         return ids
 
-    def score(self, prompt: str, response: str | None = None, policies: Sequence[str] | None = None) -> Verdict:
-        ids_by_policy = {p: self.encode(make_prompt(p, prompt, response)) for p in (policies or POLICIES)}
+    def score(self, prompt: str, response: str | None = None, policies: Sequence[str] | None = None,
+              cancelled: Callable[[], bool] = lambda: False) -> Verdict:
+        """One forward pass per policy; `cancelled()` is asked before each (a server whose client left): then
+        Cancelled is raised."""
+        ids_by_policy = {p: self.encode_prompt(p, prompt, response) for p in (policies or POLICIES)}
         t0 = time.perf_counter()
-        scores = {p: p_yes(np.asarray(self.last_logits(ids)), self.tokens) for p, ids in ids_by_policy.items()}
+        scores = {}
+        for p, ids in ids_by_policy.items():
+            if cancelled():
+                raise Cancelled(f"scoring stopped before policy {p}")
+            scores[p] = p_yes(np.asarray(self.last_logits(ids)), self.tokens)
         return Verdict(scores, self.thresholds, "prompt_response" if response is not None else "prompt_only",
                        time.perf_counter() - t0, [len(i) for i in ids_by_policy.values()])
+
+
+class Cancelled(Exception):
+    """Scoring was stopped by its caller (not an error of the input)."""
 
 
 # The runtimes that return last-position logits on this host; "trtllm" engines need context logits gathered at build

@@ -10,9 +10,21 @@ import click
 from trt_gemma.console import console, emit
 from trt_gemma.serve.app import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
 from trt_gemma.serve.conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
+from trt_gemma.serve.guard import DEFAULT_GUARD_QUEUE
 
 
 API_KEY_ENV = "TRT_GEMMA_API_KEY"
+# `serve` options that --print-k8s does not copy into the Deployment's command, and why; every other option the user
+# passed is copied as given (tests/test_k8s.py checks that each one round-trips), so a new flag cannot be dropped.
+NOT_CARRIED = {
+    "host": "the pod listens on 0.0.0.0",
+    "port": "the manifest's containerPort and Service carry it",
+    "api_key": "kept in a Kubernetes Secret (secretKeyRef), never in the manifest",
+    "api_key_file": "kept in a Kubernetes Secret (secretKeyRef), never in the manifest",
+    "insecure_no_auth": "added by the manifest exactly when there is no key",
+    "print_k8s": "this option",
+}
+IN_VOLUME = ("guard", "guard_thresholds")  # local paths: copied into the models volume, read from there
 
 
 @click.command()
@@ -25,6 +37,9 @@ API_KEY_ENV = "TRT_GEMMA_API_KEY"
                    f"--api-key-file or ${API_KEY_ENV}. An empty key is refused.")
 @click.option("--api-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Read the API key from this file (one line; surrounding whitespace ignored).")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Serve on a non-loopback --host without an API key (refused otherwise): anyone who can reach the "
+                   "port may use the model.")
 @click.option("--metrics-auth", is_flag=True,
               help="Require the API key on /metrics too (by default /metrics is open, as in vLLM and NIM: it "
                    "holds counts and sizes, no request text).")
@@ -58,36 +73,88 @@ API_KEY_ENV = "TRT_GEMMA_API_KEY"
 @click.option("--guard-response", is_flag=True, help="Also check each completion (prompt-response template).")
 @click.option("--guard-thresholds", type=click.Path(dir_okay=False), default=None,
               help="TOML [thresholds] table for the guard (default 0.5 per policy).")
+@click.option("--guard-max-queue", default=DEFAULT_GUARD_QUEUE, show_default=True, type=click.IntRange(0),
+              help="Moderation inputs that may wait for the guard; beyond that /v1/moderations answers 429 + "
+                   "Retry-After (guarded chat checks go first and are bounded by --max-queue).")
 @click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
               show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
                                       "numpy reference.")
-def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max_concurrency, model_name,
-          stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout, exit_on_load_failure,
-          print_k8s, guard, guard_mode, guard_response, guard_thresholds, backend):
+@click.pass_context
+def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metrics_auth, max_queue, max_concurrency,
+          model_name, stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout,
+          exit_on_load_failure, print_k8s, guard, guard_mode, guard_response, guard_thresholds, guard_max_queue,
+          backend):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.deploy.k8s import print_serve_manifests
 
-        click.echo(print_serve_manifests(model, port, max_queue, max_concurrency, model_name, api_key, stream_interval),
-                   nl=False)
+        key = resolve_api_key(api_key, api_key_file)  # the key itself stays out of the manifest
+        args, files = k8s_args(ctx)
+        click.echo(print_serve_manifests(model, port, args, api_key=key is not None, files=files), nl=False)
         return
     from trt_gemma.checkpoint.hf import resolve_model
     from trt_gemma.serve.app import run_server
 
     key = resolve_api_key(api_key, api_key_file)  # before anything slow: a bad key is a typo to fix now
+    require_auth(host, key, insecure_no_auth)
     path = resolve_model(model)
     name = model_name or (model if model and not Path(model).exists() else path.name)
     guard_cfg = None
     if guard is not None:  # the guard's path is checked now; it loads beside the model (serve/guard.py)
         from trt_gemma.serve.guard import GuardConfig
 
-        guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds)
+        guard_cfg = GuardConfig(str(resolve_model(guard)), guard_mode, guard_response, guard_thresholds,
+                                max_queue=guard_max_queue)
         guard_cfg.check()
     run_server(path, model_name=name, host=host, port=port, api_key=key, max_queue=max_queue,
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
                keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
                exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg,
                backend=backend)
+
+
+def require_auth(host: str, key: str | None, insecure_no_auth: bool) -> None:
+    """No key on an address other machines can reach: refused unless the user says so with --insecure-no-auth."""
+    import ipaddress
+
+    from trt_gemma.errors import ConfigError
+
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if key is None and not loopback and not insecure_no_auth:
+        raise ConfigError(f"--host {host} serves other machines, and no API key is set: anyone who reaches the port "
+                          "could use the model",
+                          fix=f"pass --api-key-file KEYFILE (or ${API_KEY_ENV}), or --insecure-no-auth to serve "
+                              "without a key on purpose")
+
+
+def k8s_args(ctx: click.Context) -> tuple[list[str], list[str]]:
+    """The serve flags the user passed, as the Deployment's command passes them (NOT_CARRIED aside), and the local
+    files they name (IN_VOLUME options that are existing paths, remapped under the models volume)."""
+    from click.core import ParameterSource
+
+    from trt_gemma.deploy.k8s import MODEL_MOUNT
+
+    args: list[str] = []
+    files: list[str] = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name in NOT_CARRIED:
+            continue
+        if ctx.get_parameter_source(p.name) in (None, ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[p.name]
+        if p.name in IN_VOLUME and value is not None and Path(value).exists():
+            files.append(str(value))
+            value = f"{MODEL_MOUNT}/{Path(value).name}"
+        if p.is_flag and p.secondary_opts:  # --x/--no-x
+            args.append(p.opts[0] if value else p.secondary_opts[0])
+        elif p.is_flag:
+            args += [p.opts[0]] if value else []
+        elif value is not None:
+            args += [p.opts[0], str(value)]
+    return args, files
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:

@@ -132,17 +132,29 @@ def triton_manifests(name: str, image: str, tp: int, repo_path: str, repo_bytes:
             _service(name, labels, [("http", HTTP_PORT), ("grpc", GRPC_PORT), ("metrics", METRICS_PORT)])]
 
 
+API_KEY_SECRET_KEY = "api-key"  # the key inside the Secret
+
+
+def api_key_secret(name: str) -> str:
+    return f"{name}-api-key"
+
+
 def serve_manifests(model: str | None, name: str = "trt-gemma", port: int = 8000, image: str = SERVE_IMAGE,
                     args: list[str] | None = None, api_key: bool = False, model_bytes: int = 0) -> list[dict]:
     """Our OpenAI server on one GPU (a Jetson or a workstation node): NVIDIA device plugin GPU, the `nvidia`
     RuntimeClass (Jetson's driver stack comes in through the NVIDIA container runtime, as `--runtime nvidia` does
-    for Dockerfile.jetson), /health for readiness (503 while loading), /metrics on the same port."""
+    for Dockerfile.jetson), /health for readiness (503 while loading), /metrics on the same port.
+    The pod listens on 0.0.0.0: with `api_key` the key comes from a Secret (`secretKeyRef`; a placeholder Secret
+    without data is part of the output, filled with `kubectl create secret`), without it the server must be told
+    `--insecure-no-auth` or it refuses to start."""
     labels = _labels(name, "server")
     claim = f"{name}-models"
     cmd = ["trt-gemma", "serve"] + ([f"{MODEL_MOUNT}/{Path(model.rstrip('/')).name}"] if model else [])
     cmd += ["--host", "0.0.0.0", "--port", str(port)] + list(args or [])
-    env = [{"name": "TRT_GEMMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": f"{name}-api-key",
-                                                                         "key": "api-key"}}}] if api_key else []
+    if not api_key and "--insecure-no-auth" not in cmd:
+        cmd.append("--insecure-no-auth")
+    ref = {"secretKeyRef": {"name": api_key_secret(name), "key": API_KEY_SECRET_KEY}}
+    env = [{"name": "TRT_GEMMA_API_KEY", "valueFrom": ref}] if api_key else []
     container = {"name": "server", "image": image, "command": cmd, "env": env,
                  "ports": [{"name": "http", "containerPort": port}],
                  "resources": {"requests": {GPU: 1}, "limits": {GPU: 1}},
@@ -152,7 +164,10 @@ def serve_manifests(model: str | None, name: str = "trt-gemma", port: int = 8000
                  "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True}]}
     pod = {"runtimeClassName": "nvidia", "containers": [container],
            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": claim}}]}
-    return [_pvc(claim, labels, model_bytes), _deployment(name, labels, pod, port),
+    # The placeholder has no `data`: `kubectl apply` leaves the key that `kubectl create secret` put there alone
+    secret = [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": api_key_secret(name), "labels": labels}}] if api_key else []
+    return [*secret, _pvc(claim, labels, model_bytes), _deployment(name, labels, pod, port),
             _service(name, labels, [("http", port)])]
 
 
@@ -169,18 +184,28 @@ def dump_yaml(docs: list[dict]) -> str:
     return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, explicit_start=True)
 
 
-def print_serve_manifests(model: str | None, port: int, max_queue: int, max_concurrency: int,
-                          model_name: str | None, api_key: str | None, stream_interval: float) -> str:
-    """The text `trt-gemma serve --print-k8s` prints: the same server settings, as a Deployment."""
-    args = ["--max-queue", str(max_queue), "--max-concurrency", str(max_concurrency),
-            "--stream-interval", str(stream_interval)]
-    if model_name:
-        args += ["--model-name", model_name]
+def print_serve_manifests(model: str | None, port: int, args: list[str], api_key: bool,
+                          files: list[str] = (), name: str = "trt-gemma") -> str:
+    """The text `trt-gemma serve --print-k8s` prints: the server with the flags `args` the user passed
+    (commands/serve.py derives them from its own options), the key by reference, and comments saying what to do."""
     from trt_gemma.manifest import dir_bytes
 
     size = dir_bytes(Path(model)) if model and Path(model).is_dir() else 0
-    header = ("# trt-gemma serve on Kubernetes: copy the model into the PVC, then kubectl apply -f this file."
-              + ("\n# API key: kubectl create secret generic trt-gemma-api-key --from-literal=api-key=KEY"
-                 if api_key else ""))
-    return header + "\n" + dump_yaml(serve_manifests(model, port=port, args=args, api_key=bool(api_key),
-                                                     model_bytes=size))
+    lines = ["# trt-gemma serve on Kubernetes: copy the model into the PVC, then kubectl apply -f this file."]
+    if files:
+        lines.append(f"# Also copy into the PVC (the flags below read them from {MODEL_MOUNT}): {', '.join(files)}")
+    if api_key:
+        lines += [f"# API key: the server reads it from the Secret {api_key_secret(name)} (key {API_KEY_SECRET_KEY}); "
+                  "the Secret below is a placeholder without data.",
+                  "# Fill it before the first apply (the key never appears in this file):",
+                  f"#   kubectl create secret generic {api_key_secret(name)} "
+                  f"--from-file={API_KEY_SECRET_KEY}=PATH_TO_KEY_FILE"]
+    else:
+        lines += ["# No API key was given: the server runs with --insecure-no-auth and answers anyone who can reach",
+                  "# the Service. Print this again with --api-key-file KEYFILE to require a key (kept in a Secret)."]
+    docs = serve_manifests(model, name=name, port=port, args=args, api_key=api_key, model_bytes=size)
+    return "\n".join(lines) + "\n" + dump_yaml(docs)
+
+
+TRITON_AUTH_NOTE = ("# Triton's HTTP and gRPC endpoints have no authentication: the Service is ClusterIP (reachable\n"
+                    "# inside the cluster only). Expose it through an ingress or proxy that checks credentials.\n")

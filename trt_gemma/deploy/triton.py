@@ -327,11 +327,11 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
         k8s_file = None
         if k8s:
-            from trt_gemma.deploy.k8s import dump_yaml, triton_manifests
+            from trt_gemma.deploy.k8s import TRITON_AUTH_NOTE, dump_yaml, triton_manifests
 
             docs = triton_manifests(name or _k8s_name(manifest), image, engine_tp, repo_path,
                                     repo_bytes=mf.dir_bytes(tmp))
-            (tmp / K8S_FILE).write_text(dump_yaml(docs))
+            (tmp / K8S_FILE).write_text(TRITON_AUTH_NOTE + dump_yaml(docs))
             k8s_file = out / K8S_FILE
     return ExportResult(out, bundle, values, engine_tp, version, k8s_file, image or None)
 

@@ -7,11 +7,21 @@ The chat format is Gemma's own template (the `chat_template` in Google's tokeniz
 message; we fold it into the first user turn ("{system}\n\n{user}"), the usual convention for Gemma. The rendered
 text already starts with <bos>, so encode_chat encodes it without adding another
 (docs/tensorrt-llm-contract.md §6 "BOS").
+
+Control tokens come only from templates (OpenAI's rule for its own chat format). Text (a prompt, a message's
+content, a guard input, `features --text`) is encoded with special-token matching off, so "<end_of_turn>" typed
+by a user is the characters "<", "end", ... and never id 107. A template is a list of parts: text (encoded as text)
+and `Control` tokens (looked up by name). The text between two control tokens is encoded in one piece, as the
+tokenizers package splits the whole rendered string at its special tokens, so for text without control-token
+strings the ids are exactly what `tokenizer(rendered)` gives.
 """
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence, Union
 
 from trt_gemma.errors import InputError
 
@@ -29,10 +39,55 @@ CHAT_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True)
+class Control:
+    """A control token a template puts in, by its name ("<start_of_turn>")."""
+    token: str
+
+
+Part = Union[str, Control]
+
+
+def looks_like_control(token: str) -> bool:
+    """Added tokens that are control tokens although a tokenizer.json may not mark them special: Gemma 2's leaves
+    <mask>, <2mass>, [@BOS@] and <unused0>..<unused98> unmarked. The rule is llama.cpp's `does_token_look_special`
+    (ggml-org/llama.cpp convert_hf_to_gguf.py@a458664fc83b6513baea7adafcb0ef0626b006f8)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _seal_controls(tok) -> frozenset[int]:
+    """Mark every control token special, then switch special-token matching off for all text this tokenizer
+    encodes (`encode_special_tokens`: the special tokens are then split like any other text). Returns their ids."""
+    from tokenizers import AddedToken
+
+    added = tok.get_added_tokens_decoder()
+    controls = {i: t for i, t in added.items() if t.special or looks_like_control(t.content)}
+    unmarked = [t for t in controls.values() if not t.special]
+    if unmarked:  # re-adding an existing token keeps its id and takes the new flag
+        tok.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                           normalized=t.normalized, special=True) for t in unmarked])
+    tok.encode_special_tokens = True
+    return frozenset(controls)
+
+
+def template_parts(template: str, controls: Sequence[str], **fields: str) -> list[Part]:
+    """A trusted str.format template split at its control-token names; each text piece is filled with `fields`
+    (their values stay text whatever they hold)."""
+    pattern = "(" + "|".join(re.escape(c) for c in controls) + ")"
+    return [Control(s) if s in controls else s.format(**fields) for s in re.split(pattern, template) if s]
+
+
+def render_parts(parts: Sequence[Part]) -> str:
+    """The text a template's parts stand for (for display and for comparing with other implementations)."""
+    return "".join(p.token if isinstance(p, Control) else p for p in parts)
+
+
 class GemmaTokenizer:
     def __init__(self, tokenizer, special: dict[str, str], source: str = "tokenizer.json"):
         self._tok = tokenizer
         self.source = source
+        self.control_ids = _seal_controls(tokenizer)
         self.bos_token = special.get("bos_token") or "<bos>"
         self.eos_token = special.get("eos_token") or "<eos>"
         self.bos_id = self._require_id(self.bos_token)
@@ -74,10 +129,31 @@ class GemmaTokenizer:
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Text as text: control-token strings in it are not control tokens (module docstring)."""
+        return self.encode_parts([text], add_bos)
+
+    def encode_parts(self, parts: Sequence[Part], add_bos: bool = False) -> list[int]:
+        """A template's parts: each `Control` is its id, each run of text between them is encoded as text."""
+        runs: list[Part] = []
+        for p in parts:
+            if isinstance(p, str) and runs and isinstance(runs[-1], str):
+                runs[-1] += p
+            elif p != "":
+                runs.append(p)
         # encode_batch releases the GIL while it works (encode does not): a long prompt tokenized on a server's
         # worker thread then leaves the event loop free (measured: 0.7 s prompt, 30 ms longest loop stall vs 0.7 s)
-        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
-        return [self.bos_id, *ids] if add_bos else list(ids)
+        texts = iter(self._tok.encode_batch([p for p in runs if isinstance(p, str)], add_special_tokens=False))
+        ids = [self.bos_id] if add_bos else []
+        for p in runs:
+            ids.extend(next(texts).ids if isinstance(p, str) else [self.control_id(p.token)])
+        return ids
+
+    def control_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None or tid not in self.control_ids:
+            raise InputError(f"{self.source}: the template's control token {token!r} is not a special token of "
+                             "this tokenizer", fix="use the tokenizer files of a Gemma 2 model")
+        return tid
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -85,20 +161,24 @@ class GemmaTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def chat_parts(self, messages: list[dict], add_generation_prompt: bool = True) -> list[Part]:
         turns = _fold_system(_check_messages(messages))
-        out = [self.bos_token]
+        start, end = Control("<start_of_turn>"), Control("<end_of_turn>")
+        out: list[Part] = [Control(self.bos_token)]
         for i, (role, content) in enumerate(turns):
             if (role == "user") != (i % 2 == 0):
                 raise InputError(f"chat message {i} has role {role!r}: roles must alternate user/assistant/user/...",
                                  fix="start with a user message (after an optional system one) and alternate")
-            out.append(f"<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n")
+            out += [start, f"{role}\n{content.strip()}", end, "\n"]
         if add_generation_prompt:
-            out.append("<start_of_turn>model\n")
-        return "".join(out)
+            out += [start, "model\n"]
+        return out
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_parts(self.chat_parts(messages, add_generation_prompt))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+        return self.encode_parts(self.chat_parts(messages, add_generation_prompt))
 
     def incremental_decoder(self) -> "IncrementalDecoder":
         return IncrementalDecoder(self)

@@ -42,8 +42,9 @@ from trt_gemma.runtime.base import Backend, GenerationParams
 from trt_gemma.errors import ConfigError, ResourceError, TrtGemmaError
 from trt_gemma.runtime.scheduler import Admission, QueueFull, Scheduler
 from trt_gemma.serve.conn import (DEFAULT_BODY_BYTES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
-                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, install_repeat_filter,
-                                  loop_exception_handler, raise_nofile_limit, read_body, supervisor, uvicorn_config)
+                                  DEFAULT_KEEP_ALIVE_TIMEOUT_S, ClientGone, check_bindable, done_unless_gone,
+                                  install_repeat_filter, loop_exception_handler, raise_nofile_limit, read_body,
+                                  supervisor, uvicorn_config)
 from trt_gemma.serve.limits import TRIM_ABOVE_BYTES, TRIM_DELAY_S, RequestLimits, ServiceRate, trim_heap
 from trt_gemma.serve.metrics import CONTENT_TYPE, ServerMetrics
 from trt_gemma.runtime.stops import stop_list
@@ -55,7 +56,6 @@ DEFAULT_MAX_CONCURRENCY = 2
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_STREAM_INTERVAL_S = 0.05  # at most 20 SSE chunks/s per stream; tokens in between share a chunk
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat defaults to the rest of the context
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 PREP_THREADS = 1  # requests parsed and tokenized at once; more wait (each is bounded by RequestLimits)
 MAX_BODY_BYTES = DEFAULT_BODY_BYTES  # read_body's default; the model routes pass RequestLimits.body_bytes
 
@@ -168,7 +168,8 @@ class Server:
                            param="model", code="model_not_found")
         try:
             if kind == "chat":
-                ids = backend.encode_chat(chat_messages(req["messages"], limits))
+                req["messages"] = chat_messages(req["messages"], limits)  # text, checked: what the guard scores
+                ids = backend.encode_chat(req["messages"])
             else:
                 ids = self._completion_prompt(backend, req["prompt"], limits)
         except TrtGemmaError as e:
@@ -303,14 +304,22 @@ class Server:
         return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
     async def handle(self, request: Request, kind: str) -> Response:
+        return await self.start(request, await self.admit(request, kind))
+
+    async def admit(self, request: Request, kind: str) -> tuple[Completion, list[int], GenerationParams, dict]:
+        """Everything before generation, cheapest refusal first: loaded (503), a queue place (429), the body within
+        the model's bound (413/408), then parsed, validated, the model looked up (404) and tokenized on a prep
+        thread. The guard (serve/guard.py) scores only what got through here."""
         backend = self.require_ready()  # first: the body's size bound comes from the model's context
         if self.admission.full():
             raise self.busy()  # before reading and tokenizing a body that could not be admitted anyway
         raw = await read_body(request, RequestLimits(backend.info.context_length).body_bytes, self.body_timeout_s)
         if len(raw) >= TRIM_ABOVE_BYTES:
             self.trim_soon()
-        comp, ids, params, req = await asyncio.get_running_loop().run_in_executor(
-            self.prep_pool, self.prepare, raw, kind, backend)
+        return await asyncio.get_running_loop().run_in_executor(self.prep_pool, self.prepare, raw, kind, backend)
+
+    async def start(self, request: Request, prepared: tuple[Completion, list[int], GenerationParams, dict]) -> Response:
+        comp, ids, params, req = prepared
         try:
             stream = AsyncStream(Run(self.scheduler.submit(ids, params), stop_list(req["stop"])))
         except QueueFull:
@@ -325,15 +334,12 @@ class Server:
     async def complete_unless_gone(self, request: Request, comp: Completion, stream: AsyncStream) -> dict:
         """Non-streaming: poll for a client that hung up and cancel its generation (streams notice it themselves)."""
         task = asyncio.ensure_future(self.complete(comp, stream))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return {}  # nobody is listening
+        if await done_unless_gone(request, task):
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return {}  # nobody is listening
 
 
 async def _close_stream(body, stream: AsyncStream) -> None:

@@ -153,6 +153,20 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_tim
     return config
 
 
+DISCONNECT_POLL_S = 0.5  # how often a request that is not streaming checks that its client is still there
+
+
+async def done_unless_gone(request, fut: asyncio.Future) -> bool:
+    """Wait for `fut`, asking every DISCONNECT_POLL_S whether the client is still there: True when `fut` is done,
+    False when the client left first (the caller cancels the work)."""
+    while True:
+        done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return True
+        if await request.is_disconnected():
+            return False
+
+
 async def read_body(request, limit: int = DEFAULT_BODY_BYTES, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` (declared or as received), never buffered whole;
     408 when it takes longer than `timeout`; ClientGone when the client hangs up or breaks the chunked framing."""
