@@ -56,7 +56,8 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
     overrides = list(overrides) + ([f"engine={engine}"] if engine else [])
     result = build_bundle(model, target, config_file, overrides, out, force,
                           compile_engine=not no_compile and engine != "tensorrt",
-                          skip_quality=skip_quality, show_progress=not as_json, log=log, threads=threads)
+                          skip_quality=skip_quality, show_progress=not as_json, log=log, threads=threads,
+                          tensorrt_required=engine == "tensorrt")
     from trt_gemma.commands.engine import with_tensorrt_route
 
     emit(with_tensorrt_route(result, engine, no_compile, log), as_json, _render_bundle)

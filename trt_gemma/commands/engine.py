@@ -11,11 +11,13 @@ def with_tensorrt_route(result, engine: str | None, no_compile: bool, log: Calla
     data = result.to_dict()
     if no_compile or result.recipe.engine != "tensorrt":
         return data
-    from trt_gemma.engine.build import tensorrt_route
+    from trt_gemma.engine.build import route, tensorrt_route
 
     if engine == "tensorrt":  # build_bundle was told not to compile TensorRT-LLM
         data["not_compiled_reason"] = "TensorRT-LLM compile skipped (--engine tensorrt)"
-    data["tensorrt"] = tensorrt_route(result.bundle_dir, log=log)
+    # asked for by name and buildable on any host: not building it is an error, not "build it on the device"
+    required = engine == "tensorrt" and route(result.recipe.target)[0].targets_sm
+    data["tensorrt"] = tensorrt_route(result.bundle_dir, require=required, log=log)
     return data
 
 

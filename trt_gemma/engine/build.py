@@ -62,6 +62,20 @@ def available_builders() -> dict[str, dict]:
     return out
 
 
+def require_route_here(target: Target) -> None:
+    """An engine asked for by name (`build --engine tensorrt`) must be built where it can be: raise before the bundle
+    is made when this host lacks what it could have. The ONNX export always runs here; a builder that targets any SM
+    (TensorRT-RTX) builds here too. Only a builder that needs the device's GPU (TensorRT) is left for the device."""
+    b, _ = route(target)
+    if importlib.util.find_spec("onnx") is None:
+        raise DependencyError(f"--engine tensorrt exports the bundle to ONNX on this host for {target.name}, and the "
+                              "onnx package is not installed", fix="pip install 'trt-gemma[onnx]'")
+    if b.targets_sm and importlib.util.find_spec(b.name) is None:
+        raise DependencyError(f"--engine tensorrt builds the {target.name} engine on this host with {b.name} (it "
+                              f"targets SM {sm_str(target.sm)} without that GPU), and {b.name} is not installed",
+                              fix=b.install)
+
+
 def _unavailable_reason(builder: Builder) -> str | None:
     """Why this host cannot run `builder` now (None: it can). TensorRT proper is imported only where a GPU is found:
     NVML on a dGPU, the device tree on a Jetson (NVML does not see Orin's GPU)."""
@@ -119,8 +133,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, target: str | Targe
     why = _unavailable_reason(b)
     if why:
         raise DependencyError(f"cannot build a {b.name} engine for {t.name} here: {why}",
-                              fix=f"run the build where {b.name} and {'any host' if b.targets_sm else 'the GPU'} "
-                                  f"exist ({b.install})")
+                              fix=b.install if b.targets_sm else f"build it on the device, with its GPU ({b.install})")
     version = builder_version(b) or "unknown"
     for p in precisions:
         reason = refusal(b.name, p, t.sm, version)
@@ -310,9 +323,10 @@ def _onnx_path(result, onnx_dir: Path) -> Path:
 def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool = False,
                    log: Callable[[str], None] | None = None) -> dict:
     """Export BUNDLE/checkpoint to ONNX (once) and build BUNDLE/tensorrt/model.engine with the target's builder;
-    record both in the bundle manifest under "tensorrt". With require=False (a new bundle) a missing exporter,
-    builder or GPU leaves the engine unbuilt with the reason and the command to run on the device; with
-    require=True (`build --from-bundle B --engine tensorrt`) it is a typed error."""
+    record both in the bundle manifest under "tensorrt". With require=False (a new bundle whose recipe picks this
+    route, or a builder that must run on the device) a missing exporter, builder or GPU leaves the engine unbuilt with
+    the reason and the command to run on the device; with require=True (`build --from-bundle B --engine tensorrt`,
+    or `--engine tensorrt` where the builder runs on any host) it is a typed error."""
     from trt_gemma import manifest as mf
     from trt_gemma.recipes import load_recipe
 
