@@ -86,3 +86,46 @@ def test_device_builder_is_left_for_the_device(tmp_path):
     trt = json.loads(p.stdout)["tensorrt"]
     assert trt["engine"] is None and "tensorrt is not installed" in trt["reason"] and trt["onnx"]
     assert trt["on_target"] == [f"trt-gemma build --from-bundle {out} --engine tensorrt"]
+
+
+def _printed_commands(stdout: str) -> dict[str, str]:
+    """The check commands under their printed labels: 'here' (any host) and 'device'."""
+    lines = stdout.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        if line.startswith("compare it with onnxruntime") and "any host" in line:
+            out["here"] = lines[i + 1].strip()
+        if line.startswith("then on the device"):
+            out["device"] = lines[i + 1].strip()
+    return out
+
+
+@needs_rtx
+@needs_onnx
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_printed_cpu_check_command_runs_as_printed(tmp_path, dtype):
+    """`build --target rtx-4090 --engine tensorrt` prints two polygraphy commands; the one it says runs on any host
+    runs here, through a shell, as printed (a bfloat16 engine is compared against a float32 export, since
+    onnxruntime's CPU EP has no bfloat16 kernels), and saves finite outputs the device half loads."""
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    p = run_cli(["-m", "trt_gemma", "build", "--target", "rtx-4090", "--engine", "tensorrt", "--set",
+                 f"quant={dtype}", "--set", f"dtype={dtype}", "--set", "kv_cache_dtype=auto", "--skip-quality",
+                 "--out", "bundles/b"], tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cmds = _printed_commands(p.stdout)
+    assert set(cmds) == {"here", "device"}, p.stdout
+    graph = "bundles/b/onnx-check/model.onnx" if dtype == "bfloat16" else "bundles/b/onnx/model.onnx"
+    assert shlex.split(cmds["here"])[:3] == ["polygraphy", "run", graph] and "--onnxrt" in cmds["here"]
+    assert cmds["device"].startswith("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run bundles/b/tensorrt/model.engine")
+    tol = {"bfloat16": "0.08", "float16": "0.01"}[dtype]
+    assert f"--atol {tol} --rtol {tol}" in cmds["device"]
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    run = subprocess.run(["bash", "-c", cmds["here"]], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    from polygraphy.json import load_json
+
+    results = load_json(str(tmp_path / "bundles/b/tensorrt/polygraphy_onnxrt_outputs.json"))
+    arrays = [it[name] for _, iters in results.items() for it in iters for name in it.keys()]
+    assert arrays and all(__import__("numpy").isfinite(a).all() for a in arrays)
+    assert (tmp_path / "bundles/b/tensorrt/polygraphy_inputs.json").is_file()

@@ -41,9 +41,13 @@ def render_tensorrt(t: dict) -> None:
              f"for SM {e['sm']}, profiles {', '.join(e['profiles'])}, {e['build_seconds']:.1f} s)")
         for w in e["warnings"]:
             _out(f"warning: {w}")
-        _out("compare it with onnxruntime on the device (polygraphy):")
-        for cmd in e["check_commands"]:
-            _out(f"  {cmd}")
+        if e["check_commands"]:
+            here, device = e["check_commands"]
+            _out("compare it with onnxruntime (polygraphy); first on any host, onnxruntime on the CPU:")
+            _out(f"  {here}")
+            _out("then on the device, from the same directory, once the bundle (with the files just saved in it) is "
+                 "copied there:")
+            _out(f"  {device}")
         return
     _out(f"engine not built here: {t['reason']}")
     _out("On the device, with the bundle copied there:")
