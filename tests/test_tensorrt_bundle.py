@@ -3,15 +3,18 @@ install line, `inspect` describes the engine it recorded, and the commands the b
 they say they run. Missing packages are made missing for real: a subprocess whose import system cannot see them."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,32 +103,111 @@ def _printed_commands(stdout: str) -> dict[str, str]:
     return out
 
 
-@needs_rtx
-@needs_onnx
+def _build_rtx(cwd: Path, dtype: str) -> subprocess.CompletedProcess:
+    """`trt-gemma build --target rtx-4090 --engine tensorrt` of the embedded model in `dtype`, into cwd/bundles/b."""
+    p = run_cli(["-m", "trt_gemma", "build", "--target", "rtx-4090", "--engine", "tensorrt", "--set",
+                 f"quant={dtype}", "--set", f"dtype={dtype}", "--set", "kv_cache_dtype=auto", "--skip-quality",
+                 "--out", "bundles/b"], cwd)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def rtx_bf16(tmp_path_factory):
+    """(cwd, build stdout) of a bfloat16 rtx-4090 bundle with its TensorRT-RTX engine (built here, SM 8.9)."""
+    if not HAS_RTX or importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("tensorrt-rtx and the onnx extra are needed to build the engine here")
+    cwd = tmp_path_factory.mktemp("rtx_bf16")
+    return cwd, _build_rtx(cwd, "bfloat16").stdout
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_printed_cpu_check_command_runs_as_printed(tmp_path, dtype):
+def test_printed_cpu_check_command_runs_as_printed(rtx_bf16, tmp_path, dtype):
     """`build --target rtx-4090 --engine tensorrt` prints two polygraphy commands; the one it says runs on any host
     runs here, through a shell, as printed (a bfloat16 engine is compared against a float32 export, since
     onnxruntime's CPU EP has no bfloat16 kernels), and saves finite outputs the device half loads."""
     pytest.importorskip("polygraphy", reason="polygraphy is not installed")
-    p = run_cli(["-m", "trt_gemma", "build", "--target", "rtx-4090", "--engine", "tensorrt", "--set",
-                 f"quant={dtype}", "--set", f"dtype={dtype}", "--set", "kv_cache_dtype=auto", "--skip-quality",
-                 "--out", "bundles/b"], tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    cmds = _printed_commands(p.stdout)
-    assert set(cmds) == {"here", "device"}, p.stdout
+    cwd, stdout = rtx_bf16 if dtype == "bfloat16" else (tmp_path, _build_rtx(tmp_path, dtype).stdout)
+    cmds = _printed_commands(stdout)
+    assert set(cmds) == {"here", "device"}, stdout
     graph = "bundles/b/onnx-check/model.onnx" if dtype == "bfloat16" else "bundles/b/onnx/model.onnx"
     assert shlex.split(cmds["here"])[:3] == ["polygraphy", "run", graph] and "--onnxrt" in cmds["here"]
     assert cmds["device"].startswith("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run bundles/b/tensorrt/model.engine")
     tol = {"bfloat16": "0.08", "float16": "0.01"}[dtype]
     assert f"--atol {tol} --rtol {tol}" in cmds["device"]
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    run = subprocess.run(["bash", "-c", cmds["here"]], cwd=tmp_path, capture_output=True, text=True, env=env,
+    run = subprocess.run(["bash", "-c", cmds["here"]], cwd=cwd, capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     from polygraphy.json import load_json
 
-    results = load_json(str(tmp_path / "bundles/b/tensorrt/polygraphy_onnxrt_outputs.json"))
+    results = load_json(str(cwd / "bundles/b/tensorrt/polygraphy_onnxrt_outputs.json"))
     arrays = [it[name] for _, iters in results.items() for it in iters for name in it.keys()]
-    assert arrays and all(__import__("numpy").isfinite(a).all() for a in arrays)
-    assert (tmp_path / "bundles/b/tensorrt/polygraphy_inputs.json").is_file()
+    assert arrays and all(np.isfinite(np.asarray(a, np.float32)).all() for a in arrays)
+    assert (cwd / "bundles/b/tensorrt/polygraphy_inputs.json").is_file()
+
+
+def _inspect(paths, cwd: Path, hide=()) -> list[dict]:
+    p = run_cli(["-m", "trt_gemma", "inspect", *map(str, paths), "--json"], cwd, hide=hide)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_inspect_reports_the_engine_of_a_copied_bundle_and_its_dir(rtx_bf16, tmp_path):
+    """inspect B and B/tensorrt on a bundle copied elsewhere: builder, version, SM, precision, profiles and size as
+    the builder and the recipe made them (checked against the installed package, the target table, the graph's
+    profiles and the file itself), and "can run here: no" with the reason on a GPU-less host."""
+    from trt_gemma.detect import detect
+    from trt_gemma.engine.profiles import Limits, graph_inputs, profiles
+    from trt_gemma.recipes import load_recipe
+    from trt_gemma.targets import get_target
+
+    bundle = tmp_path / "moved"
+    shutil.copytree(rtx_bf16[0] / "bundles" / "b", bundle)
+    b, d = _inspect([bundle, bundle / "tensorrt"], tmp_path)
+    assert b["kind"] == "bundle" and d["kind"] == "tensorrt-engine" and d["model"] == b["model"]
+    recipe = load_recipe("rtx-4090", bundle / "recipe.toml")
+    want_profiles = profiles(graph_inputs(bundle / "onnx" / "model.onnx"), Limits.from_recipe(recipe))
+    for t in (b["tensorrt"], d["tensorrt"]):
+        assert t["built"] and t["builder"] == "tensorrt_rtx" and t["not_recorded"] == []
+        assert t["builder_version"] == importlib.metadata.version("tensorrt_rtx")
+        assert t["sm"] == get_target("rtx-4090").sm_str == "8.9"
+        assert t["activation_dtype"] == "bfloat16" and set(t["precisions"]) == {"bfloat16"}
+        assert t["engine_file"] == str(bundle / "tensorrt" / "model.engine")
+        assert t["engine_bytes"] == t["file_bytes"] == (bundle / "tensorrt" / "model.engine").stat().st_size
+        assert {p: {n: [list(x) for x in s] for n, s in shapes.items()} for p, shapes in want_profiles.items()} \
+            == t["profiles"]
+        if detect().kind == "none":
+            assert t["can_run_here"] is False and "no NVIDIA GPU" in t["why_not"]
+    if detect().kind == "none":
+        assert d["can_run_here"] is False
+    text = run_cli(["-m", "trt_gemma", "inspect", str(bundle / "tensorrt")], tmp_path)
+    assert text.returncode == 0 and "tensorrt_rtx" in text.stdout and "SM 8.9" in text.stdout
+
+
+def test_inspect_says_what_an_older_build_did_not_record_and_keeps_new_fields(rtx_bf16, tmp_path):
+    """A manifest without the precision fields (an older build) and with a field inspect does not know (a later
+    build's per-tensor record): the missing ones are named, the unknown one passed through, nothing guessed."""
+    bundle = tmp_path / "old"
+    shutil.copytree(rtx_bf16[0] / "bundles" / "b", bundle)
+    f = bundle / "tensorrt" / "manifest.json"
+    m = json.loads(f.read_text())
+    for key in ("precisions", "activation_dtype"):
+        m.pop(key)
+    m["io"] = [{"name": "input_ids", "dtype": "INT64"}]
+    f.write_text(json.dumps(m))
+    (t,) = [x["tensorrt"] for x in _inspect([bundle / "tensorrt"], tmp_path)]
+    assert t["not_recorded"] == ["precisions", "activation dtype"] and t["record"]["io"] == m["io"]
+    assert t["precisions"] is None and t["sm"] == "8.9"
+
+
+def test_inspect_without_the_runtime_or_the_engine_file(rtx_bf16, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(rtx_bf16[0] / "bundles" / "b", bundle)
+    (t,) = [x["tensorrt"] for x in _inspect([bundle / "tensorrt"], tmp_path, hide=("tensorrt_rtx",))]
+    runtime = next(c for c in t["checks"] if c["name"] == "runtime tensorrt_rtx")
+    assert runtime["ok"] is False and "pip install 'trt-gemma[rtx]'" in runtime["detail"]
+    (bundle / "tensorrt" / "model.engine").unlink()
+    (t,) = [x["tensorrt"] for x in _inspect([bundle], tmp_path)]
+    assert t["present"] is False and t["can_run_here"] is False
+    assert next(c for c in t["checks"] if c["name"] == "engine file")["ok"] is False

@@ -155,6 +155,11 @@ def _render_inspect(x: dict) -> None:
     if x.get("note"):
         _out(f"  note: {x['note']}")
     _out(f"  model {x['model']}  target {x['target']}  quant {x['quant']} (KV {x['kv_cache_dtype']})")
+    if x["kind"] == "tensorrt-engine":
+        from trt_gemma.commands.engine import render_tensorrt_inspect
+
+        render_tensorrt_inspect(x)
+        return
     limits = ", ".join(f"{k}={v}" for k, v in x["limits"].items() if v is not None)
     if limits:
         _out(f"  limits: {limits}")
@@ -163,7 +168,11 @@ def _render_inspect(x: dict) -> None:
     eng = x.get("engine") or {}
     if eng:
         where = f"on {eng.get('gpu')} (SM {eng.get('sm')})" if eng.get("status") == "compiled" else ""
-        _out(f"  engine: {eng.get('status')} {where}".rstrip())
+        _out(f"  TensorRT-LLM engine: {eng.get('status')} {where}".rstrip())
+    if x.get("tensorrt"):
+        from trt_gemma.commands.engine import render_tensorrt_facts
+
+        render_tensorrt_facts(x["tensorrt"])
     if x.get("quality"):
         _out(_quality_lines(x["quality"]))
     _out(f"  this host: {x['host']['device']}; tensorrt_llm {x['host']['tensorrt_llm']}")

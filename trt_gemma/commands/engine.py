@@ -53,3 +53,36 @@ def render_tensorrt(t: dict) -> None:
     _out("On the device, with the bundle copied there:")
     for cmd in t["on_target"]:
         _out(f"  {cmd}")
+
+
+def render_tensorrt_facts(t: dict) -> None:
+    """inspect's TensorRT engine block: what build recorded, then whether this host can run it."""
+    from trt_gemma.console import human_size as _size
+    from trt_gemma.engine.inspect import profile_lines
+
+    if not t["built"]:
+        _out(f"  TensorRT engine ({t['builder']}): not built: {t['reason']}")
+        return
+    size = _size(t["engine_bytes"]) if t["engine_bytes"] is not None else "size not recorded"
+    precisions = "/".join(dict.fromkeys(t["precisions"] or [])) or "not recorded"  # quant/dtype, each once
+    _out(f"  TensorRT engine: {t['engine_file']}  ({size}, {t['builder']} {t['builder_version']}, SM {t['sm']}, "
+         f"precisions {precisions}, activations {t['activation_dtype'] or 'not recorded'})")
+    for line in profile_lines(t["profiles"]):
+        _out(f"    profile {line}")
+    if t["not_recorded"]:
+        _out(f"    not recorded by its build: {', '.join(t['not_recorded'])} (rebuild with --force to record them)")
+    for c in t["checks"]:
+        _out(f"    [{ {True: 'ok', False: 'no', None: '??'}[c['ok']]}] {c['name']}: {c['detail']}")
+    _out(f"    TensorRT engine can run here: {'yes' if t['can_run_here'] else 'no: ' + t['why_not']}")
+
+
+def render_tensorrt_inspect(x: dict) -> None:
+    """inspect of BUNDLE/tensorrt: the engine block, the directory's files and what to do next."""
+    from trt_gemma.console import human_size as _size
+
+    for c in x["contents"]:
+        _out(f"    {c['name']:<28} {_size(c['bytes']):>12}")
+    render_tensorrt_facts(x["tensorrt"])
+    _out(f"  this host: {x['host']['device']}")
+    _out(f"  can run here: {'yes' if x['can_run_here'] else 'no'}")
+    _out(f"  next: {x['next']}")

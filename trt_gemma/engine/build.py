@@ -50,6 +50,7 @@ ORT_CPU_DTYPES = ("FLOAT", "FLOAT16")
 # 2^-23, 2^-10, 2^-7). Measured on the embedded model, a float16 graph's logits stay within 0.003 of float32's
 # (docs/engines.md); bfloat16's eps is 8x float16's.
 CHECK_TOLERANCE = {"FLOAT": 1e-3, "FLOAT16": 1e-2, "BFLOAT16": 8e-2}
+DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}  # ONNX element type -> ours
 
 
 def builder_version(builder: Builder) -> str | None:
@@ -114,6 +115,8 @@ class EngineBuild:
     onnx: str
     check_commands: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    precisions: list = field(default_factory=list)  # the recipe's, as checked against the builder
+    activation_dtype: str | None = None  # what the graph computes in (its float inputs: the KV cache)
 
     def to_dict(self) -> dict:
         return {"engine_path": str(self.engine_path), "builder": self.builder, "builder_version": self.builder_version,
@@ -121,7 +124,7 @@ class EngineBuild:
                                             for k, p in self.profiles.items()},
                 "engine_bytes": self.engine_bytes, "build_seconds": self.build_seconds,
                 "timing_cache": self.timing_cache, "onnx": self.onnx, "check_commands": self.check_commands,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "precisions": self.precisions, "activation_dtype": self.activation_dtype}
 
 
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
@@ -166,7 +169,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, target: str | Targe
         seconds = round(time.time() - t0, 2)
         result = EngineBuild(out / ENGINE_FILE, b.name, version, sm_str(sm), profs, len(blob), seconds,
                              str(cache_path) if cache_path else None, str(onnx_path),
-                             _check_commands(onnx_path, check_onnx, out, inputs, lim, b.name, warnings), warnings)
+                             _check_commands(onnx_path, check_onnx, out, inputs, lim, b.name, warnings), warnings,
+                             list(precisions), DTYPE_NAMES[graph_float_dtype(inputs)])
         (tmp / "manifest.json").write_text(json.dumps({"kind": "tensorrt-engine", "target": t.name,
                                                         **result.to_dict()}, indent=2) + "\n")
     if cache_path is not None and cache_out:
