@@ -65,12 +65,12 @@ def test_the_blocker_hides_the_builder(tmp_path):
 
 
 def test_named_rtx_engine_without_its_builder_is_an_error_with_the_install_line(tmp_path):
-    """`build --target rtx-4090 --engine tensorrt` without tensorrt_rtx: exit 5 before any work, the fix is the
+    """`build --target rtx-4090 --engine tensorrt` without tensorrt_rtx: exit 4 before any work, the fix is the
     install line — not a bundle and "build it on the device" (TensorRT-RTX builds on any host)."""
     out = tmp_path / "b"
     p = run_cli(["-m", "trt_gemma", "build", "--target", "rtx-4090", "--engine", "tensorrt", "--skip-quality",
                  "--out", str(out)], tmp_path, hide=("tensorrt_rtx",))
-    assert p.returncode != 0, p.stdout + p.stderr
+    assert p.returncode == 4, p.stdout + p.stderr  # DependencyError
     assert "tensorrt_rtx is not installed" in p.stderr and "fix: pip install 'trt-gemma[rtx]'" in p.stderr, p.stderr
     assert "on the device" not in p.stdout + p.stderr and "Traceback" not in p.stderr
     assert not out.exists()

@@ -34,12 +34,10 @@ from typing import Callable
 
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir
-from trt_gemma.engine.rules import (BUILDERS, Builder, check_recipe, recipe_precisions, refusal,  # noqa: F401
-                                    route)
+from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, check_recipe,  # noqa: F401
+                                    recipe_precisions, refusal, route)
 from trt_gemma.targets import Target, get_target, sm_str
 
-ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
-ENGINE_FILE = "model.engine"
 TIMING_CACHE = "tensorrt.timing.cache"  # at the bundle root, so a --force rebuild of the engine keeps it
 ONNX_DIR = "onnx"
 # onnxruntime's CPU EP has no bfloat16 kernels (`NOT_IMPLEMENTED ... Mul(14)`): a bf16 engine is compared against a

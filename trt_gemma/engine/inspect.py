@@ -14,8 +14,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from trt_gemma.engine.build import ENGINE_DIR, ENGINE_FILE
-from trt_gemma.engine.rules import BUILDERS
+from trt_gemma.engine.rules import BUILDERS, ENGINE_DIR, ENGINE_FILE
 
 ENGINE_MANIFEST = "manifest.json"
 ENGINE_KIND = "tensorrt-engine"

@@ -12,6 +12,10 @@ from trt_gemma.errors import RecipeError
 from trt_gemma.targets import Target, get_target, sm_str
 
 
+ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
+ENGINE_FILE = "model.engine"
+
+
 # --- builders and routes -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -151,8 +151,6 @@ class Entry:
 
 def entries(root: Path | None = None) -> list[Entry]:
     """Every finished entry, least recently used first (temp dirs, locks and the hash memo are not entries)."""
-    from trt_gemma.manifest import dir_bytes
-
     root = Path(root) if root is not None else cache_root()
     out = []
     for ns in NAMESPACES:
@@ -167,6 +165,10 @@ def entries(root: Path | None = None) -> list[Entry]:
                 out.append(Entry(ns, p.name, str(p), dir_bytes(p), time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                    time.gmtime(used)), used))
     return sorted(out, key=lambda e: e.last_used)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def prune(root: Path | None = None, cap: int | None = None, keep: set[Path] = frozenset()) -> list[Entry]:
