@@ -128,3 +128,20 @@ def test_bad_cap_names_the_variable(monkeypatch):
     monkeypatch.setenv(C.MAX_ENV, "two gigs")
     with pytest.raises(ConfigError, match="TRT_GEMMA_CACHE_MAX"):
         C.max_bytes()
+
+
+def test_a_rebuilt_checkpoint_finds_its_onnx_entry(embedded, tmp_path):
+    """`build --force` of the same bundle writes the same weights with a new provenance (time, paths): the ONNX
+    export cached for the first one is the second one's too; other weights get another entry."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from trt_gemma.checkpoint.convert import convert_checkpoint
+    from trt_gemma.runtime.backends import onnx_cache_dir
+
+    cache = tmp_path / "cache" / "checkpoints"
+    first = convert_checkpoint(embedded, tmp_path / "a" / "checkpoint", dtype="float32", show_progress=False)
+    again = _copy_fresh(Path(first), tmp_path / "b" / "checkpoint")
+    prov = json.loads((again / "trt_gemma_provenance.json").read_text())
+    (again / "trt_gemma_provenance.json").write_text(json.dumps({**prov, "created_utc": "later", "rebuilt": True}))
+    assert onnx_cache_dir(again, cache) == onnx_cache_dir(Path(first), cache)
+    other = convert_checkpoint(embedded, tmp_path / "c" / "checkpoint", dtype="bfloat16", show_progress=False)
+    assert onnx_cache_dir(Path(other), cache) != onnx_cache_dir(Path(first), cache)
