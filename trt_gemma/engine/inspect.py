@@ -68,7 +68,8 @@ def runnable_checks(facts: dict, host: dict) -> list[dict]:
                        f" (recorded {size:,})" if size not in (None, facts["file_bytes"]) else ""))
                    if facts["present"] else f"{facts['engine_file']} is missing"})
     if b is None:
-        checks.append({"name": "runtime", "ok": None, "detail": "builder not recorded: which runtime runs it is unknown"})
+        checks.append({"name": "runtime", "ok": None,
+                       "detail": "builder not recorded: which runtime runs it is unknown"})
     else:
         checks.append(_runtime_check(b, facts.get("builder_version")))
     if host.get("sm") is None:

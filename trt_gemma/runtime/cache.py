@@ -171,7 +171,8 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def prune(root: Path | None = None, cap: int | None = None, keep: set[Path] = frozenset()) -> list[Entry]:
+def prune(root: Path | None = None, cap: int | None = None,
+          keep: frozenset[Path] | set[Path] = frozenset()) -> list[Entry]:
     """Remove least-recently-used entries until the cache holds at most `cap` bytes (None: the configured cap);
     entries in `keep` and entries whose lock another process holds stay. Returns the removed entries."""
     root = Path(root) if root is not None else cache_root()
