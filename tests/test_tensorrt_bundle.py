@@ -181,6 +181,9 @@ def test_inspect_reports_the_engine_of_a_copied_bundle_and_its_dir(rtx_bf16, tmp
             assert t["can_run_here"] is False and "no NVIDIA GPU" in t["why_not"]
     if detect().kind == "none":
         assert d["can_run_here"] is False
+    moved = str(bundle / "tensorrt")  # the device command names the engine where it is now, not where it was built
+    assert f"--trt --load-inputs {moved}/polygraphy_inputs.json" in d["next"]
+    assert d["next"].split(": ", 1)[1].startswith(f"POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run {moved}/model.engine")
     text = run_cli(["-m", "trt_gemma", "inspect", str(bundle / "tensorrt")], tmp_path)
     assert text.returncode == 0 and "tensorrt_rtx" in text.stdout and "SM 8.9" in text.stdout
 

@@ -228,7 +228,7 @@ def _inspect_tensorrt_dir(path: Path, host: dict) -> dict:
     trt = trt_inspect.describe(path, manifest.get("tensorrt"), host)
     record = trt["record"]
     recipe = manifest.get("recipe") or {}
-    device_check = (record.get("check_commands") or [None, None])[-1]
+    device_check = trt_inspect.device_check_command(trt, path)
     where = f"a GPU of SM {trt['sm']} with {trt['builder']} {trt['builder_version']}"
     return {"path": str(path), "kind": "tensorrt-engine", "model": (manifest.get("model") or {}).get("id"),
             "target": record.get("target") or (manifest.get("target") or {}).get("name"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 from trt_gemma.engine.rules import BUILDERS, ENGINE_DIR, ENGINE_FILE
@@ -129,3 +130,17 @@ def profile_lines(profiles: dict) -> list[str]:
         parts = [f"{names[0]}{f' +{len(names) - 1}' if len(names) > 1 else ''} {rng}" for rng, names in groups.items()]
         lines.append(f"{prof}: " + "; ".join(parts))
     return lines
+
+
+def device_check_command(facts: dict, engine_dir: Path) -> str | None:
+    """The recorded engine-side polygraphy command, with the build host's engine dir replaced by where the engine is
+    now (a copied bundle's paths differ from the ones the build printed)."""
+    record = facts["record"]
+    cmds = record.get("check_commands") or []
+    if len(cmds) < 2 or not record.get("engine_path"):
+        return None
+    old = str(Path(record["engine_path"]).parent)
+    words = shlex.split(cmds[-1])
+    n_env = next(i for i, w in enumerate(words) if "=" not in w)  # leading VAR=value words (POLYGRAPHY_USE_...)
+    moved = [str(Path(engine_dir) / w[len(old) + 1:]) if w.startswith(old + "/") else w for w in words[n_env:]]
+    return " ".join(words[:n_env] + [shlex.join(moved)])
