@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -23,3 +24,16 @@ def tiny_model_dir(tmp_path_factory):
     from tiny import make_tiny_hf_model
 
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_model_cache(tmp_path_factory):
+    """The suite's converted models go to a cache of its own under pytest's temp dir (removed with it), never into
+    the user's ~/.cache/trt_gemma; subprocesses inherit it. Tests about the cache set their own per test."""
+    saved = os.environ.get("TRT_GEMMA_CACHE")
+    os.environ["TRT_GEMMA_CACHE"] = str(tmp_path_factory.mktemp("trt_gemma_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TRT_GEMMA_CACHE", None)
+    else:
+        os.environ["TRT_GEMMA_CACHE"] = saved

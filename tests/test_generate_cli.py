@@ -77,7 +77,7 @@ def test_default_is_the_embedded_model_converted_once(tmp_path, monkeypatch):
 
 
 def _cache_entries(d):
-    """The cache's entries, not its `.locks/` (one writer per entry: backends._cache_entry_lock)."""
+    """The cache's entries, not its `.locks/` (one writer per entry: runtime.cache.entry_lock)."""
     return [p for p in d.iterdir() if not p.name.startswith(".")]
 
 

@@ -189,9 +189,11 @@ def on_target_commands(bundle: Path, recipe: Recipe) -> list[str]:
 def build_bundle(model: str | None = None, target: str | Target | None = "auto", config_file: str | Path | None = None,
                  overrides=(), out: str | Path | None = None, force: bool = False, compile_engine: bool = True,
                  skip_quality: bool = False, show_progress: bool = True, log: Callable[[str], None] | None = None,
-                 detection=None, threads: int | None = None) -> BundleResult:
+                 detection=None, threads: int | None = None, tensorrt_required: bool = False) -> BundleResult:
     """Make the bundle for `target` and compile it when this host can; see the module docstring. `threads`: torch
-    threads for calibration (None: from the free cores, trt_gemma.quant.calibration.choose_threads)."""
+    threads for calibration (None: from the free cores, trt_gemma.quant.calibration.choose_threads).
+    `tensorrt_required` (`--engine tensorrt`): refuse up front, before any work, what this host lacks for the
+    TensorRT route's steps that run here (engine.build.require_route_here)."""
     from trt_gemma.checkpoint.config import ModelConfig
     from trt_gemma.gpu_probe import gpu_unavailable_reason
     from trt_gemma.checkpoint.hf import resolve_model
@@ -203,6 +205,10 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir / "config.json")
     recipe, _, notes = resolve_recipe(t, config_file, overrides, cfg.max_position_embeddings)  # file < --set < context
+    if tensorrt_required:
+        from trt_gemma.engine.build import require_route_here
+
+        require_route_here(t)
     p = plan(model_dir, t, recipe=recipe, recipe_notes=notes)
     require_fit(p)
     _say(log, f"plan: {p.verdict} — {p.reason}")

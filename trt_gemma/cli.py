@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export-onnx": ("trt_gemma.commands.export_onnx", "export_onnx", "Checkpoint -> standard-operator ONNX graph."),
     "build": ("trt_gemma.commands.build", "build", "Target-tuned bundle, compiled to an engine where possible."),
     "inspect": ("trt_gemma.commands.build", "inspect", "Describe bundles and engines."),
+    "cache": ("trt_gemma.commands.cache", "cache", "List or prune the cache of converted models (ls, prune)."),
     "export-triton": ("trt_gemma.commands.export_triton", "export_triton",
                       "Triton Inference Server repository (TensorRT-LLM backend) + Kubernetes manifests."),
     "serve": ("trt_gemma.commands.serve", "serve", "OpenAI-compatible server with memory telemetry."),

@@ -192,10 +192,15 @@ def engine_facts(path: Path) -> dict:
 
 
 def inspect_path(path: str | Path, detection=None) -> dict:
-    """Describe a bundle or an engine dir and whether this host can compile/run it."""
+    """Describe a bundle, a TensorRT-LLM engine dir or a bundle's TensorRT engine dir (BUNDLE/tensorrt) and whether
+    this host can compile/run it."""
+    from trt_gemma.engine import inspect as trt_inspect
+
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a directory", fix="pass a bundle or engine dir written by `trt-gemma build`")
+    if trt_inspect.is_engine_dir(path):
+        return _inspect_tensorrt_dir(path, host_facts(detection))
     kind = _kind(path)
     recorded = kind == "bundle" or (path / MANIFEST).is_file()
     manifest = read_manifest(path) if recorded else engine_facts(path)
@@ -207,10 +212,31 @@ def inspect_path(path: str | Path, detection=None) -> dict:
            "kv_cache_dtype": (manifest.get("recipe") or {}).get("kv_cache_dtype"),
            "quant_algo": manifest.get("quant_algo"), "limits": _limits(manifest.get("recipe") or {}),
            "contents": _contents(path), "engine": manifest.get("engine"), "quality": _quality(path),
-           "host": host, "checks": checks, "can_run_here": can_run, "next": _next_step(path, kind, manifest, can_run)}
+           "host": host, "checks": checks, "can_run_here": can_run, "next": _next_step(path, kind, manifest, can_run),
+           "tensorrt": trt_inspect.describe(path, manifest.get("tensorrt"), host) if kind == "bundle" else None}
     if not recorded:
         out["note"] = "engine dir without a trt_gemma manifest: precisions and limits read from its config.json"
     return out
+
+
+def _inspect_tensorrt_dir(path: Path, host: dict) -> dict:
+    """BUNDLE/tensorrt: the engine's recorded facts and checks; model and recipe from its bundle when beside one."""
+    from trt_gemma.engine import inspect as trt_inspect
+
+    bundle = path.parent
+    manifest = read_manifest(bundle) if (bundle / MANIFEST).is_file() and (bundle / "checkpoint").is_dir() else {}
+    trt = trt_inspect.describe(path, manifest.get("tensorrt"), host)
+    record = trt["record"]
+    recipe = manifest.get("recipe") or {}
+    device_check = trt_inspect.device_check_command(trt, path)
+    where = f"a GPU of SM {trt['sm']} with {trt['builder']} {trt['builder_version']}"
+    return {"path": str(path), "kind": "tensorrt-engine", "model": (manifest.get("model") or {}).get("id"),
+            "target": record.get("target") or (manifest.get("target") or {}).get("name"),
+            "quant": recipe.get("quant"), "kv_cache_dtype": recipe.get("kv_cache_dtype"), "limits": _limits(recipe),
+            "contents": _contents(path), "tensorrt": trt, "host": host, "checks": trt["checks"],
+            "can_run_here": trt["can_run_here"],
+            "next": (f"check it against onnxruntime: {device_check}" if trt["can_run_here"] else
+                     f"run it on {where}" + (f": {device_check}" if device_check else ""))}
 
 
 def _limits(recipe: dict) -> dict:

@@ -56,7 +56,8 @@ def build(model, target, config_file, overrides, out, force, from_bundle, skip_q
     overrides = list(overrides) + ([f"engine={engine}"] if engine else [])
     result = build_bundle(model, target, config_file, overrides, out, force,
                           compile_engine=not no_compile and engine != "tensorrt",
-                          skip_quality=skip_quality, show_progress=not as_json, log=log, threads=threads)
+                          skip_quality=skip_quality, show_progress=not as_json, log=log, threads=threads,
+                          tensorrt_required=engine == "tensorrt")
     from trt_gemma.commands.engine import with_tensorrt_route
 
     emit(with_tensorrt_route(result, engine, no_compile, log), as_json, _render_bundle)
@@ -154,6 +155,11 @@ def _render_inspect(x: dict) -> None:
     if x.get("note"):
         _out(f"  note: {x['note']}")
     _out(f"  model {x['model']}  target {x['target']}  quant {x['quant']} (KV {x['kv_cache_dtype']})")
+    if x["kind"] == "tensorrt-engine":
+        from trt_gemma.commands.engine import render_tensorrt_inspect
+
+        render_tensorrt_inspect(x)
+        return
     limits = ", ".join(f"{k}={v}" for k, v in x["limits"].items() if v is not None)
     if limits:
         _out(f"  limits: {limits}")
@@ -162,7 +168,11 @@ def _render_inspect(x: dict) -> None:
     eng = x.get("engine") or {}
     if eng:
         where = f"on {eng.get('gpu')} (SM {eng.get('sm')})" if eng.get("status") == "compiled" else ""
-        _out(f"  engine: {eng.get('status')} {where}".rstrip())
+        _out(f"  TensorRT-LLM engine: {eng.get('status')} {where}".rstrip())
+    if x.get("tensorrt"):
+        from trt_gemma.commands.engine import render_tensorrt_facts
+
+        render_tensorrt_facts(x["tensorrt"])
     if x.get("quality"):
         _out(_quality_lines(x["quality"]))
     _out(f"  this host: {x['host']['device']}; tensorrt_llm {x['host']['tensorrt_llm']}")

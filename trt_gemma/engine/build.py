@@ -18,7 +18,8 @@ profile 0 "prefill" (new 1..max_input_len on an empty or short cache), profile 1
 1..max_seq_len-1). One graph, two profiles: the same weights serve both phases.
 
 Engines run only on a GPU (`run_engine`, polygraphy's TrtRunner, import-guarded); `polygraphy_commands` prints the
-exact commands that compare an engine against onnxruntime on the device.
+exact commands that compare an engine against onnxruntime: the onnxruntime half runs on any host (on a float32 export
+when the engine's graph is bfloat16, which onnxruntime's CPU EP cannot run), the engine half on the device.
 """
 from __future__ import annotations
 
@@ -33,14 +34,21 @@ from typing import Callable
 
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir
-from trt_gemma.engine.rules import (BUILDERS, Builder, check_recipe, recipe_precisions, refusal,  # noqa: F401
-                                    route)
+from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, check_recipe,  # noqa: F401
+                                    recipe_precisions, refusal, route)
 from trt_gemma.targets import Target, sm_str
 
-ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
-ENGINE_FILE = "model.engine"
 TIMING_CACHE = "tensorrt.timing.cache"  # at the bundle root, so a --force rebuild of the engine keeps it
 ONNX_DIR = "onnx"
+# onnxruntime's CPU EP has no bfloat16 kernels (`NOT_IMPLEMENTED ... Mul(14)`): a bf16 engine is compared against a
+# float32 export of the same checkpoint, kept here; float32 / float16 graphs are compared against themselves.
+CHECK_ONNX_DIR = "onnx-check"
+ORT_CPU_DTYPES = ("FLOAT", "FLOAT16")
+# polygraphy --atol/--rtol by the engine graph's float dtype: about ten units in the last place of that dtype (eps
+# 2^-23, 2^-10, 2^-7). Measured on the embedded model, a float16 graph's logits stay within 0.003 of float32's
+# (docs/engines.md); bfloat16's eps is 8x float16's.
+CHECK_TOLERANCE = {"FLOAT": 1e-3, "FLOAT16": 1e-2, "BFLOAT16": 8e-2}
+DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}  # ONNX element type -> ours
 
 
 def builder_version(builder: Builder) -> str | None:
@@ -60,6 +68,20 @@ def available_builders() -> dict[str, dict]:
         out[name] = {"installed": found, "version": builder_version(b) if found else None,
                      "targets_sm": b.targets_sm, "install": b.install}
     return out
+
+
+def require_route_here(target: Target) -> None:
+    """An engine asked for by name (`build --engine tensorrt`) must be built where it can be: raise before the bundle
+    is made when this host lacks what it could have. The ONNX export always runs here; a builder that targets any SM
+    (TensorRT-RTX) builds here too. Only a builder that needs the device's GPU (TensorRT) is left for the device."""
+    b, _ = route(target)
+    if importlib.util.find_spec("onnx") is None:
+        raise DependencyError(f"--engine tensorrt exports the bundle to ONNX on this host for {target.name}, and the "
+                              "onnx package is not installed", fix="pip install 'trt-gemma[onnx]'")
+    if b.targets_sm and importlib.util.find_spec(b.name) is None:
+        raise DependencyError(f"--engine tensorrt builds the {target.name} engine on this host with {b.name} (it "
+                              f"targets SM {sm_str(target.sm)} without that GPU), and {b.name} is not installed",
+                              fix=b.install)
 
 
 def _unavailable_reason(builder: Builder) -> str | None:
@@ -91,6 +113,8 @@ class EngineBuild:
     onnx: str
     check_commands: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    precisions: list = field(default_factory=list)  # the recipe's, as checked against the builder
+    activation_dtype: str | None = None  # what the graph computes in (its float inputs: the KV cache)
 
     def to_dict(self) -> dict:
         return {"engine_path": str(self.engine_path), "builder": self.builder, "builder_version": self.builder_version,
@@ -98,7 +122,7 @@ class EngineBuild:
                                             for k, p in self.profiles.items()},
                 "engine_bytes": self.engine_bytes, "build_seconds": self.build_seconds,
                 "timing_cache": self.timing_cache, "onnx": self.onnx, "check_commands": self.check_commands,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "precisions": self.precisions, "activation_dtype": self.activation_dtype}
 
 
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
@@ -108,18 +132,18 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, *,
                  precisions: tuple[str, ...] = (), force: bool = False, timing_cache: str | Path | None = None,
-                 log: Callable[[str], None] | None = None) -> EngineBuild:
+                 log: Callable[[str], None] | None = None, check_onnx: str | Path | None = None) -> EngineBuild:
     """Compile `onnx_path` into OUT_DIR/model.engine for `target` with its route's builder (atomic: on any error
     nothing is left). `precisions` (the recipe's quant/dtype) are re-checked against the installed builder version;
-    `timing_cache` is read if present and written back (builders whose cache is a no-op skip it)."""
-    from trt_gemma.engine.profiles import Limits, graph_inputs, polygraphy_commands, profiles
+    `timing_cache` is read if present and written back (builders whose cache is a no-op skip it). `check_onnx`: the
+    graph onnxruntime runs in the printed comparison (default `onnx_path`; a float32 export for a bfloat16 graph)."""
+    from trt_gemma.engine.profiles import Limits, graph_inputs, profiles
 
     b, _ = route(t)
     why = _unavailable_reason(b)
     if why:
         raise DependencyError(f"cannot build a {b.name} engine for {t.name} here: {why}",
-                              fix=f"run the build where {b.name} and {'any host' if b.targets_sm else 'the GPU'} "
-                                  f"exist ({b.install})")
+                              fix=b.install if b.targets_sm else f"build it on the device, with its GPU ({b.install})")
     version = builder_version(b) or "unknown"
     for p in precisions:
         reason = refusal(b.name, p, t.sm, version)
@@ -142,7 +166,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, 
         seconds = round(time.time() - t0, 2)
         result = EngineBuild(out / ENGINE_FILE, b.name, version, sm_str(sm), profs, len(blob), seconds,
                              str(cache_path) if cache_path else None, str(onnx_path),
-                             polygraphy_commands(onnx_path, out / ENGINE_FILE, inputs, lim, b.name, out), warnings)
+                             _check_commands(onnx_path, check_onnx, out, inputs, lim, b.name, warnings), warnings,
+                             list(precisions), DTYPE_NAMES[graph_float_dtype(inputs)])
         (tmp / "manifest.json").write_text(json.dumps({"kind": "tensorrt-engine", "target": t.name,
                                                         **result.to_dict()}, indent=2) + "\n")
     if cache_path is not None and cache_out:
@@ -151,6 +176,26 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, 
         tmp_cache.replace(cache_path)
     _say(log, f"engine: {result.engine_path} ({len(blob):,} bytes, {seconds:.1f} s)")
     return result
+
+
+def graph_float_dtype(inputs) -> str:
+    """The float element type of the graph's inputs (its KV cache: the activations), FLOAT when it has none."""
+    return next((gi.dtype for gi in inputs if gi.dtype in CHECK_TOLERANCE), "FLOAT")
+
+
+def _check_commands(onnx_path, check_onnx, out: Path, inputs, lim, builder: str, warnings: list) -> list[str]:
+    """The polygraphy pair (onnxruntime side, then the engine) at the tolerance of the engine's dtype. Without a
+    graph onnxruntime's CPU EP runs, the first command needs an onnxruntime with bfloat16 kernels: said as a
+    warning, since the printed commands must run where they say they run."""
+    from trt_gemma.engine.profiles import polygraphy_commands
+
+    dtype = graph_float_dtype(inputs)
+    check = Path(check_onnx) if check_onnx is not None else Path(onnx_path)
+    if check_onnx is None and dtype not in ORT_CPU_DTYPES:
+        warnings.append(f"{onnx_path} computes in {dtype.lower()}, which onnxruntime's CPU EP cannot run: export the "
+                        f"checkpoint with --activations float32 and run the first check command on that graph")
+    tol = CHECK_TOLERANCE[dtype]
+    return polygraphy_commands(check, out / ENGINE_FILE, inputs, lim, builder, out, atol=tol, rtol=tol)
 
 
 def _build_sm(b: Builder, t: Target) -> tuple[int, list[str]]:
@@ -258,11 +303,11 @@ def run_engine(engine_path: str | Path, feeds: dict, profile: int = 0) -> dict:
 # --- the bundle route: checkpoint -> ONNX -> engine --------------------------------------------------------------
 
 def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], None] | None = None,
-                           activations: str = "float16", lm_head: str = "none") -> Path:
-    """BUNDLE/onnx/*.onnx, exported from BUNDLE/checkpoint by trt_gemma.onnx.export.export_onnx unless present,
-    computing in `activations` (the recipe's dtype: the engine's activations and KV cache are the graph's), with the
-    lm_head quantized as the recipe's `lm_head_quant` says."""
-    onnx_dir = bundle / ONNX_DIR
+                           activations: str = "float16", lm_head: str = "none", subdir: str = ONNX_DIR) -> Path:
+    """BUNDLE/onnx/*.onnx (or BUNDLE/<subdir>), exported from BUNDLE/checkpoint by trt_gemma.onnx.export.export_onnx
+    unless present, computing in `activations` (the recipe's dtype: the engine's activations and KV cache are the
+    graph's), with the lm_head quantized as the recipe's `lm_head_quant` says."""
+    onnx_dir = bundle / subdir
     existing = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
     want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len}
     made = _export_options(onnx_dir)
@@ -310,8 +355,10 @@ def tensorrt_route(bundle: Path, recipe, t: Target, *, force: bool = False, requ
                    log: Callable[[str], None] | None = None) -> dict:
     """Export BUNDLE/checkpoint to ONNX (once) and build BUNDLE/tensorrt/model.engine for `t` with `recipe` (the
     bundle's, read by trt_gemma.build, which records the returned status in the bundle manifest). With require=False
-    (a new bundle) a missing exporter, builder or GPU leaves the engine unbuilt with the reason and the command to
-    run on the device; with require=True (`build --from-bundle B --engine tensorrt`) it is a typed error."""
+    (a new bundle whose recipe picks this route, or a builder that must run on the device) a missing exporter, builder
+    or GPU leaves the engine unbuilt with the reason and the command to run on the device; with require=True
+    (`build --from-bundle B --engine tensorrt`, or `--engine tensorrt` where the builder runs on any host) it is a
+    typed error."""
     check_recipe(recipe, t)
     b, why = route(t)
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
@@ -320,15 +367,27 @@ def tensorrt_route(bundle: Path, recipe, t: Target, *, force: bool = False, requ
         onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype,
                                            lm_head=recipe.lm_head_quant)
         status["onnx"] = str(onnx_path)
+        check = _check_graph(bundle, onnx_path, recipe, log)
         built = build_engine(onnx_path, bundle / ENGINE_DIR, t, recipe,
                              precisions=tuple(recipe_precisions(recipe).values()), force=force,
-                             timing_cache=bundle / TIMING_CACHE, log=log)
+                             timing_cache=bundle / TIMING_CACHE, log=log, check_onnx=check)
         status["engine"] = built.to_dict()
     except DependencyError as e:
         if require:
             raise
         status["reason"] = e.message
     return status
+
+
+def _check_graph(bundle: Path, onnx_path: Path, recipe, log) -> Path:
+    """The graph the printed onnxruntime check runs: the engine's own where onnxruntime's CPU EP runs its dtype, else
+    a float32 export of the same checkpoint in BUNDLE/onnx-check/ (made once, reused while the recipe matches)."""
+    from trt_gemma.engine.profiles import graph_inputs
+
+    if graph_float_dtype(graph_inputs(onnx_path)) in ORT_CPU_DTYPES:
+        return onnx_path
+    return export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations="float32",
+                                  lm_head=recipe.lm_head_quant, subdir=CHECK_ONNX_DIR)
 
 
 def onnxruntime_providers() -> list[str] | None:

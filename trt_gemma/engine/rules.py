@@ -12,6 +12,10 @@ from trt_gemma.errors import RecipeError
 from trt_gemma.targets import Target, sm_str
 
 
+ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + profiles
+ENGINE_FILE = "model.engine"
+
+
 # --- builders and routes -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ BUILDERS: dict[str, Builder] = {
                         install="on a Jetson: JetPack's python3-libnvinfer (sudo apt install python3-libnvinfer); "
                                 "on a data-center GPU host: pip install tensorrt"),
     "tensorrt_rtx": Builder("tensorrt_rtx", ("tensorrt_rtx", "tensorrt-rtx"), targets_sm=True, timing_cache=False,
-                            network_flags=(), install="pip install tensorrt-rtx"),
+                            network_flags=(), install="pip install 'trt-gemma[rtx]' (tensorrt-rtx and polygraphy)"),
 }
 
 

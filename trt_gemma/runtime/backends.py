@@ -10,8 +10,9 @@
 
   ONNX export dir          (trt_gemma_onnx.json + model.onnx)                 -> onnxruntime backend
 
-On-the-fly conversion is what lets `trt-gemma serve` (no argument: the embedded HF-format model) just work. The cache
-key hashes the HF config plus every file's name, size and mtime and our version, so an edited model converts again.
+On-the-fly conversion is what lets `trt-gemma serve` (no argument: the embedded HF-format model) just work. Cache
+entries are keyed by content (runtime/cache.py: our version plus every file's bytes), so an edited model converts
+again, the same model is cached once wherever it is installed, and the cache stays under its size cap (LRU).
 
 Which CPU runtime runs a checkpoint is the `backend` choice: "auto" (the default) takes onnxruntime when it and the
 onnx package are installed, exporting the checkpoint once into an ONNX cache beside the checkpoint cache
@@ -19,17 +20,14 @@ onnx package are installed, exporting the checkpoint once into an ONNX cache bes
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from trt_gemma.runtime.base import (Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo,  # noqa: F401
                                      Step)
 from trt_gemma.errors import ConfigError, InputError
+from trt_gemma.runtime import cache
 
 # kind -> (predicate on (dir, config dict)); first match wins, most specific first.
 KINDS = (
@@ -48,6 +46,8 @@ ONNX_LOGITS = "last"  # generation reads the last position only: the graph's nor
 # faster decode on the CPU EP, benchmarks/cpu_decode.py) where the installed onnxruntime has kernels for both (probed:
 # older releases lack them), else opset 21: the same math in more nodes.
 ONNX_FAST_OPSET = 23
+# Records of when and where a checkpoint was made: not part of what it is (nor of its cache key).
+PROVENANCE_FILES = ("trt_gemma_provenance.json", "manifest.json")
 
 
 def detect_kind(path: Path) -> str:
@@ -121,13 +121,15 @@ def onnxruntime_available() -> bool:
 
 def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
     """Where the ONNX export of checkpoint `ckpt` is cached: `onnx/` beside the converted-checkpoint cache, keyed
-    by our version and the checkpoint's config and weight files (name, size, mtime)."""
+    by our version, the export options and the contents of the checkpoint's config, weight and tokenizer files (its
+    provenance records when and where it was made, so it stays out of the key)."""
     from trt_gemma import __version__
 
-    root = Path(cache_dir).parent if cache_dir else _cache_root()
-    files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")]
+    root = Path(cache_dir).parent if cache_dir else cache.cache_root()
+    files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")
+             and p.name not in PROVENANCE_FILES]
     seed = f"{__version__}:{ONNX_KV_CACHE}:{ONNX_LOGITS}:{onnx_cache_opset()}"
-    return _cache_entry(root / "onnx", Path(ckpt), seed, files)
+    return cache.entry_path(root / "onnx", Path(ckpt), seed, files)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,30 +169,15 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
         raise DependencyError("the onnxruntime backend needs the onnx and onnxruntime packages",
                               fix="pip install 'trt-gemma[onnx]', or use --backend reference")
     out = onnx_cache_dir(ckpt, cache_dir)
-    if (out / "trt_gemma_onnx.json").is_file():
-        return out
-    from trt_gemma.onnx.export import export_onnx
+    if not (out / "trt_gemma_onnx.json").is_file():
+        from trt_gemma.onnx.export import export_onnx
 
-    with _cache_entry_lock(out):
-        if not (out / "trt_gemma_onnx.json").is_file():  # another process or thread may have made it meanwhile
-            export_onnx(ckpt, out, opset=onnx_cache_opset(), kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS, force=True,
-                        show_progress=False)
+        with cache.entry_lock(out):
+            if not (out / "trt_gemma_onnx.json").is_file():  # another process or thread may have made it meanwhile
+                export_onnx(ckpt, out, opset=onnx_cache_opset(), kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS,
+                            force=True, show_progress=False)
+    cache.admit(out, ckpt)
     return out
-
-
-@contextlib.contextmanager
-def _cache_entry_lock(out: Path):
-    """One writer per cache entry across threads and processes (`serve --guard default` loads the chat model and
-    the guard, the same model, at once): an exclusive flock on `.locks/<entry>.lock` beside it (huggingface_hub
-    keeps its cache locks the same way)."""
-    locks = out.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{out.name}.lock", "a") as f:  # each opener gets its own lock (flock is per open file)
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bundle_runnable(bundle: Path) -> Path:
@@ -219,35 +206,21 @@ def reference_checkpoint(model_path: str | Path, cache_dir: Path | None = None) 
 
 
 def converted_cache_dir(hf_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Where the converted checkpoint of HF dir `hf_dir` is cached, keyed by our version and its files' contents."""
     from trt_gemma import __version__
 
-    base = cache_dir or _cache_root() / "checkpoints"
-    return _cache_entry(Path(base), Path(hf_dir), __version__, [p for p in Path(hf_dir).iterdir() if p.is_file()])
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("TRT_GEMMA_CACHE", Path.home() / ".cache" / "trt_gemma"))
-
-
-def _cache_entry(base: Path, src: Path, seed: str, files: list[Path]) -> Path:
-    """base/<src name>-<hash>: the hash covers `seed` (our version, ...), each file's name, size and mtime, and
-    src/config.json's bytes, so an edited source gets a new entry."""
-    h = hashlib.sha256(seed.encode())
-    for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update((src / "config.json").read_bytes())
-    return base / f"{src.resolve().name}-{h.hexdigest()[:16]}"
+    base = Path(cache_dir) if cache_dir else cache.cache_root() / "checkpoints"
+    return cache.entry_path(base, Path(hf_dir), __version__, [p for p in Path(hf_dir).iterdir() if p.is_file()])
 
 
 def ensure_converted(hf_dir: Path, cache_dir: Path | None = None) -> Path:
     """The TRT-LLM checkpoint for `hf_dir`, converting into the cache on first use (atomic: no half-written entry)."""
     out = converted_cache_dir(hf_dir, cache_dir)
-    if (out / "config.json").is_file():
-        return out
-    from trt_gemma.checkpoint.convert import convert_checkpoint
+    if not (out / "config.json").is_file():
+        from trt_gemma.checkpoint.convert import convert_checkpoint
 
-    with _cache_entry_lock(out):
-        if not (out / "config.json").is_file():  # another process or thread may have made it meanwhile
-            convert_checkpoint(hf_dir, out, dtype=None)  # keep the source dtype: serving must match the HF model
+        with cache.entry_lock(out):
+            if not (out / "config.json").is_file():  # another process or thread may have made it meanwhile
+                convert_checkpoint(hf_dir, out, dtype=None)  # keep the source dtype: serving must match the HF model
+    cache.admit(out)
     return out
