@@ -83,13 +83,16 @@ def check_io(engine_io: Mapping, record_io: Mapping | None, engine_path, bundle)
 
 
 def select_profile(shapes: Mapping[str, tuple[int, ...]], profiles: list[Mapping[str, list]]) -> int:
-    """The optimization profile whose [min, max] ranges hold every input shape; where several do, the tightest (the
-    smallest sum of max-shape volumes: its kernels were chosen for shapes nearest these). An InputError names the
+    """The optimization profile whose [min, max] ranges hold every input shape; where several do, the one whose opt
+    shapes are nearest (TensorRT times its kernels at the opt shape; distance = sum of |log((s+1)/(opt+1))| over
+    every dimension, so a one-token step on a short cache goes to decode, not to prefill). An InputError names the
     input whose shape no profile takes."""
     fitting = []
     for index, ranges in enumerate(profiles):
         if all(_within(shapes[name], lo, hi) for name, (lo, _opt, hi) in ranges.items() if name in shapes):
-            fitting.append((sum(math.prod(hi) for _lo, _opt, hi in ranges.values()), index))
+            distance = sum(abs(math.log((s + 1) / (o + 1))) for name, (_lo, opt, _hi) in ranges.items()
+                           if name in shapes for s, o in zip(shapes[name], opt))
+            fitting.append((distance, index))
     if fitting:
         return min(fitting)[1]
     name, shape = next(((n, s) for n, s in shapes.items() for r in profiles if n in r
