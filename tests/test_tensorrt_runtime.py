@@ -26,15 +26,6 @@ needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx is not installe
 LIMITS = dict(max_batch_size=2, max_input_len=8, max_seq_len=16)
 
 
-def _has_gpu() -> bool:
-    from trt_gemma.detect import detect
-
-    return detect().kind != "none"
-
-
-no_gpu_only = pytest.mark.skipif(_has_gpu(), reason="asserts this host has no GPU")
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A bundle-shaped dir whose tensorrt/ holds a real TensorRT-RTX engine (SM 8.9) of a Gemma-2-shaped decode step
@@ -200,7 +191,7 @@ def test_strided_copies_stay_inside_their_buffers():
 
 # --- the executor ----------------------------------------------------------------------------------------------------
 
-@no_gpu_only
+@pytest.mark.no_gpu
 @needs_rtx
 def test_opening_an_engine_without_a_gpu_is_a_typed_error(built):
     from trt_gemma.runtime.tensorrt import TensorRTExecutor
