@@ -212,12 +212,15 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
-             accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> "OnnxRuntimeBackend":
-        """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path)."""
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu") -> "OnnxRuntimeBackend":
+        """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path);
+        `device`: cpu, cuda or tensorrt (runtime/providers.py picks the execution providers)."""
+        from trt_gemma.runtime.providers import for_export
         from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
         path = Path(path)
-        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads())
+        eps = None if device == "cpu" else list(for_export(device, path, slots).providers)
+        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads(), providers=eps)
         c = model.config
         shown = Path(source) if source is not None else path
         info = ModelInfo(name=shown.name, path=str(shown), context_length=c.max_position_embeddings,
