@@ -75,3 +75,9 @@ class NeedsDeviceError(DependencyError):
     """A device-only command on a host without the device (`trt-gemma check` without a GPU): what it needs."""
 
     exit_code = 2
+
+
+class MismatchError(TrtGemmaError):
+    """A check found results that differ from their oracle beyond tolerance (the report names each)."""
+
+    exit_code = 1
