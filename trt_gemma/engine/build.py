@@ -339,7 +339,11 @@ def tensorrt_route(bundle: Path, recipe, t: Target, *, force: bool = False, requ
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
-        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype,
+        from trt_gemma.engine.plan import engine_activations
+
+        # never float32: its engine would be larger than the weights (the embedding folded to fp32)
+        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log,
+                                           activations=engine_activations(recipe.dtype, t.sm),
                                            lm_head=recipe.lm_head_quant)
         status["onnx"] = str(onnx_path)
         built = build_engine(onnx_path, bundle / ENGINE_DIR, t, recipe,
