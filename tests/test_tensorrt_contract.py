@@ -20,7 +20,7 @@ import pytest
 from trt_gemma.runtime import cuda_memory, tensorrt as T
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-HAS_CUDA = importlib.util.find_spec("cuda") is not None
+HAS_CUDA = cuda_memory.installed()
 SOURCE = {m: Path(m.__file__).read_text() for m in (T, cuda_memory)}
 
 

@@ -171,7 +171,7 @@ def test_memory_ledger_reports_live_allocations_by_kind():
 
 # --- cuda-python -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python is not installed")
+@pytest.mark.skipif(not cuda_memory.installed(), reason="cuda-python is not installed")
 def test_a_failing_cuda_call_is_a_device_error_naming_the_call():
     rt = cuda_memory.cudart()
     with pytest.raises(DeviceError) as e:  # no such device on any host (here: no driver at all)
@@ -203,6 +203,7 @@ def test_opening_an_engine_without_a_gpu_is_a_typed_error(built):
 
 @pytest.mark.gpu
 @pytest.mark.trt_runtime
+@needs_rtx
 def test_executor_runs_both_profiles_like_onnxruntime(tmp_path):
     """On a GPU with TensorRT-RTX: the decode-step graph built for this GPU's SM, run through the executor at a
     prefill and (five times: warm-up, capture, replays) a decode shape, against onnxruntime on the same graph."""
@@ -248,3 +249,27 @@ def test_executor_runs_both_profiles_like_onnxruntime(tmp_path):
         assert mem["engine"] > 0 and mem["activations"] > 0, mem
     finally:
         ex.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.trt_runtime
+def test_cuda_stream_round_trip_strided_copy_and_graph():
+    """cuda-python on a GPU: upload, a strided device copy (a pool's rows), download, and a captured copy replayed."""
+    s = cuda_memory.CudaStream()
+    a, b = s.malloc(4096), s.malloc(4096)
+    try:
+        host = np.arange(1024, dtype=np.float32)
+        s.upload(a, host)
+        s.copy2d(b, 1024, a, 512, 256, 4)  # 4 rows of 256 bytes, read every 512, written every 1024
+        want = host.reshape(8, 128)[:4, :64]  # row r of the source starts at float 128 r, of the destination at 256 r
+        np.testing.assert_array_equal(s.download(b, (1024,), "float32").reshape(4, 256)[:, :64], want)
+        s.begin_capture()
+        s.copy2d(b, 1024, a, 512, 256, 4)
+        graph = s.end_capture()
+        s.upload(b, np.zeros(1024, np.float32))
+        s.launch(graph[1])
+        np.testing.assert_array_equal(s.download(b, (1024,), "float32").reshape(4, 256)[:, :64], want)
+        s.destroy_graph(*graph)
+        assert s.mem_info()[1] > 0 and s.sm()[0] >= 50
+    finally:
+        s.free(a), s.free(b), s.close()

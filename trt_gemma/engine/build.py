@@ -168,7 +168,7 @@ def _build_sm(b: Builder, t: Target) -> tuple[int, list[str]]:
                      f"(SM {sm_str(t.sm)}): it runs on SM {sm_str(host.sm)} only"]
 
 
-def _collecting_logger(trt):
+def collecting_logger(trt):
     class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
@@ -200,7 +200,7 @@ def io_record(network, profiles: dict) -> dict:
 
 def _compile(b: Builder, onnx_path: Path, sm: int, profs: dict, cache_in: bytes) -> tuple[bytes, bytes, dict]:
     trt = importlib.import_module(b.name)
-    logger = _collecting_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     for name in b.network_flags:

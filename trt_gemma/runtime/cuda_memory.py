@@ -13,6 +13,8 @@ cuda-python 12.x matches CUDA 12 drivers (JetPack 6), 13.x needs a CUDA 13 drive
 """
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 from trt_gemma.errors import DependencyError, DeviceError
@@ -28,6 +30,14 @@ ERROR_FIXES = {
                                  "rebuild, or stop other GPU processes (`trt-gemma telemetry` shows the memory)",
     "cudaErrorStreamCaptureUnsupported": "this step is not capturable; run without CUDA graphs",
 }
+
+
+def installed() -> bool:
+    """cuda-python's runtime bindings are importable (found without importing them)."""
+    try:
+        return any(importlib.util.find_spec(m) is not None for m in ("cuda.bindings", "cuda.cudart"))
+    except ModuleNotFoundError:  # no `cuda` package at all
+        return False
 
 
 def cudart():

@@ -27,6 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
+from trt_gemma.engine.build import collecting_logger
 from trt_gemma.engine.rules import BUILDERS
 from trt_gemma.errors import DependencyError, DeviceError, InputError
 from trt_gemma.runtime.engine_plan import (GraphCache, MemoryLedger, binding_plan, check_build_record, check_io,
@@ -77,7 +78,7 @@ def unavailable_reason(lib: str | None = None) -> str | None:
     have = [n for n in libs if importlib.util.find_spec(n) is not None]
     if not have:
         return " or ".join(f"{n} is not installed ({BUILDERS[n].install})" for n in libs)
-    if importlib.util.find_spec("cuda") is None:
+    if not cuda_memory.installed():
         return f"cuda-python is not installed ({cuda_memory.CUDA_PYTHON_INSTALL})"
     from trt_gemma.detect import detect
 
@@ -141,7 +142,7 @@ class TensorRTExecutor:
     def _deserialize(self, path: Path):
         blob = path.read_bytes()
         free0, _ = self.stream.mem_info()
-        self._log = _logger(self.trt)  # kept: TensorRT holds the logger by reference for the runtime's life
+        self._log = collecting_logger(self.trt)  # kept: TensorRT holds the logger by reference for the runtime's life
         self.runtime = self.trt.Runtime(self._log)
         engine = self.runtime.deserialize_cuda_engine(blob)
         if engine is None:
@@ -280,18 +281,6 @@ def _ok(result: bool, call: str) -> None:
 
 def _first(errors: list[str]) -> str:
     return " | ".join(errors[:2]) or "no message from TensorRT"
-
-
-def _logger(trt):
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
-                self.errors.append(msg)
-    return _Logger()
 
 
 def load_step_model(bundle: Path):
