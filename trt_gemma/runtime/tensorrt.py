@@ -40,7 +40,12 @@ RUNTIME_CACHE = "tensorrt_rtx.runtime.cache"  # TensorRT-RTX JIT kernels, beside
 
 # Every TensorRT class member this module touches: (class, member, parameters without self; None = property).
 # tests/test_tensorrt_contract.py checks each against the installed tensorrt_rtx bindings' own signatures and that
-# this module uses no other member; the TensorRT 10.x pages are cited in the module docstring.
+# this module uses no other member. TensorRT 10.x documents the same members at
+# https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ + Runtime.html (Runtime),
+# Engine.html (ICudaEngine, ExecutionContextAllocationStrategy), ExecutionContext.html (IExecutionContext:
+# set_device_memory from 10.1); IRuntimeConfig is in later 10.x (the 10.14 C++ API has it with the allocation
+# strategy only; 10.3 has none) and in TensorRT-RTX, whose IRuntimeCache and CudaGraphStrategy TensorRT lacks
+# (docs.nvidia.com/deeplearning/tensorrt-rtx, "IRuntimeConfig"): each is used only where `features` finds it.
 TRT_API: tuple[tuple[str, str, int | None], ...] = (
     ("Runtime", "deserialize_cuda_engine", 1),
     ("ICudaEngine", "num_io_tensors", None),
