@@ -273,3 +273,27 @@ def test_cuda_stream_round_trip_strided_copy_and_graph():
         assert s.mem_info()[1] > 0 and s.sm()[0] >= 50
     finally:
         s.free(a), s.free(b), s.close()
+
+
+def test_device_memory_by_kind_reaches_telemetry(tiny_model_dir, tmp_path):
+    """A backend with `device_memory()` (the TensorRT executor's ledger totals) shows each kind in memory_bytes, as
+    /metrics exports it; a backend without one leaves engine/activations unavailable (omitted, never 0)."""
+    from trt_gemma.runtime.backends import load_backend
+    from trt_gemma.telemetry import MEMORY_KINDS, UNAVAILABLE, snapshot
+
+    backend = load_backend(tiny_model_dir, cache_dir=tmp_path, backend="reference")
+    plain = snapshot(backend)["memory_bytes"]
+    assert plain["engine"] == UNAVAILABLE and plain["activations"] == UNAVAILABLE
+    ledger = MemoryLedger(fixed={"engine": 123_456_789})
+    ledger.add(0x10000, 64 << 20, "kv_cache")
+    ledger.add(0x20000, 3 << 20, "activations")
+
+    class DeviceBackend(type(backend)):  # the one method a device backend adds
+        def device_memory(self):
+            return ledger.totals()
+
+    backend.__class__ = DeviceBackend
+    mem = snapshot(backend)["memory_bytes"]
+    assert {k: mem[k] for k in ("engine", "activations", "kv_cache")} == \
+        {"engine": 123_456_789, "activations": 3 << 20, "kv_cache": 64 << 20}
+    assert {"engine", "activations", "kv_cache"} <= set(MEMORY_KINDS)
