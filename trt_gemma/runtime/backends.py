@@ -84,6 +84,13 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
                           fix="use --backend onnxruntime")
     kind = detect_kind(path)
     if kind == "bundle":
+        if device != "cpu" and (path / "onnx" / "trt_gemma_onnx.json").is_file():
+            # on the GPU, the bundle's own graph with its recipe's profiles (TensorRT EP caches kept in the bundle)
+            from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
+            from trt_gemma.runtime.providers import bundle_limits
+
+            return OnnxRuntimeBackend.load(path / "onnx", slots=slots, source=path, device=device,
+                                           limits=bundle_limits(path))
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
             return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device)
         return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device)

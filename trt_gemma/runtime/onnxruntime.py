@@ -213,14 +213,15 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
-             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu") -> "OnnxRuntimeBackend":
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu", limits=None) -> "OnnxRuntimeBackend":
         """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path);
-        `device`: cpu, cuda or tensorrt (runtime/providers.py picks the execution providers)."""
+        `device`: cpu, cuda or tensorrt (runtime/providers.py picks the execution providers, the TensorRT EP's
+        profiles from `limits`)."""
         from trt_gemma.runtime.providers import for_export
         from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
         path = Path(path)
-        choice = None if device == "cpu" else for_export(device, path, slots)
+        choice = None if device == "cpu" else for_export(device, path, slots, limits)
         model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads(),
                          providers=list(choice.providers) if choice else None,
                          ort_device=choice.ort_device if choice else "cpu")

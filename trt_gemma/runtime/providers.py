@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trt_gemma.errors import ConfigError, DependencyError
+from trt_gemma.errors import ConfigError, DependencyError, OutputError
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -73,17 +73,31 @@ def choose(device: str, graph: Path | None = None, limits=None, available: list[
     from trt_gemma.engine.profiles import graph_inputs, profiles
 
     cache = Path(graph).parent / TRT_EP_CACHE
-    cache.mkdir(exist_ok=True)
+    try:
+        cache.mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the TensorRT EP's engine cache {cache}: {e.strerror}",
+                          fix="make the bundle (or export dir) writable for the server's user") from None
     opts = tensorrt_options(profiles(graph_inputs(graph), limits), cache, device_id)
     return DeviceChoice("tensorrt", (("TensorrtExecutionProvider", opts), cuda, cpu), "cuda")
 
 
-def for_export(device: str, export_dir: Path, slots: int = 1) -> DeviceChoice:
-    """`choose` for a `trt-gemma export-onnx` dir: the graph file from its manifest, limits from its max_seq_len and
-    the server's slots (a whole prompt may be one prefill step)."""
+def for_export(device: str, export_dir: Path, slots: int = 1, limits=None) -> DeviceChoice:
+    """`choose` for a `trt-gemma export-onnx` dir: the graph file from its manifest; `limits` (a bundle's recipe,
+    `bundle_limits`) or else its max_seq_len and the server's slots (a whole prompt may be one prefill step)."""
     from trt_gemma.engine.profiles import Limits
     from trt_gemma.onnx.export import read_manifest
 
     man = read_manifest(Path(export_dir))
     seq = int(man["model"]["max_seq_len"])
-    return choose(device, Path(export_dir) / man["model_file"], Limits(max(1, slots), seq, seq))
+    return choose(device, Path(export_dir) / man["model_file"], limits or Limits(max(1, slots), seq, seq))
+
+
+def bundle_limits(bundle: Path):
+    """The profile limits of a bundle's recipe: what `build --engine tensorrt` built its engine's profiles from."""
+    from trt_gemma.engine.profiles import Limits
+    from trt_gemma.manifest import read_manifest
+    from trt_gemma.recipes import load_recipe
+
+    recipe = load_recipe(read_manifest(Path(bundle))["target"]["name"], Path(bundle) / "recipe.toml")
+    return Limits.from_recipe(recipe)
