@@ -28,7 +28,8 @@ BUILD = """
 import sys
 from trt_gemma.engine.build import build_engine
 from trt_gemma.engine.profiles import Limits
-build_engine(sys.argv[1], sys.argv[2], "rtx-4090", Limits(1, 128, 512), force=True)
+from trt_gemma.targets import TARGETS
+build_engine(sys.argv[1], sys.argv[2], TARGETS["rtx-4090"], Limits(1, 128, 512), force=True)
 """
 
 

@@ -12,7 +12,7 @@ import pytest
 from trt_gemma.engine.plan import BUILD_REMEDIES, build_memory, build_plan, engine_activations
 from trt_gemma.plan import plan
 from trt_gemma.recipes import DTYPES
-from trt_gemma.targets import get_target
+from trt_gemma.targets import TARGETS
 
 # (graph weight bytes, measured peak builder RSS bytes)
 MEASURED_FP16 = [(270_967_365, 1_024_352_256), (1_082_257_683, 3_165_462_528), (2_420_000_000, 8_200_000_000)]
@@ -32,16 +32,16 @@ def test_float32_graphs_cost_more_and_the_route_never_exports_one():
 
 
 def test_orin_nano_8gb_build_of_2b_exceeds_memory_and_names_the_remedies():
-    b = plan("gemma-2-2b", "jetson-orin-nano-8gb").tensorrt["build"]
+    b = plan("gemma-2-2b", TARGETS["jetson-orin-nano-8gb"]).tensorrt["build"]
     assert b["on_device"] and b["verdict"] == "exceeds memory" and b["peak_bytes"] > b["usable_bytes"]
     assert [r.split(" ")[0] for r in b["remedies"]] == ["add", "stop", "cap", "build"]
     assert "jetson/setup.sh --swap-dir" in b["remedies"][0]
-    big = plan("gemma-2-2b", "jetson-agx-orin-64gb").tensorrt["build"]
+    big = plan("gemma-2-2b", TARGETS["jetson-agx-orin-64gb"]).tensorrt["build"]
     assert big["verdict"] == "fits" and big["remedies"] == []
 
 
 def test_off_device_builders_report_host_ram_without_a_verdict():
-    t = get_target("rtx-4090")
+    t = TARGETS["rtx-4090"]
     b = build_plan(2_420_000_000, 0, "float16", t, on_device=False)
     assert b["verdict"] is None and b["usable_bytes"] is None and b["peak_bytes"] > 8e9
     # a dGPU built on the device still has no verdict: the builder's RAM is the host's, not the card's

@@ -75,8 +75,9 @@ def test_unknown_precision_and_the_plan_roofline():
     with pytest.raises(InputError, match="float8"):
         C.run_check(None, None, [], precision="float8", max_batch=1, plan={}, device_used=None)
     from trt_gemma.plan import plan
+    from trt_gemma.targets import TARGETS
 
-    p = plan("gemma-2-2b", "jetson-orin-nano-8gb").to_dict()
+    p = plan("gemma-2-2b", TARGETS["jetson-orin-nano-8gb"]).to_dict()
     head = p["tensorrt"]["lm_head"]
     assert C.roofline_tok_s(p) == p["tensorrt"]["lm_head_roofline"][head]["tok_s_context_0"] > 0
 
@@ -94,9 +95,10 @@ def test_cli_check_without_a_gpu_says_what_it_needs_and_exits_2(tmp_path):
 
     from trt_gemma.engine.build import build_engine
     from trt_gemma.engine.profiles import Limits
+    from trt_gemma.targets import TARGETS
 
     onnx.save(decoder_step_graph(), str(tmp_path / "graph.onnx"))
-    build_engine(tmp_path / "graph.onnx", tmp_path / "tensorrt", "rtx-4090", Limits(1, 8, 16))
+    build_engine(tmp_path / "graph.onnx", tmp_path / "tensorrt", TARGETS["rtx-4090"], Limits(1, 8, 16))
     p = subprocess.run([sys.executable, "-m", "trt_gemma", "check", str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert "this host cannot: no NVIDIA GPU" in p.stderr and "rtx-4090, SM 8.9" in p.stderr, p.stderr

@@ -37,10 +37,11 @@ def built(tmp_path_factory):
 
     from trt_gemma.engine.build import build_engine
     from trt_gemma.engine.profiles import Limits
+    from trt_gemma.targets import TARGETS
 
     root = tmp_path_factory.mktemp("bundle")
     onnx.save(decoder_step_graph(), str(root / "graph.onnx"))
-    build_engine(root / "graph.onnx", root / "tensorrt", "rtx-4090", Limits(**LIMITS))
+    build_engine(root / "graph.onnx", root / "tensorrt", TARGETS["rtx-4090"], Limits(**LIMITS))
     return root, json.loads((root / "tensorrt" / "manifest.json").read_text())
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trt_gemma.errors import ConfigError, DependencyError, OutputError
+from trt_gemma.errors import ConfigError, DependencyError, InputError, OutputError
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -94,10 +94,20 @@ def for_export(device: str, export_dir: Path, slots: int = 1, limits=None) -> De
 
 
 def bundle_limits(bundle: Path):
-    """The profile limits of a bundle's recipe: what `build --engine tensorrt` built its engine's profiles from."""
-    from trt_gemma.engine.profiles import Limits
-    from trt_gemma.manifest import read_manifest
-    from trt_gemma.recipes import load_recipe
+    """The profile limits in a bundle's resolved recipe.toml: what `build --engine tensorrt` built its engine's
+    profiles from. Read as plain TOML (the file is flat and resolved; the recipe layer sits above the runtime)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib
 
-    recipe = load_recipe(read_manifest(Path(bundle))["target"]["name"], Path(bundle) / "recipe.toml")
-    return Limits.from_recipe(recipe)
+    from trt_gemma.engine.profiles import Limits
+
+    path = Path(bundle) / "recipe.toml"
+    try:
+        r = tomllib.loads(path.read_text())
+        return Limits(int(r["max_batch_size"]), int(r["max_input_len"]), int(r["max_seq_len"]),
+                      r.get("max_num_tokens"))
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
+        raise InputError(f"{path} does not give the bundle's limits ({type(e).__name__}: {e})",
+                         fix="rebuild the bundle with `trt-gemma build`") from None
