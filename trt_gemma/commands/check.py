@@ -17,15 +17,14 @@ from trt_gemma.check import MAX_TOKENS
 def check(bundle, max_tokens, as_json):
     """Greedy ids, logits, speed and memory of BUNDLE's engine on this GPU; writes BUNDLE/check.json."""
     from trt_gemma import check as C
+    from trt_gemma.build import read_bundle
     from trt_gemma.console import emit
     from trt_gemma.errors import MismatchError
-    from trt_gemma.manifest import read_manifest
-    from trt_gemma.recipes import load_recipe
     from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     test = C.engine_side(bundle)  # first: without the device nothing else is worth loading
     oracle = C.oracle_side(bundle)
-    recipe = load_recipe(read_manifest(bundle)["target"]["name"], bundle / "recipe.toml")
+    _, _, recipe = read_bundle(bundle)
     tok = GemmaTokenizer.from_dir(bundle / "checkpoint")
     prompts = [list(tok.encode(p, add_bos=True)) for p in C.PROMPTS]
     plan = json.loads((bundle / "plan.json").read_text())
