@@ -107,3 +107,33 @@ def test_cli_check_without_a_gpu_says_what_it_needs_and_exits_2(tmp_path):
     empty.mkdir()
     p = subprocess.run([sys.executable, "-m", "trt_gemma", "check", str(empty)], capture_output=True, text=True)
     assert p.returncode == 2 and "has no TensorRT engine" in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory):
+    """A real bundle of the embedded model for an RTX target with float16 activations (`trt-gemma build ... --engine
+    tensorrt`): its ONNX graph is what an engine would be built from."""
+    from trt_gemma.cli import main
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--target", "rtx-3090", "--set", "quant=float16", "--set", "dtype=float16", "--skip-quality",
+              "--engine", "tensorrt", "--out", str(out), "--json"])
+    assert e.value.code == 0
+    return out
+
+
+def test_check_bundle_end_to_end_with_the_reference_as_the_tested_side(fp16_bundle, capsys):
+    """Everything `trt-gemma check` does after finding the engine, with the numpy reference on the bundle's checkpoint
+    standing where the engine's step model goes: the bundle's tokenizer, recipe, plan and graph, check.json."""
+    from trt_gemma.reference import ReferenceModel
+
+    test = C.Side("reference", ReferenceModel.load(fp16_bundle / "checkpoint"))
+    r = C.check_bundle(fp16_bundle, test, max_tokens=8)
+    assert r["precision"] == "float16" and r["sides"]["oracle"] == "onnxruntime-cpu"
+    assert len(r["prompts"]) == len(C.PROMPTS) and all(p["prompt_tokens"] > 1 for p in r["prompts"])
+    worst = max(p["logits_max_abs_diff"] for p in r["prompts"])
+    assert 0 < worst < C.TOLERANCE["float16"], worst  # an fp16 graph against fp32 numpy: close, not equal
+    plan = json.loads((fp16_bundle / "plan.json").read_text())
+    assert r["speed"]["batch_1"]["roofline_tok_s"] == C.roofline_tok_s(plan) and "batch_1" in r["speed"]
+    assert json.loads((fp16_bundle / "check.json").read_text()) == r

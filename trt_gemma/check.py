@@ -156,16 +156,45 @@ def roofline_tok_s(plan: dict) -> float | None:
 
 # --- the bundle's sides -----------------------------------------------------------------------------------------------
 
-def oracle_side(bundle: Path) -> Side:
-    """onnxruntime CPU on BUNDLE/onnx (the graph the engine was built from), accuracy level 0 (float activations in
-    the INT4 MatMuls, as the engine computes them)."""
-    from trt_gemma.runtime.onnxruntime import OrtModel
+def oracle_side(bundle: Path, cache_dir: Path | None = None) -> tuple[Side, str]:
+    """(onnxruntime CPU on BUNDLE/onnx, the graph the engine was built from, at accuracy level 0 — float activations
+    in the INT4 MatMuls, as the engine computes them; the graph's activation dtype, which sets the tolerance).
+    onnxruntime's CPU provider has no bfloat16 kernels, so for a bfloat16 graph the oracle is a float32 export of the
+    same checkpoint (the backends' export cache) and the report says so."""
+    from trt_gemma.runtime.onnxruntime import KV_NUMPY, OrtModel
 
     onnx_dir = Path(bundle) / "onnx"
-    if not (onnx_dir / "trt_gemma_onnx.json").is_file():
+    man = onnx_dir / "trt_gemma_onnx.json"
+    if not man.is_file():
         raise InputError(f"{bundle} has no ONNX graph ({onnx_dir} is missing)",
                          fix=f"trt-gemma build --from-bundle {bundle} --engine tensorrt")
-    return Side("onnxruntime-cpu", OrtModel(onnx_dir, accuracy_level=0))
+    act = json.loads(man.read_text())["model"].get("activation_dtype", "float32")
+    if act in KV_NUMPY:
+        return Side("onnxruntime-cpu", OrtModel(onnx_dir, accuracy_level=0)), act
+    from trt_gemma.runtime.backends import ensure_onnx
+
+    path = ensure_onnx(Path(bundle) / "checkpoint", cache_dir)
+    return Side(f"onnxruntime-cpu (float32 export of the checkpoint: no {act} kernels on the CPU)",
+                OrtModel(path, accuracy_level=0)), act
+
+
+def check_bundle(bundle: Path, test: Side, max_tokens: int = MAX_TOKENS, cache_dir: Path | None = None) -> dict:
+    """The whole check of `test` (the engine, on the device) against the bundle's oracle: the fixed prompts through
+    the bundle's tokenizer, the recipe's max batch, the plan's roofline and memory; writes BUNDLE/check.json."""
+    from trt_gemma.build import read_bundle
+    from trt_gemma.runtime.tokenizer import GemmaTokenizer
+
+    bundle = Path(bundle)
+    _, _, recipe = read_bundle(bundle)
+    oracle, precision = oracle_side(bundle, cache_dir)
+    tok = GemmaTokenizer.from_dir(bundle / "checkpoint")
+    prompts = [list(tok.encode(p, add_bos=True)) for p in PROMPTS]
+    plan = json.loads((bundle / "plan.json").read_text())
+    report = run_check(test, oracle, prompts, precision=precision, max_batch=recipe.max_batch_size, plan=plan,
+                       device_used=device_used_bytes(), max_tokens=max_tokens)
+    report["bundle"], report["path"] = str(bundle), str(bundle / "check.json")
+    write_report(bundle, report)
+    return report
 
 
 def engine_side(bundle: Path) -> Side:

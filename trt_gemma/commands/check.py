@@ -1,7 +1,6 @@
 """`trt-gemma check BUNDLE`: the engine on this device against onnxruntime CPU on the same graph (trt_gemma/check.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -17,27 +16,16 @@ from trt_gemma.check import MAX_TOKENS
 def check(bundle, max_tokens, as_json):
     """Greedy ids, logits, speed and memory of BUNDLE's engine on this GPU; writes BUNDLE/check.json."""
     from trt_gemma import check as C
-    from trt_gemma.build import read_bundle
     from trt_gemma.console import emit
     from trt_gemma.errors import MismatchError
-    from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
     test = C.engine_side(bundle)  # first: without the device nothing else is worth loading
-    oracle = C.oracle_side(bundle)
-    _, _, recipe = read_bundle(bundle)
-    tok = GemmaTokenizer.from_dir(bundle / "checkpoint")
-    prompts = [list(tok.encode(p, add_bos=True)) for p in C.PROMPTS]
-    plan = json.loads((bundle / "plan.json").read_text())
-    report = C.run_check(test, oracle, prompts, precision=oracle.model.manifest["model"]["activation_dtype"],
-                         max_batch=recipe.max_batch_size, plan=plan, device_used=C.device_used_bytes(),
-                         max_tokens=max_tokens)
-    report["bundle"] = str(bundle)
-    path = C.write_report(bundle, report)
+    report = C.check_bundle(bundle, test, max_tokens)
     emit(report, as_json, render)
     if not report["ok"]:
-        raise MismatchError(f"{len(report['mismatches'])} of {len(prompts)} prompts differ: "
-                            + "; ".join(report["mismatches"][:3]), fix=f"see {path} (both sides' top-5 at the "
-                            "first divergence); rebuild the engine if the logits differ beyond tolerance")
+        raise MismatchError(f"{len(report['mismatches'])} of {len(report['prompts'])} prompts differ: "
+                            + "; ".join(report["mismatches"][:3]), fix=f"see {report['path']} (both sides' top-5 at "
+                            "the first divergence); rebuild the engine if the logits differ beyond tolerance")
 
 
 def render(r: dict) -> None:
