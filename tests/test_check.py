@@ -137,3 +137,17 @@ def test_check_bundle_end_to_end_with_the_reference_as_the_tested_side(fp16_bund
     plan = json.loads((fp16_bundle / "plan.json").read_text())
     assert r["speed"]["batch_1"]["roofline_tok_s"] == C.roofline_tok_s(plan) and "batch_1" in r["speed"]
     assert json.loads((fp16_bundle / "check.json").read_text()) == r
+
+
+def test_the_bundle_manifest_keeps_the_builders_io_record(fp16_bundle):
+    """`build --engine tensorrt` records what the builder saw once, at manifest["tensorrt"]["io"], and beside the
+    engine in BUNDLE/tensorrt/manifest.json, which the runtime checks the engine against."""
+    from trt_gemma.manifest import read_manifest
+
+    m = read_manifest(fp16_bundle)["tensorrt"]
+    beside = json.loads((fp16_bundle / "tensorrt" / "manifest.json").read_text())
+    assert "io" not in m["engine"] and m["io"] == beside["io"]
+    names = [t["name"] for t in m["io"]["tensors"]]
+    assert names[0] == "input_ids" and any(n.startswith("present.") for n in names)
+    assert list(m["io"]["profiles"]) == ["prefill", "decode"]
+    assert all(t["dtype"] in ("int64", "float16", "float32") for t in m["io"]["tensors"]), m["io"]["tensors"]
