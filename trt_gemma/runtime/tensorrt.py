@@ -128,9 +128,22 @@ class TensorRTExecutor:
         self.trt = trt = importlib.import_module(self.lib)
         self.features = features(trt)
         self.stream = cuda_memory.CudaStream(device)
+        self.ledger = MemoryLedger()
+        try:
+            self._load(record, cuda_graphs)
+        except BaseException:  # a refused or failed load leaves no device memory or stream behind
+            self.context = self.engine = None  # TensorRT objects go before the memory they use
+            for ptr in list(self.ledger.by_ptr):
+                self.stream.free(ptr)
+            self.stream.close()
+            raise
+        self._profile: int | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def _load(self, record: dict, cuda_graphs: bool) -> None:
+        trt = self.trt
         sm, gpu = self.stream.sm()
         check_build_record(record, lib=self.lib, version=trt.__version__, gpu_sm=sm, gpu_name=gpu, bundle=self.bundle)
-        self.ledger = MemoryLedger()
         self.engine = self._deserialize(self.bundle / "tensorrt" / ENGINE_FILE)
         check_io(engine_io(self.engine, trt), record.get("io"), self.bundle / "tensorrt" / ENGINE_FILE, self.bundle)
         self.io = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"])
@@ -139,8 +152,6 @@ class TensorRTExecutor:
         self.graphs = GraphCache() if cuda_graphs and not self.features["builtin_graphs"] else None
         self._runtime_cache = None
         self.context = self._context(cuda_graphs)
-        self._profile: int | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
 
     # --- load (GPU only) -------------------------------------------------------------------------------------------
 
