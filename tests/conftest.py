@@ -8,13 +8,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests need a real NVIDIA GPU *and* tensorrt_llm; skip them here with the reason, never fake them."""
+    """GPU tests need a real NVIDIA GPU and what they run on it: tensorrt_llm, or (marked `trt_runtime` too) TensorRT
+    or TensorRT-RTX with cuda-python. Skipped here with the reason, never faked."""
     from trt_gemma.gpu_probe import gpu_unavailable_reason
+    from trt_gemma.runtime.tensorrt import unavailable_reason
 
-    reason = gpu_unavailable_reason()
-    if reason:
-        for item in items:
-            if "gpu" in item.keywords:
+    from trt_gemma.detect import detect
+
+    reasons = {"trtllm": gpu_unavailable_reason(), "trt_runtime": unavailable_reason()}
+    host_gpu = detect()
+    for item in items:
+        if "no_gpu" in item.keywords and host_gpu.kind != "none":  # it asserts what a GPU-less host reports
+            item.add_marker(pytest.mark.skip(reason=f"asserts a host without a GPU; this one has {host_gpu.name}"))
+        if "gpu" in item.keywords:
+            reason = reasons["trt_runtime" if "trt_runtime" in item.keywords else "trtllm"]
+            if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 

@@ -142,7 +142,7 @@ LAYERS = {
     # what works on artifacts: manifests, eval, the guard's classifier, SAE features
     "trt_gemma.manifest": 9, "trt_gemma.eval": 9, "trt_gemma.safety": 9, "trt_gemma.scope": 9,
     # the bundle (plan -> quantize/convert -> quality -> manifest -> engine)
-    "trt_gemma.build": 10,
+    "trt_gemma.build": 10, "trt_gemma.check": 10,
     # the public entry points
     "trt_gemma.stages": 11, "trt_gemma.api": 11,
     "trt_gemma.serve": 12, "trt_gemma.deploy": 12,

@@ -80,3 +80,10 @@ def test_setup_script_passes_shellcheck():
     proc = subprocess.run([_tool("shellcheck"), "--severity=style", str(SETUP)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_installs_cuda_python_for_its_cuda_major():
+    """The TensorRT runtime's device memory goes through cuda-python, whose major must match the base's CUDA."""
+    text = DOCKERFILE.read_text()
+    assert "cuda-python>=12.6,<13" in text and "cuda-python>=13,<14" in text and '"${JETPACK}" = 6' in text
+    assert "from cuda.bindings import runtime" in text

@@ -230,6 +230,7 @@ def test_tegrastats_thor_fragment():
 
 # ---- NVML and process ---------------------------------------------------------------------------------------------
 
+@pytest.mark.no_gpu
 def test_nvml_absent_is_reported_not_raised():
     """This host has nvidia-ml-py but no NVIDIA driver: nvmlInit raises NVMLError_LibraryNotFound for real."""
     with pytest.raises(pynvml.NVMLError_LibraryNotFound):

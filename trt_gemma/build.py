@@ -301,6 +301,9 @@ def tensorrt_route(bundle_dir: str | Path, *, force: bool = False, require: bool
     manifest, t, recipe = read_bundle(bundle)
     status = build_route(bundle, recipe, t, force=force, require=require, log=log)
     manifest["tensorrt"] = {k: v for k, v in status.items() if k != "on_target"}
+    if status["engine"]:  # the builder's I/O record at a key of its own (the runtime and inspect read it), not twice
+        manifest["tensorrt"]["engine"] = {k: v for k, v in status["engine"].items() if k != "io"}
+        manifest["tensorrt"]["io"] = status["engine"]["io"]
     mf.write_manifest(bundle, manifest)
     return status
 

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cache": ("trt_gemma.commands.cache", "cache", "List or prune the cache of converted models (ls, prune)."),
     "export-triton": ("trt_gemma.commands.export_triton", "export_triton",
                       "Triton Inference Server repository (TensorRT-LLM backend) + Kubernetes manifests."),
+    "check": ("trt_gemma.commands.check", "check", "Check a bundle's engine on its GPU against onnxruntime CPU."),
     "serve": ("trt_gemma.commands.serve", "serve", "OpenAI-compatible server with memory telemetry."),
     "telemetry": ("trt_gemma.commands.serve", "telemetry", "Memory, power and KV-cache telemetry snapshot."),
     "moderate": ("trt_gemma.commands.moderate", "moderate", "ShieldGemma safety scores for a prompt (and response)."),

@@ -59,3 +59,25 @@ class ResourceError(TrtGemmaError):
     """The host lacks memory or another resource for the job (an override flag exists)."""
 
     exit_code = 3
+
+
+class DeviceError(TrtGemmaError):
+    """A CUDA or TensorRT call failed on the device. Names the call and the error it returned."""
+
+    exit_code = 5
+
+
+class EngineMismatchError(InputError):
+    """A serialized engine was built for another TensorRT, another GPU, or another graph than the one found here."""
+
+
+class NeedsDeviceError(DependencyError):
+    """A device-only command on a host without the device (`trt-gemma check` without a GPU): what it needs."""
+
+    exit_code = 2
+
+
+class MismatchError(TrtGemmaError):
+    """A check found results that differ from their oracle beyond tolerance (the report names each)."""
+
+    exit_code = 1

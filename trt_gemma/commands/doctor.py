@@ -22,6 +22,9 @@ EXTRAS = {
     "onnx": {"onnx": "onnx", "onnxruntime": "onnxruntime", "ml_dtypes": "ml_dtypes"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus-client": "prometheus_client"},
     "gpu": {"tensorrt-llm": "tensorrt_llm"},
+    # the TensorRT route's runtime: device memory and streams (runtime/cuda_memory.py); TensorRT itself is listed
+    # under the engine builders (JetPack's python3-libnvinfer or the tensorrt wheel; tensorrt-rtx on RTX)
+    "tensorrt": {"onnx": "onnx", "polygraphy": "polygraphy", "cuda-python": "cuda"},
 }
 # How to install an extra where `pip install 'trt-gemma[extra]'` does not work: PyPI has only a stub sdist for
 # tensorrt-llm; the wheels are on NVIDIA's index (TensorRT-LLM 1.0 docs, installation/linux.html: CUDA toolkit and
@@ -75,7 +78,10 @@ def report() -> dict:
             reasons.append(no_gpu or "no NVIDIA GPU found by NVML")
         can[cap] = {"ok": not reasons, "why": "; ".join(reasons) or None}
     from trt_gemma.engine.build import available_builders, onnxruntime_providers
+    from trt_gemma.runtime.tensorrt import unavailable_reason
 
+    why = unavailable_reason()
+    can["run TensorRT engines"] = {"ok": why is None, "why": why}
     return {"trt_gemma": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "core": {d: _package(d, m) for d, m in CORE.items()}, "extras": extras, "extras_ok": extra_ok,
             "stale_pynvml": stale_pynvml(), "device": detect().to_dict(), "can": can,
@@ -110,4 +116,4 @@ def _render(r: dict) -> None:
     console.print(escape(render_builders(r["builders"], r["onnxruntime_providers"])))
     for cap, v in r["can"].items():
         mark = "[green]yes[/]" if v["ok"] else "[red]no[/]"
-        console.print(f"  {cap:14s} {mark}" + ("" if v["ok"] else f"  - {escape(v['why'])}"))
+        console.print(f"  {cap:20s} {mark}" + ("" if v["ok"] else f"  - {escape(v['why'])}"))

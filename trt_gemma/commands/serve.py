@@ -79,11 +79,13 @@ IN_VOLUME = ("guard", "guard_thresholds")  # local paths: copied into the models
 @click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
               show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
                                       "numpy reference.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime's execution provider: CUDA or TensorRT need onnxruntime-gpu (docs/jetson.md).")
 @click.pass_context
 def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metrics_auth, max_queue, max_concurrency,
           model_name, stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout,
           exit_on_load_failure, print_k8s, guard, guard_mode, guard_response, guard_thresholds, guard_max_queue,
-          backend):
+          backend, device):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.deploy.k8s import print_serve_manifests
@@ -110,7 +112,7 @@ def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metri
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
                keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
                exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg,
-               backend=backend)
+               backend=backend, device=device)
 
 
 def require_auth(host: str, key: str | None, insecure_no_auth: bool) -> None:

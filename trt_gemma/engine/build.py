@@ -35,7 +35,7 @@ from typing import Callable
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir
 from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, check_recipe,  # noqa: F401
-                                    recipe_precisions, refusal, route)
+                                    numpy_dtype, recipe_precisions, refusal, route)
 from trt_gemma.targets import Target, sm_str
 
 TIMING_CACHE = "tensorrt.timing.cache"  # at the bundle root, so a --force rebuild of the engine keeps it
@@ -115,6 +115,7 @@ class EngineBuild:
     warnings: list = field(default_factory=list)
     precisions: list = field(default_factory=list)  # the recipe's, as checked against the builder
     activation_dtype: str | None = None  # what the graph computes in (its float inputs: the KV cache)
+    io: dict = field(default_factory=dict)  # io_record: what the builder saw; the runtime checks the engine against it
 
     def to_dict(self) -> dict:
         return {"engine_path": str(self.engine_path), "builder": self.builder, "builder_version": self.builder_version,
@@ -122,7 +123,8 @@ class EngineBuild:
                                             for k, p in self.profiles.items()},
                 "engine_bytes": self.engine_bytes, "build_seconds": self.build_seconds,
                 "timing_cache": self.timing_cache, "onnx": self.onnx, "check_commands": self.check_commands,
-                "warnings": self.warnings, "precisions": self.precisions, "activation_dtype": self.activation_dtype}
+                "warnings": self.warnings, "precisions": self.precisions, "activation_dtype": self.activation_dtype,
+                "io": self.io}
 
 
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
@@ -161,13 +163,13 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, 
     t0 = time.time()
     out = Path(out_dir)
     with atomic_output_dir(out, force) as tmp:
-        blob, cache_out = _compile(b, Path(onnx_path), sm, profs, cache_in)
+        blob, cache_out, io = _compile(b, Path(onnx_path), sm, profs, cache_in)
         (tmp / ENGINE_FILE).write_bytes(blob)
         seconds = round(time.time() - t0, 2)
         result = EngineBuild(out / ENGINE_FILE, b.name, version, sm_str(sm), profs, len(blob), seconds,
                              str(cache_path) if cache_path else None, str(onnx_path),
                              _check_commands(onnx_path, check_onnx, out, inputs, lim, b.name, warnings), warnings,
-                             list(precisions), DTYPE_NAMES[graph_float_dtype(inputs)])
+                             list(precisions), DTYPE_NAMES[graph_float_dtype(inputs)], io)
         (tmp / "manifest.json").write_text(json.dumps({"kind": "tensorrt-engine", "target": t.name,
                                                         **result.to_dict()}, indent=2) + "\n")
     if cache_path is not None and cache_out:
@@ -211,7 +213,7 @@ def _build_sm(b: Builder, t: Target) -> tuple[int, list[str]]:
                      f"(SM {sm_str(t.sm)}): it runs on SM {sm_str(host.sm)} only"]
 
 
-def _collecting_logger(trt):
+def collecting_logger(trt):
     class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
@@ -224,9 +226,26 @@ def _collecting_logger(trt):
     return _Logger()
 
 
-def _compile(b: Builder, onnx_path: Path, sm: int, profs: dict, cache_in: bytes) -> tuple[bytes, bytes]:
+def io_record(network, profiles: dict) -> dict:
+    """Each I/O tensor's name, dtype and shape (-1: dynamic) as the parsed network has them, and each profile's
+    [min, opt, max] per dynamic input as read back from the builder's profile objects. A serialized engine cannot be
+    opened without a GPU (deserialization needs CUDA), so this record, written where the engine is built, is what the
+    runtime checks the engine against at load (runtime/engine_plan.io_mismatches) and what `inspect` shows."""
+    tensors = []
+    for getter, count, is_input in ((network.get_input, network.num_inputs, True),
+                                    (network.get_output, network.num_outputs, False)):
+        for i in range(count):
+            t = getter(i)
+            tensors.append({"name": t.name, "dtype": numpy_dtype(t.dtype), "shape": [int(d) for d in t.shape],
+                            "is_input": is_input})
+    return {"tensors": tensors,
+            "profiles": {name: {n: [[int(d) for d in s] for s in profile.get_shape(n)] for n in names}
+                         for name, (profile, names) in profiles.items()}}
+
+
+def _compile(b: Builder, onnx_path: Path, sm: int, profs: dict, cache_in: bytes) -> tuple[bytes, bytes, dict]:
     trt = importlib.import_module(b.name)
-    logger = _collecting_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     for name in b.network_flags:
@@ -253,18 +272,21 @@ def _compile(b: Builder, onnx_path: Path, sm: int, profs: dict, cache_in: bytes)
     if b.timing_cache:
         cache = config.create_timing_cache(cache_in)
         config.set_timing_cache(cache, False)
-    for shapes in profs.values():
+    made = {}
+    for prof_name, shapes in profs.items():
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
+        made[prof_name] = (profile, list(shapes))
+    io = io_record(network, made)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise InputError(f"{b.name} failed to build an engine for SM {sm_str(sm)} from {onnx_path}: "
                          f"{_first(logger.errors)}", fix="check the recipe's precisions against this SM "
                                                          "(trt-gemma plan) and the graph's operators")
     cache_out = bytes(memoryview(config.get_timing_cache().serialize())) if cache is not None else b""
-    return bytes(memoryview(blob)), cache_out
+    return bytes(memoryview(blob)), cache_out, io
 
 
 def _first(errors: list[str], n: int = 2) -> str:
@@ -364,7 +386,11 @@ def tensorrt_route(bundle: Path, recipe, t: Target, *, force: bool = False, requ
     status: dict = {"builder": b.name, "route": why, "onnx": None, "engine": None, "reason": None,
               "on_target": [f"trt-gemma build --from-bundle {shlex.quote(str(bundle))} --engine tensorrt"]}
     try:
-        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log, activations=recipe.dtype,
+        from trt_gemma.engine.plan import engine_activations
+
+        # never float32: its engine would be larger than the weights (the embedding folded to fp32)
+        onnx_path = export_onnx_for_bundle(bundle, recipe.max_seq_len, log,
+                                           activations=engine_activations(recipe.dtype, t.sm),
                                            lm_head=recipe.lm_head_quant)
         status["onnx"] = str(onnx_path)
         check = _check_graph(bundle, onnx_path, recipe, log)

@@ -38,12 +38,12 @@ def lm_head_bytes(cfg, recipe, variant: str) -> int:
     return FORMATS[LM_HEAD_FORMATS[variant]].engine_bytes(cfg.vocab_size, cfg.hidden_size, LM_HEAD_GROUP)
 
 
-def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
+def profile_activations(cfg, recipe, act_dtype: str | None = None) -> dict[str, dict[str, int]]:
     """Activation bytes per profile (prefill: its prompts of max_input_len tokens; decode: max_batch_size tokens)
-    by class [INF]."""
+    by class [INF], in `act_dtype` (the route's, `engine_activations`; default the recipe's)."""
     from trt_gemma.engine.profiles import Limits
 
-    act = FLOAT_BYTES[recipe.dtype]
+    act = FLOAT_BYTES[act_dtype or recipe.dtype]
     limits = Limits.from_recipe(recipe)
     n, s = recipe.max_input_len, recipe.max_seq_len
     out = {}
@@ -57,16 +57,21 @@ def profile_activations(cfg, recipe) -> dict[str, dict[str, int]]:
 
 
 def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: dict) -> dict:
-    """Memory by class against the target, and the decode roofline with and without lm_head quantized. plan.py passes
-    its own weight bytes, KV bytes per token and runtime overhead (this module sits below it) and judges the total
-    with its one fit rule when the recipe builds this route."""
+    """Memory by class against the target, the decode roofline with and without lm_head quantized, and the engine
+    build's own peak memory (`build`). plan.py passes its own weight bytes, KV bytes per token and runtime overhead
+    (this module sits below it) and judges the total with its one fit rule when the recipe builds this route."""
+    from trt_gemma.engine.rules import route
+
     selected = {"none": "float"}.get(recipe.lm_head_quant, recipe.lm_head_quant)
     # the route's graph holds the embedding and, with lm_head_quant, a quantized head beside it (no float copy)
     w = dict(weights)
     if selected != "float":
         w["total"] = weights["total"] - weights["lm_head"] + lm_head_bytes(cfg, recipe, selected)
+    act_dtype = engine_activations(recipe.dtype, target.sm)
+    table = cfg.vocab_size * cfg.hidden_size * FLOAT_BYTES[act_dtype]
+    build = build_plan(w["total"], table, act_dtype, target, on_device=not route(target)[0].targets_sm)
     kv = 2 * recipe.max_batch_size * recipe.max_seq_len * kv_tok
-    acts = profile_activations(cfg, recipe)
+    acts = profile_activations(cfg, recipe, act_dtype)
     act_peak = max(p["total"] for p in acts.values())
     total = w["total"] + kv + act_peak + sum(overhead.values())
     usable = target.usable_bytes
@@ -79,12 +84,13 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
                              "tok_s_context_0": round(target.bandwidth_gbs * 1e9 / read, 1),
                              f"tok_s_context_{recipe.max_seq_len}":
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
-    assumes = (f"KV and activations in {recipe.dtype}, as the route exports the graph; float32 logits of the last "
+    assumes = (f"KV and activations in {act_dtype}, as the route exports the graph; float32 logits of the last "
                "position; a float32-activation export would double KV and activations")
     return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
             "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,
-            "usable_bytes": usable, "lm_head": selected, "lm_head_roofline": roofline}
+            "usable_bytes": usable, "lm_head": selected, "lm_head_roofline": roofline,
+            "activation_dtype": act_dtype, "build": build}
 
 
 def render_lines(t: dict, dtype: str) -> list[str]:
@@ -103,4 +109,65 @@ def render_lines(t: dict, dtype: str) -> list[str]:
         parts.append(f"{names[variant]} ({r['lm_head_bytes'] / 1e9:.2f} of {r['read_bytes_per_token'] / 1e9:.2f} GB "
                      f"read/token){mark}: {r['tok_s_context_0']:g} tok/s ({r[ctx]:g} at {ctx.rsplit('_', 1)[1]})")
     lines.append("decode roofline, batch 1, by lm_head: " + "; ".join(parts))
+    b = t.get("build")
+    if b:
+        where = (f"on the device: {b['peak_bytes'] / g:.2f} of {b['usable_bytes'] / g:.2f} GiB, {b['verdict']}"
+                 if b["usable_bytes"] else f"{b['peak_bytes'] / g:.2f} GiB of host RAM where it is built")
+        lines.append(f"engine build peak memory (predicted): {where}")
+        lines += [f"  remedy: {r}" for r in b["remedies"]]
     return lines
+
+
+
+# --- the engine build's own memory ---------------------------------------------------------------------------------
+# Peak RSS of the TensorRT builder (parse + build + serialize) against the bytes of the graph's weights, measured
+# with the real tensorrt-rtx 1.7 builder (CPU host, SM 8.9) on synthetic Gemma-2-2B-shaped INT4-AWQ graphs with
+# float16 activations and an int4 lm_head (benchmarks/build_memory.py; docs/engines.md has the table):
+#   0.27 GB of weights -> 1.02 GB peak; 1.08 GB -> 3.17 GB; 2.42 GB -> 8.2 GB (the full 2B shape).
+# A line through the origin's side of all three: peak <= 3.4 x weights + 0.3 GB (over by 4-26%, never under).
+# float32 activations fold the bf16 embedding into an fp32 constant: the 2B build went from 8.2 to 9.7 GB, ~1.3x the
+# table's fp16 bytes more.
+BUILD_PER_WEIGHT_BYTE = 3.4
+BUILD_FIXED = 300 * 10**6
+BUILD_FP32_TABLE = 1.3
+BUILD_REMEDIES = (
+    ("swap", "add swap on NVMe (sudo jetson/setup.sh --swap-dir /mnt/nvme --swap-gb 16): the builder's host "
+             "memory pages out; CUDA allocations stay resident"),
+    ("headless", "stop the desktop and other processes first (jetson/setup.sh --headless)"),
+    ("workspace", "cap the tactic workspace: IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes) "
+                  "(TensorRT >= 8.4; JetPack 6 has 10.3)"),
+    ("optimization_level", "build at a lower IBuilderConfig.builder_optimization_level (TensorRT >= 8.6; default 3): "
+                           "fewer tactics timed, less scratch"),
+    ("float16", "export with float16 activations (the route does unless the recipe's dtype is bfloat16): float32 "
+                "folds the embedding into an fp32 constant"),
+)
+
+
+def engine_activations(dtype: str, sm: int) -> str:
+    """The activation dtype the TensorRT route exports: the recipe's, except float32, which becomes float16 where the
+    GPU has fp16 (every TensorRT target: SM >= 5.3) -- a float32 graph makes an engine larger than its weights (the
+    bf16 embedding folded to fp32: 3.47 GB from 2.42 GB on the 2B shape, against 2.55 GB in float16)."""
+    return "float16" if dtype == "float32" and sm >= 53 else dtype
+
+
+def build_memory(weights_bytes: int, activations: str, table_bytes: int = 0) -> dict:
+    """Predicted peak host memory of building an engine from a graph holding `weights_bytes` (`table_bytes`: its
+    float embedding, which a float32 graph doubles)."""
+    extra = int(BUILD_FP32_TABLE * table_bytes) if activations == "float32" else 0
+    return {"peak_bytes": int(BUILD_PER_WEIGHT_BYTE * weights_bytes) + BUILD_FIXED + extra,
+            "basis": "tensorrt-rtx 1.7 builder measured on 0.27 / 1.08 / 2.42 GB INT4 graphs (docs/engines.md)"}
+
+
+def build_plan(weights_bytes: int, table_bytes: int, activations: str, target, on_device: bool) -> dict:
+    """The on-device build's peak against the module's memory, and what to do where it does not fit. A builder that
+    targets an SM from any host (TensorRT-RTX) builds off the device, so only the host RAM it needs is reported."""
+    m = build_memory(weights_bytes, activations, table_bytes)
+    judged = on_device and target.unified  # a dGPU host's RAM is not the card's memory: no verdict there
+    out = {**m, "on_device": on_device, "usable_bytes": target.usable_bytes if judged else None,
+           "verdict": None, "remedies": []}
+    if judged:
+        out["verdict"] = "fits" if m["peak_bytes"] <= target.usable_bytes else "exceeds memory"
+        if out["verdict"] != "fits":
+            out["remedies"] = [text for key, text in BUILD_REMEDIES
+                               if key != "float16" or activations == "float32"]
+    return out

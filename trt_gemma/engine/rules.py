@@ -40,6 +40,17 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
+# TensorRT DataType member name -> numpy dtype name: how the build record and the runtime's TensorSpec spell dtypes
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+              "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8_e4m3fn", "INT4": "int4"}
+
+
+def numpy_dtype(trt_dtype) -> str:
+    """A TensorRT DataType (enum member or its name) as a numpy dtype name."""
+    name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1]
+    return TRT_DTYPES.get(name, name.lower())
+
+
 @dataclass(frozen=True)
 class Route:
     families: frozenset[str]  # Target.family values; empty = any

@@ -73,16 +73,27 @@ def detect_kind(path: Path) -> str:
 
 
 def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | None = None,
-                 backend: str = "auto") -> Backend:
-    """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
+                 backend: str = "auto", device: str = "cpu") -> Backend:
+    """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency);
+    `device` is onnxruntime's (cpu, cuda, tensorrt: runtime/providers.py)."""
     path = Path(model_path)
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
+    if device != "cpu" and backend not in ("auto", "onnxruntime"):
+        raise ConfigError(f"--device {device} is onnxruntime's; --backend {backend} does not take it",
+                          fix="use --backend onnxruntime")
     kind = detect_kind(path)
     if kind == "bundle":
+        if device != "cpu" and (path / "onnx" / "trt_gemma_onnx.json").is_file():
+            # on the GPU, the bundle's own graph with its recipe's profiles (TensorRT EP caches kept in the bundle)
+            from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
+            from trt_gemma.runtime.providers import bundle_limits
+
+            return OnnxRuntimeBackend.load(path / "onnx", slots=slots, source=path, device=device,
+                                           limits=bundle_limits(path))
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
-            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend)
-        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend)
+            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device)
+        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device)
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.runtime.trtllm import TrtLlmBackend
 
@@ -96,13 +107,14 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
                              fix="pass the checkpoint it was exported from, or use --backend onnxruntime")
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.load(path, slots=slots)
+        return OnnxRuntimeBackend.load(path, slots=slots, device=device)
     if kind == "hf":
         path = ensure_converted(path, cache_dir)
-    if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
+    if backend == "onnxruntime" or (backend == "auto" and (onnxruntime_available() or device != "cpu")):
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
-        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path)
+        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path,
+                                                  device=device)
     else:
         from trt_gemma.runtime.reference import ReferenceBackend
 

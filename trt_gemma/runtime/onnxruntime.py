@@ -69,7 +69,7 @@ class OrtModel:
     """An exported graph in an onnxruntime session. Thread-safe: the session is shared, caches are per call."""
 
     def __init__(self, path: Path, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list | None = None, ort_device: str = "cpu"):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -97,6 +97,7 @@ class OrtModel:
         self.session = ort.InferenceSession(str(self.path / man["model_file"]),
                                             session_options(accuracy_level, threads),
                                             providers=providers or ["CPUExecutionProvider"])
+        self.ort_device = ort_device  # where present KV stays between steps ("cuda": on the GPU, runtime/providers.py)
         self.inplace = m.get("kv_cache", "concat") == "inplace"
         self.all_logits = m.get("logits", "all") == "all"  # exports before the option returned every position
         self._past = [n for n in man["inputs"] if n.startswith("past_key_values.")]
@@ -138,7 +139,7 @@ class OrtModel:
             binding.bind_ortvalue_input(name, self._empty if cache.values is None else cache.values[i])
         binding.bind_output("logits", "cpu")
         for name in self._present:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, self.ort_device)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         cache.values = outs[1:]  # stays inside onnxruntime: next step's past
@@ -212,12 +213,18 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
-             accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> "OnnxRuntimeBackend":
-        """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path)."""
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu", limits=None) -> "OnnxRuntimeBackend":
+        """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path);
+        `device`: cpu, cuda or tensorrt (runtime/providers.py picks the execution providers, the TensorRT EP's
+        profiles from `limits`)."""
+        from trt_gemma.runtime.providers import for_export
         from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
         path = Path(path)
-        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads())
+        choice = None if device == "cpu" else for_export(device, path, slots, limits)
+        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads(),
+                         providers=list(choice.providers) if choice else None,
+                         ort_device=choice.ort_device if choice else "cpu")
         c = model.config
         shown = Path(source) if source is not None else path
         info = ModelInfo(name=shown.name, path=str(shown), context_length=c.max_position_embeddings,

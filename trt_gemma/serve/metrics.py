@@ -7,7 +7,8 @@ TRT-LLM's collector copies), unprefixed as NIM exports them, each with a `model_
   prompt_tokens_total, generation_tokens_total, request_success_total{finished_reason},
   request_error_total{http_code}                                          counters
 plus ours:
-  memory_bytes{kind}   kind = weights | kv_cache | device_used | device_total | host_rss | unified_available
+  memory_bytes{kind}   kind = weights | kv_cache | device_used | device_total | host_rss | unified_available |
+                       engine | activations (device runtimes)
                        (definitions in telemetry/snapshot.py; a kind this host cannot measure is omitted, never 0)
 Gauges are computed at scrape time; nothing is drained by reading.
 """

@@ -10,6 +10,10 @@ Reading is side-effect free (nothing is drained, unlike trtllm-serve's /metrics)
   host_rss          this process's resident set
   unified_available Jetson only: MemAvailable (not MemFree, which counts reclaimable page cache as used)
   guard_weights     bytes of the safety guard's weights (`serve --guard`, serve/guard.py); absent without a guard
+  engine            a device runtime's deserialized engine (TensorRT: measured around deserialization)
+  activations       a device runtime's context and step buffers
+  (engine, activations and a device kv_cache come from the backend's `device_memory()` where it has one: the
+  TensorRT executor's `memory_bytes()`, its real allocations)
 
 A kind whose source is absent is "unavailable" (the Prometheus collector then omits it rather than exporting 0).
 """
@@ -26,7 +30,7 @@ from trt_gemma.telemetry.nvml import read_nvml
 from trt_gemma.telemetry.process import read_process
 
 MEMORY_KINDS = ("weights", "kv_cache", "device_used", "device_total", "host_rss", "unified_available",
-                "guard_weights")
+                "guard_weights", "engine", "activations")
 
 
 def snapshot(backend=None, root: Path = Path("/")) -> dict[str, Any]:
@@ -48,7 +52,8 @@ def snapshot(backend=None, root: Path = Path("/")) -> dict[str, Any]:
 
 def _model(backend) -> dict[str, Any]:
     mem, kv = backend.memory(), backend.kv_usage()
-    return {
+    device = getattr(backend, "device_memory", None)
+    return {"device_memory": device() if device else None,
         "backend": backend.name, "name": backend.info.name, "context_length": backend.info.context_length,
         "weights_bytes": mem.weights_bytes,
         "kv_cache": {"capacity_tokens": kv.capacity_tokens, "used_tokens": kv.used_tokens,
@@ -63,6 +68,8 @@ def _memory_summary(snap: dict[str, Any]) -> dict[str, Any]:
     if "model" in snap:
         out["weights"] = snap["model"]["weights_bytes"]
         out["kv_cache"] = snap["model"]["kv_cache"]["used_bytes"]
+        for kind, nbytes in (snap["model"]["device_memory"] or {}).items():  # allocated on the device, by kind
+            out[kind] = nbytes
     devices = snap["nvml"].get("devices") or []
     if devices and "memory" in devices[0]:
         out["device_used"] = devices[0]["memory"]["used"]
