@@ -31,6 +31,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.safe_io import copy_in
 from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
 from trt_gemma.checkpoint.quant_block import with_shared_embedding
@@ -330,7 +331,7 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
         seconds = time.time() - t0
         for name in TOKENIZER_FILES:
             if (bundle / "checkpoint" / name).is_file():
-                shutil.copy2(bundle / "checkpoint" / name, tmp / name)
+                copy_in(bundle / "checkpoint", name, tmp / name)
         engine_bytes = sum(f.stat().st_size for f in tmp.glob("rank*.engine"))
         manifest["tools"] = mf.tool_versions()
         manifest["engine"] = {"status": "compiled", "reason": None, "dir": "engine", "gpu": host.name,

@@ -22,9 +22,7 @@ Checking a written repository: trt_gemma.deploy.inspect.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +30,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
+from trt_gemma.safe_io import copy_in
 from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.deploy.models import ENSEMBLE_STEPS, Raw, parameters, tensors, to_pbtxt
 
@@ -268,19 +267,13 @@ def model_configs(v: dict) -> dict[str, dict]:
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Engines are GBs: hard-link when OUT is on the bundle's filesystem, copy otherwise."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _copy_tree(src: Path, dst: Path, names=None) -> None:
+    """The regular files of `src` (checked under it: safe_io.copy_in), hard-linked when OUT is on the bundle's
+    filesystem (engines are GBs), copied otherwise."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (names is None or f.name in names):
-            _link_or_copy(f, dst / f.name)
+            copy_in(src, f.name, dst / f.name, link=True, fix="copy the bundle again from where it was built")
 
 
 def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, instances: int = DEFAULT_INSTANCES,
