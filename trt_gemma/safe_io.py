@@ -61,14 +61,16 @@ def _inside(real: Path, base: Path) -> bool:
     return real == base or base in real.parents
 
 
-def resolve_in(root: str | os.PathLike, name: str | os.PathLike, fix: str = DEFAULT_FIX) -> Path:
+def resolve_in(root: str | os.PathLike, name: str | os.PathLike, fix: str = DEFAULT_FIX,
+               source: str | os.PathLike | None = None) -> Path:
     """`root/name` with every link resolved, refused (InputError) when `name` is absolute or has a `..` part, or when
-    it resolves outside `root`, through a link loop or a dangling link. A missing plain entry is returned unresolved
-    (callers test is_file() and say what is missing in their own words)."""
+    it resolves outside `root`, through a link loop or a dangling link. `source`: the file the name was read from
+    (named in the error). A missing plain entry is returned unresolved (callers test is_file() and say what is
+    missing in their own words)."""
     root, rel = Path(root), PurePath(name)
     if rel.is_absolute() or ".." in rel.parts or str(name) == "":
-        raise InputError(f"{root}: the name {str(name)!r} leaves the directory (absolute, empty or with '..')",
-                         fix=f"names inside an artifact are relative and stay under it; {fix}")
+        raise InputError(f"{source or root}: the name {str(name)!r} leaves the directory {root} (absolute, empty or "
+                         "with '..')", fix=f"names inside an artifact are relative and stay under it; {fix}")
     base, path = _real_root(root, fix), root / rel
     try:
         real = Path(os.path.realpath(path, strict=True))
@@ -121,7 +123,7 @@ def open_in(path: str | os.PathLike, root: str | os.PathLike | None = None, fix:
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise InputError(f"{path} not found", fix=fix) from None
+        raise InputError(f"cannot read {path}: no such file", fix=fix) from None
     except OSError as e:
         raise _os_refusal(path, e, fix) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end

@@ -57,7 +57,9 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     # a local dir may be a bundle; a hub id is left to the planner, which fetches its config.json only
     if spec not in PRESETS and spec != "default" and path.is_dir():
         from trt_gemma.runtime.backends import detect_kind
+        from trt_gemma.safe_io import check_tree
 
+        check_tree(path)  # a refused entry is the answer, not "no weights" below
         try:
             kind = detect_kind(path)
         except InputError:  # no weights beside config.json: planning needs the config only (the planner checks it)

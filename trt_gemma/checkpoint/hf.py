@@ -200,14 +200,14 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None, dict[str, str] |
         return [path / SINGLE_FILE], None, None
     try:
         weight_map = read_json(index, fix=f"re-download {INDEX_FILE}")["weight_map"]
-    except (KeyError, TypeError):
+    except (InputError, KeyError, TypeError):  # InputError: not JSON, too large or too deep (safe_io caps)
         weight_map = None
     # checked explicitly, not with `assert` (user input; asserts vanish under python -O)
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index} is not a valid safetensors index (needs a weight_map of tensor -> file)",
                          fix=f"re-download {INDEX_FILE}")
     named = sorted(set(weight_map.values()))
-    absent = [n for n in named if not resolve_in(path, n, fix=f"re-download {INDEX_FILE}").is_file()]
+    absent = [n for n in named if not resolve_in(path, n, f"re-download {INDEX_FILE}", source=index).is_file()]
     if absent:
         raise InputError(f"{index} names shard file(s) that do not exist: {', '.join(absent)}",
                          fix="the download is incomplete; re-download the missing shard(s)")

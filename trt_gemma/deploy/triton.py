@@ -267,13 +267,14 @@ def model_configs(v: dict) -> dict[str, dict]:
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
-def _copy_tree(src: Path, dst: Path, names=None) -> None:
-    """The regular files of `src` (checked under it: safe_io.copy_in), hard-linked when OUT is on the bundle's
-    filesystem (engines are GBs), copied otherwise."""
+def _copy_tree(bundle: Path, src: Path, dst: Path, names=None) -> None:
+    """The files of `src`, a folder of `bundle` (each checked under the bundle: safe_io.copy_in), hard-linked when OUT
+    is on the bundle's filesystem (engines are GBs), copied otherwise."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (names is None or f.name in names):
-            copy_in(src, f.name, dst / f.name, link=True, fix="copy the bundle again from where it was built")
+            copy_in(bundle, f.relative_to(bundle), dst / f.name, link=True,
+                    fix="copy the bundle again from where it was built")
 
 
 def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, instances: int = DEFAULT_INSTANCES,
@@ -310,9 +311,9 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
                                                       + to_pbtxt(cfg) + "\n")
         if log:
             log(f"linking/copying the engine ({mf.dir_bytes(engine) / 2**30:.2f} GiB)")
-        _copy_tree(engine, tmp / "tensorrt_llm" / "1" / "engine")
+        _copy_tree(bundle, engine, tmp / "tensorrt_llm" / "1" / "engine")
         tok_src = bundle / "checkpoint" if (bundle / "checkpoint" / "tokenizer.json").is_file() else engine
-        _copy_tree(tok_src, tmp / "tensorrt_llm" / "1" / "tokenizer", TOKENIZER_FILES)
+        _copy_tree(bundle, tok_src, tmp / "tensorrt_llm" / "1" / "tokenizer", TOKENIZER_FILES)
         record = {"format": "trt_gemma.triton/1", "created_utc": mf.now_utc(), "bundle": str(bundle.resolve()),
                   "model": (manifest.get("model") or {}).get("id"), "target": (manifest.get("target") or {}).get("name"),
                   "trtllm_version": version, "tp": engine_tp, "values": values, "triton_image": image or None,

@@ -427,6 +427,6 @@ def read_manifest(onnx_dir: Path) -> dict:
     if not all(isinstance(n, str) for n in man["inputs"] + man["outputs"]):
         raise InputError(f"{path}: inputs and outputs must be lists of tensor names", fix=fix)
     for name in ("model_file", "data_file"):
-        if not resolve_in(onnx_dir, man[name], fix).is_file():
+        if not resolve_in(onnx_dir, man[name], fix, source=path).is_file():
             raise InputError(f"{path}: {name} {man[name]!r} is not a file in {onnx_dir}", fix=fix)
     return man
