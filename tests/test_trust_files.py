@@ -177,6 +177,25 @@ def test_onnx_graph_linked_from_outside_is_refused(onnx_export, tmp_path, capsys
     assert code == 2 and "model.onnx" in err and "outside" in err, err
 
 
+def test_onnx_weights_named_outside_are_refused(onnx_export, tmp_path, capsys):
+    """The graph's own external-data locations are names read from the artifact too (onnxruntime refuses an escape,
+    but as an internal error)."""
+    import onnx
+
+    shutil.copytree(onnx_export, tmp_path / "other")
+    export = tmp_path / "x"
+    shutil.copytree(onnx_export, export)
+    model = onnx.load(str(export / "model.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../other/model.onnx.data"
+    (export / "model.onnx").write_bytes(model.SerializeToString())
+    code, err = run_cli(["generate", export, "--prompt", "hi", "--max-tokens", "1"], capsys)
+    assert code == 2 and "model.onnx" in err and "leaves the directory" in err, err
+    assert "internal error" not in err
+
+
 def test_hf_index_shard_names_stay_inside(tmp_path):
     from tiny import make_tiny_hf_model
 

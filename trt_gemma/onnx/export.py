@@ -429,4 +429,25 @@ def read_manifest(onnx_dir: Path) -> dict:
     for name in ("model_file", "data_file"):
         if not resolve_in(onnx_dir, man[name], fix, source=path).is_file():
             raise InputError(f"{path}: {name} {man[name]!r} is not a file in {onnx_dir}", fix=fix)
+    _check_external_data(onnx_dir, onnx_dir / man["model_file"], fix)
     return man
+
+
+def _check_external_data(onnx_dir: Path, model_path: Path, fix: str) -> None:
+    """Every weight file the graph names (its initializers' external_data locations) lies inside the export; the
+    graph is read without its weights (KBs to MBs). onnxruntime refuses a location that escapes, but untyped."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # nothing to check with: onnxruntime's own check remains
+        return
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        raise InputError(f"{model_path} is not a readable ONNX model ({e})", fix=fix) from None
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                resolve_in(onnx_dir, entry.value, fix, source=model_path)
