@@ -54,7 +54,7 @@ TEMP_MARKER = ".trt_gemma_tmp.json"  # inside every temp dir we make: its name, 
 PAYLOAD = "payload"                  # the part of an output temp dir that becomes OUT
 # The names of the temp dirs we make (mkdtemp adds 8 characters of [a-z0-9_]): `.<OUT>.tmp-`, `.<OUT>.old-`,
 # `.<OUT>.modelopt-` beside an output, `trt-gemma-<what>-` in the system temp dir. The sweep touches no other name.
-TEMP_NAME = re.compile(r"^(\..+\.(tmp|old|modelopt)|trt-gemma(-[a-z]+)?)-[a-z0-9_]{8}$")
+TEMP_NAME = re.compile(r"^(\..+\.(tmp|old|modelopt)|trt-gemma(-[a-z]+)?)-[a-z0-9_]{8}$", re.S)
 log = logging.getLogger("trt_gemma.fsutil")
 
 
