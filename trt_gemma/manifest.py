@@ -17,6 +17,8 @@ from trt_gemma.safe_io import check_tree, read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "trt_gemma.bundle/1"
+# What readers take from a manifest without looking again: field -> type (checked by read_manifest)
+MANIFEST_FIELDS = {"kind": str, "model": dict, "target": dict, "recipe": dict, "engine": dict}
 UNAVAILABLE = "unavailable"
 NOT_COMPILED = "not compiled"
 # Python distributions whose versions go into a manifest (first installed name wins).
@@ -83,6 +85,11 @@ def read_manifest(path: Path) -> dict:
     if data.get("format") != FORMAT:
         raise InputError(f"{f}: format {data.get('format')!r}, expected {FORMAT!r}",
                          fix="rebuild the bundle with this trt_gemma version (`trt-gemma build --force`)")
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(data.get(name), kind):
+            raise InputError(f"{f}: field {name!r} is {data.get(name)!r}, expected {kind.__name__}", fix=fix)
+    if not isinstance(data["target"].get("name"), str):
+        raise InputError(f"{f}: field 'target.name' is {data['target'].get('name')!r}, expected str", fix=fix)
     return data
 
 

@@ -85,10 +85,11 @@ def _bundle_source(bundle: Path) -> tuple[str, str, dict[str, Any]]:
     its source model need not exist here."""
     from trt_gemma.build import HF_CONFIG
     from trt_gemma.manifest import read_manifest
+    from trt_gemma.safe_io import resolve_in
 
     m = read_manifest(bundle)
     model = m.get("model") or {}
-    config = bundle / str(model.get("config") or HF_CONFIG)
+    config = resolve_in(bundle, str(model.get("config") or HF_CONFIG), source=bundle / "manifest.json")
     if not config.is_file():
         raise InputError(f"{bundle} carries no {config.name} (the source model's config.json, which planning needs): "
                          "it was built by an older trt_gemma", fix="rebuild the bundle (`trt-gemma build --force`), "
