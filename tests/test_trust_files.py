@@ -230,6 +230,20 @@ def test_hub_cache_snapshot_links_into_its_blobs(tmp_path):
         check_tree(snap)
 
 
+def test_bundle_manifest_fields_and_names_are_checked(site, capsys):
+    """A manifest that parses but lacks what readers take from it, or names a file outside the bundle, is a typed
+    error naming the field or the name."""
+    man = json.loads((site / "B" / "manifest.json").read_text())
+    cases = [({k: v for k, v in man.items() if k != "target"}, ["inspect", "B"], "field 'target'"),
+             ({**man, "target": {"title": "x"}}, ["build", "--from-bundle", "B"], "target.name"),
+             ({**man, "model": {**man["model"], "config": "../SECRET.txt"}}, ["plan", "--model", "B"],
+              "leaves the directory")]
+    for data, args, words in cases:
+        (site / "B" / "manifest.json").write_text(json.dumps(data))
+        code, err = run_cli(args, capsys)
+        assert code == 2 and words in err and "manifest.json" in err and "internal error" not in err, (args, err)
+
+
 # --- item 7: --force and the temp sweep reach too far ---------------------------------------------------------------
 
 def test_force_needs_our_schema_not_our_file_name(tiny_model_dir, tmp_path, capsys):
