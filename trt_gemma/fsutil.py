@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from trt_gemma.errors import OutputError, TrtGemmaError
+from trt_gemma.safe_io import read_json
 
 # File inside a directory -> test of its JSON content: a directory holding one that passes was written by this tool
 # and --force may replace it. Each test asks for a field of our own schema, never just the file name (a user's
@@ -60,8 +61,6 @@ log = logging.getLogger("trt_gemma.fsutil")
 
 def is_tool_output(path: Path, markers: dict[str, Callable[[dict], bool]] | None = None) -> bool:
     """Whether `path` holds one of our marker files (a regular file inside it, at most 16 MiB) with our content."""
-    from trt_gemma.safe_io import read_json
-
     for name, test in (markers or OUTPUT_MARKERS).items():
         try:
             data = read_json(Path(path) / name, path)
@@ -155,8 +154,6 @@ def _owner() -> dict:
 def _stale(child: Path, owner: dict) -> dict | None:
     """The marker of `child` when it is a temp dir of ours (its name one we make, and recorded inside) whose owner
     process, on this host since this boot and in this PID namespace, is gone; else None."""
-    from trt_gemma.safe_io import read_json
-
     if not TEMP_NAME.match(child.name) or child.is_symlink() or not child.is_dir():
         return None
     try:
