@@ -349,7 +349,8 @@ def test_cli_build_engine_tensorrt_on_an_rtx_target(tmp_path, capsys):
 def test_cli_from_bundle_tensorrt_refuses_a_non_bundle(tmp_path, capsys):
     from trt_gemma.cli import main
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "trt_gemma.bundle/1", "kind": "engine"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "trt_gemma.bundle/1", "kind": "engine", "model": {},
+                                                        "target": {"name": "rtx-4090"}, "recipe": {}, "engine": {}}))
     with pytest.raises(SystemExit) as e:
         main(["build", "--from-bundle", str(tmp_path), "--engine", "tensorrt"])
     assert e.value.code != 0 and "not a bundle" in capsys.readouterr().err

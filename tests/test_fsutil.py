@@ -67,8 +67,10 @@ def test_force_refuses_a_look_alike_marker(tiny_model_dir, tmp_path):
 
 
 def test_other_commands_records_make_their_outputs_replaceable(tmp_path):
-    """The TensorRT engine build writes manifest.json of kind tensorrt-engine; exports write trt_gemma_<what>.json."""
-    for name, content in (("manifest.json", {"kind": "tensorrt-engine"}), ("trt_gemma_onnx.json", {"opset": 21}),
+    """The TensorRT engine build writes manifest.json of kind tensorrt-engine; exports write trt_gemma_<what>.json,
+    each with a field of our own schema (the file name alone is not enough: test_trust_files)."""
+    for name, content in (("manifest.json", {"kind": "tensorrt-engine", "builder_version": "1.7.1"}),
+                          ("trt_gemma_onnx.json", {"format": "trt_gemma-onnx/1"}),
                           ("trt_gemma_triton.json", {"format": "trt_gemma.triton/1"})):
         d = tmp_path / name
         d.mkdir()
@@ -112,20 +114,23 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _marked(parent: Path, name: str, pid: int, host: str | None = None) -> Path:
+def _marked(parent: Path, name: str, pid: int, **fields) -> Path:
+    """A temp dir as a run of ours leaves it (its marker as fsutil writes it), with `fields` changed."""
+    from trt_gemma.fsutil import _owner
+
     d = parent / name
     (d / PAYLOAD).mkdir(parents=True)
     (d / PAYLOAD / "rank0.safetensors").write_bytes(b"\0" * 1024)
-    (d / TEMP_MARKER).write_text(json.dumps({"tool": "trt_gemma", "pid": pid, "host": host or socket.gethostname()}))
+    (d / TEMP_MARKER).write_text(json.dumps({**_owner(), "name": name, "pid": pid, **fields}))
     return d
 
 
 def test_stale_temp_dirs_are_swept_by_marker_only(tiny_model_dir, tmp_path):
     dead = _dead_pid()
-    stale = _marked(tmp_path, ".ckpt.tmp-dead", dead)
-    live = _marked(tmp_path, ".ckpt.tmp-live", os.getpid())           # a run still going: kept
-    remote = _marked(tmp_path, ".ckpt.tmp-remote", dead, "other-host")  # another host's pid says nothing here
-    lookalike = tmp_path / ".ckpt.tmp-unmarked"                       # our name pattern, no marker: never ours
+    stale = _marked(tmp_path, ".ckpt.tmp-dead0000", dead)
+    live = _marked(tmp_path, ".ckpt.tmp-live0000", os.getpid())                  # a run still going: kept
+    remote = _marked(tmp_path, ".ckpt.tmp-remote00", dead, host="other-host")    # another host's pid says nothing
+    lookalike = tmp_path / ".ckpt.tmp-unmarked"                                  # no marker: never ours
     (lookalike / "payload").mkdir(parents=True)
     (lookalike / "payload" / "precious").write_text("user data")
     convert_checkpoint(tiny_model_dir, tmp_path / "ckpt", show_progress=False)

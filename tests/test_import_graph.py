@@ -126,8 +126,8 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 # unit -> layer, lowest first. Same layer: allowed (the cycle test still applies).
 LAYERS = {
     # base: no stage knowledge
-    "trt_gemma.errors": 0, "trt_gemma.console": 0, "trt_gemma.fsutil": 0, "trt_gemma.gpu_probe": 0,
-    "trt_gemma.assets": 0, "trt_gemma.build_configs": 0,
+    "trt_gemma.errors": 0, "trt_gemma.console": 0, "trt_gemma.fsutil": 0, "trt_gemma.safe_io": 0,
+    "trt_gemma.gpu_probe": 0, "trt_gemma.assets": 0, "trt_gemma.build_configs": 0,
     # hardware: the target table, what this host is, what it measures
     "trt_gemma.targets": 1, "trt_gemma.detect": 1, "trt_gemma.telemetry": 1,
     # the pipeline's stages

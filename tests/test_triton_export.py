@@ -262,7 +262,7 @@ def test_inspect_needs_the_engine(repo, tmp_path):
     x = inspect_repository(broken)
     assert not x["ok"] and "rank0.engine" not in x["engine_files"], x["engine_files"]
     (broken / "trt_gemma_triton.json").write_text("{not json")
-    with pytest.raises(InputError, match="cannot be read as JSON"):
+    with pytest.raises(InputError, match=r"trt_gemma_triton\.json is not valid JSON"):
         inspect_repository(broken)
 
 

@@ -31,6 +31,8 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target, sha256_file
+from trt_gemma.reference.checkpoint import CheckpointConfig
+from trt_gemma.safe_io import copy_in, read_json_object
 from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.detect import resolve_target
 from trt_gemma.checkpoint.quant_block import with_shared_embedding
@@ -228,7 +230,7 @@ def build_bundle(model: str | None = None, target: str | Target | None = "auto",
             (tmp / "quality.json").write_text(json.dumps(quality["report"], indent=2) + "\n")
             (tmp / "quality.md").write_text(quality["markdown"] + "\n")
         write_recipe_toml(tmp / "recipe.toml", recipe, f"trt-gemma build: {name} for {t.name}")
-        shutil.copyfile(model_dir / "config.json", tmp / HF_CONFIG)
+        copy_in(model_dir, "config.json", tmp / HF_CONFIG)
         (tmp / "plan.json").write_text(json.dumps(p.to_dict(), indent=2, default=str) + "\n")
         manifest = bundle_manifest(model, model_dir, ckpt, recipe, p, how, notes, time.time() - t0, t)
         mf.write_manifest(tmp, manifest)
@@ -315,6 +317,7 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
 
     bundle = Path(bundle_dir)
     manifest, t, recipe = read_bundle(bundle)
+    CheckpointConfig.from_file(bundle / "checkpoint" / "config.json")  # typed errors on any host, before the GPU check
     reason = gpu_unavailable_reason()
     if reason:
         raw = shlex.join(trtllm_build_argv(recipe, bundle / "checkpoint", bundle / "engine"))
@@ -330,7 +333,7 @@ def compile_bundle(bundle_dir: str | Path, force: bool = False, gather_context_l
         seconds = time.time() - t0
         for name in TOKENIZER_FILES:
             if (bundle / "checkpoint" / name).is_file():
-                shutil.copy2(bundle / "checkpoint" / name, tmp / name)
+                copy_in(bundle / "checkpoint", name, tmp / name)
         engine_bytes = sum(f.stat().st_size for f in tmp.glob("rank*.engine"))
         manifest["tools"] = mf.tool_versions()
         manifest["engine"] = {"status": "compiled", "reason": None, "dir": "engine", "gpu": host.name,
@@ -372,7 +375,7 @@ def _trtllm_compile(checkpoint_dir: Path, engine_dir: Path, kwargs: dict) -> Non
     from tensorrt_llm.plugin import PluginConfig
 
     limits = {k: v for k, v in kwargs.items() if k != "plugin_config"}
-    world = int(json.loads((checkpoint_dir / "config.json").read_text())["mapping"]["world_size"])
+    world = int(read_json_object(checkpoint_dir / "config.json")["mapping"]["world_size"])
     for rank in range(world):
         plugins = dict(kwargs["plugin_config"])
         plugin_config = (PluginConfig.from_dict(plugins) if hasattr(PluginConfig, "from_dict")

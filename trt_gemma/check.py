@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from trt_gemma.errors import InputError, NeedsDeviceError
+from trt_gemma.safe_io import read_json_object
 
 # Fixed prompts: plain, code, a list, a question; short enough for any recipe's max_input_len.
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Three things to pack for a hike:\n1.",
@@ -168,7 +169,7 @@ def oracle_side(bundle: Path, cache_dir: Path | None = None) -> tuple[Side, str]
     if not man.is_file():
         raise InputError(f"{bundle} has no ONNX graph ({onnx_dir} is missing)",
                          fix=f"trt-gemma build --from-bundle {bundle} --engine tensorrt")
-    act = json.loads(man.read_text())["model"].get("activation_dtype", "float32")
+    act = (read_json_object(man).get("model") or {}).get("activation_dtype", "float32")
     if act in KV_NUMPY:
         return Side("onnxruntime-cpu", OrtModel(onnx_dir, accuracy_level=0)), act
     from trt_gemma.runtime.backends import ensure_onnx
@@ -189,7 +190,7 @@ def check_bundle(bundle: Path, test: Side, max_tokens: int = MAX_TOKENS, cache_d
     oracle, precision = oracle_side(bundle, cache_dir)
     tok = GemmaTokenizer.from_dir(bundle / "checkpoint")
     prompts = [list(tok.encode(p, add_bos=True)) for p in PROMPTS]
-    plan = json.loads((bundle / "plan.json").read_text())
+    plan = read_json_object(bundle / "plan.json")
     report = run_check(test, oracle, prompts, precision=precision, max_batch=recipe.max_batch_size, plan=plan,
                        device_used=device_used_bytes(), max_tokens=max_tokens)
     report["bundle"], report["path"] = str(bundle), str(bundle / "check.json")
@@ -220,9 +221,10 @@ def device_used_bytes() -> int | None:
 
 
 def write_report(bundle: Path, report: dict) -> Path:
-    """BUNDLE/check.json, written whole then renamed (a reader never sees half a report)."""
+    """BUNDLE/check.json, written whole then renamed (a reader never sees half a report; a new temp file, never
+    written through a link placed in the bundle)."""
+    from trt_gemma.fsutil import atomic_write
+
     path = Path(bundle) / "check.json"
-    tmp = path.with_name(".check.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
     return path

@@ -12,7 +12,6 @@ position but the last of a window predicts the next token.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.fsutil import marked_temp_dir
+from trt_gemma.safe_io import read_json_object
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_CONTEXT = 512
@@ -107,7 +107,7 @@ def resolve_baseline(checkpoints: list[Path], baseline: Path | None, work: Path)
         return unquantized[0], "first unquantized checkpoint"
     for ck in checkpoints:
         prov = Path(ck) / "trt_gemma_provenance.json"
-        src = json.loads(prov.read_text()).get("source_path") if prov.is_file() else None
+        src = read_json_object(prov).get("source_path") if prov.is_file() else None
         if src and Path(src).is_dir() and not (Path(src) / "hf_quant_config.json").exists():
             from trt_gemma.checkpoint.convert import convert_checkpoint
 
@@ -139,7 +139,7 @@ def check_baseline(baseline: Path, allow_quantized: bool = False) -> None:
     kind = detect_kind(baseline)
     where = baseline / "checkpoint" if kind == "bundle" else baseline
     if kind == "hf":
-        spec = read_quant_spec(where, json.loads((where / "config.json").read_text()))
+        spec = read_quant_spec(where, read_json_object(where / "config.json"))
         quant = spec and _label(spec.quant_algo, spec.kv_cache_quant_algo)
     elif kind == "trtllm_engine":
         quant = None  # reference_checkpoint refuses engines with its own fix

@@ -6,8 +6,13 @@ Rules every command that writes a directory follows (convert, quantize, build, a
   nor the model being read (or a folder above it); an existing OUT needs --force, and --force only replaces an empty
   directory or one this tool wrote (`is_tool_output`: a provenance or manifest file of ours inside it).
 - `atomic_output_dir` writes into a *marked* temp dir beside OUT and renames its payload into place at the end. The
-  marker records the owner's pid and host; a temp dir whose owner died (SIGKILL, power loss) is swept by the next
-  run that writes beside it (`sweep_stale_temp_dirs`), and only then — never by its name alone.
+  marker records the dir's own name and its owner (pid, host, boot id, PID namespace); a temp dir whose owner died
+  (SIGKILL, power loss) is swept, with a log line, by the next run that writes beside it (`sweep_stale_temp_dirs`),
+  and only then: never by its name alone, never once renamed, never from another host, boot or PID namespace.
+- OUT is never a symbolic link, and nothing is written through one: files are created with O_EXCL | O_NOFOLLOW
+  (mkstemp does) inside a fresh temp dir or beside their destination, then renamed over it (`atomic_write`).
+  Single-file outputs a user names (`features --html FILE`) go through `write_output_file`: an existing file needs
+  --force, a link is refused.
 - SIGTERM is turned into an exception like Ctrl-C (`raise_on_sigterm`, installed by the CLI), so every context
   manager here cleans up on `kill` too.
 - The payload dir is made with `os.mkdir`, which honours the umask (mkdtemp's 0700 would survive the rename and make a
@@ -18,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,36 +35,36 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from trt_gemma.errors import OutputError
+from trt_gemma.errors import OutputError, TrtGemmaError
+from trt_gemma.safe_io import read_json
 
 # File inside a directory -> test of its JSON content: a directory holding one that passes was written by this tool
-# and --force may replace it. convert and quantize write a provenance record ("tool": "trt_gemma convert" /
-# "trt_gemma quantize"); build writes bundle and engine manifests ("format": "trt_gemma.bundle/1"), the TensorRT
-# engine build one of kind "tensorrt-engine". Any other record named trt_gemma_<what>.json (OWN_RECORDS: e.g. an
-# export's trt_gemma_onnx.json / trt_gemma_triton.json) counts too: no other tool writes that name. A command can
-# also pass its own `markers`.
+# and --force may replace it. Each test asks for a field of our own schema, never just the file name (a user's
+# trt_gemma_settings.json or someone's manifest.json makes nothing replaceable): convert and quantize write a
+# provenance record ("tool": "trt_gemma convert" / "trt_gemma quantize"); build writes bundle and engine manifests
+# ("format": "trt_gemma.bundle/1"), the TensorRT engine build one of kind "tensorrt-engine" with its builder;
+# export-onnx and export-triton their own records. A command can also pass its own `markers`.
 OUTPUT_MARKERS: dict[str, Callable[[dict], bool]] = {
-    "trt_gemma_provenance.json": lambda d: str(d.get("tool", "")).startswith("trt_gemma"),
+    "trt_gemma_provenance.json": lambda d: str(d.get("tool", "")).startswith("trt_gemma "),
     "manifest.json": lambda d: (str(d.get("format", "")).startswith("trt_gemma.")
-                                or d.get("kind") == "tensorrt-engine"),
+                                or (d.get("kind") == "tensorrt-engine" and "builder_version" in d)),
+    "trt_gemma_onnx.json": lambda d: d.get("format") == "trt_gemma-onnx/1",
+    "trt_gemma_triton.json": lambda d: d.get("format") == "trt_gemma.triton/1",
 }
-OWN_RECORDS = "trt_gemma_*.json"
-TEMP_MARKER = ".trt_gemma_tmp.json"  # inside every temp dir we make: owner pid + host
+TEMP_MARKER = ".trt_gemma_tmp.json"  # inside every temp dir we make: its name, owner pid, host, boot, pid namespace
 PAYLOAD = "payload"                  # the part of an output temp dir that becomes OUT
+# The names of the temp dirs we make (mkdtemp adds 8 characters of [a-z0-9_]): `.<OUT>.tmp-`, `.<OUT>.old-`,
+# `.<OUT>.modelopt-` beside an output, `trt-gemma-<what>-` in the system temp dir. The sweep touches no other name.
+TEMP_NAME = re.compile(r"^(\..+\.(tmp|old|modelopt)|trt-gemma(-[a-z]+)?)-[a-z0-9_]{8}$", re.S)
+log = logging.getLogger("trt_gemma.fsutil")
 
 
 def is_tool_output(path: Path, markers: dict[str, Callable[[dict], bool]] | None = None) -> bool:
-    """Whether `path` holds one of our marker files with our content (not just a file of that name)."""
-    tests = dict(markers or OUTPUT_MARKERS)
-    try:
-        for f in Path(path).glob(OWN_RECORDS):
-            tests.setdefault(f.name, lambda d: True)  # our name: any JSON object in it will do
-    except OSError:
-        pass
-    for name, test in tests.items():
+    """Whether `path` holds one of our marker files (a regular file inside it, at most 16 MiB) with our content."""
+    for name, test in (markers or OUTPUT_MARKERS).items():
         try:
-            data = json.loads((Path(path) / name).read_text())
-        except (OSError, ValueError):
+            data = read_json(Path(path) / name, path)
+        except TrtGemmaError:
             continue
         if isinstance(data, dict) and test(data):
             return True
@@ -76,7 +83,13 @@ def check_output_target(out: Path, force: bool, source: Path | None = None, comm
     """Refuse early (before any expensive work) an OUT that cannot or must not be written; see the module docstring.
     `source` is the model being read and `command` the CLI command (for the fix), when known."""
     out = Path(out)
-    o, cwd = out.resolve(), Path.cwd().resolve()
+    if out.is_symlink():  # --force would replace the link, and the checks below would read its target
+        raise OutputError(f"output {out} is a symbolic link; outputs are never written through or over links",
+                          fix="name the real directory, or a new path")
+    try:
+        o, cwd = out.resolve(), Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a link loop on the way (Path.resolve, Python < 3.13)
+        raise OutputError(f"output {out} cannot be resolved: {e}", fix="choose another output path") from None
     if o == cwd or o in cwd.parents:
         raise OutputError(f"output {out} is the current directory{'' if o == cwd else ' or a folder above it'}; "
                           "it cannot be replaced while in use", fix="name a new subdirectory as OUT, e.g. ./out")
@@ -90,7 +103,7 @@ def check_output_target(out: Path, force: bool, source: Path | None = None, comm
     if out.exists() and not force:
         raise OutputError(f"output {out} already exists", fix="choose another path or pass --force to replace it")
     if out.exists() and not (_is_empty_dir(out) or is_tool_output(out, markers)):
-        names = " or ".join([*(markers or OUTPUT_MARKERS), OWN_RECORDS])
+        names = " or ".join(markers or OUTPUT_MARKERS)
         fix = f"choose another path, or delete {out} yourself if nothing in it is needed"
         if (out / "config.json").is_file():  # most likely MODEL typed without OUT: MODEL became OUT
             fix = f"pass both paths: `trt-gemma {command or 'convert'} {out} OUT`, or {fix}"
@@ -118,36 +131,71 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    """The inode of this process's PID namespace: a PID names the same process only inside one namespace."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _owner() -> dict:
+    return {"tool": "trt_gemma", "pid": os.getpid(), "host": socket.gethostname(), "boot_id": _boot_id(),
+            "pid_namespace": _pid_namespace()}
+
+
+def _stale(child: Path, owner: dict) -> dict | None:
+    """The marker of `child` when it is a temp dir of ours (its name one we make, and recorded inside) whose owner
+    process, on this host since this boot and in this PID namespace, is gone; else None."""
+    if not TEMP_NAME.match(child.name) or child.is_symlink() or not child.is_dir():
+        return None
+    try:
+        data = read_json(child / TEMP_MARKER, child)
+    except TrtGemmaError:
+        return None
+    if not isinstance(data, dict) or data.get("name") != child.name:  # renamed (salvaged) dirs are the user's now
+        return None
+    if any(data.get(k) != v for k, v in owner.items() if k != "pid"):
+        return None
+    pid = data.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not _pid_alive(pid):
+        return data
+    return None
+
+
 def sweep_stale_temp_dirs(parent: Path) -> list[Path]:
-    """Delete temp dirs in `parent` that carry our marker and whose owner process (on this host) is gone.
-    Directories without a readable marker of ours are never touched, whatever their name."""
+    """Delete the temp dirs in `parent` that a dead run of ours left (`_stale`), logging each; nothing else is
+    touched, whatever its name or content."""
     swept: list[Path] = []
-    host = socket.gethostname()
+    owner = _owner()
     try:
         children = list(Path(parent).iterdir())
     except OSError:
         return swept
     for child in children:
-        try:
-            if child.is_symlink() or not child.is_dir():
-                continue
-            data = json.loads((child / TEMP_MARKER).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict) or data.get("tool") != "trt_gemma" or data.get("host") != host:
-            continue
-        pid = data.get("pid")
-        if isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
+        data = _stale(child, owner)
+        if data is not None:
             shutil.rmtree(child, ignore_errors=True)
+            log.warning("removed %s: temp dir of a trt-gemma run (pid %s, started %s) that ended without cleaning up",
+                        child, data.get("pid"), data.get("created_utc", "?"))
             swept.append(child)
     return swept
 
 
 def _make_marked_dir(parent: Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    record = {"tool": "trt_gemma", "pid": os.getpid(), "host": socket.gethostname(),
-              "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (tmp / TEMP_MARKER).write_text(json.dumps(record))
+    assert TEMP_NAME.match(tmp.name), f"temp dir name {tmp.name} is not one the sweep recognises"
+    record = {**_owner(), "name": tmp.name, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fd = os.open(tmp / TEMP_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record))
     return tmp
 
 
@@ -205,22 +253,66 @@ def atomic_output_dir(out: Path, force: bool = False,
         shutil.rmtree(box, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str, fix: str = "choose a writable path") -> None:
-    """One file written whole or not at all: a hidden temp file beside `path`, renamed over it (removed on error).
+def atomic_write(path: Path, data: str | bytes, fix: str = "choose a writable path", replace: bool = True) -> None:
+    """One file written whole or not at all: a hidden temp file beside `path` (mkstemp: O_EXCL | O_NOFOLLOW, so never
+    an existing entry or link), renamed over it (which replaces a link at `path`, never its target); removed on
+    error. replace=False links it into place instead, which fails if anything appeared at `path` meanwhile.
     Mode 0644 as a plain open() would give under the usual umask (mkstemp makes 0600)."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(tmp, path)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise OutputError(f"{path} appeared while it was being written", fix="choose another path") from None
     except OSError as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise OutputError(f"cannot write {path}: {e.strerror or e}", fix=fix) from e
+
+
+atomic_write_text = atomic_write
+
+
+def _link_no_clobber(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path, follow_symlinks=False)  # FileExistsError if anything is at `path`, a link included
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def check_output_file(path: Path, force: bool, option: str) -> None:
+    """A file the user named (`option`, e.g. --html) may be written: not a link (never written through or replaced),
+    not a directory, and not an existing file unless `force`. Run it before the work, and again by
+    write_output_file."""
+    path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link; outputs are never written through or over links",
+                          fix=f"name the real file or a new path for {option}")
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a directory", fix=f"name a file for {option}")
+    if path.exists() and not force:
+        raise OutputError(f"{option} {path} already exists", fix="choose another path or pass --force to replace it")
+
+
+def write_output_file(path: Path, data: str | bytes, force: bool, option: str) -> None:
+    """Write a file the user named, atomically, after check_output_file."""
+    check_output_file(path, force, option)
+    atomic_write(path, data, fix=f"choose a writable {option} path", replace=force)
 
 
 # --- SIGTERM ------------------------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 from trt_gemma.errors import InputError
+from trt_gemma.safe_io import check_tree, read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "trt_gemma.bundle/1"
+# What readers take from a manifest without looking again: field -> type (checked by read_manifest)
+MANIFEST_FIELDS = {"kind": str, "model": dict, "target": dict, "recipe": dict, "engine": dict}
 UNAVAILABLE = "unavailable"
 NOT_COMPILED = "not compiled"
 # Python distributions whose versions go into a manifest (first installed name wins).
@@ -70,27 +73,32 @@ def dir_bytes(path: Path) -> int:
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest of a bundle or engine dir, after the whole dir passed safe_io.check_tree (the one check every
+    command that opens a bundle goes through: no link out, loop or dangling link anywhere in it)."""
+    fix = "rebuild the bundle with `trt-gemma build --force`, or copy it again from where it was built"
+    check_tree(path, fix=fix)
     f = Path(path) / MANIFEST
-    try:
-        data = json.loads(f.read_text())
-    except FileNotFoundError:
+    if not f.is_file():
         raise InputError(f"{path} has no {MANIFEST}: not a trt_gemma bundle or engine",
-                         fix="make one with `trt-gemma build`") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{f} is not readable JSON ({e})",
-                         fix="rebuild the bundle with `trt-gemma build --force`") from e
+                         fix="make one with `trt-gemma build`")
+    data = read_json_object(f, fix=fix)
     if data.get("format") != FORMAT:
         raise InputError(f"{f}: format {data.get('format')!r}, expected {FORMAT!r}",
                          fix="rebuild the bundle with this trt_gemma version (`trt-gemma build --force`)")
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(data.get(name), kind):
+            raise InputError(f"{f}: field {name!r} is {data.get(name)!r}, expected {kind.__name__}", fix=fix)
+    if not isinstance(data["target"].get("name"), str):
+        raise InputError(f"{f}: field 'target.name' is {data['target'].get('name')!r}, expected str", fix=fix)
     return data
 
 
 def write_manifest(path: Path, data: dict) -> None:
-    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
-    f = Path(path) / MANIFEST
-    tmp = f.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(f)
+    """Write atomically (a new temp file + rename) so a reader never sees half a manifest, and never through a link
+    placed in the bundle."""
+    from trt_gemma.fsutil import atomic_write
+
+    atomic_write(Path(path) / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def not_compiled(reason: str) -> dict:
@@ -180,7 +188,7 @@ QUANT_ALGO_PRECISION = {"W4A16_AWQ": "int4_awq", "FP8": "fp8", "W8A16": "int8_wo
 
 def engine_facts(path: Path) -> dict:
     """A minimal manifest for an engine dir nobody recorded: precisions and limits from its config.json (§5)."""
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json_object(path / "config.json", fix="point at an engine dir written by trtllm-build or trt-gemma")
     pre, build = cfg.get("pretrained_config") or {}, cfg.get("build_config") or {}
     quant = pre.get("quantization") or {}
     recipe = {"quant": QUANT_ALGO_PRECISION.get(quant.get("quant_algo"), pre.get("dtype", "bfloat16")),
@@ -199,6 +207,7 @@ def inspect_path(path: str | Path, detection=None) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path} is not a directory", fix="pass a bundle or engine dir written by `trt-gemma build`")
+    check_tree(path, fix="copy the bundle or engine dir again from where it was built")
     if trt_inspect.is_engine_dir(path):
         return _inspect_tensorrt_dir(path, host_facts(detection))
     kind = _kind(path)
@@ -249,8 +258,8 @@ def _quality(path: Path) -> dict | None:
     if not f.is_file():
         return None
     try:
-        q = json.loads(f.read_text())
-    except (OSError, ValueError):
+        q = read_json_object(f)
+    except InputError:
         return None
     return {"baseline": q.get("baseline"), "tokens": q.get("tokens"), "rows": q.get("rows")}
 

@@ -57,7 +57,9 @@ def plan(model: str | os.PathLike[str] | None = None, target: str = "auto", *,
     # a local dir may be a bundle; a hub id is left to the planner, which fetches its config.json only
     if spec not in PRESETS and spec != "default" and path.is_dir():
         from trt_gemma.runtime.backends import detect_kind
+        from trt_gemma.safe_io import check_tree
 
+        check_tree(path)  # a refused entry is the answer, not "no weights" below
         try:
             kind = detect_kind(path)
         except InputError:  # no weights beside config.json: planning needs the config only (the planner checks it)
@@ -83,10 +85,11 @@ def _bundle_source(bundle: Path) -> tuple[str, str, dict[str, Any]]:
     its source model need not exist here."""
     from trt_gemma.build import HF_CONFIG
     from trt_gemma.manifest import read_manifest
+    from trt_gemma.safe_io import resolve_in
 
     m = read_manifest(bundle)
     model = m.get("model") or {}
-    config = bundle / str(model.get("config") or HF_CONFIG)
+    config = resolve_in(bundle, str(model.get("config") or HF_CONFIG), source=bundle / "manifest.json")
     if not config.is_file():
         raise InputError(f"{bundle} carries no {config.name} (the source model's config.json, which planning needs): "
                          "it was built by an older trt_gemma", fix="rebuild the bundle (`trt-gemma build --force`), "

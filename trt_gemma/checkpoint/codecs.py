@@ -23,7 +23,6 @@ ModelOpt 0.47 unified export (modelopt/torch/export/unified_export_hf.py, quant_
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from trt_gemma.checkpoint.dtypes import cast, f32_to_fp8_e4m3, fp8_e4m3_to_f32, 
 from trt_gemma.checkpoint.quant_block import quantization_block as _block
 from trt_gemma.errors import ConfigError, InputError, UnsupportedModelError
 from trt_gemma.checkpoint.st_io import FLOAT_DTYPES, TensorExpect
+from trt_gemma.safe_io import read_json
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 KV_MIN_SCALE = 1.0  # ModelOpt clamps FP8 KV scales to >= 1.0 for TensorRT-LLM (quant_utils.get_kv_cache_scaling_factor)
@@ -68,8 +68,8 @@ def read_quant_spec(path: Path, raw_config: dict) -> QuantSpec | None:
                                     "quantize` for INT4-AWQ / FP8")
     if hqc_file.exists():
         try:
-            q = json.loads(hqc_file.read_text())["quantization"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            q = read_json(hqc_file)["quantization"]  # capped, never through a link out of the model dir
+        except (InputError, KeyError, TypeError) as e:
             raise UnsupportedModelError(f"{hqc_file}: not a ModelOpt quant config (needs a 'quantization' object)",
                                         fix=FIX_REEXPORT) from e
         algo, kv, excl, src = q.get("quant_algo"), q.get("kv_cache_quant_algo"), q.get("exclude_modules"), hqc_file

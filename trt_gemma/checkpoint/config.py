@@ -9,7 +9,6 @@ Field names follow HF. Unknown keys are ignored; a missing required key raises C
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +103,12 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
+        from trt_gemma.safe_io import read_json_object
+
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise InputError(f"{path} not found", fix="point at a Hugging Face model dir containing config.json") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON: {e}", fix="re-download config.json") from e
-        if not isinstance(d, dict):
-            raise InputError(f"{path} is not a JSON object", fix="re-download config.json")
+        if not path.exists() and not path.is_symlink():
+            raise InputError(f"{path} not found", fix="point at a Hugging Face model dir containing config.json")
+        d = read_json_object(path, fix="re-download config.json")  # size and nesting capped, no link out of its dir
         return cls.from_dict(d, source=str(path))
 
     def validate(self, source: str = "config.json") -> None:

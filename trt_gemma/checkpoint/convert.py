@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 import threading
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from trt_gemma.checkpoint.config import ModelConfig
 from trt_gemma.checkpoint.dtypes import NAME_TO_ST, cast, from_f32, to_f32  # noqa: F401  (convert.cast: re-exported)
 from trt_gemma.errors import ConfigError, InputError, OutputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
+from trt_gemma.safe_io import copy_in
 from trt_gemma.checkpoint.quant_block import quantization_block
 from trt_gemma.checkpoint.hf import INDEX_FILE, SINGLE_FILE, HFModel, resolve_model
 from trt_gemma.console import progress
@@ -267,7 +267,7 @@ def convert_checkpoint(model: str | Path | HFModel | None, out: Path, dtype: str
             config["quantization"].update(getattr(codec, "quantization", {}))  # a quantized source's own block
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             for f in hf.tokenizer_files:
-                shutil.copy2(f, tmp / f.name)
+                copy_in(hf.path, f.name, tmp / f.name)  # content checked under the model dir, never a link out
             options = dict(dtype=dtype, tp=tp, weight_only=weight_only, allow_nonfinite=allow_nonfinite, force=force)
             _write_provenance(tmp, hf, source, options, ctx, hasher.result(), len(specs), t0)
     except OSError as e:  # disk full, a vanished input...: name the file; OUT is untouched (atomic_output_dir)

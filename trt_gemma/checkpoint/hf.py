@@ -9,7 +9,6 @@ or loaded up front).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -19,6 +18,7 @@ import numpy as np
 from trt_gemma.checkpoint.config import ModelConfig
 from trt_gemma.checkpoint.dtypes import ST_TO_NAME, to_f32
 from trt_gemma.errors import InputError
+from trt_gemma.safe_io import check_tree, read_json, read_json_object, resolve_in
 from trt_gemma.checkpoint.st_io import FLOAT_DTYPES, TensorExpect, TensorInfo, read_header, read_tensor  # noqa: F401
 
 SINGLE_FILE = "model.safetensors"
@@ -117,9 +117,10 @@ class HFModel:
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"model directory {path} does not exist", fix="pass a Hugging Face model directory")
+        check_tree(path, fix="copy the model's own files into the directory (links may not leave it)")
         cfg_file = path / "config.json"
         config = ModelConfig.from_file(cfg_file)
-        raw = json.loads(cfg_file.read_text())
+        raw = read_json_object(cfg_file)
         weight_files, index_file, weight_map = _weight_files(path)
         tensors = _read_headers(path, weight_files, weight_map)
         model = cls(path, config, raw, tensors, weight_files, index_file,
@@ -198,15 +199,15 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None, dict[str, str] |
                              fix=f"restore {INDEX_FILE} or remove the stray files")
         return [path / SINGLE_FILE], None, None
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        weight_map = read_json(index, fix=f"re-download {INDEX_FILE}")["weight_map"]
+    except (InputError, KeyError, TypeError):  # InputError: not JSON, too large or too deep (safe_io caps)
         weight_map = None
     # checked explicitly, not with `assert` (user input; asserts vanish under python -O)
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index} is not a valid safetensors index (needs a weight_map of tensor -> file)",
                          fix=f"re-download {INDEX_FILE}")
     named = sorted(set(weight_map.values()))
-    absent = [n for n in named if not (path / n).is_file()]
+    absent = [n for n in named if not resolve_in(path, n, f"re-download {INDEX_FILE}", source=index).is_file()]
     if absent:
         raise InputError(f"{index} names shard file(s) that do not exist: {', '.join(absent)}",
                          fix="the download is incomplete; re-download the missing shard(s)")

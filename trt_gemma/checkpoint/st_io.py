@@ -63,8 +63,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise InputError(f"{path} not found", fix=fix) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: header is not valid JSON ({e})", fix=fix) from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deeply nested
+        raise InputError(f"{path}: header is not valid JSON ({e})", fix=fix) from None
     except OSError as e:  # a directory named *.safetensors, no read permission, I/O error
         raise InputError(f"cannot read {path}: {e.strerror}", fix="check the file and its permissions") from e
     if not isinstance(header, dict):

@@ -26,21 +26,24 @@ from trt_gemma.scope import BACKENDS, SITES
 @click.option("--feature", type=click.IntRange(0), default=None, help="Rank tokens by this feature.")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None,
               help="Write a self-contained page shading each token by --feature (default: the strongest feature).")
+@click.option("--force", is_flag=True, help="Replace an existing --html file (a symbolic link is never replaced).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def features(model, sae, sae_path, layer, site, backend, text, top_k, feature, html_out, as_json):
+def features(model, sae, sae_path, layer, site, backend, text, top_k, feature, html_out, force, as_json):
     """Per token: the top-K SAE features with activations, L0 and the relative reconstruction error."""
     from pathlib import Path
 
     from trt_gemma.console import emit
-    from trt_gemma.fsutil import atomic_write_text
+    from trt_gemma.fsutil import check_output_file, write_output_file
     from trt_gemma.scope import features as run, load_for_features, render_html
 
+    if html_out:  # before the model loads: an existing file or a link is refused at once
+        check_output_file(Path(html_out), force, "--html")
     m, tok, s = load_for_features(model, sae, sae_path, layer, site, backend)
     if html_out and feature is None:  # shade by the feature with the largest activation anywhere in the text
         feature = "strongest"
     report = run(m, tok, s, layer, text, top_k=top_k, feature=feature)
     if html_out:
-        atomic_write_text(Path(html_out), render_html(report), fix="choose a writable --html path")
+        write_output_file(Path(html_out), render_html(report), force, "--html")
         report["html"] = html_out
     emit(report, as_json, _render)
 

@@ -7,7 +7,6 @@ are listed, the ensemble is walked step by step, and the engine dir must hold an
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,9 @@ from typing import Callable
 from trt_gemma.errors import DependencyError, InputError
 from trt_gemma.deploy.triton import DEFAULT_REPO_PATH, EXPORT_MANIFEST, K8S_FILE, MANDATORY, next_steps
 from trt_gemma.deploy.models import MODELS
+from trt_gemma.safe_io import check_tree, open_in, read_json_object
+
+CONFIG_MAX_BYTES = 1 << 20
 
 
 def model_config_pb2():
@@ -134,6 +136,16 @@ def _compatible(a, b) -> bool:
         x == y or -1 in (x, y) for x, y in zip(a[1], b[1]))
 
 
+def _read_config(f: Path) -> str:
+    """A config.pbtxt (checked under its model dir, at most CONFIG_MAX_BYTES: ours are a few KB)."""
+    with open_in(f, fix="export the repository again") as fh:
+        data = fh.read(CONFIG_MAX_BYTES + 1)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise InputError(f"{f} is larger than {CONFIG_MAX_BYTES >> 10} KiB: not a config export-triton wrote",
+                         fix="export the repository again")
+    return data.decode("utf-8", errors="replace")
+
+
 def inspect_repository(path: str | Path) -> dict:
     """Describe an exported repository: each model's config checked against Triton's schema, its mandatory
     parameters, leftover `${...}` placeholders, the ensemble wiring, and what was exported from what."""
@@ -142,10 +154,8 @@ def inspect_repository(path: str | Path) -> dict:
     if not record_file.is_file():
         raise InputError(f"{path} has no {EXPORT_MANIFEST}: not a repository written by `trt-gemma export-triton`",
                          fix="export one: trt-gemma export-triton BUNDLE OUT")
-    try:
-        record = json.loads(record_file.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{record_file} cannot be read as JSON: {e}", fix="export the repository again") from e
+    check_tree(path, fix="export the repository again")
+    record = read_json_object(record_file, fix="export the repository again")
     try:
         _schema()
         schema = "tritonclient model_config_pb2"
@@ -155,7 +165,7 @@ def inspect_repository(path: str | Path) -> dict:
     models, parsed = {}, {}
     for model in MODELS:
         f = path / model / "config.pbtxt"
-        text = f.read_text() if f.is_file() else ""
+        text = _read_config(f) if f.is_file() else ""
         row = {"config": f.is_file(), "version_dir": (path / model / "1").is_dir(),
                "placeholders": sorted(set(re.findall(r"\$\{[^}]*\}", text)))}
         if schema and text:

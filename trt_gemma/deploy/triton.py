@@ -22,9 +22,7 @@ Checking a written repository: trt_gemma.deploy.inspect.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +30,7 @@ from typing import Callable
 from trt_gemma import manifest as mf
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.fsutil import atomic_output_dir, check_output_target
+from trt_gemma.safe_io import copy_in
 from trt_gemma.checkpoint.hf import TOKENIZER_FILES
 from trt_gemma.deploy.models import ENSEMBLE_STEPS, Raw, parameters, tensors, to_pbtxt
 
@@ -268,19 +267,14 @@ def model_configs(v: dict) -> dict[str, dict]:
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Engines are GBs: hard-link when OUT is on the bundle's filesystem, copy otherwise."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _copy_tree(src: Path, dst: Path, names=None) -> None:
+def _copy_tree(bundle: Path, src: Path, dst: Path, names=None) -> None:
+    """The files of `src`, a folder of `bundle` (each checked under the bundle: safe_io.copy_in), hard-linked when OUT
+    is on the bundle's filesystem (engines are GBs), copied otherwise."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (names is None or f.name in names):
-            _link_or_copy(f, dst / f.name)
+            copy_in(bundle, f.relative_to(bundle), dst / f.name, link=True,
+                    fix="copy the bundle again from where it was built")
 
 
 def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, instances: int = DEFAULT_INSTANCES,
@@ -317,9 +311,9 @@ def export_triton(bundle: str | Path, out: str | Path, tp: int | None = None, in
                                                       + to_pbtxt(cfg) + "\n")
         if log:
             log(f"linking/copying the engine ({mf.dir_bytes(engine) / 2**30:.2f} GiB)")
-        _copy_tree(engine, tmp / "tensorrt_llm" / "1" / "engine")
+        _copy_tree(bundle, engine, tmp / "tensorrt_llm" / "1" / "engine")
         tok_src = bundle / "checkpoint" if (bundle / "checkpoint" / "tokenizer.json").is_file() else engine
-        _copy_tree(tok_src, tmp / "tensorrt_llm" / "1" / "tokenizer", TOKENIZER_FILES)
+        _copy_tree(bundle, tok_src, tmp / "tensorrt_llm" / "1" / "tokenizer", TOKENIZER_FILES)
         record = {"format": "trt_gemma.triton/1", "created_utc": mf.now_utc(), "bundle": str(bundle.resolve()),
                   "model": (manifest.get("model") or {}).get("id"), "target": (manifest.get("target") or {}).get("name"),
                   "trtllm_version": version, "tp": engine_tp, "values": values, "triton_image": image or None,

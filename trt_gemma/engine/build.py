@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 from trt_gemma.errors import DependencyError, InputError, RecipeError
-from trt_gemma.fsutil import atomic_output_dir
+from trt_gemma.fsutil import atomic_output_dir, atomic_write
+from trt_gemma.safe_io import read_json_object
 from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, check_recipe,  # noqa: F401
                                     numpy_dtype, recipe_precisions, refusal, route)
 from trt_gemma.targets import Target, sm_str
@@ -173,9 +174,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, t: Target, limits, 
         (tmp / "manifest.json").write_text(json.dumps({"kind": "tensorrt-engine", "target": t.name,
                                                         **result.to_dict()}, indent=2) + "\n")
     if cache_path is not None and cache_out:
-        tmp_cache = cache_path.with_suffix(".tmp")
-        tmp_cache.write_bytes(cache_out)
-        tmp_cache.replace(cache_path)
+        atomic_write(cache_path, cache_out)  # a new temp file renamed over it: never through a link in the bundle
     _say(log, f"engine: {result.engine_path} ({len(blob):,} bytes, {seconds:.1f} s)")
     return result
 
@@ -299,7 +298,7 @@ def run_engine(engine_path: str | Path, feeds: dict, profile: int = 0) -> dict:
     """Run a serialized engine once with polygraphy's TrtRunner (GPU only; a typed error elsewhere)."""
     engine_path = Path(engine_path)
     meta_file = engine_path.parent / "manifest.json"
-    builder = json.loads(meta_file.read_text()).get("builder", "tensorrt") if meta_file.is_file() else "tensorrt"
+    builder = read_json_object(meta_file).get("builder", "tensorrt") if meta_file.is_file() else "tensorrt"
     b = BUILDERS[builder]
     from trt_gemma.detect import detect
 
@@ -354,7 +353,8 @@ def _export_options(onnx_dir: Path) -> dict | None:
     man = onnx_dir / "trt_gemma_onnx.json"
     if not man.is_file():
         return None
-    m = json.loads(man.read_text()).get("model", {})
+    m = read_json_object(man).get("model")
+    m = m if isinstance(m, dict) else {}
     return {k: m.get(k, d) for k, d in (("activation_dtype", "float32"), ("lm_head", "none"), ("logits", "all"),
                                         ("max_seq_len", None))}
 

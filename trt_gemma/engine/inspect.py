@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import shlex
 from pathlib import Path
 
 from trt_gemma.engine.rules import BUILDERS, ENGINE_DIR, ENGINE_FILE
+from trt_gemma.errors import InputError
+from trt_gemma.safe_io import read_json
 
 ENGINE_MANIFEST = "manifest.json"
 ENGINE_KIND = "tensorrt-engine"
@@ -35,8 +36,8 @@ def is_engine_dir(path: Path) -> bool:
 
 def _engine_record(engine_dir: Path) -> dict | None:
     try:
-        data = json.loads((engine_dir / ENGINE_MANIFEST).read_text())
-    except (OSError, ValueError):
+        data = read_json(engine_dir / ENGINE_MANIFEST)  # capped; a link out, loop or dangling link is not a record
+    except InputError:
         return None
     return data if isinstance(data, dict) and data.get("kind") == ENGINE_KIND else None
 

@@ -25,7 +25,6 @@ standard graph runs at quantized speed there; TensorRT fuses the same pattern in
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from trt_gemma.onnx.weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CH
                                     fp8_qdq, linear)
 from trt_gemma.reference.checkpoint import FULL, CheckpointConfig, ShardSet
 from trt_gemma.reference.model import attention_scale, embedding_normalizer, rope_inv_freq
+from trt_gemma.safe_io import check_tree, copy_in, read_json_object, resolve_in
 
 MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opset 21
 # From opset 23 RMSNormalization and RotaryEmbedding replace 5 and 6 nodes each (onnxruntime and TensorRT-RTX 1.7's
@@ -301,7 +301,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
         _copy_tokenizer(ckpt, tmp)
-        shutil.copy2(ckpt / "config.json", tmp / "checkpoint_config.json")
+        copy_in(ckpt, "config.json", tmp / "checkpoint_config.json")
         summary.update(wall_s=round(time.time() - t0, 3), peak_rss_bytes=peak_rss_bytes())
         (tmp / MANIFEST).write_text(json.dumps(summary, indent=2))
     summary["path"] = str(out)
@@ -384,7 +384,7 @@ def _copy_tokenizer(ckpt: Path, dst: Path) -> None:
 
     for name in (*TOKENIZER_FILES, "generation_config.json"):  # generation_config: the stop tokens
         if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, dst / name)
+            copy_in(ckpt, name, dst / name)  # content checked under the checkpoint, never a link out
 
 
 def peak_rss_bytes() -> int:
@@ -401,9 +401,53 @@ def peak_rss_bytes() -> int:
     return ru_maxrss()
 
 
+# What readers take from an export's manifest, checked on read: field -> accepted types (model: its "model" block).
+MANIFEST_FIELDS = {"model_file": str, "data_file": str, "external_bytes": int, "inputs": list, "outputs": list,
+                   "model": dict}
+MANIFEST_MODEL_FIELDS = {"max_seq_len": int, "vocab_size": int, "num_hidden_layers": int, "num_key_value_heads": int,
+                         "head_size": int, "dtype": str, "quant_algo": (str, type(None))}
+
+
 def read_manifest(onnx_dir: Path) -> dict:
-    path = Path(onnx_dir) / MANIFEST
+    """An export's manifest, checked: the dir passes safe_io.check_tree, the JSON its caps, every field readers use
+    has its type, and model_file / data_file are regular files inside the export (never `../other/model.onnx`)."""
+    onnx_dir = Path(onnx_dir)
+    fix = "export it again with `trt-gemma export-onnx CHECKPOINT OUT`"
+    check_tree(onnx_dir, fix=fix)
+    path = onnx_dir / MANIFEST
     if not path.is_file():
-        raise InputError(f"{onnx_dir} has no {MANIFEST}: not an export of `trt-gemma export-onnx`",
-                         fix="export it with `trt-gemma export-onnx CHECKPOINT OUT`")
-    return json.loads(path.read_text())
+        raise InputError(f"{onnx_dir} has no {MANIFEST}: not an export of `trt-gemma export-onnx`", fix=fix)
+    man = read_json_object(path, fix=fix)
+    for block, fields in ((man, MANIFEST_FIELDS), (man.get("model"), MANIFEST_MODEL_FIELDS)):
+        for name, kind in fields.items():
+            value = block.get(name) if isinstance(block, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InputError(f"{path}: field {name!r} is {value!r}, expected {getattr(kind, '__name__', 'str')}",
+                                 fix=fix)
+    if not all(isinstance(n, str) for n in man["inputs"] + man["outputs"]):
+        raise InputError(f"{path}: inputs and outputs must be lists of tensor names", fix=fix)
+    for name in ("model_file", "data_file"):
+        if not resolve_in(onnx_dir, man[name], fix, source=path).is_file():
+            raise InputError(f"{path}: {name} {man[name]!r} is not a file in {onnx_dir}", fix=fix)
+    _check_external_data(onnx_dir, onnx_dir / man["model_file"], fix)
+    return man
+
+
+def _check_external_data(onnx_dir: Path, model_path: Path, fix: str) -> None:
+    """Every weight file the graph names (its initializers' external_data locations) lies inside the export; the
+    graph is read without its weights (KBs to MBs). onnxruntime refuses a location that escapes, but untyped."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # nothing to check with: onnxruntime's own check remains
+        return
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        raise InputError(f"{model_path} is not a readable ONNX model ({e})", fix=fix) from None
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                resolve_in(onnx_dir, entry.value, fix, source=model_path)

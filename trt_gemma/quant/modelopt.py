@@ -31,6 +31,7 @@ from pathlib import Path
 from trt_gemma.checkpoint.config import ModelConfig
 from trt_gemma.errors import ConfigError, DependencyError, InputError, ResourceError
 from trt_gemma.fsutil import check_output_target, marked_temp_dir, sha256_file
+from trt_gemma.safe_io import read_json_object
 
 QUANTS = {"int4_awq": ("INT4_AWQ_CFG", "W4A16_AWQ"), "fp8": ("FP8_DEFAULT_CFG", "FP8")}
 KV_CACHES = {"fp8": "FP8_KV_CFG"}
@@ -349,7 +350,7 @@ def _unquantized_source(model_dir: Path):
     """None for a float model; the ModelOpt QuantSpec for an already-quantized unified-HF dir."""
     from trt_gemma.checkpoint.codecs import read_quant_spec
 
-    raw = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    raw = read_json_object(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
     if "architecture" in raw and (model_dir / "rank0.safetensors").is_file():
         algo = (raw.get("quantization") or {}).get("quant_algo")
         raise InputError(f"{model_dir} is a TensorRT-LLM checkpoint ({algo or 'unquantized'}), not a Hugging Face "

@@ -6,7 +6,6 @@ table (`LINEAR_FORMATS`) so a new format adds an entry (its tensors, dequantizer
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from trt_gemma.reference.linear import Linear, LinearFormat
 # scales split unlike their weights; quantized layouts and the FP8 KV cache (see LINEAR_FORMATS below)
 from trt_gemma.reference.quantized import KV_CACHE_QUANT, QUANT_LINEAR_FORMATS, merge_quant_scales
 from trt_gemma.checkpoint.st_io import TensorInfo, read_header, read_tensor
+from trt_gemma.safe_io import read_json_object, resolve_in
 
 SUPPORTED_ARCHITECTURES = ("Gemma2ForCausalLM",)
 # Checkpoint-only sizes; the model's own (vocab_size, hidden_size, ...) are config.RANGES', checked by check_ranges
@@ -117,14 +117,7 @@ class CheckpointConfig:
     def from_file(cls, path: Path) -> "CheckpointConfig":
         path = Path(path)
         fix = "point at a TensorRT-LLM checkpoint dir made by `trt-gemma convert`"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            raise InputError(f"{path} not found", fix=fix) from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON: {e}", fix=fix) from e
-        if not isinstance(d, dict):
-            raise InputError(f"{path} is not a JSON object", fix=fix)
+        d = read_json_object(path, fix=fix)  # size and nesting capped, no link out of its dir
         return cls.from_dict(d, source=str(path))
 
     def _validate(self, source: str, d: dict, mapping: dict) -> None:
@@ -180,7 +173,7 @@ class ShardSet:
         self.files: list[Path] = []
         self.headers: list[dict[str, TensorInfo]] = []
         for r in range(cfg.tp_size):
-            path = self.dir / f"rank{r}.safetensors"
+            path = resolve_in(self.dir, f"rank{r}.safetensors")
             if not path.is_file():
                 raise InputError(f"{path} is missing (config.json says tp_size={cfg.tp_size})",
                                  fix="copy every rank*.safetensors file, or re-run `trt-gemma convert`")

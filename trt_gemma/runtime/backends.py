@@ -21,13 +21,13 @@ onnx package are installed, exporting the checkpoint once into an ONNX cache bes
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 from trt_gemma.runtime.base import (Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo,  # noqa: F401
                                      Step)
 from trt_gemma.errors import ConfigError, InputError
 from trt_gemma.runtime import cache
+from trt_gemma.safe_io import check_tree, read_json_object
 
 # kind -> (predicate on (dir, config dict)); first match wins, most specific first.
 KINDS = (
@@ -51,7 +51,10 @@ PROVENANCE_FILES = ("trt_gemma_provenance.json", "manifest.json")
 
 
 def detect_kind(path: Path) -> str:
+    """What `path` holds (KINDS); the one way in for model dirs: the whole dir passes safe_io.check_tree first."""
     path = Path(path)
+    if path.is_dir():
+        check_tree(path)
     if (path / "trt_gemma_onnx.json").is_file():
         return "onnx"
     if (path / "manifest.json").is_file() and (path / "checkpoint" / "config.json").is_file():
@@ -60,10 +63,7 @@ def detect_kind(path: Path) -> str:
     if not cfg_path.is_file():
         raise InputError(f"{path} has no config.json: not a model dir",
                          fix="pass a Hugging Face Gemma 2 dir, a `trt-gemma convert` checkpoint or an engine dir")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{cfg_path} is not readable JSON ({e})", fix="re-create or re-download the model") from e
+    cfg = read_json_object(cfg_path, fix="re-create or re-download the model")
     for kind, matches in KINDS:
         if matches(path, cfg):
             return kind

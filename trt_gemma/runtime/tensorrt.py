@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -30,6 +29,7 @@ import numpy as np
 from trt_gemma.engine.build import collecting_logger
 from trt_gemma.engine.rules import BUILDERS
 from trt_gemma.errors import DependencyError, DeviceError, InputError
+from trt_gemma.safe_io import check_tree, read_json_object
 from trt_gemma.runtime.engine_plan import (GraphCache, MemoryLedger, binding_plan, check_build_record, check_io,
                                            numpy_dtype)
 from trt_gemma.runtime.executor import Buffer, TensorSpec, View
@@ -95,11 +95,12 @@ def unavailable_reason(lib: str | None = None) -> str | None:
 
 def read_record(bundle: Path) -> dict:
     """BUNDLE/tensorrt/manifest.json: the engine's build record (builder, version, SM, I/O as the builder saw it)."""
+    check_tree(bundle)  # the one way in for a bundle: no link out, loop or dangling link anywhere in it
     path = Path(bundle) / "tensorrt" / "manifest.json"
     if not path.is_file():
         raise InputError(f"{Path(bundle)} has no TensorRT engine ({path} is missing)",
                          fix=f"build it on the device: trt-gemma build --from-bundle {bundle} --engine tensorrt")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def features(trt) -> dict[str, bool]:
@@ -264,10 +265,9 @@ class TensorRTExecutor:
         for graph in (self.graphs.clear() if self.graphs else []):
             self.stream.destroy_graph(*graph)
         if self._runtime_cache is not None:  # JIT kernels for the next start (written whole, then renamed)
-            path = self.bundle / "tensorrt" / RUNTIME_CACHE
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(bytes(memoryview(self._runtime_cache.serialize())))
-            tmp.replace(path)
+            from trt_gemma.fsutil import atomic_write  # a new temp file, never through a link in the bundle
+
+            atomic_write(self.bundle / "tensorrt" / RUNTIME_CACHE, bytes(memoryview(self._runtime_cache.serialize())))
         self.context = None
         for ptr in list(self.ledger.by_ptr):
             self.stream.free(ptr)

@@ -17,13 +17,13 @@ strings the ids are exactly what `tokenizer(rendered)` gives.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
 from trt_gemma.errors import InputError
+from trt_gemma.safe_io import read_json_object
 
 _ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
 
@@ -192,12 +192,7 @@ def _special_tokens(path: Path) -> dict[str, str]:
         f = path / name
         if not f.is_file():
             continue
-        try:
-            d = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{f} is not valid JSON: {e}", fix=f"re-download {name}") from e
-        if not isinstance(d, dict):
-            raise InputError(f"{f} is not a JSON object", fix=f"re-download {name}")
+        d = read_json_object(f, fix=f"re-download {name}")  # capped, and never through a link out of the folder
         for k in ("bos_token", "eos_token"):
             v = d.get(k)
             v = v.get("content") if isinstance(v, dict) else v

@@ -22,7 +22,6 @@ Only `@pytest.mark.gpu` tests run this module.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Iterator, Sequence
 from trt_gemma.runtime.base import Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo, Step
 from trt_gemma.errors import DependencyError, InputError
 from trt_gemma.quant.formats import KV_BYTES
+from trt_gemma.safe_io import read_json, read_json_object
 
 ENGINE_MANIFEST = "manifest.json"  # written beside config.json/rank0.engine by trt_gemma.build.compile_bundle
 
@@ -41,19 +41,16 @@ def is_engine_dir(path: Path) -> bool:
     if not (path / "rank0.engine").is_file() or not (path / "config.json").is_file():
         return False
     try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = read_json(path / "config.json")
+    except InputError:
         return False
     return isinstance(cfg, dict) and "build_config" in cfg and "pretrained_config" in cfg
 
 
 def read_engine_config(path: Path) -> dict:
     path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path / 'config.json'} is not a readable TensorRT-LLM engine config: {e}",
-                         fix="point at the engine dir written by `trt-gemma build` (BUNDLE/engine)") from e
+    cfg = read_json_object(path / "config.json",
+                           fix="point at the engine dir written by `trt-gemma build` (BUNDLE/engine)")
     if "build_config" not in cfg or "pretrained_config" not in cfg:
         raise InputError(f"{path / 'config.json'} has no build_config/pretrained_config: not an engine dir",
                          fix="compile it first: trt-gemma build --from-bundle BUNDLE")
@@ -68,7 +65,7 @@ def runtime_kv_settings(path: Path) -> dict:
     smaller of the two limits (§6 KvCacheConfig).
     """
     manifest = Path(path) / ENGINE_MANIFEST
-    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
+    recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
     out = {}
     if recipe.get("kv_cache_free_gpu_memory_fraction"):
         out["kv_cache_free_gpu_memory_fraction"] = float(recipe["kv_cache_free_gpu_memory_fraction"])
@@ -122,8 +119,8 @@ def _checkpoint_block(engine_dir: Path) -> dict:
     """Our `trt_gemma` config block from BUNDLE/checkpoint/config.json when the engine sits in BUNDLE/engine."""
     cfg = engine_dir.parent / "checkpoint" / "config.json"
     try:
-        return json.loads(cfg.read_text()).get("trt_gemma") or {} if cfg.is_file() else {}
-    except (OSError, ValueError):
+        return read_json_object(cfg).get("trt_gemma") or {} if cfg.is_file() else {}
+    except InputError:
         return {}
 
 
