@@ -1,0 +1,204 @@
+"""The batched step loop: every running request advances in one graph execution (issue: batched decoding).
+
+`StepLoop` owns the KV pool of a pool-layout graph (onnx/pool.py) through an `Executor` and runs on one engine
+thread. Each turn it admits waiting requests into free slots, spends up to `prefill_chunk` prompt tokens on the
+requests still reading their prompts (oldest first, one chunk each, so a long prompt holds running streams up for at
+most one chunk), then runs one decode step over every request that has a token to feed. Rows finish (stop token,
+max_tokens, a full context) or are cancelled independently; a finished row's slot is free for the next turn.
+
+Per step the plain Python here decides the bucket (the longest past length among the step's rows, rounded up to
+`kv_bucket`: the graph reads only that prefix of the pool), writes ids / past lengths / slots into the staging
+buffer in one upload, runs, lands the new K/V rows in the pool (runtime/pool.py) and downloads what sampling needs:
+the greedy ids, the TopK candidates for a request whose top_k fits in them, the full logits row only for a request
+that samples from the whole vocabulary. Sampling is the reference sampler's (reference/sampling.py) with each
+request's own seeded generator; candidates are ordered by token id first, so a draw picks the token the full-row
+sampler would (the same cumulative sums, without the zeros).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from trt_gemma.reference.sampling import Sampler, SamplingParams
+from trt_gemma.runtime.base import GenerationParams
+from trt_gemma.runtime.executor import Executor
+from trt_gemma.runtime.pool import KVPool, PoolShape, Staging
+
+KV_BUCKET = 64  # positions: past lengths are bound rounded up to this
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per engine turn
+END = object()  # the last item a row's sink receives
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in the loop. `sink` receives (token, seconds, is_first, finish_reason) tuples, an exception, or
+    END; `cancel` is polled once per turn."""
+
+    prompt: np.ndarray
+    params: GenerationParams
+    stops: frozenset
+    sink: Callable[[object], None]
+    cancel: Callable[[], bool]
+    sampler: Sampler = field(init=False)
+    slot: int = -1
+    length: int = 0  # tokens in the pool
+    pending: int | None = None  # the token the next decode step feeds
+    generated: int = 0
+    last_t: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        p = self.params
+        self.sampler = Sampler(SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k,
+                                              top_p=p.top_p, seed=p.seed))
+
+
+class StepLoop:
+    """The engine: call `submit` from any thread; `run_forever` on the engine thread (or `turn` from a test)."""
+
+    def __init__(self, ex: Executor, shape: PoolShape, vocab: int, top_k: int, limit: int, *,
+                 vocab_mask: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bucket: int = KV_BUCKET):
+        self.ex, self.vocab, self.top_k = ex, vocab, top_k
+        self.limit = min(limit, shape.capacity)  # positions a row may hold (prompt + generated)
+        self.prefill_chunk, self.kv_bucket = max(1, prefill_chunk), max(1, kv_bucket)
+        self.pool = KVPool(ex, shape)
+        self.staging = Staging(ex, self.pool, vocab, top_k, max(shape.slots, self.prefill_chunk), vocab_mask)
+        self.waiting: collections.deque[Row] = collections.deque()
+        self.rows: list[Row] = []  # holding a slot, in admission order
+        self.cv = threading.Condition()
+        self.closed = False
+        self.steps = 0  # graph executions (benchmarks: KV bytes read per step)
+        self.kv_rows_read = 0  # sum over steps of bucket x batch
+
+    # ---- any thread ----
+    def submit(self, row: Row) -> None:
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the step loop is closed")
+            self.waiting.append(row)
+            self.cv.notify()
+
+    def used_tokens(self) -> int:
+        return sum(r.length for r in list(self.rows))
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+
+    # ---- engine thread ----
+    def run_forever(self) -> None:
+        while True:
+            with self.cv:
+                while not self.closed and not self.waiting and not self.rows:
+                    self.cv.wait()
+                if self.closed:
+                    break
+            self.turn()
+        for row in [*self.rows, *self.waiting]:
+            row.sink(RuntimeError("the model was closed"))
+            row.sink(END)
+        self.rows, self.waiting = [], collections.deque()
+
+    def turn(self) -> None:
+        """Admit, prefill up to one chunk of prompt tokens, decode every row with a token to feed."""
+        self._admit()
+        budget = self.prefill_chunk
+        for row in [r for r in self.rows if r.pending is None]:
+            if budget <= 0:
+                break
+            n = min(budget, len(row.prompt) - row.length)
+            budget -= n
+            self._run([row], row.prompt[None, row.length:row.length + n], final=row.length + n == len(row.prompt))
+        decoding = [r for r in self.rows if r.pending is not None]
+        if decoding:
+            self._run(decoding, np.array([[r.pending] for r in decoding], np.int64), final=True)
+
+    def _admit(self) -> None:
+        for row in [r for r in self.rows if r.cancel()]:  # cancelled between turns (e.g. while prefilling)
+            self._release(row)
+        with self.cv:
+            while self.waiting and self.pool.free:
+                row = self.waiting.popleft()
+                if row.cancel():
+                    row.sink(END)
+                    continue
+                row.slot = self.pool.take()
+                self.rows.append(row)
+
+    def _run(self, rows: list[Row], ids: np.ndarray, final: bool) -> None:
+        batch, new = ids.shape
+        longest = max(r.length for r in rows)
+        bucket = self._round(longest)
+        self.pool.ensure_zeroed(self._round(longest + new))  # before this step's rows land: never zeroed after
+        views = self.staging.views(bucket, batch, new)
+        header = np.concatenate([ids.reshape(-1), [r.length for r in rows], [r.slot for r in rows]])
+        try:
+            self.ex.upload(views.header, header.astype(np.int64, copy=False))
+            self.ex.run(0, views.bindings)
+            self.pool.write_rows(views.new_kv, [(r.slot, r.length) for r in rows])
+            picks = self._sample(rows, views) if final else None
+        except Exception as e:  # noqa: BLE001 - reported to the requests of this step; the loop carries on
+            for row in rows:
+                row.sink(e)
+                self._release(row)
+            return
+        self.steps += 1
+        self.kv_rows_read += bucket * batch
+        now = time.perf_counter()
+        for b, row in enumerate(rows):
+            row.length += new
+            if picks is not None:
+                self._emit(row, picks[b], now)
+
+    def _round(self, n: int) -> int:
+        return min(self.pool.shape.capacity, max(1, -(-n // self.kv_bucket)) * self.kv_bucket)
+
+    def _sample(self, rows: list[Row], views) -> list[int]:
+        """One token per row from what the step returned (downloaded only as far as some row needs it)."""
+        batch, k = len(rows), self.top_k
+        needs = ["greedy" if r.sampler.params.is_greedy else "topk" if 0 < r.params.top_k <= k else "full"
+                 for r in rows]
+        if "topk" in needs or "full" in needs:
+            ids_out = self.ex.download(views.ids_out)
+            topk_ids, topk_lp = ids_out[batch:].reshape(batch, k), self.ex.download(views.topk_logprobs)
+        else:
+            ids_out = self.ex.download(views.bindings["next_token"])
+        logits = self.ex.download(views.logits) if "full" in needs else None
+        picks = []
+        for b, (row, need) in enumerate(zip(rows, needs)):
+            if need == "greedy":
+                picks.append(int(ids_out[b]))
+            elif need == "topk":
+                order = np.argsort(topk_ids[b], kind="stable")
+                picks.append(int(topk_ids[b][order][row.sampler(topk_lp[b][order])]))
+            else:
+                picks.append(row.sampler(logits[b]))
+        return picks
+
+    def _emit(self, row: Row, token: int, now: float) -> None:
+        row.generated += 1
+        reason = None
+        if token in row.stops:
+            reason = "stop"
+        elif row.generated >= row.params.max_tokens or row.length >= self.limit:
+            reason = "length"
+        elif row.cancel():
+            reason = "cancelled"
+        row.sink((token, now - row.last_t, row.generated == 1, reason))
+        row.last_t = now
+        if reason is None:
+            row.pending = token
+        else:
+            self._release(row)
+
+    def _release(self, row: Row) -> None:
+        if row in self.rows:
+            self.rows.remove(row)
+            self.pool.give_back(row.slot)
+            row.slot, row.length = -1, 0
+            row.sink(END)
