@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from trt_gemma.console import console, emit
+from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK
 from trt_gemma.serve.app import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
 from trt_gemma.serve.conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
 
@@ -61,9 +62,12 @@ API_KEY_ENV = "TRT_GEMMA_API_KEY"
 @click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
               show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
                                       "numpy reference.")
+@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens the batched step loop (onnxruntime) reads per step: a long prompt holds running "
+                   "streams up for one chunk at a time.")
 def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max_concurrency, model_name,
           stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout, exit_on_load_failure,
-          print_k8s, guard, guard_mode, guard_response, guard_thresholds, backend):
+          print_k8s, guard, guard_mode, guard_response, guard_thresholds, backend, prefill_chunk):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.deploy.k8s import print_serve_manifests
@@ -87,7 +91,7 @@ def serve(model, host, port, api_key, api_key_file, metrics_auth, max_queue, max
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
                keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
                exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg,
-               backend=backend)
+               backend=backend, prefill_chunk=prefill_chunk)
 
 
 def resolve_api_key(api_key: str | None, api_key_file: Path | None) -> str | None:

@@ -40,9 +40,9 @@ KINDS = (
 
 
 BACKENDS = ("auto", "reference", "onnxruntime", "trtllm")
-# Cached exports use in-place KV buffers: the onnxruntime backend binds past and present to one buffer per layer
-# and a decode step is one call (docs/onnx.md); `export-onnx` defaults to the standard concat layout.
-ONNX_KV_CACHE = "inplace"
+# Cached exports use the pool layout: the onnxruntime backend runs the batched step loop over a KV pool it owns
+# (runtime/steploop.py, docs/onnx.md); `export-onnx` defaults to the standard concat layout.
+ONNX_KV_CACHE = "pool"
 ONNX_LOGITS = "last"  # generation reads the last position only: the graph's norm + lm_head run on one row
 # Cached exports use opset 23 (RMSNormalization and RotaryEmbedding: 292 -> 188 nodes on the embedded model, ~6%
 # faster decode on the CPU EP, benchmarks/cpu_decode.py) where the installed onnxruntime has kernels for both (probed:
@@ -73,16 +73,20 @@ def detect_kind(path: Path) -> str:
 
 
 def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | None = None,
-                 backend: str = "auto") -> Backend:
-    """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency)."""
+                 backend: str = "auto", prefill_chunk: int | None = None) -> Backend:
+    """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency);
+    `prefill_chunk`: prompt tokens per engine turn of a step-loop backend (None: its default)."""
+    step = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     path = Path(model_path)
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
     kind = detect_kind(path)
     if kind == "bundle":
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
-            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend)
-        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend)
+            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend,
+                                prefill_chunk=prefill_chunk)
+        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend,
+                            prefill_chunk=prefill_chunk)
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.runtime.trtllm import TrtLlmBackend
 
@@ -96,13 +100,13 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
                              fix="pass the checkpoint it was exported from, or use --backend onnxruntime")
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.load(path, slots=slots)
+        return OnnxRuntimeBackend.load(path, slots=slots, **step)
     if kind == "hf":
         path = ensure_converted(path, cache_dir)
     if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
-        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path)
+        loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path, **step)
     else:
         from trt_gemma.runtime.reference import ReferenceBackend
 

@@ -216,7 +216,7 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
-             accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> "OnnxRuntimeBackend":
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path). A
         pool-layout export runs on the batched step loop (OrtStepBackend)."""
         from trt_gemma.onnx.export import read_manifest
@@ -224,7 +224,8 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
         path = Path(path)
         if read_manifest(path)["model"].get("kv_cache") == "pool":
-            return OrtStepBackend.load(path, slots=slots, source=source, accuracy_level=accuracy_level)
+            return OrtStepBackend.load(path, slots=slots, source=source, accuracy_level=accuracy_level,
+                                       prefill_chunk=prefill_chunk)
         model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads())
         c = model.config
         shown = Path(source) if source is not None else path
