@@ -281,3 +281,44 @@ def test_threaded_backend_streams_and_reports_pool_usage(embedded):
         threading.Event().wait(0.01)
     assert b.kv_usage().used_tokens == 0 and sorted(b.loop.pool.free) == [0, 1]
     b.close()
+
+
+def test_server_samples_with_each_requests_parameters(embedded):
+    """The server's sampling path against the backend called directly with the same parameters, two requests at
+    once sharing steps: a server that dropped temperature / top_p / top_k / seed would answer the greedy text or
+    the same text for every seed."""
+    import threading
+
+    import openai
+    from live_server import LiveServer
+
+    from trt_gemma.serve.app import create_app
+
+    _, onnx_dir = embedded["fp32"]
+    b = OnnxRuntimeBackend.load(onnx_dir, slots=2)
+    prompt = "The Python language"
+    sampled = dict(temperature=0.9, top_p=0.85, top_k=24)
+
+    def direct(seed, **kw):
+        p = GenerationParams(max_tokens=24, ignore_eos=True, seed=seed, **kw)
+        return "".join(s.text for s in b.stream(b.encode(prompt), p))
+
+    want = {seed: direct(seed, **sampled) for seed in (13, 14)}
+    greedy = direct(None, temperature=0.0)
+    assert want[13] != greedy and want[13] != want[14], "the prompt does not tell sampling parameters apart"
+    got: dict = {}
+    with LiveServer(create_app(b, "m", max_queue=4, max_concurrency=2)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def ask(seed):
+            r = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0.9, top_p=0.85,
+                                          seed=seed, extra_body={"top_k": 24, "ignore_eos": True})
+            got[seed] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(seed,)) for seed in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert got == want, f"served {got} vs direct {want}"
+    b.close()

@@ -41,6 +41,7 @@ ENGINE_DIR = "tensorrt"  # BUNDLE/tensorrt/: model.engine + manifest.json + prof
 ENGINE_FILE = "model.engine"
 TIMING_CACHE = "tensorrt.timing.cache"  # at the bundle root, so a --force rebuild of the engine keeps it
 ONNX_DIR = "onnx"
+TENSORRT_KV_CACHE = "pool"  # the graph contract engines are built from (trt_gemma/onnx/pool.py)
 
 
 def builder_version(builder: Builder) -> str | None:
@@ -265,7 +266,8 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
     lm_head quantized as the recipe's `lm_head_quant` says."""
     onnx_dir = bundle / ONNX_DIR
     existing = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
-    want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len}
+    want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len,
+            "kv_cache": TENSORRT_KV_CACHE}
     made = _export_options(onnx_dir)
     if existing and made in (None, want):  # a graph put there by hand is used as it is
         return existing[0]
@@ -277,8 +279,11 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
     _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len}, {activations} "
               f"activations, lm_head {lm_head})")
     # last-position logits: a prefill profile neither computes nor returns [batch, max_input_len, vocab] float32
+    # the pool layout: new K/V rows out, written into the pool by the runtime (no input/output aliasing, which
+    # TensorRT < 10.15 cannot express); ArgMax / TopK out, so the runtime downloads ids, not vocabulary-wide rows
     result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last",
-                         activations=activations, lm_head=lm_head, force=made is not None)
+                         activations=activations, lm_head=lm_head, force=made is not None,
+                         kv_cache=TENSORRT_KV_CACHE)
     return _onnx_path(result, onnx_dir)
 
 
@@ -290,7 +295,7 @@ def _export_options(onnx_dir: Path) -> dict | None:
         return None
     m = json.loads(man.read_text()).get("model", {})
     return {k: m.get(k, d) for k, d in (("activation_dtype", "float32"), ("lm_head", "none"), ("logits", "all"),
-                                        ("max_seq_len", None))}
+                                        ("max_seq_len", None), ("kv_cache", "concat"))}
 
 
 def _onnx_path(result, onnx_dir: Path) -> Path:

@@ -54,10 +54,12 @@ class StepLoopBackend(Backend):
         stops = frozenset(() if params.ignore_eos else self.tokenizer.stop_token_ids)
         self.loop.submit(Row(ids, params, stops, items.put, lambda: gone.is_set() or cancel()))
         decoder = self.tokenizer.incremental_decoder()
+        ended = False
         try:
             while True:
                 item = items.get()
                 if item is END:
+                    ended = True
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -70,6 +72,9 @@ class StepLoopBackend(Backend):
                     return
         finally:
             gone.set()
+            self.loop.wake()
+            while not ended:  # the row's slot and KV are free when the consumer leaves, as with a per-request cache
+                ended = items.get() is END
 
     def kv_usage(self) -> KVUsage:
         return KVUsage(capacity_tokens=self.slots * self.loop.limit, used_tokens=self.loop.used_tokens(),

@@ -245,20 +245,20 @@ class PoolModel:
     guard's moderation): a fresh single-slot pool per call, run directly on the session."""
 
     def __init__(self, session, man: dict, kv_dtype):
-        self.session, self.man, self.kv_dtype = session, man, kv_dtype
+        self.session, self.manifest, self.kv_dtype = session, man, kv_dtype
         self.weight_bytes = int(man["external_bytes"])
 
     def forward(self, ids, cache=None, last_only: bool = True) -> np.ndarray:
         if cache is not None or not last_only:
             raise InputError("a pool-layout graph scores the last position of a fresh sequence only",
                              fix="use an export with --kv-cache concat for cached or all-position forwards")
-        m = self.man["model"]
+        m = self.manifest["model"]
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         feeds = {"input_ids": ids, "past_lengths": np.zeros(1, np.int64), "slot_ids": np.zeros(1, np.int64)}
         if m.get("vocab_mask"):
             feeds["vocab_mask"] = np.ones((1, m["vocab_size"]), bool)
         empty = np.zeros((1, 1, m["num_key_value_heads"], m["head_size"]), self.kv_dtype)
-        feeds.update({n: empty for n in self.man["inputs"] if n.startswith("past_key_values.")})
+        feeds.update({n: empty for n in self.manifest["inputs"] if n.startswith("past_key_values.")})
         return self.session.run(["logits"], feeds)[0]
 
 

@@ -50,6 +50,7 @@ class Row:
     pending: int | None = None  # the token the next decode step feeds
     generated: int = 0
     last_t: float = field(default_factory=time.perf_counter)
+    need: str = "greedy"  # what sampling reads: "greedy" (next_token), "topk" (the candidates) or "full" (logits)
 
     def __post_init__(self):
         p = self.params
@@ -76,10 +77,17 @@ class StepLoop:
 
     # ---- any thread ----
     def submit(self, row: Row) -> None:
+        greedy = row.sampler.params.is_greedy
+        row.need = "greedy" if greedy else "topk" if 0 < row.params.top_k <= self.top_k else "full"
         with self.cv:
             if self.closed:
                 raise RuntimeError("the step loop is closed")
             self.waiting.append(row)
+            self.cv.notify()
+
+    def wake(self) -> None:
+        """A row's consumer left: turn now even if nothing else would (its slot is freed at the turn)."""
+        with self.cv:
             self.cv.notify()
 
     def used_tokens(self) -> int:
@@ -113,15 +121,21 @@ class StepLoop:
                 break
             n = min(budget, len(row.prompt) - row.length)
             budget -= n
-            self._run([row], row.prompt[None, row.length:row.length + n], final=row.length + n == len(row.prompt))
+            self._run([row], row.prompt[row.length:row.length + n].tolist(), n,
+                      final=row.length + n == len(row.prompt))
         decoding = [r for r in self.rows if r.pending is not None]
         if decoding:
-            self._run(decoding, np.array([[r.pending] for r in decoding], np.int64), final=True)
+            self._run(decoding, [r.pending for r in decoding], 1, final=True)
 
     def _admit(self) -> None:
         for row in [r for r in self.rows if r.cancel()]:  # cancelled between turns (e.g. while prefilling)
             self._release(row)
+        if not self.waiting:  # (a hint without the lock: a row submitted now is admitted next turn)
+            return
         with self.cv:
+            for row in [r for r in self.waiting if r.cancel()]:  # gone before it got a slot
+                self.waiting.remove(row)
+                row.sink(END)
             while self.waiting and self.pool.free:
                 row = self.waiting.popleft()
                 if row.cancel():
@@ -130,17 +144,20 @@ class StepLoop:
                 row.slot = self.pool.take()
                 self.rows.append(row)
 
-    def _run(self, rows: list[Row], ids: np.ndarray, final: bool) -> None:
-        batch, new = ids.shape
-        longest = max(r.length for r in rows)
+    def _run(self, rows: list[Row], ids: list[int], new: int, final: bool) -> None:
+        """One execution: `ids` are the rows' new tokens, `new` per row, row-major."""
+        batch = len(rows)
+        lengths = [r.length for r in rows]
+        longest = max(lengths)
         bucket = self._round(longest)
-        self.pool.ensure_zeroed(self._round(longest + new))  # before this step's rows land: never zeroed after
+        if longest + new > self.pool.zeroed:  # before this step's rows land: never zeroed after
+            self.pool.ensure_zeroed(self._round(longest + new))
         views = self.staging.views(bucket, batch, new)
-        header = np.concatenate([ids.reshape(-1), [r.length for r in rows], [r.slot for r in rows]])
+        header = np.array(ids + lengths + [r.slot for r in rows], np.int64)
         try:
-            self.ex.upload(views.header, header.astype(np.int64, copy=False))
+            self.ex.upload(views.header, header)
             self.ex.run(0, views.bindings)
-            self.pool.write_rows(views.new_kv, [(r.slot, r.length) for r in rows])
+            self.pool.write_rows(views.new_kv, [(r.slot, n) for r, n in zip(rows, lengths)])
             picks = self._sample(rows, views) if final else None
         except Exception as e:  # noqa: BLE001 - reported to the requests of this step; the loop carries on
             for row in rows:
@@ -161,8 +178,7 @@ class StepLoop:
     def _sample(self, rows: list[Row], views) -> list[int]:
         """One token per row from what the step returned (downloaded only as far as some row needs it)."""
         batch, k = len(rows), self.top_k
-        needs = ["greedy" if r.sampler.params.is_greedy else "topk" if 0 < r.params.top_k <= k else "full"
-                 for r in rows]
+        needs = [r.need for r in rows]
         if "topk" in needs or "full" in needs:
             ids_out = self.ex.download(views.ids_out)
             topk_ids, topk_lp = ids_out[batch:].reshape(batch, k), self.ex.download(views.topk_logprobs)
