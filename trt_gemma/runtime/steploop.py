@@ -73,7 +73,8 @@ class StepLoop:
         self.cv = threading.Condition()
         self.closed = False
         self.steps = 0  # graph executions (benchmarks: KV bytes read per step)
-        self.kv_rows_read = 0  # sum over steps of bucket x batch
+        self.kv_rows_read = 0  # sum over steps of bucket x batch: pool rows (one position of one slot) bound
+        self.kv_rows_needed = 0  # sum over steps of the rows' past lengths: what an exact-length read would take
 
     # ---- any thread ----
     def submit(self, row: Row) -> None:
@@ -166,6 +167,7 @@ class StepLoop:
             return
         self.steps += 1
         self.kv_rows_read += bucket * batch
+        self.kv_rows_needed += sum(lengths)
         now = time.perf_counter()
         for b, row in enumerate(rows):
             row.length += new
