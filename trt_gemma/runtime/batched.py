@@ -52,12 +52,18 @@ class StepLoopBackend(Backend):
         items: queue.SimpleQueue = queue.SimpleQueue()
         gone = threading.Event()  # the consumer left: the loop frees the row at its next turn
         stops = frozenset(() if params.ignore_eos else self.tokenizer.stop_token_ids)
-        self.loop.submit(Row(ids, params, stops, items.put, lambda: gone.is_set() or cancel()))
+        row = Row(ids, params, stops, items.put, lambda: gone.is_set() or cancel())
+        self.loop.submit(row)
         decoder = self.tokenizer.incremental_decoder()
         ended = False
         try:
             while True:
-                item = items.get()
+                try:
+                    item = items.get_nowait()
+                except queue.Empty:
+                    if self.loop.drive_alone(row):  # alone: this thread runs the turn
+                        continue
+                    item = items.get()
                 if item is END:
                     ended = True
                     return

@@ -5,6 +5,8 @@ thread. Each turn it admits waiting requests into free slots, spends up to `pref
 requests still reading their prompts (oldest first, one chunk each, so a long prompt holds running streams up for at
 most one chunk), then runs one decode step over every request that has a token to feed. Rows finish (stop token,
 max_tokens, a full context) or are cancelled independently; a finished row's slot is free for the next turn.
+Turns never overlap (`turning`); while one request is alone its own consumer runs them (`drive_alone`), so a lone
+stream pays no hand-over between threads per token, and the engine thread takes over the moment another arrives.
 
 Per step the plain Python here decides the bucket (the longest past length among the step's rows, rounded up to
 `kv_bucket`: the graph reads only that prefix of the pool), writes ids / past lengths / slots into the staging
@@ -71,6 +73,8 @@ class StepLoop:
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []  # holding a slot, in admission order
         self.cv = threading.Condition()
+        self.turning = threading.Lock()  # held for each turn: turns never overlap, whichever thread runs them
+        self.solo: Row | None = None  # a lone row whose consumer runs the turns itself (`drive_alone`)
         self.closed = False
         self.steps = 0  # graph executions (benchmarks: KV bytes read per step)
         self.kv_rows_read = 0  # sum over steps of bucket x batch: pool rows (one position of one slot) bound
@@ -84,12 +88,27 @@ class StepLoop:
             if self.closed:
                 raise RuntimeError("the step loop is closed")
             self.waiting.append(row)
+            self.solo = None  # not alone any more: the engine thread turns from now on
             self.cv.notify()
 
     def wake(self) -> None:
-        """A row's consumer left: turn now even if nothing else would (its slot is freed at the turn)."""
+        """A row's consumer left: the engine thread turns now (its slot is freed at the turn)."""
         with self.cv:
+            self.solo = None
             self.cv.notify()
+
+    def drive_alone(self, row: Row) -> bool:
+        """Run one turn on the calling thread (the consumer of `row`, waiting for its next token) if `row` is the
+        only request: a lone stream then decodes with no hand-over between threads, as a per-request generation
+        does. False when others are there (the engine thread serves them all)."""
+        with self.cv:
+            alone = not self.closed and (self.rows == [row] and not self.waiting
+                                         or not self.rows and len(self.waiting) == 1 and self.waiting[0] is row)
+            self.solo = row if alone else None
+        if alone:
+            with self.turning:
+                self.turn()
+        return alone
 
     def used_tokens(self) -> int:
         return sum(r.length for r in list(self.rows))
@@ -103,15 +122,17 @@ class StepLoop:
     def run_forever(self) -> None:
         while True:
             with self.cv:
-                while not self.closed and not self.waiting and not self.rows:
+                while not self.closed and (self.solo is not None or not self.waiting and not self.rows):
                     self.cv.wait()
                 if self.closed:
                     break
-            self.turn()
-        for row in [*self.rows, *self.waiting]:
-            row.sink(RuntimeError("the model was closed"))
-            row.sink(END)
-        self.rows, self.waiting = [], collections.deque()
+            with self.turning:
+                self.turn()
+        with self.turning:
+            for row in [*self.rows, *self.waiting]:
+                row.sink(RuntimeError("the model was closed"))
+                row.sink(END)
+            self.rows, self.waiting = [], collections.deque()
 
     def turn(self) -> None:
         """Admit, prefill up to one chunk of prompt tokens, decode every row with a token to feed."""
