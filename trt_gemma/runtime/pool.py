@@ -19,6 +19,7 @@ import numpy as np
 from trt_gemma.runtime.executor import Buffer, Executor, View
 
 ALIGN = 256  # bytes: where each staging tensor starts (CUDA's allocation alignment)
+PLAN_CACHE = 256  # step shapes whose views are kept (decode shapes repeat; prefill chunk lengths vary)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class Staging:
         key = (bucket, batch, new)
         plan = self._plans.get(key)
         if plan is None:
+            if len(self._plans) >= PLAN_CACHE:  # prefill lengths vary: keep the memory bounded
+                self._plans.clear()
             plan = self._plans[key] = self._make(bucket, batch, new)
         return plan
 
