@@ -80,6 +80,25 @@ def child_api(onnx_dir: Path, streams: list[int], tokens: int) -> dict:
     return out
 
 
+def child_lone(pool_dir: Path, inplace_dir: Path, tokens: int, rounds: int = 9) -> dict:
+    """One stream through the API, step loop and per-request generation loaded side by side and run alternately
+    (`rounds` each): the ratio of medians, robust to a host whose load drifts."""
+    from trt_gemma.api import Model
+    from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
+
+    models = {name: Model(OnnxRuntimeBackend.load(d, slots=8), max_concurrency=8)
+              for name, d in (("step loop", pool_dir), ("per-request threads", inplace_dir))}
+    ids = prompts(1, 4000)[0]
+    rates: dict = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m.generate(ids, max_tokens=tokens, ignore_eos=True)
+            if r:  # round 0 warms up
+                rates[name].append(tokens / (time.perf_counter() - t0))
+    return {name: statistics.median(v) for name, v in rates.items()}
+
+
 def child_gap(onnx_dir: Path, chunk: int, tokens: int) -> dict:
     """3 streams decode; after 30 tokens each, a 2,000-token prompt arrives: their token gaps before and during it."""
     from trt_gemma.runtime.base import GenerationParams
@@ -148,6 +167,7 @@ def child_server(onnx_dir: Path, streams: list[int], tokens: int) -> dict:
 def child(kind: str, path: str, streams: str, tokens: int, chunk: int) -> None:
     ns = [int(x) for x in streams.split(",")]
     fn = {"api": lambda: child_api(Path(path), ns, tokens), "server": lambda: child_server(Path(path), ns, tokens),
+          "lone": lambda: child_lone(*(Path(p) for p in path.split(os.pathsep)), tokens),
           "gap": lambda: child_gap(Path(path), chunk, tokens)}[kind]
     print(json.dumps(fn()))
 
@@ -243,6 +263,9 @@ def main() -> None:
     print(f"aggregate decode tok/s, embedded model, {args.tokens} tokens per stream (Python API):")
     table("embedded", api, streams)
     print(f"  step loop KV rows bound / exact past lengths: {api['step loop']['kv_read_over_needed']:.2f}x")
+    lone = run_child("lone", Path(os.pathsep.join(str(d) for d in dirs.values())), "1", args.tokens)
+    print(f"  one stream, alternating runs: step loop {lone['step loop']:.1f}, per-request {lone['per-request threads']:.1f} "
+          f"tok/s ({lone['step loop'] / lone['per-request threads']:.3f}x; goal >= 0.97x)", flush=True)
     rooflines("embedded step loop", dirs["step loop"], api["step loop"], bw, peak, args.tokens)
     if not args.skip_server:
         served = {name: run_child("server", d, args.streams, args.tokens) for name, d in dirs.items()}

@@ -203,9 +203,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
-    k_t = None  # keys as [B, kv, d, S] where the layout yields them so (no Transpose of the whole K)
     if sh.kv_cache == "pool":  # past rows gathered from the bound pool prefix ++ new; the new rows go out
-        k_t, v = pool.attend_kv(g, i, k, v, sh.new_rows)
+        k, v = pool.attend_kv(g, i, k, v, sh.new_rows)
     elif sh.scatter_idx is None:  # present = past ++ new
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
@@ -219,7 +218,7 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
-    scores = g.op("MatMul", qg, k_t or g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
     scale = float(attention_scale(c.query_pre_attn_scalar))
     cap = c.attn_logit_softcapping
     if cap is None:

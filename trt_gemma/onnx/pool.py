@@ -83,17 +83,16 @@ def masks(g: Graph, cfg: CheckpointConfig, q_pos: str, offsets: str, k_past: str
 
 
 def attend_kv(g: Graph, i: int, k: str, v: str, new_rows: list[str]) -> tuple[str, str]:
-    """k, v [B, kv, T, d] (after RoPE) -> (keys [B, kv, d, past_bucket + T], the score MatMul's right operand;
-    values [B, kv, past_bucket + T, d]): the slots' rows gathered from the bound pool prefix, then the new ones. The
-    new rows are kept for `new_kv` as they are ([B, kv, T, d]: for a decode step one dense [kv, d] row per
-    sequence)."""
-    past_k = g.op("Gather", f"past_key_values.{i}.key", "slot_ids", axis=1)  # [Lb, B, kv, d]
-    keys = g.op("Concat", g.op("Transpose", past_k, perm=[1, 2, 3, 0]), g.op("Transpose", k, perm=[0, 1, 3, 2]),
-                axis=3)
-    past_v = g.op("Gather", f"past_key_values.{i}.value", "slot_ids", axis=1)
-    values = g.op("Concat", g.op("Transpose", past_v, perm=[1, 2, 0, 3]), v, axis=2)
-    new_rows += [k, v]
-    return keys, values
+    """k, v [B, kv, T, d] (after RoPE) -> past ++ new [B, kv, past_bucket + T, d]: the rows' slots gathered from the
+    bound pool prefix, moved heads-first (whole head_size rows move: a block copy, where putting the sequence axis
+    last is an element-wise transpose), then the new rows. The new rows are kept for `new_kv` as they are
+    ([B, kv, T, d]: for a decode step one dense [kv, d] row per sequence)."""
+    out = []
+    for name, x in (("key", k), ("value", v)):
+        past = g.op("Gather", f"past_key_values.{i}.{name}", "slot_ids", axis=1)  # [Lb, B, kv, d]
+        out.append(g.op("Concat", g.op("Transpose", past, perm=[1, 2, 0, 3]), x, axis=2))
+        new_rows.append(x)
+    return out[0], out[1]
 
 
 def outputs(g: Graph, cfg: CheckpointConfig, logits: str, new_rows: list[str], top_k: int, vocab_mask: bool) -> None:
