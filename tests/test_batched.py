@@ -54,26 +54,26 @@ def test_ort_executor_memory_ops_match_numpy(tmp_path, ckpt):
 # ---- the graph against the reference -----------------------------------------------------------------------------
 
 class NumpyPool:
-    """An independent pool for driving the graph by hand: [2L, capacity, slots, kv, d] numpy arrays."""
+    """An independent pool for driving the graph by hand: [2L, slots, kv, capacity, d] numpy arrays (stale rows
+    filled with large values: the graph must mask them)."""
 
     def __init__(self, man: dict, slots: int, capacity: int):
         m = man["model"]
         self.L, self.vocab = m["num_hidden_layers"], m["vocab_size"]
-        self.kv = np.zeros((2 * self.L, capacity, slots, m["num_key_value_heads"], m["head_size"]), np.float32)
+        self.kv = np.full((2 * self.L, slots, m["num_key_value_heads"], capacity, m["head_size"]), 50.0, np.float32)
 
     def feeds(self, ids: np.ndarray, lengths: list[int], slots: list[int], bucket: int, mask=None) -> dict:
         f = {"input_ids": ids.astype(np.int64), "past_lengths": np.array(lengths, np.int64),
-             "slot_ids": np.array(slots, np.int64)}
+             "slot_ids": np.array(slots, np.int64), "past_positions": np.arange(bucket, dtype=np.int64)}
         for i in range(self.L):
-            f[f"past_key_values.{i}.key"], f[f"past_key_values.{i}.value"] = self.kv[2 * i, :bucket], \
-                self.kv[2 * i + 1, :bucket]
+            f[f"past_key_values.{i}.key"], f[f"past_key_values.{i}.value"] = self.kv[2 * i], self.kv[2 * i + 1]
         if mask is not None:
             f["vocab_mask"] = mask
         return f
 
     def write(self, new_kv: np.ndarray, lengths: list[int], slots: list[int]) -> None:
         for b, (n, s) in enumerate(zip(lengths, slots)):  # new_kv [2L, B, kv, T, d]
-            self.kv[:, n:n + new_kv.shape[3], s] = new_kv[:, b].transpose(0, 2, 1, 3)
+            self.kv[:, s, :, n:n + new_kv.shape[3]] = new_kv[:, b]
 
 
 @pytest.mark.parametrize("kind", ["fp32", "awq"])

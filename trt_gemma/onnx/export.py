@@ -124,6 +124,7 @@ class _Shared:
     scatter_idx: str | None  # int64 [B, kv_heads, T, 3]: (batch, kv head, position) of each new row, for ScatterND
     kv_cache: str = "concat"
     new_rows: list = field(default_factory=list)
+    pool_rows: str | None = None  # int64 [B, past_bucket]: the pool rows a pool-layout step gathers
 
 
 def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
@@ -153,9 +154,10 @@ def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str
 
 def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) -> _Shared:
     if kv_cache == "pool":  # per-row positions [B, T] and masks [B, 1, group*T, S]
-        q_pos, offsets, k_past = pool.positions(g)
+        q_pos, offsets, k_past, rows = pool.positions(g, cfg)
         cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=True)
-        return _Shared(cos, sin, position_ids, pool.masks(g, cfg, q_pos, offsets, k_past), None, kv_cache)
+        return _Shared(cos, sin, position_ids, pool.masks(g, cfg, q_pos, offsets, k_past), None, kv_cache,
+                       pool_rows=rows)
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=False)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
@@ -204,7 +206,7 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
     if sh.kv_cache == "pool":  # past rows gathered from the bound pool prefix ++ new; the new rows go out
-        k, v = pool.attend_kv(g, i, k, v, sh.new_rows)
+        k, v = pool.attend_kv(g, c, i, k, v, sh.pool_rows, sh.new_rows)
     elif sh.scatter_idx is None:  # present = past ++ new
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")

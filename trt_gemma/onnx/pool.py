@@ -2,11 +2,14 @@
 
 A step runs `input_ids` [batch, T] for `batch` sequences that each have their own past length (`past_lengths`
 [batch]) and live in their own slot of the pool (`slot_ids` [batch]). Per layer the pool holds K and V as
-`[capacity, slots, kv_heads, head_dim]`, sequence-major, so the first L positions of every slot are one contiguous
-block: the runtime binds `past_key_values.{i}.key/value` = that prefix `[past_bucket, slots, kv_heads, head_dim]`
-without copying, with `past_bucket` the longest active row rounded up to a bucket. The graph gathers its rows' slots,
-masks per row (a key is visible when it was written, is not in the future, and, on sliding layers, is inside the
-window) and attends over past ++ new.
+`[slots, kv_heads, capacity, head_dim]` blocks, bound as they are (`past_key_values.{i}.key/value`: the same address
+and shape every step, nothing copied). `past_positions` [past_bucket] (0 .. bucket - 1, the longest active row
+rounded up to a bucket) says which positions the step reads: the graph gathers head_dim rows
+`(slot * kv_heads + head) * capacity + position` straight into attention's [batch, kv_heads, past_bucket, head_dim]
+(no Transpose), so it reads `batch x kv_heads x past_bucket` rows, each (sequence, head) one contiguous run: a lone
+sequence reads dense blocks, where a sequence-major pool would stride over every slot. It masks per row (a key is visible
+when it was written, is not in the future, and, on sliding layers, is inside the window) and attends over
+past ++ new.
 
 Nothing is written in place: the graph returns the new rows only, `new_kv` [2 * layers, batch, kv_heads, T, head_dim]
 (layer-major, key then value; for T = 1 each sequence's row of a layer is one dense [kv_heads, head_dim] block), and
@@ -38,21 +41,27 @@ def declare_io(g: Graph, cfg: CheckpointConfig, vocab_mask: bool) -> None:
     g.input("slot_ids", "INT64", ["batch"])
     if vocab_mask:
         g.input("vocab_mask", "BOOL", ["batch", cfg.vocab_size])
+    g.input("past_positions", "INT64", ["past_bucket"])
     for i in range(cfg.num_hidden_layers):
         for kv in ("key", "value"):
             g.input(f"past_key_values.{i}.{kv}", g.act,
-                    ["past_bucket", "slots", cfg.num_key_value_heads, cfg.head_size])
+                    ["slots", cfg.num_key_value_heads, "capacity", cfg.head_size])
 
 
-def positions(g: Graph) -> tuple[str, str, str]:
-    """(query positions [B, T], new-token offsets [T], past key positions [Lb])."""
+def positions(g: Graph, cfg: CheckpointConfig) -> tuple[str, str, str, str]:
+    """(query positions [B, T], new-token offsets [T], past key positions [Lb], the pool rows to gather
+    [B, kv_heads, Lb])."""
     i64 = np.int64
     new = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), g.const([0], i64))
-    bucket = g.op("Squeeze", g.op("Shape", "past_key_values.0.key", start=0, end=1), g.const([0], i64))
     offsets = g.op("Range", g.const(0, i64), new, g.const(1, i64))
     q_pos = g.op("Add", g.op("Unsqueeze", "past_lengths", g.const([1], i64)),
                  g.op("Unsqueeze", offsets, g.const([0], i64)))
-    return q_pos, offsets, g.op("Range", g.const(0, i64), bucket, g.const(1, i64))
+    capacity = g.op("Shape", "past_key_values.0.key", start=2, end=3)  # [1]
+    heads = g.const(np.arange(cfg.num_key_value_heads).reshape(1, -1, 1), i64)
+    first = g.op("Add", g.op("Mul", g.op("Unsqueeze", "slot_ids", g.const([1, 2], i64)),
+                             g.const(cfg.num_key_value_heads, i64)), heads)  # [B, kv, 1]: slot * kv + head
+    rows = g.op("Add", g.op("Mul", first, capacity), g.op("Unsqueeze", "past_positions", g.const([0, 1], i64)))
+    return q_pos, offsets, "past_positions", rows
 
 
 def masks(g: Graph, cfg: CheckpointConfig, q_pos: str, offsets: str, k_past: str) -> dict:
@@ -82,15 +91,16 @@ def masks(g: Graph, cfg: CheckpointConfig, q_pos: str, offsets: str, k_past: str
     return out
 
 
-def attend_kv(g: Graph, i: int, k: str, v: str, new_rows: list[str]) -> tuple[str, str]:
-    """k, v [B, kv, T, d] (after RoPE) -> past ++ new [B, kv, past_bucket + T, d]: the rows' slots gathered from the
-    bound pool prefix, moved heads-first (whole head_size rows move: a block copy, where putting the sequence axis
-    last is an element-wise transpose), then the new rows. The new rows are kept for `new_kv` as they are
-    ([B, kv, T, d]: for a decode step one dense [kv, d] row per sequence)."""
+def attend_kv(g: Graph, cfg: CheckpointConfig, i: int, k: str, v: str, rows: str,
+              new_rows: list[str]) -> tuple[str, str]:
+    """k, v [B, kv, T, d] (after RoPE) -> past ++ new [B, kv, past_bucket + T, d]: the step's pool rows gathered
+    from the bound block (viewed as [slots * kv * capacity, d]) in attention's layout, then the new rows. The new
+    rows are kept for `new_kv` as they are ([B, kv, T, d])."""
     out = []
+    flat = g.const([-1, cfg.head_size], np.int64)
     for name, x in (("key", k), ("value", v)):
-        past = g.op("Gather", f"past_key_values.{i}.{name}", "slot_ids", axis=1)  # [Lb, B, kv, d]
-        out.append(g.op("Concat", g.op("Transpose", past, perm=[1, 2, 0, 3]), x, axis=2))
+        pool = g.op("Reshape", f"past_key_values.{i}.{name}", flat)
+        out.append(g.op("Concat", g.op("Gather", pool, rows, axis=0), x, axis=2))
         new_rows.append(x)
     return out[0], out[1]
 

@@ -254,7 +254,8 @@ class PoolModel:
                              fix="use an export with --kv-cache concat for cached or all-position forwards")
         m = self.manifest["model"]
         ids = np.asarray(ids, np.int64).reshape(1, -1)
-        feeds = {"input_ids": ids, "past_lengths": np.zeros(1, np.int64), "slot_ids": np.zeros(1, np.int64)}
+        feeds = {"input_ids": ids, "past_lengths": np.zeros(1, np.int64), "slot_ids": np.zeros(1, np.int64),
+                 "past_positions": np.zeros(1, np.int64)}  # one masked position: nothing cached
         if m.get("vocab_mask"):
             feeds["vocab_mask"] = np.ones((1, m["vocab_size"]), bool)
         empty = np.zeros((1, 1, m["num_key_value_heads"], m["head_size"]), self.kv_dtype)

@@ -1,10 +1,11 @@
 """The KV pool and the binding plan of a pool-layout graph (onnx/pool.py), over any `Executor`.
 
-Memory: one executor buffer holds every layer's K and V as blocks `[capacity, slots, kv_heads, head_dim]`
-(block j = layer j // 2, key for even j, value for odd), so the first `bucket` positions of block j are one dense
-`[bucket, slots, kv_heads, head_dim]` view: the step binds that prefix as `past_key_values.*` without a copy. A second
-buffer (staging) holds a step's inputs and outputs; the views of one step shape (bucket, batch, new tokens) are made
-once and kept, so a decode step binds the same mapping object again (an executor may cache its binding on it).
+Memory: one executor buffer holds every layer's K and V as blocks `[slots, kv_heads, capacity, head_dim]`
+(block j = layer j // 2, key for even j, value for odd), each bound whole as its `past_key_values.*` input (same
+address and shape every step); `past_positions` (a view of 0 .. capacity - 1 in staging, `bucket` long) tells the
+graph how many positions to gather. A second buffer (staging) holds a step's inputs and outputs; the views of one
+step shape (bucket, batch, new tokens) are made once and kept, so a decode step binds the same mapping object again
+(an executor may cache its binding on it).
 
 Positions a step may read are zeroed the first time a bucket reaches them (`cudaMallocAsync` memory is not): the
 graph masks unwritten keys, but a masked NaN would still reach the output through probabilities x values.
@@ -36,12 +37,16 @@ class PoolShape:
         return self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     @cached_property
-    def pos_pitch(self) -> int:
-        return self.slots * self.row_bytes
+    def head_pitch(self) -> int:  # one (slot, head) run of capacity head_dim rows
+        return self.capacity * self.row_bytes // self.kv_heads
+
+    @cached_property
+    def slot_pitch(self) -> int:
+        return self.capacity * self.row_bytes
 
     @cached_property
     def block_bytes(self) -> int:
-        return self.capacity * self.pos_pitch
+        return self.slots * self.slot_pitch
 
     @cached_property
     def nbytes(self) -> int:
@@ -69,43 +74,47 @@ class KVPool:
         assert slot not in self.free
         self.free.append(slot)
 
-    def prefix(self, block: int, bucket: int) -> View:
+    def block(self, j: int) -> View:
         s = self.shape
-        return View(self.buffer, block * s.block_bytes, (bucket, s.slots, s.kv_heads, s.head_dim), s.dtype)
+        return View(self.buffer, j * s.block_bytes, (s.slots, s.kv_heads, s.capacity, s.head_dim), s.dtype)
 
     def ensure_zeroed(self, upto: int) -> None:
         s = self.shape
         if upto <= self.zeroed:
             return
-        zeros = np.zeros((upto - self.zeroed, s.slots, s.kv_heads, s.head_dim), s.dtype)
+        zeros = np.zeros((upto - self.zeroed, s.head_dim), s.dtype)
+        hb = s.row_bytes // s.kv_heads
         for j in range(2 * s.layers):
-            self.ex.upload(View(self.buffer, j * s.block_bytes + self.zeroed * s.pos_pitch, zeros.shape, s.dtype),
-                           zeros)
+            for run in range(s.slots * s.kv_heads):
+                at = j * s.block_bytes + run * s.head_pitch + self.zeroed * hb
+                self.ex.upload(View(self.buffer, at, zeros.shape, s.dtype), zeros)
         self.zeroed = upto
 
     def write_rows(self, new_kv: View, rows: list[tuple[int, int]]) -> None:
         """`new_kv` [2L, B, kv, T, d] -> the pool: rows[b] = (slot, first position) of batch row b. A decode step
-        (T = 1) is one strided copy per row down all blocks; a prefill chunk one per block and head."""
+        (T = 1) is one strided copy per row and head down all blocks; a prefill chunk one per block (its heads'
+        runs of T rows)."""
         s = self.shape
         blocks, batch, heads, new, dim = new_kv.shape
-        rb, hb = s.row_bytes, s.row_bytes // heads
+        hb = s.row_bytes // heads
         for b, (slot, pos) in enumerate(rows):
-            dst = pos * s.pos_pitch + slot * rb
-            src = new_kv.offset + b * new * rb
+            dst = slot * s.slot_pitch + pos * hb
+            src = new_kv.offset + b * heads * new * hb
             if new == 1:
-                self.ex.copy2d(self.buffer, dst, s.block_bytes, new_kv.buffer, src, batch * rb, rb, blocks)
+                for h in range(heads):
+                    self.ex.copy2d(self.buffer, dst + h * s.head_pitch, s.block_bytes, new_kv.buffer,
+                                   src + h * hb, batch * heads * hb, hb, blocks)
                 continue
             for j in range(blocks):
-                for h in range(heads):
-                    self.ex.copy2d(self.buffer, j * s.block_bytes + dst + h * hb, s.pos_pitch, new_kv.buffer,
-                                   src + j * batch * new * rb + h * new * hb, hb, hb, new)
+                self.ex.copy2d(self.buffer, j * s.block_bytes + dst, s.head_pitch, new_kv.buffer,
+                               src + j * batch * heads * new * hb, new * hb, new * hb, heads)
 
 
 @dataclass
 class StepViews:
     """One step shape's bindings and the staging views the backend fills and reads."""
 
-    bindings: dict  # graph name -> View (the pool prefixes included)
+    bindings: dict  # graph name -> View (the pool blocks included)
     header: View  # int64 [B*T + 2B]: input_ids, past_lengths, slot_ids back to back
     ids_out: View  # int64 [B + B*K]: next_token, then topk_ids
     topk_logprobs: View
@@ -122,7 +131,7 @@ class Staging:
         s = pool.shape
         self.max_tokens = max_tokens  # batch x new tokens of the largest step
         i64 = 8
-        self.sizes = {"header": 3 * max_tokens * i64, "ids_out": max_tokens * (1 + top_k) * i64,
+        self.sizes = {"header": 3 * max_tokens * i64, "positions": s.capacity * i64, "ids_out": max_tokens * (1 + top_k) * i64,
                       "topk_logprobs": max_tokens * top_k * 4,
                       "logits": max_tokens * vocab * 4, "new_kv": 2 * s.layers * max_tokens * s.row_bytes,
                       "vocab_mask": max_tokens * vocab if vocab_mask else 0}
@@ -131,6 +140,7 @@ class Staging:
             self.offsets[name] = total
             total += -(-n // ALIGN) * ALIGN
         self.buffer = ex.alloc(total)
+        ex.upload(View(self.buffer, self.offsets["positions"], (s.capacity,), "int64"), np.arange(s.capacity))
         if vocab_mask:  # every token allowed: the mask input is there for callers that constrain decoding
             ex.upload(View(self.buffer, self.offsets["vocab_mask"], (max_tokens, vocab), "bool"),
                       np.ones((max_tokens, vocab), bool))
@@ -157,10 +167,11 @@ class Staging:
              "topk_ids": View(buf, o["ids_out"] + batch * 8, (batch, k), "int64"),
              "topk_logprobs": View(buf, o["topk_logprobs"], (batch, k), "float32"),
              "logits": View(buf, o["logits"], (batch, self.vocab), "float32"),
+             "past_positions": View(buf, o["positions"], (bucket,), "int64"),
              "new_kv": View(buf, o["new_kv"], (2 * s.layers, batch, s.kv_heads, new, s.head_dim), s.dtype)}
         if self.has_mask:
             b["vocab_mask"] = View(buf, o["vocab_mask"], (batch, self.vocab), "bool")
         for i in range(s.layers):
-            b[f"past_key_values.{i}.key"] = self.pool.prefix(2 * i, bucket)
-            b[f"past_key_values.{i}.value"] = self.pool.prefix(2 * i + 1, bucket)
+            b[f"past_key_values.{i}.key"] = self.pool.block(2 * i)
+            b[f"past_key_values.{i}.value"] = self.pool.block(2 * i + 1)
         return StepViews(b, header, ids_out, b["topk_logprobs"], b["logits"], b["new_kv"])

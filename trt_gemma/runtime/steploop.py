@@ -9,7 +9,7 @@ Turns never overlap (`turning`); while one request is alone its own consumer run
 stream pays no hand-over between threads per token, and the engine thread takes over the moment another arrives.
 
 Per step the plain Python here decides the bucket (the longest past length among the step's rows, rounded up to
-`kv_bucket`: the graph reads only that prefix of the pool), writes ids / past lengths / slots into the staging
+`kv_bucket`: the graph gathers only those positions of the rows' slots), writes ids / past lengths / slots into the staging
 buffer in one upload, runs, lands the new K/V rows in the pool (runtime/pool.py) and downloads what sampling needs:
 the greedy ids, the TopK candidates for a request whose top_k fits in them, the full logits row only for a request
 that samples from the whole vocabulary. Sampling is the reference sampler's (reference/sampling.py) with each
