@@ -4,7 +4,9 @@
                                       [--workdir DIR]
 
 Rows (each layout in its own child process, so memory and threads are its own):
-  aggregate decode tok/s at 1 / 2 / 4 / 8 concurrent greedy streams (32-token prompts, `--tokens` each), through the
+  aggregate decode tok/s at 1 / 2 / 4 / 8 concurrent greedy streams (32-token prompts, `--tokens` each; through the
+  API the tokens after each stream's first over the time from the last first token to the last token, so the
+  compute-bound prefill is left out; through the server the whole request), through the
   Python API (trt_gemma.api.Model) and through the server (`trt-gemma serve`, /v1/completions, one client thread
   per stream), for
     step loop:            a `--kv-cache pool` export on the onnxruntime backend (runtime/steploop.py)
@@ -70,14 +72,27 @@ def child_api(onnx_dir: Path, streams: list[int], tokens: int) -> dict:
     model.generate(ids[0], max_tokens=4, ignore_eos=True)  # warm-up: first-run allocations
     out = {}
     for n in streams:
-        walls = [concurrent(lambda i: model.generate(ids[i], max_tokens=tokens, ignore_eos=True), n)
-                 for _ in range(3 if n == 1 else 1)]
-        out[n] = n * tokens / statistics.median(walls)
+        out[n] = statistics.median(decode_rate(model, ids, n, tokens) for _ in range(3 if n == 1 else 1))
     loop = getattr(backend, "loop", None)
     if loop is not None and loop.kv_rows_needed:
         out["kv_read_over_needed"] = loop.kv_rows_read / loop.kv_rows_needed
         out["steps"] = loop.steps
     return out
+
+
+def decode_rate(model, ids: list[list[int]], n: int, tokens: int) -> float:
+    """Aggregate decode tok/s of n concurrent streams: the tokens after each stream's first, over the time from the
+    last first token (every prompt read) to the last token (prefill, which is compute-bound, left out)."""
+    first, last = [0.0] * n, [0.0] * n
+
+    def run(i):
+        for k, _ in enumerate(model.stream(ids[i], max_tokens=tokens, ignore_eos=True)):
+            last[i] = time.perf_counter()
+            if k == 0:
+                first[i] = last[i]
+
+    concurrent(run, n)
+    return n * (tokens - 1) / (max(last) - max(first))
 
 
 def child_lone(pool_dir: Path, inplace_dir: Path, tokens: int, rounds: int = 9) -> dict:
@@ -92,10 +107,9 @@ def child_lone(pool_dir: Path, inplace_dir: Path, tokens: int, rounds: int = 9) 
     rates: dict = {name: [] for name in models}
     for r in range(rounds + 1):
         for name, m in models.items():
-            t0 = time.perf_counter()
-            m.generate(ids, max_tokens=tokens, ignore_eos=True)
+            rate = decode_rate(m, [ids], 1, tokens)
             if r:  # round 0 warms up
-                rates[name].append(tokens / (time.perf_counter() - t0))
+                rates[name].append(rate)
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
