@@ -254,7 +254,10 @@ def test_threaded_backend_streams_and_reports_pool_usage(embedded):
     assert isinstance(b, OrtStepBackend) and b.name == "onnxruntime"
     prompts = _prompts(b.tokenizer, [20, 30, 40])
     p = GenerationParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    solo = [[s.token_id for s in b.stream(ids, p)] for ids in prompts]
+    solo = [[s.token_id for s in b.stream(ids, p)] for ids in prompts]  # alone: the consumer runs the turns
+    b.loop.consumer_turns = False  # as for an executor bound to one thread: the engine thread runs them
+    assert [s.token_id for s in b.stream(prompts[0], p)] == solo[0]
+    b.loop.consumer_turns = True
     got: dict = {}
     seen = []
 

@@ -64,7 +64,10 @@ class StepLoop:
     """The engine: call `submit` from any thread; `run_forever` on the engine thread (or `turn` from a test)."""
 
     def __init__(self, ex: Executor, shape: PoolShape, vocab: int, top_k: int, limit: int, *,
-                 vocab_mask: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bucket: int = KV_BUCKET):
+                 vocab_mask: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bucket: int = KV_BUCKET,
+                 consumer_turns: bool = True):
+        """`consumer_turns`: a lone request's consumer may run the turns (`drive_alone`); an executor that must be
+        called from one thread only (a thread-bound device context) turns it off."""
         self.ex, self.vocab, self.top_k = ex, vocab, top_k
         self.limit = min(limit, shape.capacity)  # positions a row may hold (prompt + generated)
         self.prefill_chunk, self.kv_bucket = max(1, prefill_chunk), max(1, kv_bucket)
@@ -75,6 +78,7 @@ class StepLoop:
         self.cv = threading.Condition()
         self.turning = threading.Lock()  # held for each turn: turns never overlap, whichever thread runs them
         self.solo: Row | None = None  # a lone row whose consumer runs the turns itself (`drive_alone`)
+        self.consumer_turns = consumer_turns
         self.closed = False
         self.steps = 0  # graph executions (benchmarks: KV bytes read per step)
         self.kv_rows_read = 0  # sum over steps of bucket x batch: pool rows (one position of one slot) bound
@@ -101,6 +105,8 @@ class StepLoop:
         """Run one turn on the calling thread (the consumer of `row`, waiting for its next token) if `row` is the
         only request: a lone stream then decodes with no hand-over between threads, as a per-request generation
         does. False when others are there (the engine thread serves them all)."""
+        if not self.consumer_turns:
+            return False
         with self.cv:
             alone = not self.closed and (self.rows == [row] and not self.waiting
                                          or not self.rows and len(self.waiting) == 1 and self.waiting[0] is row)
