@@ -332,7 +332,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
             g.close_data()
         summary = _summary(ckpt, cfg, max_seq_len, lm_head, kv_cache, logits, g)
         if heads is not None:
-            summary["model"].update(top_k=min(top_k, cfg.vocab_size), vocab_mask=vocab_mask)
+            summary["model"].update(top_k=min(top_k, cfg.vocab_size), vocab_mask=vocab_mask, contract=pool.CONTRACT)
         model = g.model("gemma2", f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)

@@ -33,6 +33,9 @@ from trt_gemma.reference.checkpoint import CheckpointConfig
 
 DEFAULT_TOP_K = 64
 NEW_KV = "new_kv"
+# the I/O contract's revision: in the manifest, and in the onnxruntime backend's cache key, so a cached export made
+# by an earlier contract is not bound with this one's names and shapes
+CONTRACT = "pool/2"
 
 
 def declare_io(g: Graph, cfg: CheckpointConfig, vocab_mask: bool) -> None:

@@ -125,12 +125,14 @@ def onnxruntime_available() -> bool:
 
 def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
     """Where the ONNX export of checkpoint `ckpt` is cached: `onnx/` beside the converted-checkpoint cache, keyed
-    by our version and the checkpoint's config and weight files (name, size, mtime)."""
+    by our version, the layout and its contract revision, and the checkpoint's config and weight files (name, size,
+    mtime)."""
     from trt_gemma import __version__
+    from trt_gemma.onnx.pool import CONTRACT
 
     root = Path(cache_dir).parent if cache_dir else _cache_root()
     files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")]
-    seed = f"{__version__}:{ONNX_KV_CACHE}:{ONNX_LOGITS}:{onnx_cache_opset()}"
+    seed = f"{__version__}:{ONNX_KV_CACHE}:{CONTRACT}:{ONNX_LOGITS}:{onnx_cache_opset()}"
     return _cache_entry(root / "onnx", Path(ckpt), seed, files)
 
 
