@@ -238,7 +238,8 @@ def test_a_cancelled_row_frees_its_slot_and_changes_no_other_row(embedded):
     arrivals = list(zip([0, 0, 0], prompts, params))
     full = drive(b.loop, arrivals)
     cut = drive(b.loop, arrivals, cancel_after={1: 5})
-    assert cut[1][:5] == full[1][:5] and len(cut[1]) <= 6, f"the cancelled row went on: {cut[1]}"
+    assert cut[1][:5] == full[1][:5] and len(cut[1]) == 6, f"the cancelled row went on: {cut[1]}"
+    assert cut[1][-1] == (full[1][5][0], "cancelled"), "the token after the cancel is not marked cancelled"
     assert cut[0] == full[0] and cut[2] == full[2], "cancelling one row changed another's tokens"
     assert b.loop.used_tokens() == 0 and sorted(b.loop.pool.free) == [0, 1, 2]
     b.close()

@@ -52,7 +52,7 @@ class StepLoopBackend(Backend):
         items: queue.SimpleQueue = queue.SimpleQueue()
         gone = threading.Event()  # the consumer left: the loop frees the row at its next turn
         stops = frozenset(() if params.ignore_eos else self.tokenizer.stop_token_ids)
-        row = Row(ids, params, stops, items.put, lambda: gone.is_set() or cancel())
+        row = Row(ids, params, stops, items.put, cancel, gone.is_set)
         self.loop.submit(row)
         decoder = self.tokenizer.incremental_decoder()
         ended = False

@@ -258,7 +258,7 @@ class PoolModel:
                  "past_positions": np.zeros(1, np.int64)}  # one masked position: nothing cached
         if m.get("vocab_mask"):
             feeds["vocab_mask"] = np.ones((1, m["vocab_size"]), bool)
-        empty = np.zeros((1, 1, m["num_key_value_heads"], m["head_size"]), self.kv_dtype)
+        empty = np.zeros((1, m["num_key_value_heads"], 1, m["head_size"]), self.kv_dtype)  # [slots, kv, capacity, d]
         feeds.update({n: empty for n in self.manifest["inputs"] if n.startswith("past_key_values.")})
         return self.session.run(["logits"], feeds)[0]
 

@@ -39,13 +39,15 @@ END = object()  # the last item a row's sink receives
 @dataclass(eq=False)
 class Row:
     """One request in the loop. `sink` receives (token, seconds, is_first, finish_reason) tuples, an exception, or
-    END; `cancel` is polled once per turn."""
+    END. `cancel` (the request's) is polled after each token, whose finish_reason is then "cancelled", as the
+    reference's generation does; `gone` (its consumer left: nobody reads the tokens) frees the row at the next turn."""
 
     prompt: np.ndarray
     params: GenerationParams
     stops: frozenset
     sink: Callable[[object], None]
     cancel: Callable[[], bool]
+    gone: Callable[[], bool] = lambda: False
     sampler: Sampler = field(init=False)
     slot: int = -1
     length: int = 0  # tokens in the pool
@@ -156,19 +158,17 @@ class StepLoop:
             self._run(decoding, [r.pending for r in decoding], 1, final=True)
 
     def _admit(self) -> None:
-        for row in [r for r in self.rows if r.cancel()]:  # cancelled between turns (e.g. while prefilling)
+        # consumer gone, or cancelled before its first token (a decoding row's next token carries "cancelled")
+        for row in [r for r in self.rows if r.gone() or r.pending is None and r.cancel()]:
             self._release(row)
         if not self.waiting:  # (a hint without the lock: a row submitted now is admitted next turn)
             return
         with self.cv:
-            for row in [r for r in self.waiting if r.cancel()]:  # gone before it got a slot
+            for row in [r for r in self.waiting if r.gone() or r.cancel()]:  # gone before it got a slot
                 self.waiting.remove(row)
                 row.sink(END)
             while self.waiting and self.pool.free:
                 row = self.waiting.popleft()
-                if row.cancel():
-                    row.sink(END)
-                    continue
                 row.slot = self.pool.take()
                 self.rows.append(row)
 
@@ -232,7 +232,7 @@ class StepLoop:
             reason = "stop"
         elif row.generated >= row.params.max_tokens or row.length >= self.limit:
             reason = "length"
-        elif row.cancel():
+        elif row.cancel() or row.gone():
             reason = "cancelled"
         row.sink((token, now - row.last_t, row.generated == 1, reason))
         row.last_t = now
