@@ -404,6 +404,7 @@ def test_bundle_export_follows_the_recipe_options(tmp_path):
     assert options()["lm_head"] == "int8" and options()["activation_dtype"] == "float16"
     E.export_onnx_for_bundle(bundle, 128, activations="bfloat16", lm_head="int8")
     assert options()["activation_dtype"] == "bfloat16" and options()["logits"] == "last"
+    assert options()["kv_cache"] == "pool"  # what an engine is built from: no input bound as an output
 
 
 def _load_polygraphy_outputs(path):
@@ -574,3 +575,29 @@ def test_exported_embedded_model_builds_for_sm86_and_sm89(exporter, tmp_path, ki
         r = E.build_engine(onnx_path, tmp_path / f"eng-{target}", get_target(target), Limits(1, 64, 256),
                            precisions=(kind,))
         assert r.engine_bytes > 0 and r.sm == TARGETS[target].sm_str, (kind, target)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "awq"])
+def test_pool_graph_builds_for_sm89_with_its_io_as_recorded(exporter, tmp_path, kind):
+    """The pool layout (the TensorRT route's contract: per-row past lengths, slot gather, new K/V rows out, ArgMax /
+    TopK / log-softmax heads, the vocabulary mask) from a float and an INT4-AWQ checkpoint, fp16 activations, through
+    the real builder; the manifest's I/O record is what the graph declares."""
+    import onnx
+
+    from test_onnx_export import make_awq
+    from trt_gemma.checkpoint.convert import convert_checkpoint
+
+    ckpt = convert_checkpoint(None, tmp_path / "ckpt", dtype="bfloat16" if kind == "bfloat16" else "float32",
+                              show_progress=False)
+    if kind == "awq":
+        ckpt = make_awq(ckpt, tmp_path / "awq")
+    s = exporter(ckpt, tmp_path / "onnx", max_seq_len=256, opset=21, activations="float16", kv_cache="pool",
+                 vocab_mask=True, show_progress=False)
+    onnx_path = E._onnx_path(s, tmp_path / "onnx")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    declared = [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+                for v in [*graph.input, *graph.output]]
+    assert declared == [(t["name"], t["shape"]) for t in s["io"]]
+    assert not {v.name for v in graph.input} & {v.name for v in graph.output}, "an input is also an output"
+    r = E.build_engine(onnx_path, tmp_path / "eng", "rtx-4090", Limits(4, 64, 256), precisions=("float16",))
+    assert r.engine_bytes > 0 and r.sm == TARGETS["rtx-4090"].sm_str

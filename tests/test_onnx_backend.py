@@ -14,7 +14,7 @@ pytest.importorskip("onnx", reason="the onnxruntime backend needs the onnx extra
 
 from trt_gemma.runtime.backends import (GenerationParams, detect_kind, load_backend, onnx_cache_dir,  # noqa: E402
                                 onnx_cache_opset)
-from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend, OrtModel  # noqa: E402
+from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend, OrtModel, OrtStepBackend  # noqa: E402
 from trt_gemma.runtime.reference import ReferenceBackend  # noqa: E402
 from trt_gemma.checkpoint.convert import convert_checkpoint  # noqa: E402
 from trt_gemma.errors import InputError  # noqa: E402
@@ -136,8 +136,9 @@ def test_load_backend_defaults_to_onnxruntime_and_caches_the_export(tiny, tmp_pa
     cache = tmp_path / "checkpoints"
     b = load_backend(ckpt, cache_dir=cache)
     entry = onnx_cache_dir(ckpt, cache)
-    assert isinstance(b, OnnxRuntimeBackend) and b.name == "onnxruntime" and b.info.path == str(ckpt)
-    assert entry.parent == tmp_path / "onnx" and detect_kind(entry) == "onnx" and b.model.inplace
+    assert isinstance(b, OrtStepBackend) and b.name == "onnxruntime" and b.info.path == str(ckpt)
+    assert entry.parent == tmp_path / "onnx" and detect_kind(entry) == "onnx"
+    assert b.model.manifest["model"]["kv_cache"] == "pool", "the cache entry is not the step loop's layout"
     assert b.model.manifest["opset"] == onnx_cache_opset(), "the cache entry is not at the backend's own opset"
     stamp = (entry / "model.onnx").stat().st_mtime_ns
     load_backend(ckpt, cache_dir=cache)  # reused, not exported again

@@ -26,16 +26,24 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()}
               help="Quantize the (tied) lm_head: int8 per vocab row or int4 in blocks of 128 (docs/onnx.md).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_LAYOUTS), default=_DEFAULTS["kv_cache"], show_default=True,
               help="concat: standard past/present (present = past ++ new); inplace: fixed-capacity buffers the new "
-                   "rows are scattered into, bound as past and present at once (the onnxruntime backend's).")
+                   "rows are scattered into, bound as past and present at once; pool: batched steps over a KV pool "
+                   "the runtime owns, per-row positions, new rows, ArgMax and TopK out (the onnxruntime backend's "
+                   "and the TensorRT route's; docs/onnx.md).")
 @click.option("--logits", type=click.Choice(LOGITS_CHOICES), default=_DEFAULTS["logits"], show_default=True,
               help="last: logits of the last position only, [batch, 1, vocab] (generation; norm and lm_head run on "
                    "one row); all: every position (perplexity / eval).")
 @click.option("--activations", type=click.Choice(ACTIVATIONS), default=_DEFAULTS["activations"], show_default=True,
               help="The dtype the graph computes in (weights keep theirs): float32 for CPU onnxruntime; float16 / "
                    "bfloat16 for TensorRT (the route exports with the recipe's dtype).")
+@click.option("--top-k", type=click.IntRange(1), default=_DEFAULTS["top_k"], show_default=True,
+              help="Candidates per row the pool layout returns (TopK ids and log-probabilities): the host samples "
+                   "from them for requests with top_k up to this.")
+@click.option("--vocab-mask", is_flag=True,
+              help="Pool layout: add a per-row bool [batch, vocab] input of allowed tokens, applied before ArgMax "
+                   "and TopK (constrained decoding, logit bias).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activations, force, as_json):
+def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activations, top_k, vocab_mask, force, as_json):
     """Export CKPT (a `trt-gemma convert`/`quantize` checkpoint, a bundle, an HF dir or hub id; omitted: the
     embedded model) to OUT/model.onnx + model.onnx.data for onnxruntime and the TensorRT(-RTX) ONNX parsers."""
     from trt_gemma.runtime.backends import reference_checkpoint
@@ -49,7 +57,7 @@ def export_onnx(paths, max_seq_len, opset, lm_head, kv_cache, logits, activation
     spec, out = (None, Path(paths[0])) if len(paths) == 1 else (paths[0], Path(paths[1]))
     ckpt = reference_checkpoint(resolve_model(spec))
     summary = run(ckpt, out, max_seq_len=max_seq_len, opset=opset, lm_head=lm_head, kv_cache=kv_cache, logits=logits,
-                  activations=activations, force=force, show_progress=not as_json)
+                  activations=activations, force=force, show_progress=not as_json, top_k=top_k, vocab_mask=vocab_mask)
     emit(summary, as_json, _render)
 
 

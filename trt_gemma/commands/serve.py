@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from trt_gemma.console import console, emit
+from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK
 from trt_gemma.serve.app import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
 from trt_gemma.serve.conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
 from trt_gemma.serve.guard import DEFAULT_GUARD_QUEUE
@@ -81,11 +82,14 @@ IN_VOLUME = ("guard", "guard_thresholds")  # local paths: copied into the models
                                       "numpy reference.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime's execution provider: CUDA or TensorRT need onnxruntime-gpu (docs/jetson.md).")
+@click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens the batched step loop (onnxruntime) reads per step: a long prompt holds running "
+                   "streams up for one chunk at a time.")
 @click.pass_context
 def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metrics_auth, max_queue, max_concurrency,
           model_name, stream_interval, max_connections, header_timeout, keep_alive_timeout, body_timeout,
           exit_on_load_failure, print_k8s, guard, guard_mode, guard_response, guard_thresholds, guard_max_queue,
-          backend, device):
+          backend, device, prefill_chunk):
     """Serve MODEL (HF dir / hub id / checkpoint / engine dir; default: the embedded model) with an OpenAI API."""
     if print_k8s:
         from trt_gemma.deploy.k8s import print_serve_manifests
@@ -112,7 +116,7 @@ def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metri
                max_concurrency=max_concurrency, stream_interval_s=stream_interval, header_timeout_s=header_timeout,
                keep_alive_timeout_s=keep_alive_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
                exit_on_load_failure=exit_on_load_failure, metrics_auth=metrics_auth, guard=guard_cfg,
-               backend=backend, device=device)
+               backend=backend, device=device, prefill_chunk=prefill_chunk)
 
 
 def require_auth(host: str, key: str | None, insecure_no_auth: bool) -> None:

@@ -50,6 +50,7 @@ ORT_CPU_DTYPES = ("FLOAT", "FLOAT16")
 # (docs/engines.md); bfloat16's eps is 8x float16's.
 CHECK_TOLERANCE = {"FLOAT": 1e-3, "FLOAT16": 1e-2, "BFLOAT16": 8e-2}
 DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}  # ONNX element type -> ours
+TENSORRT_KV_CACHE = "pool"  # the graph contract engines are built from (trt_gemma/onnx/pool.py)
 
 
 def builder_version(builder: Builder) -> str | None:
@@ -330,7 +331,8 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
     graph's), with the lm_head quantized as the recipe's `lm_head_quant` says."""
     onnx_dir = bundle / subdir
     existing = sorted(onnx_dir.glob("*.onnx")) if onnx_dir.is_dir() else []
-    want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len}
+    want = {"activation_dtype": activations, "lm_head": lm_head, "logits": "last", "max_seq_len": max_seq_len,
+            "kv_cache": TENSORRT_KV_CACHE}
     made = _export_options(onnx_dir)
     if existing and made in (None, want):  # a graph put there by hand is used as it is
         return existing[0]
@@ -342,8 +344,11 @@ def export_onnx_for_bundle(bundle: Path, max_seq_len: int, log: Callable[[str], 
     _say(log, f"exporting {bundle / 'checkpoint'} to ONNX (opset 21, max_seq_len {max_seq_len}, {activations} "
               f"activations, lm_head {lm_head})")
     # last-position logits: a prefill profile neither computes nor returns [batch, max_input_len, vocab] float32
+    # the pool layout: new K/V rows out, written into the pool by the runtime (no input/output aliasing, which
+    # TensorRT < 10.15 cannot express); ArgMax / TopK out, so the runtime downloads ids, not vocabulary-wide rows
     result = export_onnx(bundle / "checkpoint", onnx_dir, max_seq_len=max_seq_len, opset=21, logits="last",
-                         activations=activations, lm_head=lm_head, force=made is not None)
+                         activations=activations, lm_head=lm_head, force=made is not None,
+                         kv_cache=TENSORRT_KV_CACHE)
     return _onnx_path(result, onnx_dir)
 
 
@@ -356,7 +361,7 @@ def _export_options(onnx_dir: Path) -> dict | None:
     m = read_json_object(man).get("model")
     m = m if isinstance(m, dict) else {}
     return {k: m.get(k, d) for k, d in (("activation_dtype", "float32"), ("lm_head", "none"), ("logits", "all"),
-                                        ("max_seq_len", None))}
+                                        ("max_seq_len", None), ("kv_cache", "concat"))}
 
 
 def _onnx_path(result, onnx_dir: Path) -> Path:

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from trt_gemma.errors import InputError
 
-ROLES = ("batch", "new", "past", "total")
+ROLES = ("batch", "new", "past", "total", "slots", "capacity")
 # symbolic dimension name -> role; first match wins (so "past_sequence_length" is past, not new)
 DIM_NAME_ROLES: tuple[tuple[str, str], ...] = (
     (r"batch", "batch"),
+    (r"slot", "slots"),  # the KV pool's slots (pool layout: past_key_values [slots, capacity, kv_heads, head_dim])
+    (r"capacity", "capacity"),  # positions per slot of that pool
     (r"past|cache|history", "past"),
     (r"total|present|all_len|kv_len|attn_len|attention_len|key_len", "total"),
     (r"seq|new|len|token|query|step", "new"),
@@ -122,11 +124,12 @@ def role_ranges(limits: Limits) -> dict[str, dict[str, tuple[int, int, int]]]:
     opt_new = max(1, n // 2)
     decode_past = max(1, s - 1)
     opt_past = min(decode_past, max(1, s // 2))
+    pool = {"slots": (1, b, b), "capacity": (1, s, s)}  # one pool of max_batch_size x max_seq_len, either profile
     return {
         "prefill": {"batch": (1, 1, limits.prefill_batch), "new": (1, opt_new, n), "past": (0, 0, prefill_past),
-                    "total": (1, opt_new, n + prefill_past)},
+                    "total": (1, opt_new, n + prefill_past), **pool},
         "decode": {"batch": (1, 1, b), "new": (1, 1, 1), "past": (1, opt_past, decode_past),
-                   "total": (2, opt_past + 1, decode_past + 1)},
+                   "total": (2, opt_past + 1, decode_past + 1), **pool},
     }
 
 

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trt_gemma.errors import ConfigError, DependencyError, InputError, UnsupportedModelError
+from trt_gemma.onnx import pool
 from trt_gemma.onnx.graph import ACTIVATION_TYPES, Graph, onnx_type
 from trt_gemma.onnx.sites import add_site_outputs, parse_site_outputs
 from trt_gemma.onnx.weights import (KV_CACHE_EXPORTS, LINEAR_EXPORTS, LM_HEAD_CHOICES, Ctx, embedding_and_head,
@@ -46,8 +47,9 @@ MIN_OPSET = 21  # int4 / blocked DequantizeLinear and float8 Q/DQ appear in opse
 # and onnxruntime's CPU kernel for it measured no faster than the decomposed form (docs/onnx.md).
 FUSED_OPSET = 23
 # "concat": present = past ++ new (the standard layout); "inplace": past/present are one fixed-capacity buffer per
-# layer that the new rows are scattered into, so a runtime can bind both to the same memory (docs/onnx.md).
-KV_CACHE_LAYOUTS = ("concat", "inplace")
+# layer that the new rows are scattered into, so a runtime can bind both to the same memory; "pool": batched steps
+# over a runtime-owned KV pool, per-row positions, only the new rows out (trt_gemma/onnx/pool.py, docs/onnx.md).
+KV_CACHE_LAYOUTS = ("concat", "inplace", "pool")
 # "last": logits of the last new position only, [batch, 1, vocab] (generation, scoring: the final norm and the lm_head
 # run on one row, so a 1024-token prefill neither computes nor returns 1024 x vocab float32 logits);
 # "all": every new position, [batch, sequence, vocab] (perplexity / eval over a window).
@@ -59,7 +61,7 @@ ACTIVATIONS = tuple(ACTIVATION_TYPES)
 CHOICE_OPTIONS = {
     "--activations": (ACTIVATIONS, "use --activations float32 (CPU), float16 or bfloat16 (TensorRT)"),
     "--logits": (LOGITS_CHOICES, "use --logits last (generation) or all (perplexity over every position)"),
-    "--kv-cache": (KV_CACHE_LAYOUTS, "use --kv-cache concat (standard past/present) or inplace"),
+    "--kv-cache": (KV_CACHE_LAYOUTS, "use --kv-cache concat (standard past/present), inplace or pool (batched)"),
     "--lm-head": (LM_HEAD_CHOICES, "use --lm-head none, int8 or int4"),
 }
 MANIFEST = "trt_gemma_onnx.json"
@@ -113,13 +115,17 @@ def rope(g: Graph, x: str, sh: "_Shared") -> str:
 @dataclass(frozen=True)
 class _Shared:
     """Values every layer reuses: rotary cos/sin of the new positions (or, for RotaryEmbedding, the tables and the
-    positions), the attention masks and, for an in-place KV cache, where the new keys/values go."""
+    positions), the attention masks and, for an in-place KV cache, where the new keys/values go; for the pool
+    layout, the new K/V rows each layer adds (collected into `new_kv`)."""
 
     cos: str
     sin: str
-    position_ids: str | None  # int64 [B, T] for RotaryEmbedding (opset >= 23); None: cos/sin are [T, d] rows
-    masks: dict  # window (None = global) -> bool [group*T, S]
+    position_ids: str | None  # int64 [B, T] for RotaryEmbedding (opset >= 23); None: cos/sin are gathered rows
+    masks: dict  # window (None = global) -> bool [group*T, S] ([B, 1, group*T, S] per row in the pool layout)
     scatter_idx: str | None  # int64 [B, kv_heads, T, 3]: (batch, kv head, position) of each new row, for ScatterND
+    kv_cache: str = "concat"
+    new_rows: list = field(default_factory=list)
+    pool_rows: str | None = None  # int64 [B, past_bucket]: the pool rows a pool-layout step gathers
 
 
 def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
@@ -148,17 +154,13 @@ def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str
 
 
 def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) -> _Shared:
+    if kv_cache == "pool":  # per-row positions [B, T] and masks [B, 1, group*T, S]
+        q_pos, offsets, k_past, rows = pool.positions(g, cfg)
+        cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=True)
+        return _Shared(cos, sin, position_ids, pool.masks(g, cfg, q_pos, offsets, k_past), None, kv_cache,
+                       pool_rows=rows)
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
-    # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
-    freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
-    if g.opset >= FUSED_OPSET:  # RotaryEmbedding: half tables [max_seq_len, d/2] and positions [B, T]
-        cos, sin = g.ftensor("rope.cos", np.cos(freqs)), g.ftensor("rope.sin", np.sin(freqs))
-        position_ids = g.op("Expand", g.op("Unsqueeze", q_pos, g.const([0], np.int64)), g.op("Shape", "input_ids"))
-    else:
-        emb = np.concatenate([freqs, freqs], -1)  # [max_seq_len, d]: gathered rows broadcast over [B, heads, T, d]
-        cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
-        sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
-        position_ids = None
+    cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=False)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
                 g.op("Unsqueeze", k_pos, g.const([0], np.int64)))  # [T, S]: query pos - key pos
     causal = g.op("GreaterOrEqual", diff, g.const(0, np.int64))
@@ -169,7 +171,24 @@ def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) ->
     for w in windows:
         m = causal if w is None else g.op("And", causal, g.op("Less", diff, g.const(w, np.int64)))
         masks[w] = g.op("Tile", m, reps)
-    return _Shared(cos, sin, position_ids, masks, scatter_idx)
+    return _Shared(cos, sin, position_ids, masks, scatter_idx, kv_cache)
+
+
+def _rope_tables(g: Graph, cfg: CheckpointConfig, max_seq_len: int, q_pos: str, per_row: bool):
+    """(cos, sin, position_ids or None) for query positions `q_pos` ([T], or [B, T] per row)."""
+    # float32 tables as the reference computes them (positions x inv_freq in float32, then cos/sin)
+    freqs = np.arange(max_seq_len, dtype=np.float32)[:, None] * rope_inv_freq(cfg.head_size, cfg.rotary_base)[None]
+    if g.opset >= FUSED_OPSET:  # RotaryEmbedding: half tables [max_seq_len, d/2] and positions [B, T]
+        cos, sin = g.ftensor("rope.cos", np.cos(freqs)), g.ftensor("rope.sin", np.sin(freqs))
+        if per_row:
+            return cos, sin, q_pos
+        return cos, sin, g.op("Expand", g.op("Unsqueeze", q_pos, g.const([0], np.int64)), g.op("Shape", "input_ids"))
+    emb = np.concatenate([freqs, freqs], -1)  # [max_seq_len, d]: gathered rows broadcast over [B, heads, T, d]
+    cos = g.op("Gather", g.ftensor("rope.cos", np.cos(emb).astype(np.float32)), q_pos, axis=0)
+    sin = g.op("Gather", g.ftensor("rope.sin", np.sin(emb).astype(np.float32)), q_pos, axis=0)
+    if per_row:  # [B, T, d] -> [B, 1, T, d]: one row of tables per sequence, broadcast over heads
+        cos, sin = (g.op("Unsqueeze", t, g.const([1], np.int64)) for t in (cos, sin))
+    return cos, sin, None
 
 
 def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
@@ -187,15 +206,18 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
-    if sh.scatter_idx is None:  # present = past ++ new
+    if sh.kv_cache == "pool":  # past rows gathered from the bound pool prefix ++ new; the new rows go out
+        k, v = pool.attend_kv(g, c, i, k, v, sh.pool_rows, sh.new_rows)
+    elif sh.scatter_idx is None:  # present = past ++ new
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
     else:  # the new rows written into the buffer (in place where the runtime binds present to past)
         k = g.op("ScatterND", f"past_key_values.{i}.key", sh.scatter_idx, k, name=f"present.{i}.key")
         v = g.op("ScatterND", f"past_key_values.{i}.value", sh.scatter_idx, v, name=f"present.{i}.value")
-    length = "total_sequence" if sh.scatter_idx is None else "capacity"
-    g.output(k, f"present.{i}.key", g.act, ["batch", nkv, length, d])
-    g.output(v, f"present.{i}.value", g.act, ["batch", nkv, length, d])
+    if sh.kv_cache != "pool":
+        length = "total_sequence" if sh.scatter_idx is None else "capacity"
+        g.output(k, f"present.{i}.key", g.act, ["batch", nkv, length, d])
+        g.output(v, f"present.{i}.value", g.act, ["batch", nkv, length, d])
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
@@ -263,13 +285,28 @@ def check_options(cfg: CheckpointConfig, where: str, opset: int, lm_head: str, m
     return n
 
 
+def check_pool_options(kv_cache: str, logits: str, top_k: int, vocab_mask: bool) -> None:
+    if kv_cache != "pool":
+        if vocab_mask:
+            raise ConfigError(f"--vocab-mask is an input of the pool layout (--kv-cache {kv_cache} was asked for)",
+                              fix="add --kv-cache pool, or drop --vocab-mask")
+        return
+    if logits != "last":
+        raise ConfigError("--kv-cache pool returns the last position of each row (logits, ArgMax, TopK), not "
+                          f"--logits {logits}", fix="use --logits last with --kv-cache pool, or --kv-cache concat")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: the pool layout returns at least one candidate per row",
+                          fix=f"use --top-k {pool.DEFAULT_TOP_K}")
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None = None, opset: int = MIN_OPSET,
                 lm_head: str = "none", kv_cache: str = "concat", logits: str = "last",
                 activations: str = "float32", force: bool = False, show_progress: bool = True,
-                site_outputs=()) -> dict:
+                site_outputs=(), top_k: int = pool.DEFAULT_TOP_K, vocab_mask: bool = False) -> dict:
     """Write OUT/model.onnx (+ model.onnx.data, the tokenizer, trt_gemma_onnx.json) from a TensorRT-LLM
     checkpoint dir; returns the summary that trt_gemma_onnx.json holds. OUT appears complete or not at all.
-    `site_outputs`: (tap, layer) pairs added as float32 outputs `site.L.tap` (onnx/sites.py)."""
+    `site_outputs`: (tap, layer) pairs added as float32 outputs `site.L.tap` (onnx/sites.py). `top_k` (candidates
+    returned per row) and `vocab_mask` (a per-row allowed-token input) shape the pool layout's generation outputs."""
     from trt_gemma.console import progress
     from trt_gemma.fsutil import atomic_output_dir, check_output_target
     from trt_gemma.reference.checkpoint import check_all_used
@@ -284,19 +321,22 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     max_seq_len = check_options(cfg, str(ckpt / "config.json"), opset, lm_head, max_seq_len, kv_cache, logits,
                                 activations)
     site_outputs = parse_site_outputs(site_outputs, cfg.num_hidden_layers)
+    check_pool_options(kv_cache, logits, top_k, vocab_mask)
+    heads = (top_k, vocab_mask) if kv_cache == "pool" else None
     check_output_target(out, force)
     shards = ShardSet(ckpt, cfg)
     with atomic_output_dir(out, force) as tmp:
         g = Graph(tmp / f"{MODEL_FILE}.data", ACTIVATION_TYPES[activations], opset)
         try:
             with progress(disable=not show_progress) as bar:
-                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar)
-                sites = add_site_outputs(g, cfg, site_outputs)
+                _build(Ctx(g, shards, cfg), lm_head, max_seq_len, kv_cache, logits, bar, heads)
+                add_site_outputs(g, cfg, site_outputs)  # graph outputs: the summary lists them with the rest
             check_all_used(shards)
         finally:
             g.close_data()
         summary = _summary(ckpt, cfg, max_seq_len, lm_head, kv_cache, logits, g)
-        summary["outputs"] += sites
+        if heads is not None:
+            summary["model"].update(top_k=min(top_k, cfg.vocab_size), vocab_mask=vocab_mask, contract=pool.CONTRACT)
         model = g.model("gemma2", f"Gemma 2 exported by trt_gemma from {ckpt.name}",
                         {"trt_gemma": json.dumps(summary["model"])})
         _save(model, tmp / MODEL_FILE)
@@ -308,13 +348,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, max_seq_len: int | None
     return summary
 
 
-def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str, bar) -> None:
+def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str, bar,
+           heads: tuple[int, bool] | None = None) -> None:
     """The whole graph: embedding (x sqrt(hidden)), the decoder blocks, final norm, lm_head, soft-cap. With
     logits="last" the hidden state is sliced to the last position before the final norm, so the norm and the lm_head
-    MatMul run on one row per sequence (Slice, not Gather with -1: every ONNX parser takes negative Slice starts)."""
+    MatMul run on one row per sequence (Slice, not Gather with -1: every ONNX parser takes negative Slice starts).
+    `heads` (pool layout): (top_k, vocab_mask) of the generation outputs (onnx/pool.py)."""
     g, cfg = ctx.g, ctx.cfg
     task = bar.add_task("exporting", total=cfg.num_hidden_layers + 2)
-    _declare_io(g, cfg, kv_cache)
+    if kv_cache == "pool":
+        pool.declare_io(g, cfg, heads[1])
+    else:
+        _declare_io(g, cfg, kv_cache)
     gather, head = embedding_and_head(ctx, lm_head)
     normalizer = g.fconst(float(embedding_normalizer(cfg.hidden_size, cfg.dtype)))
     x = g.op("Mul", gather("input_ids"), normalizer, name="embed_scale")
@@ -331,6 +376,10 @@ def _build(ctx: Ctx, lm_head: str, max_seq_len: int, kv_cache: str, logits: str,
     out = head(rms_norm(g, x, ln_f, cfg.norm_epsilon, "ln_f"))
     out = out if g.act == "FLOAT" else g.op("Cast", out, to=onnx_type("FLOAT"))  # float32 logits in every variant
     out = soft_cap(g, out, cfg.final_logit_softcapping)
+    if kv_cache == "pool":
+        pool.outputs(g, cfg, out, sh.new_rows, *heads)
+        bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
+        return
     g.output(out, "logits", "FLOAT", ["batch", 1 if logits == "last" else "sequence", cfg.vocab_size])
     g.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then present.{i}.key/value
     bar.update(task, description="exported", completed=cfg.num_hidden_layers + 2)
@@ -358,15 +407,12 @@ def _summary(ckpt: Path, cfg: CheckpointConfig, max_seq_len: int, lm_head: str, 
              "kv_cache": kv_cache, "logits": logits,
              "sliding_window": cfg.sliding_window,
              "layer_types": [t if cfg.is_sliding(i) else FULL for i, t in enumerate(cfg.layer_types)]}
+    io = pool.io_specs(g)
     return {"format": "trt_gemma-onnx/1", "producer": f"trt_gemma {__version__}", "source": str(ckpt),
             "opset": g.opset, "model_file": MODEL_FILE, "data_file": g.data_path.name, "model": model,
             "nodes": len(g.nodes), "initializers": len(g.initializers), "external_bytes": g.external_bytes,
-            "inputs": ["input_ids"] + (["past_length"] if kv_cache == "inplace" else []) + _kv_names(
-                "past_key_values", cfg), "outputs": ["logits"] + _kv_names("present", cfg)}
-
-
-def _kv_names(prefix: str, cfg: CheckpointConfig) -> list[str]:
-    return [f"{prefix}.{i}.{kv}" for i in range(cfg.num_hidden_layers) for kv in ("key", "value")]
+            "inputs": [t["name"] for t in io if t["is_input"]], "outputs": [t["name"] for t in io if not t["is_input"]],
+            "io": io}
 
 
 def _save(model, path: Path) -> None:

@@ -38,9 +38,9 @@ KINDS = (
 
 
 BACKENDS = ("auto", "reference", "onnxruntime", "trtllm")
-# Cached exports use in-place KV buffers: the onnxruntime backend binds past and present to one buffer per layer
-# and a decode step is one call (docs/onnx.md); `export-onnx` defaults to the standard concat layout.
-ONNX_KV_CACHE = "inplace"
+# Cached exports use the pool layout: the onnxruntime backend runs the batched step loop over a KV pool it owns
+# (runtime/steploop.py, docs/onnx.md); `export-onnx` defaults to the standard concat layout.
+ONNX_KV_CACHE = "pool"
 ONNX_LOGITS = "last"  # generation reads the last position only: the graph's norm + lm_head run on one row
 # Cached exports use opset 23 (RMSNormalization and RotaryEmbedding: 292 -> 188 nodes on the embedded model, ~6%
 # faster decode on the CPU EP, benchmarks/cpu_decode.py) where the installed onnxruntime has kernels for both (probed:
@@ -73,9 +73,11 @@ def detect_kind(path: Path) -> str:
 
 
 def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | None = None,
-                 backend: str = "auto", device: str = "cpu") -> Backend:
+                 backend: str = "auto", device: str = "cpu", prefill_chunk: int | None = None) -> Backend:
     """Load the right backend for `model_path`; `slots` sizes the KV budget (the server's max concurrency);
-    `device` is onnxruntime's (cpu, cuda, tensorrt: runtime/providers.py)."""
+    `device` is onnxruntime's (cpu, cuda, tensorrt: runtime/providers.py); `prefill_chunk`: prompt tokens per engine
+    turn of a step-loop backend (None: its default)."""
+    step = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     path = Path(model_path)
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}", fix="use --backend auto")
@@ -92,8 +94,10 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
             return OnnxRuntimeBackend.load(path / "onnx", slots=slots, source=path, device=device,
                                            limits=bundle_limits(path))
         if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
-            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device)
-        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device)
+            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device,
+                                prefill_chunk=prefill_chunk)
+        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device,
+                            prefill_chunk=prefill_chunk)
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.runtime.trtllm import TrtLlmBackend
 
@@ -107,14 +111,14 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
                              fix="pass the checkpoint it was exported from, or use --backend onnxruntime")
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.load(path, slots=slots, device=device)
+        return OnnxRuntimeBackend.load(path, slots=slots, device=device, **step)
     if kind == "hf":
         path = ensure_converted(path, cache_dir)
     if backend == "onnxruntime" or (backend == "auto" and (onnxruntime_available() or device != "cpu")):
         from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
 
         loaded: Backend = OnnxRuntimeBackend.load(ensure_onnx(path, cache_dir), slots=slots, source=path,
-                                                  device=device)
+                                                  device=device, **step)
     else:
         from trt_gemma.runtime.reference import ReferenceBackend
 
@@ -133,14 +137,15 @@ def onnxruntime_available() -> bool:
 
 def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
     """Where the ONNX export of checkpoint `ckpt` is cached: `onnx/` beside the converted-checkpoint cache, keyed
-    by our version, the export options and the contents of the checkpoint's config, weight and tokenizer files (its
-    provenance records when and where it was made, so it stays out of the key)."""
+    by our version, the layout and its contract revision, the export options and the contents of the checkpoint's
+    config, weight and tokenizer files (its provenance records when and where it was made, so it stays out of the key)."""
     from trt_gemma import __version__
+    from trt_gemma.onnx.pool import CONTRACT
 
     root = Path(cache_dir).parent if cache_dir else cache.cache_root()
     files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")
              and p.name not in PROVENANCE_FILES]
-    seed = f"{__version__}:{ONNX_KV_CACHE}:{ONNX_LOGITS}:{onnx_cache_opset()}"
+    seed = f"{__version__}:{ONNX_KV_CACHE}:{CONTRACT}:{ONNX_LOGITS}:{onnx_cache_opset()}"
     return cache.entry_path(root / "onnx", Path(ckpt), seed, files)
 
 

@@ -19,11 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from trt_gemma.runtime.base import ModelInfo
+from trt_gemma.runtime.batched import StepLoopBackend
+from trt_gemma.runtime.pool import PoolShape
 from trt_gemma.runtime.reference import ReferenceBackend
+from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK
 from trt_gemma.errors import DependencyError, InputError
 
 DEFAULT_ACCURACY_LEVEL = 4
 SMALL_MODEL_BYTES = 64 << 20
+DEFAULT_CAPACITY = 4096  # KV pool positions per slot (pool-layout exports; fewer where max_seq_len is shorter)
 GROW_MIN = 64  # tokens: the first in-place KV buffer holds at least this many
 # the export's activation dtype -> the numpy dtype of its KV cache (onnxruntime's CPU EP has no bfloat16 kernels)
 KV_NUMPY = {"float32": np.float32, "float16": np.float16}
@@ -213,17 +217,22 @@ class OnnxRuntimeBackend(ReferenceBackend):
 
     @classmethod
     def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
-             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu", limits=None) -> "OnnxRuntimeBackend":
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, device: str = "cpu", limits=None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> "OnnxRuntimeBackend | OrtStepBackend":
         """`path`: an export dir; `source`: the checkpoint it was exported from (reported as the model path);
         `device`: cpu, cuda or tensorrt (runtime/providers.py picks the execution providers, the TensorRT EP's
-        profiles from `limits`)."""
+        profiles from `limits`). A pool-layout export runs on the batched step loop (OrtStepBackend)."""
+        from trt_gemma.onnx.export import read_manifest
         from trt_gemma.runtime.providers import for_export
         from trt_gemma.runtime.tokenizer import GemmaTokenizer
 
         path = Path(path)
         choice = None if device == "cpu" else for_export(device, path, slots, limits)
-        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads(),
-                         providers=list(choice.providers) if choice else None,
+        providers = list(choice.providers) if choice else None
+        if read_manifest(path)["model"].get("kv_cache") == "pool":
+            return OrtStepBackend.load(path, slots=slots, source=source, accuracy_level=accuracy_level,
+                                       prefill_chunk=prefill_chunk, providers=providers)
+        model = OrtModel(path, accuracy_level=accuracy_level, threads=_threads(), providers=providers,
                          ort_device=choice.ort_device if choice else "cpu")
         c = model.config
         shown = Path(source) if source is not None else path
@@ -236,3 +245,71 @@ def _threads() -> int | None:
     """TRT_GEMMA_ORT_THREADS pins onnxruntime's intra-op threads (default: onnxruntime's own choice)."""
     v = os.environ.get("TRT_GEMMA_ORT_THREADS")
     return int(v) if v and v.isdigit() and int(v) > 0 else None
+
+
+class PoolModel:
+    """A pool-layout export as a model with the reference's `forward(ids, last_only=True)` for one-shot scoring (the
+    guard's moderation): a fresh single-slot pool per call, run directly on the session."""
+
+    def __init__(self, session, man: dict, kv_dtype):
+        self.session, self.manifest, self.kv_dtype = session, man, kv_dtype
+        self.weight_bytes = int(man["external_bytes"])
+
+    def forward(self, ids, cache=None, last_only: bool = True) -> np.ndarray:
+        if cache is not None or not last_only:
+            raise InputError("a pool-layout graph scores the last position of a fresh sequence only",
+                             fix="use an export with --kv-cache concat for cached or all-position forwards")
+        m = self.manifest["model"]
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        feeds = {"input_ids": ids, "past_lengths": np.zeros(1, np.int64), "slot_ids": np.zeros(1, np.int64),
+                 "past_positions": np.zeros(1, np.int64)}  # one masked position: nothing cached
+        if m.get("vocab_mask"):
+            feeds["vocab_mask"] = np.ones((1, m["vocab_size"]), bool)
+        empty = np.zeros((1, m["num_key_value_heads"], 1, m["head_size"]), self.kv_dtype)  # [slots, kv, capacity, d]
+        feeds.update({n: empty for n in self.manifest["inputs"] if n.startswith("past_key_values.")})
+        return self.session.run(["logits"], feeds)[0]
+
+
+class OrtStepBackend(StepLoopBackend):
+    """The step-loop backend on onnxruntime's CPU executor (a pool-layout export)."""
+
+    name = "onnxruntime"
+
+    @classmethod
+    def load(cls, path: Path, *, slots: int = 1, source: Path | None = None,
+             accuracy_level: int = DEFAULT_ACCURACY_LEVEL, capacity: int | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, providers: list[str] | None = None) -> "OrtStepBackend":
+        """`providers`: onnxruntime's execution providers (default CPU). The pool lives in host memory that
+        onnxruntime binds by address; with a GPU provider onnxruntime copies what each step binds (a device-resident
+        pool is the TensorRT executor's, runtime/tensorrt.py)."""
+        from trt_gemma.onnx.export import read_manifest
+        from trt_gemma.runtime.ort_executor import OrtExecutor
+        from trt_gemma.runtime.tokenizer import GemmaTokenizer
+
+        path = Path(path)
+        man = read_manifest(path)
+        m = man["model"]
+        act = m.get("activation_dtype", "float32")
+        if act not in KV_NUMPY:
+            raise InputError(f"{path} computes in {act}, which this backend cannot run",
+                             fix="re-export with `trt-gemma export-onnx --activations float32` (or float16)")
+        threads = _threads()
+        if threads is None and int(man["external_bytes"]) < SMALL_MODEL_BYTES:
+            threads = 1  # as OrtModel: a tiny GEMV split over threads costs more than it saves
+        ex = OrtExecutor.open(path, session_options(accuracy_level, threads), providers)
+        cap = min(m["max_seq_len"], capacity or _capacity())
+        shape = PoolShape(m["num_hidden_layers"], m["num_key_value_heads"], m["head_size"],
+                          np.dtype(KV_NUMPY[act]).name, cap, max(1, slots))
+        shown = Path(source) if source is not None else path
+        info = ModelInfo(name=shown.name, path=str(shown), context_length=cap, vocab_size=m["vocab_size"],
+                         dtype=m["dtype"], quant_algo=m["quant_algo"])
+        backend = cls(ex, shape, m, GemmaTokenizer.from_dir(path), info, weight_bytes=int(man["external_bytes"]),
+                      prefill_chunk=prefill_chunk)
+        backend.model = PoolModel(ex.session, man, KV_NUMPY[act])
+        return backend
+
+
+def _capacity() -> int:
+    """TRT_GEMMA_KV_CAPACITY: positions per slot of the KV pool (default DEFAULT_CAPACITY, at most max_seq_len)."""
+    v = os.environ.get("TRT_GEMMA_KV_CAPACITY")
+    return int(v) if v and v.isdigit() and int(v) > 0 else DEFAULT_CAPACITY

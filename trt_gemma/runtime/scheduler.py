@@ -15,6 +15,10 @@ step per `next()`, with no hand-over. The moment another generation takes a slot
 closes), it moves to a worker thread between two steps (`Scheduler.crowd`): a consumer that stops iterating for a
 while then never holds up another generation, which is what the worker thread is for. `TextPieces` turns steps into
 text deltas, cutting stop strings (runtime/stops.StopMatcher), the same way for the server and the API.
+
+A step-loop backend (runtime/batched.py: onnxruntime now, TensorRT next) batches inside `stream()`: every admitted
+request becomes a row of one engine loop that advances all of them per graph execution (runtime/steploop.py), and
+the threads here only carry each row's tokens, so admission, queueing, 429 and cancellation are the same for it.
 """
 from __future__ import annotations
 

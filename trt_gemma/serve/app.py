@@ -453,7 +453,8 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
                keep_alive_timeout_s: int = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
                body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
                max_connections: int | None = None, exit_on_load_failure: bool | None = None,
-               metrics_auth: bool = False, guard=None, backend: str = "auto", device: str = "cpu") -> None:
+               metrics_auth: bool = False, guard=None, backend: str = "auto", device: str = "cpu",
+               prefill_chunk: int | None = None) -> None:
     """Serve `model_path` (any dir `load_backend` accepts) on `backend` (backends.BACKENDS); the port opens before
     the model finishes loading.
     `exit_on_load_failure`: None = on when a supervisor restarts the process (serve/conn.supervisor); then a model
@@ -476,8 +477,8 @@ def run_server(model_path, model_name: str | None = None, host: str = "127.0.0.1
         servers[0].should_exit = True  # uvicorn polls it; the error is raised below once it has shut down
 
     name = model_name or Path(model_path).name
-    app = create_app(lambda: load_backend(model_path, slots=max_concurrency, backend=backend, device=device), name,
-                     api_key=api_key,
+    app = create_app(lambda: load_backend(model_path, slots=max_concurrency, backend=backend, device=device,
+                                          prefill_chunk=prefill_chunk), name, api_key=api_key,
                      max_queue=max_queue, max_concurrency=max_concurrency, stream_interval_s=stream_interval_s,
                      metrics_auth=metrics_auth, body_timeout_s=body_timeout_s,
                      on_failure=stop if exit_on_load_failure else None, guard=guard)
