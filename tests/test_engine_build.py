@@ -599,5 +599,5 @@ def test_pool_graph_builds_for_sm89_with_its_io_as_recorded(exporter, tmp_path, 
                 for v in [*graph.input, *graph.output]]
     assert declared == [(t["name"], t["shape"]) for t in s["io"]]
     assert not {v.name for v in graph.input} & {v.name for v in graph.output}, "an input is also an output"
-    r = E.build_engine(onnx_path, tmp_path / "eng", "rtx-4090", Limits(4, 64, 256), precisions=("float16",))
+    r = E.build_engine(onnx_path, tmp_path / "eng", TARGETS["rtx-4090"], Limits(4, 64, 256), precisions=("float16",))
     assert r.engine_bytes > 0 and r.sm == TARGETS["rtx-4090"].sm_str
