@@ -49,10 +49,14 @@ def test_acceptance_bf16_refused_on_orin_nano_4gb(capsys):
     assert code == FitError.exit_code == 3
     d = json.loads(out)  # the plan is printed before the error
     assert d["verdict"] == "does not fit" and "jetson-orin-nano-4gb" in d["reason"]
-    # the 4gb recipe already shares the embedding table; on its TensorRT route INT4-AWQ alone is tight, so the
-    # suggestion also shortens the sequence
-    assert d["suggestion"]["set"]["quant"] == "int4_awq"
-    assert "error: gemma-2-2b does not fit jetson-orin-nano-4gb" in err and "fix: use --set quant=int4_awq" in err
+    # the 4gb recipe already shares the embedding table. Single-field changes come first, lighter weights by expected
+    # quality: on the TensorRT route INT4-AWQ alone is tight (its pre-scales cost a little more than INT4
+    # weight-only), so the first single change that fits is INT4 weight-only
+    t4 = get_target("jetson-orin-nano-4gb")
+    assert plan("gemma-2-2b", t4, overrides={"quant": "int4_awq"}).verdict == "tight"
+    assert plan("gemma-2-2b", t4, overrides={"quant": "int4_wo"}).verdict == "fits"
+    assert d["suggestion"]["set"] == {"quant": "int4_wo"}
+    assert "error: gemma-2-2b does not fit jetson-orin-nano-4gb" in err and "fix: use --set quant=int4_wo" in err
     fixed = plan("gemma-2-2b", get_target("jetson-orin-nano-4gb"), overrides=d["suggestion"]["set"])
     assert fixed.verdict == "fits"
 

@@ -3,13 +3,14 @@
 What the engine holds, by class [INF: derived from the graph's shape, not measured on a device]:
 - weights: the bundle checkpoint's, as trt_gemma.plan.weight_bytes counts them (the ONNX graph carries the same
   tensors: INT4 blocks + fp16 scales + AWQ pre-scales, fp16 embedding and lm_head);
-- KV cache at max_seq_len: the graph takes past KV as inputs and returns present KV as outputs, two buffers per
-  layer, so a runtime that keeps both holds 2 x max_batch_size x max_seq_len x KV bytes per token;
+- KV cache: the route exports the pool layout (trt_gemma/onnx/pool.py): one pool of max_batch_size slots x max_seq_len
+  positions that the runtime owns and binds whole, plus the graph's new-rows output (the K/V of the step's new tokens,
+  at most the prefill profile's batch x max_input_len), which the runtime copies into the pool;
 - activations per optimization profile: the MLP (gate, up, product) and residual stream for every token of the
   profile, the attention scores [batch, heads, new, total] that a standard-operator graph materialises, and the
   float32 logits [batch, 1, vocab] of the last position (the route exports with logits="last": the final norm and
   the lm_head run on one row per prompt; an all-positions graph would return ~1 GB per 1024-token prompt on a 256k
-  vocabulary);
+  vocabulary), and one layer's past K/V gathered from the pool and joined with the new rows (two copies);
 - KV and activations are counted in the recipe's dtype: the route exports its graph with the recipe's dtype as
   activations (engine/build.tensorrt_route -> export_onnx(activations=recipe.dtype)); a graph exported by hand with
   float32 activations would double both, and the plan says so;
@@ -51,6 +52,7 @@ def profile_activations(cfg, recipe, act_dtype: str | None = None) -> dict[str, 
         tokens = b * new
         out[name] = {"mlp_and_residual": tokens * (3 * cfg.intermediate_size + 2 * cfg.hidden_size) * act,
                      "attention_scores": b * cfg.num_attention_heads * new * s * act,
+                     "gathered_kv": 2 * b * s * 2 * cfg.num_key_value_heads * cfg.head_dim * act,
                      "logits": b * LOGITS_ROWS * cfg.vocab_size * LOGITS_BYTES}
         out[name]["total"] = sum(out[name].values())
     return out
@@ -70,7 +72,10 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
     act_dtype = engine_activations(recipe.dtype, target.sm)
     table = cfg.vocab_size * cfg.hidden_size * FLOAT_BYTES[act_dtype]
     build = build_plan(w["total"], table, act_dtype, target, on_device=not route(target)[0].targets_sm)
-    kv = 2 * recipe.max_batch_size * recipe.max_seq_len * kv_tok
+    from trt_gemma.engine.profiles import Limits
+
+    new_rows = max(Limits.from_recipe(recipe).prefill_batch * recipe.max_input_len, recipe.max_batch_size)
+    kv = (recipe.max_batch_size * recipe.max_seq_len + new_rows) * kv_tok
     acts = profile_activations(cfg, recipe, act_dtype)
     act_peak = max(p["total"] for p in acts.values())
     total = w["total"] + kv + act_peak + sum(overhead.values())
@@ -86,7 +91,7 @@ def tensorrt_plan(cfg, target, recipe, *, weights: dict, kv_tok: int, overhead: 
                                  round(target.bandwidth_gbs * 1e9 / (read + recipe.max_seq_len * kv_tok), 1)}
     assumes = (f"KV and activations in {act_dtype}, as the route exports the graph; float32 logits of the last "
                "position; a float32-activation export would double KV and activations")
-    return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "past inputs + present outputs (2 buffers)",
+    return {"weights_bytes": w["total"], "kv_bytes": kv, "kv_note": "the pool: max_batch_size x max_seq_len, + one step's new rows",
             "assumes": assumes,
             "activations": acts, "activation_peak_bytes": act_peak, "overhead": overhead, "total_bytes": total,
             "usable_bytes": usable, "lm_head": selected, "lm_head_roofline": roofline,
