@@ -472,7 +472,11 @@ def test_plan_tensorrt_route_on_gemma2_2b_by_hand():
     int4 = t["lm_head_roofline"]["int4"]
     assert int4["lm_head_bytes"] == vocab * h // 2 + vocab * (h // 128) * 2 + h * 2
     assert fp16["tok_s_context_0"] < int8["tok_s_context_0"] < int4["tok_s_context_0"]
-    assert t["kv_bytes"] == 2 * 1 * 4096 * (2 * layers * 4 * 256 * 2)  # past + present buffers
+    kv_tok = 2 * layers * 4 * 256 * 2
+    # the pool layout: one pool (batch 1 x 4096 positions) + the new rows of the largest step (a 1024-token prompt)
+    assert t["kv_bytes"] == (1 * 4096 + 1024) * kv_tok
+    # one layer's past K and V gathered from the pool and joined with the new rows: two fp16 copies of 4096 positions
+    assert t["activations"]["prefill"]["gathered_kv"] == 2 * 1 * 4096 * 2 * 4 * 256 * 2
     assert t["activations"]["prefill"]["logits"] == 1 * vocab * 4  # float32 logits of each prompt's last position
     assert t["activations"]["decode"]["logits"] == vocab * 4
     # the recipe builds this route, so the plan's one verdict is judged on its total
