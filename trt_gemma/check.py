@@ -215,7 +215,8 @@ def check_bundle(bundle: Path, test: Side, max_tokens: int = MAX_TOKENS, cache_d
 def engine_side(bundle: Path) -> Side:
     """The engine on this device, through the TensorRT runtime's step model. Without the engine's GPU, TensorRT and
     cuda-python this is a NeedsDeviceError (exit 2) saying what is missing."""
-    from trt_gemma.runtime.tensorrt import load_step_model, read_record, unavailable_reason
+    from trt_gemma.runtime.engine_backend import load_step_model
+    from trt_gemma.runtime.tensorrt import read_record, unavailable_reason
 
     record = read_record(Path(bundle))
     why = unavailable_reason(record.get("builder"))

@@ -205,3 +205,16 @@ def step_model(ex: Executor, onnx_dir: Path, plan: PoolPlan | None = None) -> Po
 
     man = read_manifest(Path(onnx_dir))
     return PoolStepModel(open_loop(ex, man, plan or PoolPlan.of_graph(man)), ex)
+
+
+def load_step_model(bundle: Path) -> PoolStepModel:
+    """BUNDLE's engine as check's step model: the TensorRT backend's loop over a `TensorRTExecutor`."""
+    from trt_gemma.runtime.tensorrt import TensorRTExecutor, read_record
+
+    record = read_record(Path(bundle))
+    ex = TensorRTExecutor(bundle)
+    try:
+        return step_model(ex, Path(bundle) / "onnx", PoolPlan.of_engine(record, bundle))
+    except BaseException:  # a refused plan leaves no device memory behind
+        ex.close()
+        raise

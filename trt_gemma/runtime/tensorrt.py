@@ -297,17 +297,3 @@ def _ok(result: bool, call: str) -> None:
 
 def _first(errors: list[str]) -> str:
     return " | ".join(errors[:2]) or "no message from TensorRT"
-
-
-def load_step_model(bundle: Path):
-    """The engine as a step model (`new_cache`, `forward(ids, cache, last_only)`) for `trt-gemma check`: the step
-    loop of the TensorRT backend over a `TensorRTExecutor`, one sequence per call (runtime/engine_backend.py)."""
-    from trt_gemma.runtime.engine_backend import PoolPlan, step_model
-
-    record = read_record(Path(bundle))
-    ex = TensorRTExecutor(bundle)
-    try:
-        return step_model(ex, Path(bundle) / "onnx", PoolPlan.of_engine(record, bundle))
-    except BaseException:
-        ex.close()
-        raise
