@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")

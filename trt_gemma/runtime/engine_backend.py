@@ -147,6 +147,8 @@ class PoolStepModel:
         if not last_only:
             raise InputError("the engine returns the last position's logits only", fix="call with last_only=True")
         ids = [int(t) for t in np.asarray(ids).reshape(-1)]
+        if not ids:
+            raise InputError("no token ids to run", fix="pass at least one token")
         cache = cache if cache is not None else self.new_cache(len(ids))
         row = cache.row
         if row.length + len(ids) > self.loop.limit:
@@ -163,26 +165,25 @@ class PoolStepModel:
     def batch_tok_s(self, prompts: list[list[int]], max_tokens: int) -> float:
         """Aggregate greedy decode tok/s with every prompt in the loop at once (one step advances them all): the
         tokens after each row's first, over the time from the last first token to the end."""
-        firsts: list[float] = []
-        later = [0]
+        count = {"first": 0, "later": 0}
 
         def sink(item):
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, tuple):
-                (firsts.append(time.perf_counter()) if item[2] else later.__setitem__(0, later[0] + 1))
+            if isinstance(item, tuple):  # (token, seconds, is_first, finish_reason)
+                count["first" if item[2] else "later"] += 1
 
         params = GenerationParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         rows = [Row(np.asarray(p, np.int64), params, frozenset(), sink, lambda: False) for p in prompts]
         for row in rows:
             self.loop.submit(row)
-        while len(firsts) < len(rows):
+        while count["first"] < len(rows):
             self.loop.turn()
-        t0, before = time.perf_counter(), later[0]
+        t0, before = time.perf_counter(), count["later"]
         while self.loop.rows or self.loop.waiting:
             self.loop.turn()
         seconds = time.perf_counter() - t0
-        return round((later[0] - before) / seconds, 2) if seconds > 0 else float("inf")
+        return round((count["later"] - before) / seconds, 2) if seconds > 0 else float("inf")
 
     def close(self) -> None:
         self.executor.close()
