@@ -148,6 +148,6 @@ def test_the_bundle_manifest_keeps_the_builders_io_record(fp16_bundle):
     beside = json.loads((fp16_bundle / "tensorrt" / "manifest.json").read_text())
     assert "io" not in m["engine"] and m["io"] == beside["io"]
     names = [t["name"] for t in m["io"]["tensors"]]
-    assert names[0] == "input_ids" and any(n.startswith("present.") for n in names)
+    assert names[0] == "input_ids" and "new_kv" in names and "past_key_values.0.key" in names  # the pool contract
     assert list(m["io"]["profiles"]) == ["prefill", "decode"]
     assert all(t["dtype"] in ("int64", "float16", "float32") for t in m["io"]["tensors"]), m["io"]["tensors"]

@@ -162,7 +162,7 @@ def oracle_side(bundle: Path, cache_dir: Path | None = None) -> tuple[Side, str]
     in the INT4 MatMuls, as the engine computes them; the graph's activation dtype, which sets the tolerance).
     onnxruntime's CPU provider has no bfloat16 kernels, so for a bfloat16 graph the oracle is a float32 export of the
     same checkpoint (the backends' export cache) and the report says so."""
-    from trt_gemma.runtime.onnxruntime import KV_NUMPY, OrtModel
+    from trt_gemma.runtime.onnxruntime import KV_NUMPY
 
     onnx_dir = Path(bundle) / "onnx"
     man = onnx_dir / "trt_gemma_onnx.json"
@@ -171,12 +171,26 @@ def oracle_side(bundle: Path, cache_dir: Path | None = None) -> tuple[Side, str]
                          fix=f"trt-gemma build --from-bundle {bundle} --engine tensorrt")
     act = (read_json_object(man).get("model") or {}).get("activation_dtype", "float32")
     if act in KV_NUMPY:
-        return Side("onnxruntime-cpu", OrtModel(onnx_dir, accuracy_level=0)), act
+        return Side("onnxruntime-cpu", ort_step_model(onnx_dir)), act
     from trt_gemma.runtime.backends import ensure_onnx
 
     path = ensure_onnx(Path(bundle) / "checkpoint", cache_dir)
     return Side(f"onnxruntime-cpu (float32 export of the checkpoint: no {act} kernels on the CPU)",
-                OrtModel(path, accuracy_level=0)), act
+                ort_step_model(path)), act
+
+
+def ort_step_model(onnx_dir: Path) -> StepModel:
+    """onnxruntime CPU on an export at accuracy level 0: a pool-layout graph through the step loop the engine runs
+    under (runtime/engine_backend.py), any other through OrtModel."""
+    from trt_gemma.onnx.export import read_manifest
+    from trt_gemma.runtime.onnxruntime import OrtModel, session_options
+
+    if read_manifest(Path(onnx_dir))["model"].get("kv_cache") != "pool":
+        return OrtModel(onnx_dir, accuracy_level=0)
+    from trt_gemma.runtime.engine_backend import step_model
+    from trt_gemma.runtime.ort_executor import OrtExecutor
+
+    return step_model(OrtExecutor.open(Path(onnx_dir), session_options(0)), onnx_dir)
 
 
 def check_bundle(bundle: Path, test: Side, max_tokens: int = MAX_TOKENS, cache_dir: Path | None = None) -> dict:
@@ -201,7 +215,8 @@ def check_bundle(bundle: Path, test: Side, max_tokens: int = MAX_TOKENS, cache_d
 def engine_side(bundle: Path) -> Side:
     """The engine on this device, through the TensorRT runtime's step model. Without the engine's GPU, TensorRT and
     cuda-python this is a NeedsDeviceError (exit 2) saying what is missing."""
-    from trt_gemma.runtime.tensorrt import load_step_model, read_record, unavailable_reason
+    from trt_gemma.runtime.engine_backend import load_step_model
+    from trt_gemma.runtime.tensorrt import read_record, unavailable_reason
 
     record = read_record(Path(bundle))
     why = unavailable_reason(record.get("builder"))

@@ -86,18 +86,15 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
                           fix="use --backend onnxruntime")
     kind = detect_kind(path)
     if kind == "bundle":
-        if device != "cpu" and (path / "onnx" / "trt_gemma_onnx.json").is_file():
-            # on the GPU, the bundle's own graph with its recipe's profiles (TensorRT EP caches kept in the bundle)
-            from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
-            from trt_gemma.runtime.providers import bundle_limits
+        why = (engine_unavailable(path) if backend == "auto" and device == "cpu"
+               else f"--backend {backend} --device {device} was asked for")
+        if why is None:
+            from trt_gemma.runtime.engine_backend import TensorRTBackend
 
-            return OnnxRuntimeBackend.load(path / "onnx", slots=slots, source=path, device=device,
-                                           limits=bundle_limits(path))
-        if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
-            return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device,
-                                prefill_chunk=prefill_chunk)
-        return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device,
-                            prefill_chunk=prefill_chunk)
+            return TensorRTBackend.load(path, slots=slots, **step)  # its `choice` names the engine's builder
+        loaded = _bundle_backend(path, slots, cache_dir, backend, device, prefill_chunk)
+        loaded.choice = f"its TensorRT engine is not used: {why}"
+        return loaded
     if kind == "trtllm_engine":  # raises DependencyError with the fix where there is no GPU / tensorrt_llm
         from trt_gemma.runtime.trtllm import TrtLlmBackend
 
@@ -126,6 +123,23 @@ def load_backend(model_path: str | Path, *, slots: int = 1, cache_dir: Path | No
     if kind == "hf":  # name the model after what the user passed, not the cache entry
         loaded.info = ModelInfo(**{**loaded.info.__dict__, "name": Path(model_path).name})
     return loaded
+
+
+def _bundle_backend(path: Path, slots: int, cache_dir, backend: str, device: str, prefill_chunk) -> Backend:
+    """A bundle on what this host runs without its TensorRT engine: the bundle's graph on an onnxruntime GPU
+    provider, its TensorRT-LLM engine where one runs, else its checkpoint on a CPU backend."""
+    if device != "cpu" and (path / "onnx" / "trt_gemma_onnx.json").is_file():
+        # on the GPU, the bundle's own graph with its recipe's profiles (TensorRT EP caches kept in the bundle)
+        from trt_gemma.runtime.onnxruntime import OnnxRuntimeBackend
+        from trt_gemma.runtime.providers import bundle_limits
+
+        return OnnxRuntimeBackend.load(path / "onnx", slots=slots, source=path, device=device,
+                                       limits=bundle_limits(path))
+    if backend in ("reference", "onnxruntime"):  # a CPU runtime asked for: the bundle's checkpoint
+        return load_backend(path / "checkpoint", slots=slots, cache_dir=cache_dir, backend=backend, device=device,
+                            prefill_chunk=prefill_chunk)
+    return load_backend(bundle_runnable(path), slots=slots, cache_dir=cache_dir, backend=backend, device=device,
+                        prefill_chunk=prefill_chunk)
 
 
 def onnxruntime_available() -> bool:
@@ -195,6 +209,22 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
                             force=True, show_progress=False)
     cache.admit(out, ckpt)
     return out
+
+
+def engine_unavailable(bundle: Path) -> str | None:
+    """Why `serve BUNDLE` does not run BUNDLE/tensorrt/model.engine here (None: it does, on the TensorRT backend):
+    no engine built, or the engine's builder, cuda-python or a GPU missing (runtime/tensorrt.unavailable_reason)."""
+    from trt_gemma.runtime.tensorrt import ENGINE_FILE, read_record, unavailable_reason
+
+    engine = Path(bundle) / "tensorrt" / ENGINE_FILE
+    if not engine.is_file():
+        return f"no TensorRT engine: {engine} is missing (trt-gemma build --from-bundle {bundle} --engine tensorrt)"
+    try:
+        builder = read_record(Path(bundle)).get("builder")
+    except InputError as e:  # its build record is missing or unreadable: the engine cannot be checked, so not run
+        return e.message
+    why = unavailable_reason(builder)
+    return None if why is None else f"the engine cannot run on this host: {why}"
 
 
 def bundle_runnable(bundle: Path) -> Path:

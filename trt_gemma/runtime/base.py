@@ -86,6 +86,7 @@ class Backend(ABC):
     name: ClassVar[str]
     info: ModelInfo
     tokenizer: "GemmaTokenizer"
+    choice: str | None = None  # why this backend was picked for a bundle (the serve log line says it)
 
     @classmethod
     @abstractmethod

@@ -16,22 +16,17 @@ import numpy as np
 
 from trt_gemma.errors import InputError
 from trt_gemma.runtime.base import Backend, GenerationParams, KVUsage, MemoryFootprint, ModelInfo, Step
-from trt_gemma.runtime.executor import Executor
-from trt_gemma.runtime.pool import PoolShape
-from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK, END, Row, StepLoop
+from trt_gemma.runtime.steploop import END, Row, StepLoop
 
 
 class StepLoopBackend(Backend):
     name = "steploop"
 
-    def __init__(self, ex: Executor, shape: PoolShape, model: dict, tokenizer, info: ModelInfo, *,
-                 weight_bytes: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
-        """`model`: the export manifest's "model" record (vocab_size, max_seq_len, top_k, vocab_mask)."""
+    def __init__(self, loop: StepLoop, tokenizer, info: ModelInfo, *, weight_bytes: int):
+        """`loop`: a StepLoop over the backend's executor (closed with the backend)."""
         self.tokenizer, self.info, self.weight_bytes = tokenizer, info, weight_bytes
-        self.slots = shape.slots
-        self.loop = StepLoop(ex, shape, model["vocab_size"], model["top_k"], model["max_seq_len"],
-                             vocab_mask=bool(model.get("vocab_mask")), prefill_chunk=prefill_chunk)
-        self.executor = ex
+        self.slots = loop.pool.shape.slots
+        self.loop, self.executor = loop, loop.ex
         self._thread = threading.Thread(target=self.loop.run_forever, name="trt-gemma-engine", daemon=True)
         self._thread.start()
 

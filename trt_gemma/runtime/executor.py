@@ -61,7 +61,11 @@ class Executor(Protocol):
     io: tuple[TensorSpec, ...]
     num_profiles: int  # optimization profiles (1 where the runtime has none, e.g. onnxruntime)
 
-    def alloc(self, nbytes: int) -> Buffer: ...
+    def alloc(self, nbytes: int, kind: str = "activations") -> Buffer:
+        """`kind`: what the memory is for, as telemetry's memory_bytes{kind} names it ("kv_cache", "activations")."""
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes allocated by kind (the real allocations; a device executor adds the engine's own)."""
 
     def free(self, buffer: Buffer) -> None: ...
 

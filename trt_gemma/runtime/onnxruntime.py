@@ -22,7 +22,7 @@ from trt_gemma.runtime.base import ModelInfo
 from trt_gemma.runtime.batched import StepLoopBackend
 from trt_gemma.runtime.pool import PoolShape
 from trt_gemma.runtime.reference import ReferenceBackend
-from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK
+from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK, StepLoop
 from trt_gemma.errors import DependencyError, InputError
 
 DEFAULT_ACCURACY_LEVEL = 4
@@ -303,8 +303,9 @@ class OrtStepBackend(StepLoopBackend):
         shown = Path(source) if source is not None else path
         info = ModelInfo(name=shown.name, path=str(shown), context_length=cap, vocab_size=m["vocab_size"],
                          dtype=m["dtype"], quant_algo=m["quant_algo"])
-        backend = cls(ex, shape, m, GemmaTokenizer.from_dir(path), info, weight_bytes=int(man["external_bytes"]),
-                      prefill_chunk=prefill_chunk)
+        loop = StepLoop(ex, shape, m["vocab_size"], m["top_k"], m["max_seq_len"],
+                        vocab_mask=bool(m.get("vocab_mask")), prefill_chunk=prefill_chunk)
+        backend = cls(loop, GemmaTokenizer.from_dir(path), info, weight_bytes=int(man["external_bytes"]))
         backend.model = PoolModel(ex.session, man, KV_NUMPY[act])
         return backend
 

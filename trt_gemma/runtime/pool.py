@@ -63,7 +63,7 @@ class KVPool:
 
     def __init__(self, ex: Executor, shape: PoolShape):
         self.ex, self.shape = ex, shape
-        self.buffer: Buffer = ex.alloc(shape.nbytes)
+        self.buffer: Buffer = ex.alloc(shape.nbytes, kind="kv_cache")
         self.zeroed = 0  # positions [0, zeroed) of every slot hold zeros or written rows
         self.free = list(range(shape.slots - 1, -1, -1))
 
@@ -130,20 +130,19 @@ class Staging:
         self.ex, self.pool, self.vocab, self.top_k, self.has_mask = ex, pool, vocab, top_k, vocab_mask
         s = pool.shape
         self.max_tokens = max_tokens  # batch x new tokens of the largest step
-        i64 = 8
-        self.sizes = {"header": 3 * max_tokens * i64, "positions": s.capacity * i64, "ids_out": max_tokens * (1 + top_k) * i64,
-                      "topk_logprobs": max_tokens * top_k * 4,
-                      "logits": max_tokens * vocab * 4, "new_kv": 2 * s.layers * max_tokens * s.row_bytes,
-                      "vocab_mask": max_tokens * vocab if vocab_mask else 0}
+        i64, rows = 8, s.slots  # outputs are per row (the last position): at most one per slot, not per token
+        self.sizes = {"header": 3 * max_tokens * i64, "positions": s.capacity * i64, "ids_out": rows * (1 + top_k) * i64,
+                      "topk_logprobs": rows * top_k * 4,
+                      "logits": rows * vocab * 4, "new_kv": 2 * s.layers * max_tokens * s.row_bytes,
+                      "vocab_mask": rows * vocab if vocab_mask else 0}
         self.offsets, total = {}, 0
         for name, n in self.sizes.items():
             self.offsets[name] = total
             total += -(-n // ALIGN) * ALIGN
-        self.buffer = ex.alloc(total)
+        self.buffer = ex.alloc(total, kind="activations")
         ex.upload(View(self.buffer, self.offsets["positions"], (s.capacity,), "int64"), np.arange(s.capacity))
         if vocab_mask:  # every token allowed: the mask input is there for callers that constrain decoding
-            ex.upload(View(self.buffer, self.offsets["vocab_mask"], (max_tokens, vocab), "bool"),
-                      np.ones((max_tokens, vocab), bool))
+            ex.upload(View(self.buffer, self.offsets["vocab_mask"], (rows, vocab), "bool"), np.ones((rows, vocab), bool))
         self._plans: dict[tuple[int, int, int], StepViews] = {}
 
     def views(self, bucket: int, batch: int, new: int) -> StepViews:
@@ -156,7 +155,8 @@ class Staging:
         return plan
 
     def _make(self, bucket: int, batch: int, new: int) -> StepViews:
-        assert batch * new <= self.max_tokens, f"step {batch}x{new} exceeds the staging for {self.max_tokens} tokens"
+        assert batch * new <= self.max_tokens and batch <= self.pool.shape.slots, \
+            f"step {batch}x{new} exceeds the staging for {self.max_tokens} tokens in {self.pool.shape.slots} rows"
         s, o, buf, k = self.pool.shape, self.offsets, self.buffer, self.top_k
         header = View(buf, o["header"], (batch * new + 2 * batch,), "int64")
         ids_out = View(buf, o["ids_out"], (batch * (1 + k),), "int64")

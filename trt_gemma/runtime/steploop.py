@@ -22,12 +22,14 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from trt_gemma.errors import InputError
 from trt_gemma.reference.sampling import Sampler, SamplingParams
 from trt_gemma.runtime.base import GenerationParams
+from trt_gemma.runtime.engine_plan import select_profile
 from trt_gemma.runtime.executor import Executor
 from trt_gemma.runtime.pool import KVPool, PoolShape, Staging
 
@@ -67,9 +69,11 @@ class StepLoop:
 
     def __init__(self, ex: Executor, shape: PoolShape, vocab: int, top_k: int, limit: int, *,
                  vocab_mask: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_bucket: int = KV_BUCKET,
-                 consumer_turns: bool = True):
+                 consumer_turns: bool = True, profiles: Sequence[Mapping] = ()):
         """`consumer_turns`: a lone request's consumer may run the turns (`drive_alone`); an executor that must be
-        called from one thread only (a thread-bound device context) turns it off."""
+        called from one thread only (a thread-bound device context) turns it off. `profiles`: the engine's
+        optimization profiles in its order ({input: [min, opt, max]} each); each step runs under the one
+        `select_profile` picks for its shapes (none: the executor's one implicit profile, 0)."""
         self.ex, self.vocab, self.top_k = ex, vocab, top_k
         self.limit = min(limit, shape.capacity)  # positions a row may hold (prompt + generated)
         self.prefill_chunk, self.kv_bucket = max(1, prefill_chunk), max(1, kv_bucket)
@@ -81,6 +85,8 @@ class StepLoop:
         self.turning = threading.Lock()  # held for each turn: turns never overlap, whichever thread runs them
         self.solo: Row | None = None  # a lone row whose consumer runs the turns itself (`drive_alone`)
         self.consumer_turns = consumer_turns
+        self.profiles = list(profiles)
+        self._step_profile: dict[tuple[int, int, int], int] = {}  # (bucket, batch, new) -> profile index
         self.closed = False
         self.steps = 0  # graph executions (benchmarks: KV bytes read per step)
         self.kv_rows_read = 0  # sum over steps of bucket x batch: pool rows (one position of one slot) bound
@@ -172,26 +178,27 @@ class StepLoop:
                 row.slot = self.pool.take()
                 self.rows.append(row)
 
-    def _run(self, rows: list[Row], ids: list[int], new: int, final: bool) -> None:
-        """One execution: `ids` are the rows' new tokens, `new` per row, row-major."""
+    def _run(self, rows: list[Row], ids: list[int], new: int, final: bool):
+        """One execution: `ids` are the rows' new tokens, `new` per row, row-major. Returns the step's views (None
+        when it failed: the error went to the rows' sinks)."""
         batch = len(rows)
         lengths = [r.length for r in rows]
         longest = max(lengths)
-        bucket = self._round(longest)
         if longest + new > self.pool.zeroed:  # before this step's rows land: never zeroed after
             self.pool.ensure_zeroed(self._round(longest + new))
-        views = self.staging.views(bucket, batch, new)
         header = np.array(ids + lengths + [r.slot for r in rows], np.int64)
         try:
+            profile, views = self._plan(longest, batch, new)
             self.ex.upload(views.header, header)
-            self.ex.run(0, views.bindings)
+            self.ex.run(profile, views.bindings)
             self.pool.write_rows(views.new_kv, [(r.slot, n) for r, n in zip(rows, lengths)])
             picks = self._sample(rows, views) if final else None
         except Exception as e:  # noqa: BLE001 - reported to the requests of this step; the loop carries on
             for row in rows:
                 row.sink(e)
                 self._release(row)
-            return
+            return None
+        bucket = views.bindings["past_positions"].shape[0]
         self.steps += 1
         self.kv_rows_read += bucket * batch
         self.kv_rows_needed += sum(lengths)
@@ -200,6 +207,25 @@ class StepLoop:
             row.length += new
             if picks is not None:
                 self._emit(row, picks[b], now)
+        return views
+
+    def _plan(self, longest: int, batch: int, new: int):
+        """(profile, views) of a step: the past length rounded up to a bucket, under the profile whose ranges take
+        the step's shapes. Where none takes the bucket (the decode profile's past ends at max_seq_len - 1, below
+        the last bucket's round-up), the exact past length: near the limits only, so not cached."""
+        bucket = self._round(longest)
+        views = self.staging.views(bucket, batch, new)
+        if not self.profiles:
+            return 0, views
+        key = (bucket, batch, new)
+        profile = self._step_profile.get(key)
+        if profile is None:
+            try:
+                profile = self._step_profile[key] = select_profile(_shapes(views), self.profiles)
+            except InputError:
+                views = self.staging.views(longest, batch, new)
+                return select_profile(_shapes(views), self.profiles), views
+        return profile, views
 
     def _round(self, n: int) -> int:
         return min(self.pool.shape.capacity, max(1, -(-n // self.kv_bucket)) * self.kv_bucket)
@@ -247,3 +273,7 @@ class StepLoop:
             self.pool.give_back(row.slot)
             row.slot, row.length = -1, 0
             row.sink(END)
+
+
+def _shapes(views) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(v.shape) for name, v in views.bindings.items()}

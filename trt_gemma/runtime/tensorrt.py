@@ -297,13 +297,3 @@ def _ok(result: bool, call: str) -> None:
 
 def _first(errors: list[str]) -> str:
     return " | ".join(errors[:2]) or "no message from TensorRT"
-
-
-def load_step_model(bundle: Path):
-    """The engine as a step model (`new_cache`, `forward(ids, cache, last_only)`) for `trt-gemma check`: the batched
-    step loop's TensorRT backend over a `TensorRTExecutor`. That backend is built over the step loop's graph
-    contract and is not part of this version, so this is a typed error naming what to use meanwhile."""
-    raise DependencyError(f"this trt_gemma has the TensorRT executor but no TensorRT generation backend to run "
-                          f"{Path(bundle) / 'tensorrt' / ENGINE_FILE} step by step",
-                          fix="compare the engine with onnxruntime through the polygraphy commands recorded in "
-                              f"{Path(bundle) / 'tensorrt' / 'manifest.json'} (check_commands)")

@@ -129,7 +129,9 @@ class Server:
         try:
             self.scheduler.backend = self._loader()
             self.state = "ready"
-            log.info("serving %s: %s backend, %s", self.model_name, self.backend.name, self.backend.info.path)
+            choice = getattr(self.backend, "choice", None)  # a bundle's: why its TensorRT engine is used or not
+            log.info("serving %s: %s backend, %s%s", self.model_name, self.backend.name, self.backend.info.path,
+                     f" ({choice})" if choice else "")
         except Exception as e:  # the server stays up and says why on /health (or stops, with on_failure)
             log.error("model failed to load: %s", e)
             self.state, self.failure_reason = "failed", str(e)
