@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trt_gemma.errors import ConfigError
+from trt_gemma.errors import ConfigError, OutputError
+from trt_gemma.fsutil import atomic_write, sha256_file
 
 NAMESPACES = ("checkpoints", "onnx")
 MAX_ENV = "TRT_GEMMA_CACHE_MAX"
@@ -57,8 +58,6 @@ def max_bytes() -> int:
 
 def file_sha256(path: Path, root: Path) -> str:
     """sha256 of `path`'s bytes, remembered in root/.hashes.json by (resolved path, size, mtime)."""
-    from trt_gemma.fsutil import sha256_file
-
     path = Path(path).resolve()
     st = path.stat()
     stamp = [st.st_size, st.st_mtime_ns]
@@ -95,14 +94,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Best effort (a lost memo costs one re-hash): temp file + rename, so readers never see half a file."""
-    try:
+    """Best effort (a lost memo costs one re-hash), written whole by fsutil.atomic_write (never through a link)."""
+    with contextlib.suppress(OSError, OutputError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-    except OSError:
-        pass
+        atomic_write(path, json.dumps(data))
 
 
 # --- locking, use, eviction --------------------------------------------------------------------------------------
