@@ -1,7 +1,10 @@
 """Serving backends behind one interface (base.Backend), chosen by what a model directory holds.
 
-  build bundle             (manifest.json + checkpoint/)                      -> its engine/ on a GPU host with
-                                                                                TensorRT-LLM, else its checkpoint/
+  build bundle             (manifest.json + checkpoint/)                      -> its tensorrt/model.engine where this
+                                                                                host runs it (engine_backend), else
+                                                                                its onnx/ on a GPU provider, its
+                                                                                engine/ with TensorRT-LLM, or its
+                                                                                checkpoint/
   TensorRT-LLM engine dir  (config.json with "build_config" + rank0.engine)   -> TensorRT-LLM backend (GPU host)
   TensorRT-LLM checkpoint  (config.json with "architecture" + rank0.safetensors) -> reference numpy runtime
   Hugging Face Gemma 2 dir (config.json with "model_type"/"architectures")   -> converted once into a cache
