@@ -120,7 +120,7 @@ class TensorRTExecutor:
 
     def __init__(self, bundle: str | Path, *, device: int = 0, cuda_graphs: bool = True):
         self.bundle = Path(bundle)
-        record = read_record(self.bundle)
+        self.record = record = read_record(self.bundle)  # kept: the backends size their pool by it
         self.lib = record.get("builder", "tensorrt")
         why = unavailable_reason(self.lib)
         if why:
