@@ -148,7 +148,7 @@ class TensorRTExecutor:
         self.engine = self._deserialize(self.bundle / "tensorrt" / ENGINE_FILE)
         found = engine_io(self.engine, trt)
         check_io(found, record.get("io"), self.bundle / "tensorrt" / ENGINE_FILE, self.bundle)
-        self.io = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in found["tensors"])
+        self.io = TensorSpec.of_records(found["tensors"])
         self.num_profiles = self.engine.num_optimization_profiles
         self.graphs = GraphCache() if cuda_graphs and not self.features["builtin_graphs"] else None
         self._runtime_cache = None
