@@ -1,5 +1,6 @@
 """The local cache of derived models: HF dir -> converted checkpoint (`checkpoints/`), checkpoint -> onnxruntime
-export (`onnx/`), under $TRT_GEMMA_CACHE (default ~/.cache/trt_gemma).
+export (`onnx/`) and exports with activation outputs (`onnx-sites/`), under $TRT_GEMMA_CACHE (default
+~/.cache/trt_gemma).
 
 One entry per content key. An entry is named `<source dir name>-<key>`, the key a sha256 over a seed (our version and
 the export options) and the *contents* of the source's files — not their paths or mtimes, so the embedded model is
@@ -27,7 +28,7 @@ from pathlib import Path
 from trt_gemma.errors import ConfigError, OutputError
 from trt_gemma.fsutil import atomic_write, sha256_file
 
-NAMESPACES = ("checkpoints", "onnx")
+NAMESPACES = ("checkpoints", "onnx", "onnx-sites")  # onnx-sites: runtime/sites.py's exports with activation outputs
 MAX_ENV = "TRT_GEMMA_CACHE_MAX"
 DEFAULT_MAX_BYTES = 2 * 10**9
 HASHES = ".hashes.json"
