@@ -93,6 +93,17 @@ def test_lru_eviction_keeps_the_newest_the_admitted_and_the_locked(tmp_path, mon
     assert [e.name for e in C.entries(root)] == ["b-2", "d-4"]  # admit touched d-4: now the most recent
 
 
+def test_site_exports_are_entries_and_evicted(tmp_path, monkeypatch):
+    """runtime/sites.py caches its exports under onnx-sites/: they are listed and count toward the cap like the rest."""
+    root = tmp_path / "cache"
+    sites = _entry(root, "onnx-sites", "s-1", 400, 300)
+    kept = _entry(root, "onnx", "o-2", 400, 100)
+    assert [e.namespace for e in C.entries(root)] == ["onnx-sites", "onnx"]
+    monkeypatch.setenv(C.MAX_ENV, "500")
+    C.admit(kept)
+    assert not sites.exists() and [e.name for e in C.entries(root)] == ["o-2"]
+
+
 def test_cache_cli_ls_and_prune(tmp_path):
     root = tmp_path / "cache"
     _entry(root, "onnx", "old-1", 3000, 200)

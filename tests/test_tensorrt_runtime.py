@@ -117,7 +117,7 @@ def test_profile_follows_the_step_shapes(built):
 
 
 def _io(record) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in record["io"]["tensors"])
+    return TensorSpec.of_records(record["io"]["tensors"])
 
 
 @needs_rtx

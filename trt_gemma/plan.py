@@ -179,7 +179,7 @@ def _tensorrt(cfg: ModelConfig, t: Target, r: Recipe, m: dict) -> dict:
 
 def route_total(cfg: ModelConfig, t: Target, r: Recipe) -> int:
     """Bytes the route the recipe builds needs: TensorRT-LLM's engine and KV pool, or the TensorRT route's engine
-    (past and present KV buffers, per-profile activations)."""
+    (the KV pool and a step's new rows, per-profile activations: engine/plan.py)."""
     m = _memory(cfg, t, r)
     return _tensorrt(cfg, t, r, m)["total_bytes"] if r.engine == "tensorrt" else m["total"]
 

@@ -26,7 +26,7 @@ else:  # pragma: no cover - Python 3.10
 
 GEMMA2_MAX_SEQ_LEN = 4096  # TRT-LLM: "The maximum sequence length allowed is 4096." (docs/tensorrt-llm-contract.md §5)
 QUANTS = ("bfloat16", "float16", "int8_wo", "int4_wo", "int4_awq", "fp8")
-CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibration (quantize.py), the rest by convert.py
+CALIBRATED_QUANTS = frozenset({"int4_awq", "fp8"})  # made by ModelOpt calibration (quant/modelopt.py), the rest by checkpoint/convert.py
 DTYPES = ("bfloat16", "float16")
 KV_DTYPES = ("auto", "bfloat16", "float16", "fp8", "int8")
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "float32")

@@ -51,8 +51,10 @@ class Site:
         h = self.hook.format(layer=layer)
         return h if self.hook_out is None else f"{h} -> {self.hook_out.format(layer=layer)}"
 
-    def width(self, cfg, tap: str) -> int:
-        return cfg.num_attention_heads * cfg.head_size if tap == "attn_z" else cfg.hidden_size
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """What the site reads: its input tap, and for a transcoder the output tap too."""
+        return tuple(dict.fromkeys((self.tap, self.target_tap)))
 
 
 # sites -> hooks: SAELens get_gemma_2_config_from_hf / get_gemma_2_transcoder_config_from_hf (docs/scope.md)
@@ -139,8 +141,10 @@ class JumpReLUSAE:
 
     def check_model(self, cfg, what: str) -> None:
         """The SAE's widths against the model's at its site (att reads heads x head_dim, the rest hidden_size)."""
+        from trt_gemma.reference.model import tap_width
+
         for side, got, tap in (("d_in", self.d_in, self.site.tap), ("d_out", self.d_out, self.site.target_tap)):
-            want = self.site.width(cfg, tap)
+            want = tap_width(cfg, tap)
             if got != want:
                 shape = (f"{cfg.num_attention_heads} heads x {cfg.head_size}" if tap == "attn_z"
                          else "its hidden size")
@@ -253,8 +257,7 @@ def features(model, tokenizer, sae: JumpReLUSAE, layer: int, text: str, top_k: i
     if len(ids) > cfg.max_position_embeddings:
         raise InputError(f"the text is {len(ids)} tokens, longer than the model's context of "
                          f"{cfg.max_position_embeddings}", fix="pass a shorter text")
-    taps = tuple(dict.fromkeys((site.tap, site.target_tap)))
-    acts = {t: v[1:] for t, v in model.activations(ids, layer, taps).items()}  # <bos> excluded: not trained on it
+    acts = {t: v[1:] for t, v in model.activations(ids, layer, site.taps).items()}  # <bos> excluded: not trained on it
     f = sae.encode(acts[site.tap])
     if feature == "strongest":  # first token, then lowest id among ties: the order of the per-token top lists
         feature = int(np.unravel_index(np.argmax(f), f.shape)[1])
@@ -320,8 +323,7 @@ def load_for_features(model_spec: str | None, sae: str | None, sae_path: str | N
     if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
         from trt_gemma.runtime.sites import OrtSites
 
-        taps = dict.fromkeys((where.tap, where.target_tap))
-        reader: object = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in taps])
+        reader: object = OrtSites.for_checkpoint(ckpt, [(t, layer) for t in where.taps])
     else:
         from trt_gemma.reference import ReferenceModel
 

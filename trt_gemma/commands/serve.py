@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from trt_gemma.console import console, emit
+from trt_gemma.runtime.backends import BACKENDS
+from trt_gemma.runtime.providers import DEVICES
 from trt_gemma.runtime.steploop import DEFAULT_PREFILL_CHUNK
 from trt_gemma.serve.app import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_INTERVAL_S
 from trt_gemma.serve.conn import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_TIMEOUT_S
@@ -77,13 +79,13 @@ IN_VOLUME = ("guard", "guard_thresholds")  # local paths: copied into the models
 @click.option("--guard-max-queue", default=DEFAULT_GUARD_QUEUE, show_default=True, type=click.IntRange(0),
               help="Moderation inputs that may wait for the guard; beyond that /v1/moderations answers 429 + "
                    "Retry-After (guarded chat checks go first and are bounded by --max-queue).")
-@click.option("--backend", type=click.Choice(["auto", "reference", "onnxruntime", "trtllm"]), default="auto",
-              show_default=True, help="auto: TensorRT-LLM for engines, else onnxruntime where installed, else the "
-                                      "numpy reference.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default=BACKENDS[0], show_default=True,
+              help="auto: a bundle's TensorRT engine where this host runs it, TensorRT-LLM for its engines, else "
+                   "onnxruntime where installed, else the numpy reference.")
+@click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
               help="onnxruntime's execution provider: CUDA or TensorRT need onnxruntime-gpu (docs/jetson.md).")
 @click.option("--prefill-chunk", default=DEFAULT_PREFILL_CHUNK, show_default=True, type=click.IntRange(1),
-              help="Prompt tokens the batched step loop (onnxruntime) reads per step: a long prompt holds running "
+              help="Prompt tokens the batched step loop (onnxruntime, TensorRT) reads per step: a long prompt holds running "
                    "streams up for one chunk at a time.")
 @click.pass_context
 def serve(ctx, model, host, port, api_key, api_key_file, insecure_no_auth, metrics_auth, max_queue, max_concurrency,

@@ -26,7 +26,7 @@ ROLES = ("batch", "new", "past", "total", "slots", "capacity")
 # symbolic dimension name -> role; first match wins (so "past_sequence_length" is past, not new)
 DIM_NAME_ROLES: tuple[tuple[str, str], ...] = (
     (r"batch", "batch"),
-    (r"slot", "slots"),  # the KV pool's slots (pool layout: past_key_values [slots, capacity, kv_heads, head_dim])
+    (r"slot", "slots"),  # the KV pool's slots (pool layout: past_key_values [slots, kv_heads, capacity, head_dim])
     (r"capacity", "capacity"),  # positions per slot of that pool
     (r"past|cache|history", "past"),
     (r"total|present|all_len|kv_len|attn_len|attention_len|key_len", "total"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from trt_gemma.errors import ConfigError
-from trt_gemma.reference.model import TAPS
+from trt_gemma.reference.model import TAPS, tap_width
 
 
 def block_tensor(layer: int, value: str) -> str:
@@ -59,7 +59,7 @@ def add_site_outputs(g, cfg, outputs: tuple[tuple[str, int], ...]) -> list[str]:
 
     names = []
     for tap, layer in outputs:
-        width = cfg.num_attention_heads * cfg.head_size if tap == "attn_z" else cfg.hidden_size
+        width = tap_width(cfg, tap)
         tensor = TAP_TENSORS[tap]
         if tensor is None:
             value = _normalized(g, block_tensor(layer, "attention_residual"), cfg.norm_epsilon)

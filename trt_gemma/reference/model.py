@@ -26,6 +26,11 @@ _ATTN_BLOCK = 256  # query rows per attention block: bounds scores to heads x 25
 TAPS = ("resid_post", "attn_z", "mlp_in_normalized", "mlp_out")
 
 
+def tap_width(cfg, tap: str) -> int:
+    """A tap's last dimension: attn_z is heads x head_size (not hidden_size on Gemma 2), the others hidden_size."""
+    return cfg.num_attention_heads * cfg.head_size if tap == "attn_z" else cfg.hidden_size
+
+
 # ---- Gemma 2 quirks ------------------------------------------------------------------------------------------------
 
 def embedding_normalizer(hidden_size: int, dtype: str) -> np.float32:

@@ -1,7 +1,10 @@
 """Serving backends behind one interface (base.Backend), chosen by what a model directory holds.
 
-  build bundle             (manifest.json + checkpoint/)                      -> its engine/ on a GPU host with
-                                                                                TensorRT-LLM, else its checkpoint/
+  build bundle             (manifest.json + checkpoint/)                      -> its tensorrt/model.engine where this
+                                                                                host runs it (engine_backend), else
+                                                                                its onnx/ on a GPU provider, its
+                                                                                engine/ with TensorRT-LLM, or its
+                                                                                checkpoint/
   TensorRT-LLM engine dir  (config.json with "build_config" + rank0.engine)   -> TensorRT-LLM backend (GPU host)
   TensorRT-LLM checkpoint  (config.json with "architecture" + rank0.safetensors) -> reference numpy runtime
   Hugging Face Gemma 2 dir (config.json with "model_type"/"architectures")   -> converted once into a cache
@@ -156,11 +159,17 @@ def onnx_cache_dir(ckpt: Path, cache_dir: Path | None = None) -> Path:
     from trt_gemma import __version__
     from trt_gemma.onnx.pool import CONTRACT
 
+    seed = f"{__version__}:{ONNX_KV_CACHE}:{CONTRACT}:{ONNX_LOGITS}:{onnx_cache_opset()}"
+    return export_cache_dir("onnx", ckpt, seed, cache_dir)
+
+
+def export_cache_dir(namespace: str, ckpt: Path, seed: str, cache_dir: Path | None = None) -> Path:
+    """The cache entry of an export of checkpoint `ckpt` under `namespace`, keyed by `seed` and the contents of the
+    checkpoint's config, weight and tokenizer files (not its provenance records)."""
     root = Path(cache_dir).parent if cache_dir else cache.cache_root()
     files = [p for p in Path(ckpt).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")
              and p.name not in PROVENANCE_FILES]
-    seed = f"{__version__}:{ONNX_KV_CACHE}:{CONTRACT}:{ONNX_LOGITS}:{onnx_cache_opset()}"
-    return cache.entry_path(root / "onnx", Path(ckpt), seed, files)
+    return cache.entry_path(root / namespace, Path(ckpt), seed, files)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,14 +208,18 @@ def ensure_onnx(ckpt: Path, cache_dir: Path | None = None) -> Path:
 
         raise DependencyError("the onnxruntime backend needs the onnx and onnxruntime packages",
                               fix="pip install 'trt-gemma[onnx]', or use --backend reference")
-    out = onnx_cache_dir(ckpt, cache_dir)
+    return export_into(onnx_cache_dir(ckpt, cache_dir), ckpt, kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS)
+
+
+def export_into(out: Path, ckpt: Path, **options) -> Path:
+    """Cache entry `out`, exporting checkpoint `ckpt` into it (at `onnx_cache_opset`) on first use: under the entry's
+    lock, so no half-written entry and no second export by another process or thread; then marked used."""
     if not (out / "trt_gemma_onnx.json").is_file():
         from trt_gemma.onnx.export import export_onnx
 
         with cache.entry_lock(out):
             if not (out / "trt_gemma_onnx.json").is_file():  # another process or thread may have made it meanwhile
-                export_onnx(ckpt, out, opset=onnx_cache_opset(), kv_cache=ONNX_KV_CACHE, logits=ONNX_LOGITS,
-                            force=True, show_progress=False)
+                export_onnx(ckpt, out, opset=onnx_cache_opset(), force=True, show_progress=False, **options)
     cache.admit(out, ckpt)
     return out
 

@@ -1,5 +1,6 @@
 """The local cache of derived models: HF dir -> converted checkpoint (`checkpoints/`), checkpoint -> onnxruntime
-export (`onnx/`), under $TRT_GEMMA_CACHE (default ~/.cache/trt_gemma).
+export (`onnx/`) and exports with activation outputs (`onnx-sites/`), under $TRT_GEMMA_CACHE (default
+~/.cache/trt_gemma).
 
 One entry per content key. An entry is named `<source dir name>-<key>`, the key a sha256 over a seed (our version and
 the export options) and the *contents* of the source's files — not their paths or mtimes, so the embedded model is
@@ -24,9 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trt_gemma.errors import ConfigError
+from trt_gemma.errors import ConfigError, OutputError
+from trt_gemma.fsutil import atomic_write, sha256_file
 
-NAMESPACES = ("checkpoints", "onnx")
+NAMESPACES = ("checkpoints", "onnx", "onnx-sites")  # onnx-sites: runtime/sites.py's exports with activation outputs
 MAX_ENV = "TRT_GEMMA_CACHE_MAX"
 DEFAULT_MAX_BYTES = 2 * 10**9
 HASHES = ".hashes.json"
@@ -57,8 +59,6 @@ def max_bytes() -> int:
 
 def file_sha256(path: Path, root: Path) -> str:
     """sha256 of `path`'s bytes, remembered in root/.hashes.json by (resolved path, size, mtime)."""
-    from trt_gemma.fsutil import sha256_file
-
     path = Path(path).resolve()
     st = path.stat()
     stamp = [st.st_size, st.st_mtime_ns]
@@ -95,14 +95,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Best effort (a lost memo costs one re-hash): temp file + rename, so readers never see half a file."""
-    try:
+    """Best effort (a lost memo costs one re-hash), written whole by fsutil.atomic_write (never through a link)."""
+    with contextlib.suppress(OSError, OutputError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-    except OSError:
-        pass
+        atomic_write(path, json.dumps(data))
 
 
 # --- locking, use, eviction --------------------------------------------------------------------------------------

@@ -101,10 +101,10 @@ class TensorRTBackend(StepLoopBackend):
     @classmethod
     def load(cls, bundle: Path, *, slots: int = 1, prefill_chunk: int | None = None) -> "TensorRTBackend":
         """BUNDLE/tensorrt/model.engine on this GPU (TensorRTExecutor checks builder, version, SM and I/O)."""
-        from trt_gemma.runtime.tensorrt import TensorRTExecutor, read_record
+        from trt_gemma.runtime.tensorrt import TensorRTExecutor
 
-        record = read_record(Path(bundle))
         ex = TensorRTExecutor(bundle)
+        record = ex.record
         try:
             # consumer_turns=False: the executor's CUDA stream and TensorRT context are used from the engine thread
             # only, so no consumer thread has to make the device's context current (cuda-python binds the primary
@@ -210,12 +210,11 @@ def step_model(ex: Executor, onnx_dir: Path, plan: PoolPlan | None = None) -> Po
 
 def load_step_model(bundle: Path) -> PoolStepModel:
     """BUNDLE's engine as check's step model: the TensorRT backend's loop over a `TensorRTExecutor`."""
-    from trt_gemma.runtime.tensorrt import TensorRTExecutor, read_record
+    from trt_gemma.runtime.tensorrt import TensorRTExecutor
 
-    record = read_record(Path(bundle))
     ex = TensorRTExecutor(bundle)
     try:
-        return step_model(ex, Path(bundle) / "onnx", PoolPlan.of_engine(record, bundle))
+        return step_model(ex, Path(bundle) / "onnx", PoolPlan.of_engine(ex.record, bundle))
     except BaseException:  # a refused plan leaves no device memory behind
         ex.close()
         raise

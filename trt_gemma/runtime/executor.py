@@ -28,6 +28,12 @@ class TensorSpec:
     shape: tuple[int | str, ...]  # a symbolic name or -1 for a dimension fixed only at run time
     is_input: bool
 
+    @classmethod
+    def of_records(cls, records) -> tuple["TensorSpec", ...]:
+        """From the I/O records an export manifest ("io") or a build record ("io"."tensors") keeps: name, dtype,
+        shape, is_input."""
+        return tuple(cls(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in records)
+
 
 @dataclass(frozen=True)
 class Buffer:

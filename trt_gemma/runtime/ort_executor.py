@@ -27,7 +27,7 @@ BINDING_CACHE = 64  # binding plans kept (one per step shape: bucket x batch x n
 
 def specs_from_manifest(man: dict) -> tuple[TensorSpec, ...]:
     """The graph's I/O as the export recorded it (trt_gemma_onnx.json "io")."""
-    return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in man.get("io", ()))
+    return TensorSpec.of_records(man.get("io", ()))
 
 
 class OrtExecutor:

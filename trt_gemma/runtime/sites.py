@@ -71,19 +71,7 @@ def _ensure_export(ckpt: Path, site_outputs: tuple, cache_dir: Path | None) -> P
     """`onnx-sites/<checkpoint>-<hash>` beside the backend's ONNX cache; the key covers the site list and the
     checkpoint's contents (runtime/cache.py), and the entry counts toward the cache's size cap."""
     from trt_gemma import __version__
-    from trt_gemma.onnx.export import export_onnx
-    from trt_gemma.runtime import cache
-    from trt_gemma.runtime.backends import PROVENANCE_FILES, onnx_cache_opset
+    from trt_gemma.runtime.backends import export_cache_dir, export_into, onnx_cache_opset
 
-    root = Path(cache_dir).parent if cache_dir else cache.cache_root()
-    files = [p for p in ckpt.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")
-             and p.name not in PROVENANCE_FILES]
     seed = f"{__version__}:sites:{sorted(site_outputs)}:{onnx_cache_opset()}"
-    out = cache.entry_path(root / "onnx-sites", ckpt, seed, files)
-    if not (out / "trt_gemma_onnx.json").is_file():
-        with cache.entry_lock(out):
-            if not (out / "trt_gemma_onnx.json").is_file():  # another process may have made it meanwhile
-                export_onnx(ckpt, out, opset=onnx_cache_opset(), site_outputs=site_outputs, force=True,
-                            show_progress=False)
-    cache.admit(out, ckpt)
-    return out
+    return export_into(export_cache_dir("onnx-sites", ckpt, seed, cache_dir), ckpt, site_outputs=site_outputs)

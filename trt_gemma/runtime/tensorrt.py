@@ -31,7 +31,7 @@ from trt_gemma.engine.rules import BUILDERS
 from trt_gemma.errors import DependencyError, DeviceError, InputError
 from trt_gemma.safe_io import check_tree, read_json_object
 from trt_gemma.runtime.engine_plan import (GraphCache, MemoryLedger, binding_plan, check_build_record, check_io,
-                                           numpy_dtype)
+                                           numpy_dtype, view_address)
 from trt_gemma.runtime.executor import Buffer, TensorSpec, View
 from trt_gemma.runtime import cuda_memory
 
@@ -120,7 +120,7 @@ class TensorRTExecutor:
 
     def __init__(self, bundle: str | Path, *, device: int = 0, cuda_graphs: bool = True):
         self.bundle = Path(bundle)
-        record = read_record(self.bundle)
+        self.record = record = read_record(self.bundle)  # kept: the backends size their pool by it
         self.lib = record.get("builder", "tensorrt")
         why = unavailable_reason(self.lib)
         if why:
@@ -146,9 +146,9 @@ class TensorRTExecutor:
         sm, gpu = self.stream.sm()
         check_build_record(record, lib=self.lib, version=trt.__version__, gpu_sm=sm, gpu_name=gpu, bundle=self.bundle)
         self.engine = self._deserialize(self.bundle / "tensorrt" / ENGINE_FILE)
-        check_io(engine_io(self.engine, trt), record.get("io"), self.bundle / "tensorrt" / ENGINE_FILE, self.bundle)
-        self.io = tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"])
-                        for t in engine_io(self.engine, trt)["tensors"])
+        found = engine_io(self.engine, trt)
+        check_io(found, record.get("io"), self.bundle / "tensorrt" / ENGINE_FILE, self.bundle)
+        self.io = TensorSpec.of_records(found["tensors"])
         self.num_profiles = self.engine.num_optimization_profiles
         self.graphs = GraphCache() if cuda_graphs and not self.features["builtin_graphs"] else None
         self._runtime_cache = None
@@ -211,10 +211,10 @@ class TensorRTExecutor:
     def upload(self, dst: View, host: np.ndarray) -> None:
         host = np.asarray(host, dtype=dst.dtype)
         assert host.shape == tuple(dst.shape), f"upload of {host.shape} into a {dst.shape} view"
-        self.stream.upload(int(dst.buffer.handle) + dst.offset, host)
+        self.stream.upload(view_address(dst), host)
 
     def download(self, src: View) -> np.ndarray:
-        return self.stream.download(int(src.buffer.handle) + src.offset, tuple(src.shape), src.dtype)
+        return self.stream.download(view_address(src), tuple(src.shape), src.dtype)
 
     def copy2d(self, dst: Buffer, dst_offset: int, dst_pitch: int, src: Buffer, src_offset: int, src_pitch: int,
                width: int, height: int) -> None:
