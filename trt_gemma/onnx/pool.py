@@ -9,7 +9,8 @@ rounded up to a bucket) says which positions the step reads: the graph gathers h
 (no Transpose), so it reads `batch x kv_heads x past_bucket` rows, each (sequence, head) one contiguous run: a lone
 sequence reads dense blocks, where a sequence-major pool would stride over every slot. It masks per row (a key is visible
 when it was written, is not in the future, and, on sliding layers, is inside the window) and attends over
-past ++ new.
+past ++ new without concatenating them: the scores over the gathered past and over the new rows are computed apart
+and concatenated (they are small), one softmax covers both, and the values are the sum of the two parts' products.
 
 Nothing is written in place: the graph returns the new rows only, `new_kv` [2 * layers, batch, kv_heads, T, head_dim]
 (layer-major, key then value; for T = 1 each sequence's row of a layer is one dense [kv_heads, head_dim] block), and
@@ -94,18 +95,33 @@ def masks(g: Graph, cfg: CheckpointConfig, q_pos: str, offsets: str, k_past: str
     return out
 
 
-def attend_kv(g: Graph, cfg: CheckpointConfig, i: int, k: str, v: str, rows: str,
+def gather_kv(g: Graph, cfg: CheckpointConfig, i: int, k: str, v: str, rows: str,
               new_rows: list[str]) -> tuple[str, str]:
-    """k, v [B, kv, T, d] (after RoPE) -> past ++ new [B, kv, past_bucket + T, d]: the step's pool rows gathered
-    from the bound block (viewed as [slots * kv * capacity, d]) in attention's layout, then the new rows. The new
-    rows are kept for `new_kv` as they are ([B, kv, T, d])."""
-    out = []
+    """The step's past rows [B, kv, past_bucket, d] of layer i, gathered from the bound blocks (viewed as
+    [slots * kv * capacity, d]) straight into attention's layout. The new rows k, v [B, kv, T, d] are kept for
+    `new_kv` as they are; they are not appended to the past (see `attend`)."""
     flat = g.const([-1, cfg.head_size], np.int64)
-    for name, x in (("key", k), ("value", v)):
-        pool = g.op("Reshape", f"past_key_values.{i}.{name}", flat)
-        out.append(g.op("Concat", g.op("Gather", pool, rows, axis=0), x, axis=2))
-        new_rows.append(x)
-    return out[0], out[1]
+    past = [g.op("Gather", g.op("Reshape", f"past_key_values.{i}.{name}", flat), rows, axis=0)
+            for name in ("key", "value")]
+    new_rows += [k, v]
+    return past[0], past[1]
+
+
+def scores(g: Graph, qg: str, k_past: str, k_new: str) -> str:
+    """q [B, kv, group*T, d] against past ++ new keys -> [B, kv, group*T, past_bucket + T]: two MatMuls whose
+    small score tensors are concatenated, instead of one MatMul over a concatenation of the keys (a copy of the
+    whole gathered past per layer, and again for the values)."""
+    return g.op("Concat", g.op("MatMul", qg, g.op("Transpose", k_past, perm=[0, 1, 3, 2])),
+                g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), axis=-1)
+
+
+def weighted_values(g: Graph, probs: str, v_past: str, v_new: str, bucket: str) -> str:
+    """probs [B, kv, group*T, past_bucket + T] x (past ++ new values) as the sum of its past and new parts
+    (`bucket`: int64 [1], where the new keys start)."""
+    axis = g.const([-1], np.int64)
+    p_past = g.op("Slice", probs, g.const([0], np.int64), bucket, axis)
+    p_new = g.op("Slice", probs, bucket, g.const([np.iinfo(np.int64).max], np.int64), axis)
+    return g.op("Add", g.op("MatMul", p_past, v_past), g.op("MatMul", p_new, v_new))
 
 
 def outputs(g: Graph, cfg: CheckpointConfig, logits: str, new_rows: list[str], top_k: int, vocab_mask: bool) -> None:
