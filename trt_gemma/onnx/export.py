@@ -126,7 +126,7 @@ class _Shared:
     kv_cache: str = "concat"
     new_rows: list = field(default_factory=list)
     pool_rows: str | None = None  # int64 [B, kv_heads, past_bucket]: the pool rows a pool-layout step gathers
-    pool_bucket: str | None = None  # int64 [1]: past_bucket (where a pool-layout step's new keys start)
+    pool_parts: str | None = None  # int64 [2]: past_bucket and T (a pool-layout score row's past and new parts)
 
 
 def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
@@ -156,10 +156,10 @@ def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str
 
 def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) -> _Shared:
     if kv_cache == "pool":  # per-row positions [B, T] and masks [B, 1, group*T, S]
-        q_pos, offsets, k_past, rows = pool.positions(g, cfg)
+        q_pos, offsets, k_past, rows, parts = pool.positions(g, cfg)
         cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=True)
         return _Shared(cos, sin, position_ids, pool.masks(g, cfg, q_pos, offsets, k_past), None, kv_cache,
-                       pool_rows=rows, pool_bucket=g.op("Shape", k_past))
+                       pool_rows=rows, pool_parts=parts)
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=False)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
@@ -236,7 +236,7 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
     probs = g.op("Softmax", scores, axis=-1)
     if sh.kv_cache == "pool":
-        out = pool.weighted_values(g, probs, v_past, v, sh.pool_bucket)
+        out = pool.weighted_values(g, probs, v_past, v, sh.pool_parts)
     else:
         out = g.op("MatMul", probs, v)  # [B, kv, group*T, d]
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])

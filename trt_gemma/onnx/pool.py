@@ -33,6 +33,7 @@ from trt_gemma.onnx.graph import Graph, onnx_type
 from trt_gemma.reference.checkpoint import CheckpointConfig
 
 DEFAULT_TOP_K = 64
+UNWRITTEN = 1 << 62  # the key position a mask gives a pool position its row has not written: after every query
 NEW_KV = "new_kv"
 # the I/O contract's revision: in the manifest, and in the onnxruntime backend's cache key, so a cached export made
 # by an earlier contract is not bound with this one's names and shapes
@@ -52,9 +53,9 @@ def declare_io(g: Graph, cfg: CheckpointConfig, vocab_mask: bool) -> None:
                     ["slots", cfg.num_key_value_heads, "capacity", cfg.head_size])
 
 
-def positions(g: Graph, cfg: CheckpointConfig) -> tuple[str, str, str, str]:
+def positions(g: Graph, cfg: CheckpointConfig) -> tuple[str, str, str, str, str]:
     """(query positions [B, T], new-token offsets [T], past key positions [Lb], the pool rows to gather
-    [B, kv_heads, Lb])."""
+    [B, kv_heads, Lb], [Lb, T]: how a score row splits into its past and new parts)."""
     i64 = np.int64
     new = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), g.const([0], i64))
     offsets = g.op("Range", g.const(0, i64), new, g.const(1, i64))
@@ -65,32 +66,27 @@ def positions(g: Graph, cfg: CheckpointConfig) -> tuple[str, str, str, str]:
     first = g.op("Add", g.op("Mul", g.op("Unsqueeze", "slot_ids", g.const([1, 2], i64)),
                              g.const(cfg.num_key_value_heads, i64)), heads)  # [B, kv, 1]: slot * kv + head
     rows = g.op("Add", g.op("Mul", first, capacity), g.op("Unsqueeze", "past_positions", g.const([0, 1], i64)))
-    return q_pos, offsets, "past_positions", rows
+    parts = g.op("Concat", g.op("Shape", "past_positions"), g.op("Shape", "input_ids", start=1, end=2), axis=0)
+    return q_pos, offsets, "past_positions", rows, parts
 
 
 def masks(g: Graph, cfg: CheckpointConfig, q_pos: str, offsets: str, k_past: str) -> dict:
-    """window (None = global) -> bool [B, 1, group*T, past_bucket + T]: per row, past keys below its past length
-    (the rest of the bucket is another sequence's or nobody's) and new keys up to the query, both within the
-    window on sliding layers."""
+    """window (None = global) -> bool [B, 1, group*T, past_bucket + T]. Every key gets a position (the bucket's,
+    then the new rows' own); a bucket position the row has not written (another sequence's or nobody's) is moved
+    beyond every query, so one causal test (and, on sliding layers, one window test) on query - key covers both
+    parts."""
     i64 = np.int64
-    written = g.op("Less", g.op("Unsqueeze", k_past, g.const([0], i64)),
-                   g.op("Unsqueeze", "past_lengths", g.const([1], i64)))  # [B, Lb]
-    written = g.op("Unsqueeze", written, g.const([1], i64))  # [B, 1, Lb]
-    d_past = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([2], i64)),
-                  g.op("Unsqueeze", k_past, g.const([0, 1], i64)))  # [B, T, Lb]: query pos - key pos
-    d_new = g.op("Sub", g.op("Unsqueeze", offsets, g.const([1], i64)),
-                 g.op("Unsqueeze", offsets, g.const([0], i64)))  # [T, T]
-    causal = g.op("GreaterOrEqual", d_new, g.const(0, i64))
-    batch_t = g.op("Concat", g.op("Shape", "input_ids", start=0, end=1), g.op("Shape", offsets),
-                   g.op("Shape", offsets), axis=0)
+    k_bucket = g.op("Unsqueeze", k_past, g.const([0], i64))  # [1, Lb]
+    written = g.op("Less", k_bucket, g.op("Unsqueeze", "past_lengths", g.const([1], i64)))  # [B, Lb]
+    k_pos = g.op("Concat", g.op("Where", written, k_bucket, g.const(UNWRITTEN, i64)), q_pos, axis=1)  # [B, S]
+    d = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([2], i64)),
+             g.op("Unsqueeze", k_pos, g.const([1], i64)))  # [B, T, S]: query pos - key pos
+    causal = g.op("GreaterOrEqual", d, g.const(0, i64))
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     windows = {cfg.sliding_window if cfg.is_sliding(i) else None for i in range(cfg.num_hidden_layers)}
     out = {}
     for w in windows:
-        past = written if w is None else g.op("And", written, g.op("Less", d_past, g.const(w, i64)))
-        new = causal if w is None else g.op("And", causal, g.op("Less", d_new, g.const(w, i64)))
-        past = g.op("Expand", past, g.op("Shape", d_past))
-        m = g.op("Concat", past, g.op("Expand", g.op("Unsqueeze", new, g.const([0], i64)), batch_t), axis=2)
+        m = causal if w is None else g.op("And", causal, g.op("Less", d, g.const(w, i64)))
         out[w] = g.op("Unsqueeze", g.op("Tile", m, g.const([1, group, 1], i64)), g.const([1], i64))
     return out
 
@@ -115,12 +111,10 @@ def scores(g: Graph, qg: str, k_past: str, k_new: str) -> str:
                 g.op("MatMul", qg, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), axis=-1)
 
 
-def weighted_values(g: Graph, probs: str, v_past: str, v_new: str, bucket: str) -> str:
+def weighted_values(g: Graph, probs: str, v_past: str, v_new: str, parts: str) -> str:
     """probs [B, kv, group*T, past_bucket + T] x (past ++ new values) as the sum of its past and new parts
-    (`bucket`: int64 [1], where the new keys start)."""
-    axis = g.const([-1], np.int64)
-    p_past = g.op("Slice", probs, g.const([0], np.int64), bucket, axis)
-    p_new = g.op("Slice", probs, bucket, g.const([np.iinfo(np.int64).max], np.int64), axis)
+    (`parts`: int64 [2], past_bucket and T)."""
+    p_past, p_new = g.op("Split", probs, parts, axis=-1, outputs=2)
     return g.op("Add", g.op("MatMul", p_past, v_past), g.op("MatMul", p_new, v_new))
 
 
