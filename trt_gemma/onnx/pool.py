@@ -127,12 +127,15 @@ def outputs(g: Graph, cfg: CheckpointConfig, logits: str, new_rows: list[str], t
     else:
         x = g.op("Reshape", logits, g.const([0, cfg.vocab_size], i64), outputs=["logits"])
     g.output(x, "logits", "FLOAT", ["batch", cfg.vocab_size])
-    g.output(g.op("ArgMax", x, axis=-1, keepdims=0, outputs=["next_token"]), "next_token", "INT64", ["batch"])
     k = min(top_k, cfg.vocab_size)
-    # TopK of the log-softmax: the same order as the logits', and the values are what `logprobs` reports; a sampler
-    # at any temperature reads them as logits (softmax does not see the per-row shift)
-    g.op("TopK", g.op("LogSoftmax", x, axis=-1), g.const([k], i64), axis=-1,
-         outputs=["topk_logprobs", "topk_ids"])
+    # TopK of the logits (largest first, ties to the lower id: ArgMax's pick) and the log-softmax at its ids (what
+    # `logprobs` reports; a sampler at any temperature reads them as logits: softmax does not see the per-row
+    # shift); the greedy id is the first candidate, so no separate ArgMax pass over the vocabulary
+    g.op("TopK", x, g.const([k], i64), axis=-1, outputs=["topk_logits", "topk_ids"])
+    g.op("GatherElements", g.op("LogSoftmax", x, axis=-1), "topk_ids", axis=-1, outputs=["topk_logprobs"])
+    first = g.op("Slice", "topk_ids", g.const([0], i64), g.const([1], i64), g.const([1], i64))
+    g.op("Squeeze", first, g.const([1], i64), outputs=["next_token"])
+    g.output("next_token", "next_token", "INT64", ["batch"])
     g.output("topk_ids", "topk_ids", "INT64", ["batch", k])
     g.output("topk_logprobs", "topk_logprobs", "FLOAT", ["batch", k])
     # [2L*B, kv, T, d] -> [2L, B, kv, T, d]: one Concat of the layers' rows and a free Reshape
