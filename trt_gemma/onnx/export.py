@@ -222,10 +222,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
-    if sh.kv_cache == "pool":  # scores over past ++ new, the keys never concatenated
-        scores = pool.scores(g, qg, k_past, k)
-    else:
-        scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    pooled = sh.kv_cache == "pool"  # past and new attended apart: their K and V are never concatenated
+    scores = pool.scores(g, qg, k_past, k) if pooled else g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
     scale = float(attention_scale(c.query_pre_attn_scalar))
     cap = c.attn_logit_softcapping
     if cap is None:
@@ -234,11 +232,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
         scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.fconst(scale / cap))), g.fconst(cap))
     window = c.sliding_window if c.is_sliding(i) else None
     scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
-    probs = g.op("Softmax", scores, axis=-1)
-    if sh.kv_cache == "pool":
-        out = pool.weighted_values(g, probs, v_past, v, sh.pool_parts)
-    else:
-        out = g.op("MatMul", probs, v)  # [B, kv, group*T, d]
+    probs = g.op("Softmax", scores, axis=-1)  # then [B, kv, group*T, d]:
+    out = pool.weighted_values(g, probs, v_past, v, sh.pool_parts) if pooled else g.op("MatMul", probs, v)
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])
     z = g.op("Reshape", out, g.const([0, 0, nq * d], np.int64), name=f"{p}.z")  # named: a site (onnx/sites.py)
     return linear(ctx, f"{p}.dense", z)

@@ -19,11 +19,11 @@ share its input's memory only through its KV-cache-update layer (TensorRT >= 10.
 scatters into a bound-twice buffer (`--kv-cache inplace`) is not what an engine is built from.
 
 Generation outputs come from the last position: `topk_ids` (TopK of the logits, k from the export), `topk_logprobs`
-(the log-softmax over the whole vocabulary at those ids) and `next_token` (the first candidate: ArgMax's pick), so a device
-runtime returns ids and candidates rather than vocabulary-wide rows; `logits` [batch, vocab] is there for a request
-that samples from the whole vocabulary, fetched only then. With `vocab_mask` (bool [batch, vocab], true = allowed)
-every one of them is computed from the masked logits: grammar-constrained decoding and logit bias need no host copy
-of the logits.
+(the log-softmax over the whole vocabulary at those ids) and `next_token` (the first candidate: ArgMax's pick), so a
+device runtime returns ids and candidates rather than vocabulary-wide rows; `logits` [batch, vocab] is there for a
+request that samples from the whole vocabulary, fetched only then. With `vocab_mask` (bool [batch, vocab], true =
+allowed) every one of them is computed from the masked logits: grammar-constrained decoding and logit bias need no
+host copy of the logits.
 """
 from __future__ import annotations
 
