@@ -112,6 +112,8 @@ def test_pool_graph_matches_the_reference_per_row(kind, ckpt, tmp_path):
             mx, mean = _max(out["logits"][b][mask[b]], want[mask[b]])
             assert mx <= TOL, f"{kind} decode {step} slot {s}: logits max |Δ| {mx:.3g} > {TOL} (mean {mean:.3g})"
             assert out["next_token"][b] == np.argmax(want) and mask[b, out["next_token"][b]]
+            # the greedy id is TopK's first candidate: exactly the graph's own logits' ArgMax (first of equals)
+            assert out["next_token"][b] == np.argmax(out["logits"][b]) == out["topk_ids"][b][0]
             top = np.argsort(-want, kind="stable")[:16]
             lse = np.log(np.exp(want[mask[b]] - want.max()).sum()) + want.max()
             assert set(out["topk_ids"][b]) == set(top), f"{kind} decode {step} slot {s}: TopK ids differ"

@@ -125,7 +125,8 @@ class _Shared:
     scatter_idx: str | None  # int64 [B, kv_heads, T, 3]: (batch, kv head, position) of each new row, for ScatterND
     kv_cache: str = "concat"
     new_rows: list = field(default_factory=list)
-    pool_rows: str | None = None  # int64 [B, past_bucket]: the pool rows a pool-layout step gathers
+    pool_rows: str | None = None  # int64 [B, kv_heads, past_bucket]: the pool rows a pool-layout step gathers
+    pool_parts: str | None = None  # int64 [2]: past_bucket and T (a pool-layout score row's past and new parts)
 
 
 def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str, str | None]:
@@ -155,10 +156,10 @@ def _positions(g: Graph, cfg: CheckpointConfig, kv_cache: str) -> tuple[str, str
 
 def _shared(g: Graph, cfg: CheckpointConfig, max_seq_len: int, kv_cache: str) -> _Shared:
     if kv_cache == "pool":  # per-row positions [B, T] and masks [B, 1, group*T, S]
-        q_pos, offsets, k_past, rows = pool.positions(g, cfg)
+        q_pos, offsets, k_past, rows, parts = pool.positions(g, cfg)
         cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=True)
         return _Shared(cos, sin, position_ids, pool.masks(g, cfg, q_pos, offsets, k_past), None, kv_cache,
-                       pool_rows=rows)
+                       pool_rows=rows, pool_parts=parts)
     q_pos, k_pos, scatter_idx = _positions(g, cfg, kv_cache)
     cos, sin, position_ids = _rope_tables(g, cfg, max_seq_len, q_pos, per_row=False)
     diff = g.op("Sub", g.op("Unsqueeze", q_pos, g.const([1], np.int64)),
@@ -206,8 +207,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
 
         kvq = FP8Quant.from_scaling_factor(_scalar(ctx.shards, f"{p}.kv_cache_scaling_factor"))
         k, v = fp8_qdq(g, k, float(kvq.scale), f"{p}.k_cache"), fp8_qdq(g, v, float(kvq.scale), f"{p}.v_cache")
-    if sh.kv_cache == "pool":  # past rows gathered from the bound pool prefix ++ new; the new rows go out
-        k, v = pool.attend_kv(g, c, i, k, v, sh.pool_rows, sh.new_rows)
+    if sh.kv_cache == "pool":  # the step's past rows gathered from the bound pool; the new rows go out
+        k_past, v_past = pool.gather_kv(g, c, i, k, v, sh.pool_rows, sh.new_rows)
     elif sh.scatter_idx is None:  # present = past ++ new
         k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, name=f"present.{i}.key")
         v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, name=f"present.{i}.value")
@@ -221,7 +222,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
     # GQA: query head h uses kv head h // group; grouping the query heads under their kv head lets one batched
     # MatMul per kv head cover them ([B, kv, group*T, d] x [B, kv, d, S]).
     qg = g.op("Reshape", q, g.const([0, nkv, -1, d], np.int64))
-    scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
+    pooled = sh.kv_cache == "pool"  # past and new attended apart: their K and V are never concatenated
+    scores = pool.scores(g, qg, k_past, k) if pooled else g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))
     scale = float(attention_scale(c.query_pre_attn_scalar))
     cap = c.attn_logit_softcapping
     if cap is None:
@@ -230,7 +232,8 @@ def _attention(ctx: Ctx, i: int, x: str, sh: _Shared) -> str:
         scores = g.op("Mul", g.op("Tanh", g.op("Mul", scores, g.fconst(scale / cap))), g.fconst(cap))
     window = c.sliding_window if c.is_sliding(i) else None
     scores = g.op("Where", sh.masks[window], scores, g.fconst(-np.inf))
-    out = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, kv, group*T, d]
+    probs = g.op("Softmax", scores, axis=-1)  # then [B, kv, group*T, d]:
+    out = pool.weighted_values(g, probs, v_past, v, sh.pool_parts) if pooled else g.op("MatMul", probs, v)
     out = g.op("Transpose", g.op("Reshape", out, g.const([0, nq, -1, d], np.int64)), perm=[0, 2, 1, 3])
     z = g.op("Reshape", out, g.const([0, 0, nq * d], np.int64), name=f"{p}.z")  # named: a site (onnx/sites.py)
     return linear(ctx, f"{p}.dense", z)
