@@ -85,6 +85,20 @@ def test_batched_staggered_requests_get_the_references_greedy_ids(bundle):
     b.close()
 
 
+def test_a_prompt_longer_than_the_prefill_profile_is_refused_before_any_step(bundle):
+    """A prompt of max_input_len + 1 tokens would need a second prefill chunk at a past the prefill profile does not
+    take: an InputError naming the limit, and nothing was submitted to the loop (no slot taken)."""
+    from trt_gemma.errors import InputError
+
+    b = stand_in(bundle, slots=1)
+    limit = PoolPlan.of_engine(read_record(bundle), bundle).max_new
+    assert b.max_prompt == limit
+    with pytest.raises(InputError, match=f"at most {limit}"):
+        next(b.stream(list(range(3, limit + 4)), GenerationParams(max_tokens=1, temperature=0.0)))
+    assert b.kv_usage().used_tokens == 0 and not b.loop.waiting and not b.loop.rows
+    b.close()
+
+
 def test_a_step_under_the_wrong_profile_is_refused(bundle):
     """The executor's profile check can fail: a loop told of no profiles runs every step as profile 0 (prefill),
     and the first decode step past that profile's past range (128) is refused, as TensorRT would."""

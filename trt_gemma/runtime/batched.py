@@ -22,9 +22,12 @@ from trt_gemma.runtime.steploop import END, Row, StepLoop
 class StepLoopBackend(Backend):
     name = "steploop"
 
-    def __init__(self, loop: StepLoop, tokenizer, info: ModelInfo, *, weight_bytes: int):
-        """`loop`: a StepLoop over the backend's executor (closed with the backend)."""
+    def __init__(self, loop: StepLoop, tokenizer, info: ModelInfo, *, weight_bytes: int,
+                 max_prompt: int | None = None):
+        """`loop`: a StepLoop over the backend's executor (closed with the backend). `max_prompt`: the most prompt
+        tokens the executor can read (an engine's prefill profile; None: up to the context)."""
         self.tokenizer, self.info, self.weight_bytes = tokenizer, info, weight_bytes
+        self.max_prompt = max_prompt
         self.slots = loop.pool.shape.slots
         self.loop, self.executor = loop, loop.ex
         self._thread = threading.Thread(target=self.loop.run_forever, name="trt-gemma-engine", daemon=True)
@@ -42,6 +45,11 @@ class StepLoopBackend(Backend):
         if ids.size >= self.loop.limit:
             raise InputError(f"the prompt has {ids.size} tokens; the model's context is {self.loop.limit}",
                              fix=f"shorten the prompt below {self.loop.limit} tokens")
+        if self.max_prompt is not None and ids.size > self.max_prompt:
+            raise InputError(f"the prompt has {ids.size} tokens; this engine reads at most {self.max_prompt} "
+                             "(its prefill profile, the recipe's max_input_len)",
+                             fix=f"shorten the prompt to {self.max_prompt} tokens, or rebuild the bundle with a larger "
+                                 "--set max_input_len")
         if ids.min() < 0 or ids.max() >= self.info.vocab_size:
             raise InputError(f"token ids must be in 0..{self.info.vocab_size - 1}", fix="use the model's own tokenizer")
         items: queue.SimpleQueue = queue.SimpleQueue()

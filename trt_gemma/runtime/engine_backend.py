@@ -7,7 +7,7 @@ What the record fixes (BUNDLE/tensorrt/manifest.json "io", as the builder saw it
 - the profiles, in the engine's order (prefill, then decode): each step runs under the one `select_profile` picks
   for its shapes (runtime/steploop.py), and a prompt is prefilled in chunks of the prefill profile's largest
   `input_ids` width (max_input_len), so a prompt the recipe admits is one step at past 0, the shape that profile is
-  built around (a later chunk would need a past beyond its range).
+  built around; a longer prompt is refused before any step (a later chunk would need a past beyond its range).
 
 On a CPU host the same function takes an `OrtExecutor` over the bundle's own pool graph (BUNDLE/onnx/) holding the
 record's profiles, which refuses a step outside the profile it names as TensorRT would: the tests run the backend a
@@ -92,11 +92,13 @@ class TensorRTBackend(StepLoopBackend):
         bundle = Path(bundle)
         man = read_manifest(bundle / "onnx")
         m = man["model"]
-        loop = open_loop(ex, man, PoolPlan.of_engine(record, bundle), slots=slots, prefill_chunk=prefill_chunk,
-                         consumer_turns=consumer_turns)
+        plan = PoolPlan.of_engine(record, bundle)
+        loop = open_loop(ex, man, plan, slots=slots, prefill_chunk=prefill_chunk, consumer_turns=consumer_turns)
         info = ModelInfo(name=bundle.name, path=str(bundle), context_length=loop.limit, vocab_size=m["vocab_size"],
                          dtype=m["dtype"], quant_algo=m["quant_algo"])
-        return cls(loop, GemmaTokenizer.from_dir(bundle / "onnx"), info, weight_bytes=int(man["external_bytes"]))
+        # a longer prompt's second chunk would need a past beyond the prefill profile: refused before any step
+        return cls(loop, GemmaTokenizer.from_dir(bundle / "onnx"), info, weight_bytes=int(man["external_bytes"]),
+                   max_prompt=plan.max_new)
 
     @classmethod
     def load(cls, bundle: Path, *, slots: int = 1, prefill_chunk: int | None = None) -> "TensorRTBackend":
