@@ -423,3 +423,25 @@ def test_resolve_in_refusals(tmp_path):
     os.mkfifo(root / "pipe.json")  # would block a plain read forever
     with pytest.raises(InputError, match="not a regular file"):
         read_json(root / "pipe.json")
+
+
+def test_a_recipe_toml_nested_too_deep_or_too_large_is_a_typed_error(tmp_path):
+    """tomllib recurses per inline table: a 100,000-deep recipe was a RecursionError ("internal error"); a huge one was
+    read whole. Both are InputErrors naming the file, through `build --from-bundle`'s recipe reader and the runtime's."""
+    from trt_gemma.errors import InputError
+    from trt_gemma.recipes import load_recipe
+    from trt_gemma.runtime.providers import bundle_limits
+    from trt_gemma.targets import get_target
+
+    deep = tmp_path / "deep" / "recipe.toml"
+    deep.parent.mkdir()
+    deep.write_text("max_batch_size = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    big = tmp_path / "big" / "recipe.toml"
+    big.parent.mkdir()
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    for path, why in ((deep, "too deeply"), (big, "capped")):
+        with pytest.raises(InputError, match=why) as e:
+            load_recipe(get_target("rtx-4090"), path)
+        assert str(path) in str(e.value)
+        with pytest.raises(InputError, match=why):
+            bundle_limits(path.parent)

@@ -187,12 +187,13 @@ def parse_overrides(overrides: Mapping[str, object] | Sequence[str] | None) -> d
 
 
 def _read_toml(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
+    from trt_gemma.safe_io import read_toml
+
+    if not Path(path).exists() and not Path(path).is_symlink():
         raise InputError(f"recipe file {path} not found",
-                         fix="pass an existing TOML (see build_configs/ for examples) or drop --config") from None
+                         fix="pass an existing TOML (see build_configs/ for examples) or drop --config")
+    try:
+        return read_toml(path, fix="pass a recipe TOML of plain tables (see build_configs/ for examples)")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}", fix="fix the TOML syntax (see build_configs/)") from None
     except OSError as e:  # a directory, no read permission, ...

@@ -165,6 +165,34 @@ def read_json_object(path: str | os.PathLike, root: str | os.PathLike | None = N
     return value
 
 
+TOML_MAX_BYTES = 1 << 20  # recipes are a few hundred bytes
+
+
+def read_toml(path: str | os.PathLike, root: str | os.PathLike | None = None, fix: str = DEFAULT_FIX,
+              max_bytes: int = TOML_MAX_BYTES) -> dict:
+    """The TOML document in `path` (checked under `root`, default its own folder): refused with an InputError naming
+    the file when it is missing, larger than `max_bytes` (checked before reading) or nested too deep for the parser
+    (tomllib recurses per inline table or array); a syntax error is `tomllib.TOMLDecodeError` for the caller to word."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    path = Path(path)
+    with open_in(path, root, fix) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise InputError(f"{path} is {size / 2**20:.1f} MiB; TOML files are capped at {max_bytes >> 10} KiB",
+                             fix=fix)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"{path} grew past {max_bytes >> 10} KiB while it was read", fix=fix)
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise InputError(f"{path} nests TOML tables or arrays too deeply to read", fix=fix) from None
+
+
 def _too_big(path: Path, size: int, cap: int, fix: str) -> InputError:
     return InputError(f"{path} is {size / 2**20:.1f} MiB; JSON files read from an artifact are capped at "
                       f"{cap / 2**20:.0f} MiB", fix=fix)

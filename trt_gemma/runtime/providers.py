@@ -102,10 +102,11 @@ def bundle_limits(bundle: Path):
         import tomli as tomllib
 
     from trt_gemma.engine.profiles import Limits
+    from trt_gemma.safe_io import read_toml
 
     path = Path(bundle) / "recipe.toml"
     try:
-        r = tomllib.loads(path.read_text())
+        r = read_toml(path, bundle, fix="rebuild the bundle with `trt-gemma build`")
         return Limits(int(r["max_batch_size"]), int(r["max_input_len"]), int(r["max_seq_len"]),
                       r.get("max_num_tokens"))
     except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
