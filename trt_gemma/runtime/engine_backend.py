@@ -159,7 +159,7 @@ class PoolStepModel:
         self._error, views = None, None
         for at in range(0, len(ids), self.loop.prefill_chunk):  # the loop's own chunks, under the prefill profile
             part = ids[at:at + self.loop.prefill_chunk]
-            views = self.loop._run([row], part, len(part), final=False)
+            views = self.loop.run_step([row], part, len(part), final=False)
             if views is None:
                 raise self._error
         return self.executor.download(views.logits)[:1].astype(np.float32)

@@ -157,11 +157,11 @@ class StepLoop:
                 break
             n = min(budget, len(row.prompt) - row.length)
             budget -= n
-            self._run([row], row.prompt[row.length:row.length + n].tolist(), n,
+            self.run_step([row], row.prompt[row.length:row.length + n].tolist(), n,
                       final=row.length + n == len(row.prompt))
         decoding = [r for r in self.rows if r.pending is not None]
         if decoding:
-            self._run(decoding, [r.pending for r in decoding], 1, final=True)
+            self.run_step(decoding, [r.pending for r in decoding], 1, final=True)
 
     def _admit(self) -> None:
         # consumer gone, or cancelled before its first token (a decoding row's next token carries "cancelled")
@@ -178,9 +178,10 @@ class StepLoop:
                 row.slot = self.pool.take()
                 self.rows.append(row)
 
-    def _run(self, rows: list[Row], ids: list[int], new: int, final: bool):
+    def run_step(self, rows: list[Row], ids: list[int], new: int, final: bool):
         """One execution: `ids` are the rows' new tokens, `new` per row, row-major. Returns the step's views (None
-        when it failed: the error went to the rows' sinks)."""
+        when it failed: the error went to the rows' sinks). Called from the loop's turns, and by a step model that
+        drives single rows itself (`trt-gemma check`, runtime/engine_backend.PoolStepModel)."""
         batch = len(rows)
         lengths = [r.length for r in rows]
         longest = max(lengths)
