@@ -23,7 +23,6 @@ when the engine's graph is bfloat16, which onnxruntime's CPU EP cannot run), the
 """
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import shlex
@@ -35,8 +34,8 @@ from typing import Callable
 from trt_gemma.errors import DependencyError, InputError, RecipeError
 from trt_gemma.fsutil import atomic_output_dir, atomic_write
 from trt_gemma.safe_io import read_json_object
-from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, check_recipe,  # noqa: F401
-                                    numpy_dtype, recipe_precisions, refusal, route)
+from trt_gemma.engine.rules import (BUILDERS, ENGINE_DIR, ENGINE_FILE, Builder, builder_version,  # noqa: F401
+                                    check_recipe, numpy_dtype, recipe_precisions, refusal, route)
 from trt_gemma.targets import Target, sm_str
 
 TIMING_CACHE = "tensorrt.timing.cache"  # at the bundle root, so a --force rebuild of the engine keeps it
@@ -51,15 +50,6 @@ ORT_CPU_DTYPES = ("FLOAT", "FLOAT16")
 CHECK_TOLERANCE = {"FLOAT": 1e-3, "FLOAT16": 1e-2, "BFLOAT16": 8e-2}
 DTYPE_NAMES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}  # ONNX element type -> ours
 TENSORRT_KV_CACHE = "pool"  # the graph contract engines are built from (trt_gemma/onnx/pool.py)
-
-
-def builder_version(builder: Builder) -> str | None:
-    for dist in builder.distributions:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def available_builders() -> dict[str, dict]:

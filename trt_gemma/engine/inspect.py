@@ -9,12 +9,11 @@ on the build host, so a copied bundle inspects the same.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import shlex
 from pathlib import Path
 
-from trt_gemma.engine.rules import BUILDERS, ENGINE_DIR, ENGINE_FILE
+from trt_gemma.engine.rules import BUILDERS, ENGINE_DIR, ENGINE_FILE, builder_version
 from trt_gemma.errors import InputError
 from trt_gemma.safe_io import read_json
 
@@ -90,19 +89,12 @@ def _runtime_check(b, built: str | None) -> dict:
     name = f"runtime {b.name}"
     if importlib.util.find_spec(b.name) is None:
         return {"name": name, "ok": False, "detail": f"{b.name} is not installed ({b.install})"}
-    here = next((v for v in map(_version, b.distributions) if v), None)
+    here = builder_version(b)
     if built is None or here is None or here == built:
         return {"name": name, "ok": True, "detail": f"{b.name} {here or '?'} (built with {built or 'unrecorded'})"}
     return {"name": name, "ok": SAME_VERSION_ONLY.get(b.name), "detail": f"built with {b.name} {built}, this host "
             f"has {here}" + ("; engines run only with the version that built them" if SAME_VERSION_ONLY.get(b.name)
                              else "; whether this runtime loads it is not known before a GPU tries")}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def describe(path: Path, bundle_entry: dict | None, host: dict) -> dict | None:

@@ -5,6 +5,7 @@ Sources: docs/engines.md.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,16 @@ ROUTES: tuple[Route, ...] = (
           "TensorRT-RTX targets RTX GPUs by compute capability and builds on any host"),
     Route(frozenset(), 0, 10**6, "tensorrt", "TensorRT builds for the data-center GPU it runs on"),
 )
+
+
+def builder_version(builder: Builder) -> str | None:
+    """The installed version of the builder's package (the first of its distributions found), None if absent."""
+    for dist in builder.distributions:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def route(t: Target) -> tuple[Builder, str]:
